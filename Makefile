@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both create .venv and install what is needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_MODELS := ../shared/models
+MODELS_DIR := models
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ifneq ($(wildcard $(SHARED_MODELS)/prepare.py),)
+MODEL ?= $(MODELS_DIR)/SmolLM2-135M-Instruct
+else
+MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
+endif
+
+.PHONY: venv models serve test lint format bench clean
+
+venv: $(BIN)/.installed
+
+# torch first, pinned, so pip takes the CPU wheel on disk instead of resolving a CUDA build.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The shared models become Hugging Face directories inside the checkout (git-ignored).
+models: venv
+ifneq ($(wildcard $(SHARED_MODELS)/prepare.py),)
+	$(BIN)/python $(SHARED_MODELS)/prepare.py $(MODELS_DIR)
+endif
+
+serve: models
+	$(BIN)/shoal serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: models lint
+	SHOAL_TEST_MODELS=$(abspath $(MODELS_DIR)) $(BIN)/pytest
+
+bench: models
+	$(BIN)/python bench/run_all.py --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) $(MODELS_DIR)

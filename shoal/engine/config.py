@@ -1,0 +1,42 @@
+"""Engine configuration: one object, per-device defaults, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """The engine's knobs, with vLLM's names. None means "pick the per-device default" (see resolve())."""
+
+    model: str
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # CPU 512, CUDA 8192
+    max_model_len: int | None = None  # CPU min(model limit, 2048), CUDA the model limit
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90  # CUDA: share of total GPU memory shoal may use
+    kv_cache_memory: int | None = None  # CPU: bytes for the KV cache (default: a share of free RAM)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    chat_template: str | None = None  # path of a jinja file overriding the model's template
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_model_len": self.max_model_len,
+            "block_size": self.block_size,
+            "kv_cache_memory": self.kv_cache_memory,
+        }
+        for name, value in checks.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

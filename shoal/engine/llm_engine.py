@@ -1,0 +1,388 @@
+"""The synchronous engine: add requests, call step() until done. The async front runs this in a thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.config import EngineConfig
+from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.engine.model_runner import ModelRunner, StepInput
+from shoal.engine.outputs import CompletionOutput, RequestOutput
+from shoal.engine.sampler import Sampler, SamplingRow, token_logprobs
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.scheduler import ScheduledBatch, Scheduler
+from shoal.engine.sequence import Sequence, Status
+from shoal.engine.stats import EngineStats, StepStats
+from shoal.model.config import load_config, load_generation_config
+from shoal.model.device import resolve_device, resolve_dtype
+from shoal.model.loader import load_model, resolve_model_path
+from shoal.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULTS = {"max_num_batched_tokens": 512, "max_model_len": 2048}
+CUDA_DEFAULTS = {"max_num_batched_tokens": 8192}
+CPU_KV_SHARE_OF_FREE_RAM = 0.2
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.device = resolve_device(config.device)
+        model_cfg = load_config(self.model_path)
+        self.dtype = resolve_dtype(config.dtype, model_cfg.dtype, self.device)
+        self._resolve_limits(model_cfg)
+        t0 = time.monotonic()
+        self.model, self.model_config = load_model(
+            self.model_path, self.dtype, self.device, config.max_model_len
+        )
+        self.load_seconds = time.monotonic() - t0
+        template = Path(config.chat_template).read_text() if config.chat_template else None
+        self.tokenizer = Tokenizer(self.model_path, chat_template=template)
+        self.generation_config = load_generation_config(self.model_path)
+        self.eos_token_ids = self._eos_ids()
+        num_blocks = self._num_kv_blocks()
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+        )
+        self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.stats = EngineStats()
+        self.step_listeners: list = []
+        log.info("shoal engine: %s", self.describe())
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _resolve_limits(self, model_cfg) -> None:
+        c, limit = self.config, model_cfg.max_position_embeddings
+        on_cpu = self.device.type == "cpu"
+        if c.max_model_len is None:
+            c.max_model_len = min(limit, CPU_DEFAULTS["max_model_len"]) if on_cpu else limit
+        elif c.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={c.max_model_len} exceeds the model's max_position_embeddings ({limit})"
+            )
+        if c.max_num_batched_tokens is None:
+            c.max_num_batched_tokens = (CPU_DEFAULTS if on_cpu else CUDA_DEFAULTS)["max_num_batched_tokens"]
+        if not c.enable_chunked_prefill and c.max_num_batched_tokens < c.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({c.max_num_batched_tokens}) must be at least "
+                f"max_model_len ({c.max_model_len})"
+            )
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        eos = self.generation_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            activation_reserve = c.max_num_batched_tokens * self.model_config.vocab_size * 4 * 2
+            budget = (
+                int(total * c.gpu_memory_utilization) - torch.cuda.memory_allocated() - activation_reserve
+            )
+        elif c.kv_cache_memory is not None:
+            budget = c.kv_cache_memory
+        else:
+            useful = c.max_num_seqs * c.max_model_len * per_block // c.block_size
+            budget = min(int(_available_ram() * CPU_KV_SHARE_OF_FREE_RAM), useful)
+        num_blocks = budget // per_block
+        min_blocks = -(-c.max_model_len // c.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"KV cache budget of {budget} bytes holds {num_blocks} blocks ({num_blocks * c.block_size} tokens), "
+                f"less than one sequence of max_model_len={c.max_model_len}; raise --kv-cache-memory "
+                f"(or --gpu-memory-utilization) or lower --max-model-len"
+            )
+        return num_blocks
+
+    def describe(self) -> dict:
+        c, bm = self.config, self.block_manager
+        tokens = bm.num_blocks * c.block_size
+        return {
+            "model": str(self.model_path),
+            "architecture": self.model_config.architecture,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "max_model_len": c.max_model_len,
+            "max_num_seqs": c.max_num_seqs,
+            "max_num_batched_tokens": c.max_num_batched_tokens,
+            "block_size": c.block_size,
+            "kv_cache_blocks": bm.num_blocks,
+            "kv_cache_tokens": tokens,
+            "kv_cache_bytes": bm.num_blocks
+            * ModelRunner.kv_bytes_per_block(self.model_config, c.block_size, self.dtype),
+            "max_concurrent_full_length_seqs": round(tokens / c.max_model_len, 2),
+            "prefix_caching": c.enable_prefix_caching,
+            "chunked_prefill": c.enable_chunked_prefill,
+        }
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (with the lengths) for a request that cannot fit max_model_len."""
+        n, limit = len(prompt_token_ids), self.config.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt token id {bad} is outside the vocabulary (size {self.model_config.vocab_size})"
+            )
+        if n >= limit:
+            raise ValueError(
+                f"the prompt has {n} tokens, but max_model_len is {limit}: it leaves no room to generate"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ValueError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is {n + params.max_tokens} tokens, "
+                f"more than max_model_len ({limit})"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        params.validate(self.model_config.vocab_size)
+        self.check_prompt(prompt_token_ids, params)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, prompt_token_ids, params)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return None
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort")
+        return self._request_output(seqs)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        logits = self.runner.run(self._step_input(batch))
+        sample_seqs, sample_logits = [], []
+        for seq, n, seq_logits in zip(batch.seqs, batch.num_tokens, logits, strict=True):
+            start = seq.num_computed
+            self._collect_prompt_logits(seq, start, n, seq_logits)
+            seq.num_computed += n
+            self.block_manager.register_computed(seq, start)
+            if seq.num_computed == len(seq):
+                sample_seqs.append(seq)
+                sample_logits.append(seq_logits[-1])
+        if sample_seqs:
+            self._sample_and_append(sample_seqs, torch.stack(sample_logits))
+        self._record_stats(batch, time.monotonic() - t0)
+        touched = dict.fromkeys(seq.request_id for seq in batch.seqs)
+        return [self._pop_if_finished(rid) for rid in touched if rid in self.requests]
+
+    def _step_input(self, batch: ScheduledBatch) -> StepInput:
+        inp = StepInput([], [], [], [])
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            start = seq.num_computed
+            inp.token_ids.append(seq.token_ids[start : start + n])
+            inp.start_positions.append(start)
+            inp.block_tables.append(seq.block_table)
+            inp.logit_rows.append(self._logit_rows(seq, start, n))
+        return inp
+
+    @staticmethod
+    def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:
+        """Rows of this chunk whose logits we need: prompt-logprob targets, and the last if it samples."""
+        if seq.captured_logits is not None:
+            return list(range(n))
+        rows = []
+        if seq.prompt_logprobs is not None and seq.in_prompt:
+            rows = [i for i in range(n) if start + i + 1 < seq.num_prompt_tokens]
+        if start + n == len(seq) and (not rows or rows[-1] != n - 1):
+            rows.append(n - 1)
+        return rows
+
+    def _collect_prompt_logits(self, seq: Sequence, start: int, n: int, logits: torch.Tensor) -> None:
+        if seq.captured_logits is not None:
+            seq.captured_logits.append(logits)
+        if seq.prompt_logprobs is None or not seq.in_prompt:
+            return
+        count = sum(1 for i in range(n) if start + i + 1 < seq.num_prompt_tokens)
+        if count:
+            rows = logits[:count]
+            targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count], device=rows.device)
+            seq.prompt_logprobs.extend(token_logprobs(rows, targets, seq.params.prompt_logprobs))
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
+        out = self.sampler(logits, rows)
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.logprobs is not None:
+                seq.logprobs.append(lp)
+            stop_str = seq.detokenizer.add_tokens([token])
+            reason = self._finish_reason(seq, token, stop_str)
+            if reason is not None:
+                self.scheduler.remove(seq)
+                self._finish(seq, *reason)
+
+    def _finish_reason(
+        self, seq: Sequence, token: int, stop_str: str | None
+    ) -> tuple[str, int | str | None] | None:
+        p = seq.params
+        if stop_str is not None:
+            return "stop", stop_str
+        if token in p.stop_token_ids:
+            return "stop", token
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return "stop", None
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length", None
+        if len(seq) >= self.config.max_model_len:
+            return "length", None
+        return None
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def _record_stats(self, batch: ScheduledBatch, seconds: float) -> None:
+        s, bm = self.stats, self.block_manager
+        s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.kv_cache_usage = bm.usage
+        s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.last_batch_size = len(batch.seqs)
+        s.num_steps += 1
+        if self.step_listeners:
+            decode = sum(1 for n in batch.num_tokens if n == 1)
+            step = StepStats(
+                batch_size=len(batch.seqs),
+                num_prefill_tokens=sum(batch.num_tokens) - decode,
+                num_decode_tokens=decode,
+                num_running=s.num_running,
+                num_waiting=s.num_waiting,
+                kv_cache_usage=s.kv_cache_usage,
+                step_seconds=seconds,
+                num_preempted=batch.num_preempted,
+            )
+            for listener in self.step_listeners:
+                listener(step)
+
+    # ---- outputs ------------------------------------------------------------------------------------
+    def _pop_if_finished(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        out = self._request_output(seqs)
+        if out.finished:
+            del self.requests[request_id]
+        return out
+
+    @staticmethod
+    def _request_output(seqs: list[Sequence]) -> RequestOutput:
+        first = seqs[0]
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.detokenizer.stable_text(s.finished),
+                token_ids=s.output_token_ids,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in seqs
+        ]
+        return RequestOutput(
+            request_id=first.request_id,
+            prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
+            outputs=outputs,
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+            num_cached_tokens=first.num_cached_prompt_tokens,
+            finished=all(s.finished for s in seqs),
+            metrics={
+                "arrival_time": first.arrival_time,
+                "first_token_time": min(
+                    (s.first_token_time for s in seqs if s.first_token_time), default=None
+                ),
+            },
+        )
+
+    # ---- offline helpers ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        arrival_steps: list[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; arrival_steps[i] delays prompt i until that many steps have run."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        arrivals = arrival_steps or [0] * len(prompts)
+        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+        results: dict[str, RequestOutput] = {}
+        steps = 0
+        while pending or self.has_unfinished():
+            while pending and arrivals[pending[0]] <= steps:
+                i = pending.pop(0)
+                self.add_request(ids[i], prompts[i], params_list[i])
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+            steps += 1
+        return [results[i] for i in ids]
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced float32 logits [len, vocab] computed through the real paged, chunked path."""
+        request_id = f"score-{time.monotonic_ns()}"
+        self.add_request(request_id, token_ids, SamplingParams(max_tokens=1, temperature=0.0))
+        seq = self.requests[request_id][0]
+        seq.captured_logits = []
+        while request_id in self.requests:
+            self.step()
+        return torch.cat(seq.captured_logits)[: len(token_ids)]
+
+    def warm_up(self) -> None:
+        """One short request end to end, so the first real request does not pay for lazy initialization."""
+        self.generate(
+            [[self.eos_token_ids and min(self.eos_token_ids) or 0] * 4], SamplingParams(max_tokens=2)
+        )
+        self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0

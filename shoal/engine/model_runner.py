@@ -1,0 +1,96 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, returns logits.
+
+Holds the model and the KV cache (one flat [num_slots, kv_heads, head_dim] tensor per layer for K and V,
+slot = block_id * block_size + offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shoal.model.attention import AttentionMetadata, PrefillChunk
+from shoal.model.transformer import Transformer
+
+
+@dataclass
+class StepInput:
+    token_ids: list[list[int]]  # per sequence: the tokens computed this step
+    start_positions: list[int]  # per sequence: position of its first token this step
+    block_tables: list[list[int]]
+    logit_rows: list[list[int]]  # per sequence: indices (within its chunk) whose logits are wanted
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device: torch.device, dtype):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        cfg = model.config
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return (
+            2
+            * model_config.num_layers
+            * block_size
+            * model_config.num_kv_heads
+            * model_config.head_dim
+            * elem
+        )
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _metadata(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev, bs = self.device, self.block_size
+        flat_ids, flat_pos, slot_parts = [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        offset = 0
+        for ids, start, table in zip(inp.token_ids, inp.start_positions, inp.block_tables, strict=True):
+            n = len(ids)
+            flat_ids.extend(ids)
+            flat_pos.extend(range(start, start + n))
+            table_t = torch.tensor(table, dtype=torch.long)
+            slot_parts.append(self._slots(table_t, torch.arange(start, start + n)))
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                all_slots = self._slots(table_t, torch.arange(start + n))
+                prefills.append(PrefillChunk(offset, offset + n, start, all_slots.to(dev)))
+            offset += n
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(dev), prefills=prefills)
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            lmax = max(decode_lens)
+            pos = torch.arange(lmax)
+            slots = tables[:, pos // bs] * bs + pos % bs
+            meta.num_decodes = len(decode_tables)
+            meta.decode_slots = slots.to(dev)
+            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+        ids_t = torch.tensor(flat_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(flat_pos, dtype=torch.long, device=dev)
+        return ids_t, pos_t, meta
+
+    @torch.inference_mode()
+    def run(self, inp: StepInput) -> list[torch.Tensor]:
+        """Per sequence, float32 logits [len(logit_rows[i]), vocab] for the rows asked for."""
+        ids, pos, meta = self._metadata(inp)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        rows, offset = [], 0
+        for ids_i, wanted in zip(inp.token_ids, inp.logit_rows, strict=True):
+            rows.extend(offset + r for r in wanted)
+            offset += len(ids_i)
+        if not rows:
+            return [torch.empty(0) for _ in inp.token_ids]
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return list(logits.split([len(w) for w in inp.logit_rows]))

@@ -1,0 +1,35 @@
+"""What the engine hands back after each step: a snapshot per sequence, grouped per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One position's logprobs: token id -> logprob; the sampled/actual token is always a key.
+TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    """One of the n choices of a request, as far as it has got."""
+
+    index: int
+    text: str  # text safe to show (held back while a stop string may still be forming)
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first entry None, as vLLM
+    num_cached_tokens: int = 0
+    finished: bool = False
+    metrics: dict = field(default_factory=dict)

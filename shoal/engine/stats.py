@@ -1,0 +1,31 @@
+"""Plain numbers the engine keeps about itself; the server turns them into Prometheus metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepStats:
+    """One engine step, as handed to step listeners."""
+
+    batch_size: int  # sequences in the step
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    step_seconds: float
+    num_preempted: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found
+    num_preemptions: int = 0
+    last_batch_size: int = 0
+    num_steps: int = 0

@@ -1,0 +1,142 @@
+"""Load a Hugging Face model directory (or Hub id) into our Transformer.
+
+Weights are read memory-mapped from (possibly sharded) safetensors and mapped to our fused layout:
+q/k/v -> qkv_proj and gate/up -> gate_up_proj, concatenated along the output dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from shoal.model.config import ModelConfig, load_config
+from shoal.model.rope import RotaryEmbedding
+from shoal.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+# Our parameter suffix -> the Hugging Face tensors concatenated (in order) to make it.
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class WeightLoadError(ValueError):
+    """Weights missing, unexpected or unreadable; the message names the file and tensor."""
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory as it is; otherwise a Hugging Face Hub id, downloaded into the normal HF cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{model}: expected a model directory, found a file")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"{model}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise FileNotFoundError(
+            f"{model}: not a local directory and could not be fetched from the Hub ({e})"
+        ) from e
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(
+            f"{model_dir}: no *.safetensors weights found (shoal does not load .bin/.pth files)"
+        )
+    return files
+
+
+class _TensorSource:
+    """Name -> (file, handle) over all shards, opened memory-mapped."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, tuple[Path, object]] = {}
+        for f in files:
+            if not f.exists():
+                raise WeightLoadError(f"{f}: shard listed in the index is missing")
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # noqa: BLE001
+                raise WeightLoadError(f"{f}: not a readable safetensors file ({e})") from e
+            for name in handle.keys():
+                self.where[name] = (f, handle)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise WeightLoadError(f"tensor {name!r} is missing from the checkpoint")
+        f, handle = self.where[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise WeightLoadError(f"{f}: cannot read tensor {name!r} ({e})") from e
+
+
+def _hf_names(param: str) -> list[str]:
+    """The checkpoint tensors that make up one of our parameters."""
+    if param.startswith("lm_head."):
+        return [param]
+    prefix = "model."
+    for fused, parts in _FUSED.items():
+        if f".{fused}." in param:
+            head, tail = param.split(f".{fused}.")
+            return [f"{prefix}{head}.{p}.{tail}" for p in parts]
+    return [prefix + param]
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int | None = None):
+    """Build the Transformer on the meta device, then fill every parameter from the checkpoint."""
+    cfg: ModelConfig = load_config(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg, max_positions)
+    source = _TensorSource(_safetensors_files(model_dir))
+    used: set[str] = set()
+    for name, param in list(model.named_parameters()):
+        names = _hf_names(name)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        tensors = [source.get(n) for n in names]
+        used.update(names)
+        value = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+        if tuple(value.shape) != tuple(param.shape):
+            raise WeightLoadError(
+                f"tensor {names[0]!r} has shape {tuple(value.shape)}, config.json implies {tuple(param.shape)}"
+            )
+        _set_parameter(model, name, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        used.add("lm_head.weight")
+    unexpected = [n for n in source.where if n not in used and not _IGNORED.search(n)]
+    if unexpected:
+        raise WeightLoadError(
+            f"checkpoint has tensors this architecture does not use, e.g. {unexpected[0]!r}"
+        )
+    with torch.device(device):
+        model.rope = RotaryEmbedding(
+            cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+    return model.eval(), cfg
+
+
+def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, value)
