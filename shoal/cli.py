@@ -1,0 +1,126 @@
+"""The `shoal` command line. `shoal serve` starts the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shoal.server.settings import DEFAULT_MAX_REQUEST_BYTES
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+app = typer.Typer(
+    name="shoal",
+    help="shoal: an LLM inference server (paged KV cache, continuous batching, OpenAI API).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """shoal: an LLM inference server (paged KV cache, continuous batching, OpenAI API)."""
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str,
+        typer.Option(
+            envvar="SHOAL_MODEL",
+            help="Local Hugging Face model directory or hub id (env SHOAL_MODEL).",
+        ),
+    ] = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto, float32, bfloat16 or float16 (auto: the checkpoint dtype where the hardware runs it fast, else float32)."
+        ),
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one engine step (the batch).")] = 256,
+    max_num_batched_tokens: Annotated[
+        int | None, typer.Option(help="Most tokens in one engine step (default: 512 on CPU, 8192 on CUDA).")
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Context window: prompt + output tokens (default: the model's; at most 2048 on CPU)."
+        ),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(help="CUDA: share of the GPU's memory shoal may use (weights + KV cache).")
+    ] = 0.90,
+    kv_cache_memory: Annotated[
+        int | None, typer.Option(help="CPU: bytes for the KV cache (default: a share of free RAM).")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 16,
+    no_prefix_caching: Annotated[
+        bool, typer.Option("--no-prefix-caching", help="Do not reuse the KV cache of shared prompt prefixes.")
+    ] = False,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients send and /v1/models lists (default: --model).")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SHOAL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (env SHOAL_API_KEY)."
+        ),
+    ] = None,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="Jinja file overriding the model's chat template.",
+        ),
+    ] = None,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest request body accepted; larger ones get 413.")
+    ] = DEFAULT_MAX_REQUEST_BYTES,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
+    from shoal.engine.config import EngineConfig
+    from shoal.server.launch import serve as run_server
+    from shoal.server.settings import ServerSettings
+
+    config = EngineConfig(
+        model=model,
+        dtype=dtype,
+        device=device,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        block_size=block_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=not no_prefix_caching,
+        chat_template=str(chat_template) if chat_template else None,
+    )
+    try:
+        config.validate()
+        settings = ServerSettings(
+            served_model_name=served_model_name or model,
+            api_key=api_key or os.environ.get("SHOAL_API_KEY") or None,
+            max_request_bytes=max_request_bytes,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    try:
+        run_server(config, settings, host=host, port=port, log_level=log_level)
+    except (ValueError, OSError) as e:  # a bad model path, a config the model cannot take: no traceback
+        typer.echo(f"shoal serve: error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    app()

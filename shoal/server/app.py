@@ -1,0 +1,78 @@
+"""build_app: the one place where routes, error handling, metrics and guards are composed.
+
+None of the pieces knows about the others; tests build apps in-process from any engine that has the
+AsyncEngine surface (config, tokenizer, generation_config, model_name, ready, start, shutdown, generate,
+abort, stats, add_step_listener).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+import shoal
+from shoal.server import chat, completions, info, tokens
+from shoal.server.auth import APIKeyMiddleware
+from shoal.server.body_limit import BodyLimitMiddleware
+from shoal.server.errors import install_error_handlers
+from shoal.server.logprobs import TokenTexts
+from shoal.server.metrics import ServerMetrics
+from shoal.server.settings import ServerSettings
+from shoal.server.state import ServerState
+
+
+def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving `engine`; its lifespan starts the engine loop and shuts it down."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(
+        title="shoal",
+        version=shoal.__version__,
+        description="OpenAI-compatible LLM inference server (paged KV cache, continuous batching).",
+        lifespan=lifespan,
+    )
+    metrics = ServerMetrics(engine, settings.served_model_name)
+    engine.add_step_listener(metrics.on_step)
+    app.state.shoal = ServerState(
+        engine=engine, settings=settings, metrics=metrics, texts=TokenTexts(engine.tokenizer)
+    )
+    install_error_handlers(app)
+    for module in (completions, chat, info, tokens):
+        app.include_router(module.router)
+    # Starlette wraps the last one added outermost: the key check runs before the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    _document_400_not_422(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Validation errors are answered 400 with ErrorResponse; drop FastAPI's 422 from the schema."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,216 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, then generated.
+
+The prompt is `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` encoded without
+special tokens (the template writes them). Without max_tokens a reply may use the rest of the context
+window, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from shoal.engine.outputs import CompletionOutput, RequestOutput
+from shoal.model.tokenizer import ChatTemplateError
+from shoal.server.errors import ERROR_RESPONSES, APIError
+from shoal.server.generation import (
+    ClientGone,
+    EngineJob,
+    Stream,
+    collect,
+    engine_failure,
+    merge,
+    sse,
+    start,
+    stream_error_event,
+    unless_disconnected,
+)
+from shoal.server.logprobs import chat_logprobs
+from shoal.server.params import build_sampling_params, check_context_length, check_max_tokens
+from shoal.server.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatMessageOut,
+    Usage,
+)
+from shoal.server.state import ServerState, get_state
+
+router = APIRouter()
+logger = logging.getLogger("shoal.server")
+
+
+def render_chat(
+    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of the chat prompt; a model without a chat template (or a template that fails) -> 400."""
+    tokenizer = state.engine.tokenizer
+    try:
+        text = tokenizer.apply_chat_template(
+            [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt
+        )
+    except ChatTemplateError as e:
+        code = None if tokenizer.has_chat_template else "chat_template_missing"
+        raise APIError(str(e), param="messages", code=code) from e
+    except Exception as e:  # noqa: BLE001 - a template that breaks on these messages is the request's problem
+        raise APIError(f"chat template failed: {type(e).__name__}: {e}", param="messages") from e
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _logprobs(
+    state: ServerState,
+    body: ChatCompletionRequest,
+    prompt_ids: list[int],
+    o: CompletionOutput,
+    first: int,
+    last: int,
+) -> ChatChoiceLogprobs | None:
+    if not body.logprobs:
+        return None
+    entries = (o.logprobs or [])[first:last]
+    content = chat_logprobs(
+        state.texts, prompt_ids + o.token_ids[:last], len(prompt_ids) + first, entries, body.top_logprobs or 0
+    )
+    return ChatChoiceLogprobs(content=content)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        200: {"model": ChatCompletionResponse, "description": "JSON, or server-sent events with stream"}
+    }
+    | ERROR_RESPONSES,
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI's chat completions (text only: no tools, no structured output), with vLLM's sampling extras."""
+    state = get_state(request)
+    state.check_model(body.model)
+    state.check_ready()
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    check_max_tokens(body.requested_max_tokens, echo=False, param=param)
+    prompt_ids = await anyio.to_thread.run_sync(render_chat, state, body.messages)
+    max_tokens = body.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = max(state.max_model_len - len(prompt_ids), 1)
+    params = build_sampling_params(
+        body,
+        max_tokens=max_tokens,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        prompt_logprobs=None,
+        generation_config=state.engine.generation_config,
+        vocab_size=state.vocab_size,
+        param_names={"max_tokens": param, "logprobs": "top_logprobs"},
+    )
+    check_context_length(len(prompt_ids), max_tokens, state.max_model_len, param)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    logger.debug("%s: %d prompt tokens x n=%d, user=%s", request_id, len(prompt_ids), body.n, body.user)
+    jobs = [EngineJob(request_id, prompt_ids, params)]
+    created = int(time.time())
+    try:
+        if body.stream:
+            streams = await unless_disconnected(request, lambda: start(state.engine, state.metrics, jobs))
+            events = _stream(body, state, request_id, created, prompt_ids, streams)
+            return StreamingResponse(events, media_type="text/event-stream")
+        finals = await unless_disconnected(request, lambda: _run(state, jobs))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the engine request is aborted
+    except APIError:
+        raise
+    except Exception as e:  # EngineFailure, EngineDeadError, ...
+        raise engine_failure(e) from e
+    out = finals[0]
+    choices = [
+        ChatChoice(
+            index=o.index,
+            message=ChatMessageOut(content=o.text),
+            logprobs=_logprobs(state, body, prompt_ids, o, 0, len(o.token_ids)),
+            finish_reason=o.finish_reason,
+            stop_reason=o.stop_reason,
+        )
+        for o in out.outputs
+    ]
+    response = ChatCompletionResponse(
+        id=request_id, created=created, model=state.model_name, choices=choices, usage=_usage(out)
+    )
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+async def _run(state: ServerState, jobs: list[EngineJob]) -> list[RequestOutput]:
+    return await collect(await start(state.engine, state.metrics, jobs))
+
+
+def _usage(out: RequestOutput) -> Usage:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(o.token_ids) for o in out.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _stream(
+    body: ChatCompletionRequest,
+    state: ServerState,
+    request_id: str,
+    created: int,
+    prompt_ids: list[int],
+    streams: list[Stream],
+) -> AsyncIterator[str]:
+    """A role chunk per choice, content deltas as the text grows, then a chunk with the finish_reason."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    sent_text = [0] * body.n
+    sent_tokens = [0] * body.n
+    finished = [False] * body.n
+
+    def chunk(choices: list[dict], usage: Usage | None = None) -> str:
+        payload = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_name,
+            "choices": choices,
+            "system_fingerprint": None,
+        }
+        if include_usage:
+            payload["usage"] = usage.model_dump() if usage else None
+        return sse(payload)
+
+    def choice(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> dict:
+        lp = logprobs.model_dump() if logprobs is not None else None
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": lp,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+        }
+
+    last: RequestOutput | None = None
+    try:
+        for i in range(body.n):
+            yield chunk([choice(i, {"role": "assistant", "content": ""})])
+        async for _, out in merge(streams):
+            last = out
+            for o in out.outputs:
+                i = o.index
+                if finished[i]:
+                    continue
+                delta = o.text[sent_text[i] :]
+                if delta or (o.finished and len(o.token_ids) > sent_tokens[i]):
+                    logprobs = _logprobs(state, body, prompt_ids, o, sent_tokens[i], len(o.token_ids))
+                    sent_text[i], sent_tokens[i] = len(o.text), len(o.token_ids)
+                    yield chunk([choice(i, {"content": delta}, logprobs)])
+                if o.finished:
+                    finished[i] = True
+                    yield chunk([choice(i, {}, None, o.finish_reason, o.stop_reason)])
+        if include_usage and last is not None:
+            yield chunk([], _usage(last))
+    except Exception as e:  # noqa: BLE001 - the 200 is sent: report in-band
+        yield stream_error_event(e)
+    yield sse("[DONE]")

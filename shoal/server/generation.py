@@ -1,0 +1,240 @@
+"""Running engine requests for an HTTP request: start, collect, merge, and abort when the client leaves.
+
+One HTTP request may hold several engine requests (a completions batch of prompts). They are started
+together and each is primed (its first snapshot awaited) before any byte of the answer is sent, so that
+an engine ValueError is still a 400 and not an error event inside a 200 stream. Whatever way an engine
+request ends early (client gone, a sibling failed, cancellation) it is aborted, so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from starlette.requests import Request
+
+from shoal.engine.outputs import RequestOutput
+from shoal.engine.sampling_params import SamplingParams
+from shoal.server.errors import SERVER_ERROR, APIError, error_body
+from shoal.server.metrics import ServerMetrics
+
+logger = logging.getLogger("shoal.server")
+T = TypeVar("T")
+
+
+@dataclass
+class EngineJob:
+    """One engine request: a prompt and its sampling parameters."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class EngineFailure(Exception):
+    """A ValueError from the engine after it accepted the request: too late for a 400, so a 500."""
+
+
+async def _tracked(engine: Any, metrics: ServerMetrics, job: EngineJob) -> AsyncIterator[RequestOutput]:
+    """engine.generate with metrics, and an abort whenever it ends before the last snapshot."""
+    tracker = metrics.track()
+    agen = engine.generate(job.request_id, job.prompt_ids, job.params)
+    started = finished = rejected = False
+    try:
+        async for out in agen:
+            started = True
+            tracker.observe(out)
+            finished = out.finished
+            yield out
+            if finished:
+                return
+    except ValueError:
+        rejected = not started  # an invalid request, not an aborted one
+        raise
+    finally:
+        if not finished:
+            if not rejected:
+                tracker.aborted(job.params.n)
+            with anyio.CancelScope(shield=True):
+                await agen.aclose()  # the engine aborts an unfinished request when its generator closes
+
+
+class Stream:
+    """An engine request whose first snapshot has arrived (so it was accepted)."""
+
+    def __init__(self, job: EngineJob, agen: AsyncIterator[RequestOutput], first: RequestOutput):
+        self.job = job
+        self._agen = agen
+        self._first: RequestOutput | None = first
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            if first.finished:
+                return
+        try:
+            async for out in self._agen:
+                yield out
+        except ValueError as e:
+            raise EngineFailure(str(e)) from e
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._agen.aclose()
+
+
+async def start(engine: Any, metrics: ServerMetrics, jobs: list[EngineJob]) -> list[Stream]:
+    """Submit all jobs and wait until each is accepted. ValueError -> 400; every job aborted on failure."""
+    agens = [_tracked(engine, metrics, job) for job in jobs]
+
+    async def prime(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
+        try:
+            return await agen.__anext__()
+        except StopAsyncIteration:
+            raise EngineFailure("the engine ended a request without output") from None
+
+    try:
+        firsts = await _gather_or_cancel([prime(a) for a in agens])
+    except BaseException as e:
+        for agen in agens:
+            with anyio.CancelScope(shield=True):
+                await agen.aclose()
+        if isinstance(e, ValueError):
+            raise APIError(str(e)) from e
+        raise
+    return [Stream(job, agen, first) for job, agen, first in zip(jobs, agens, firsts, strict=True)]
+
+
+async def collect(streams: list[Stream]) -> list[RequestOutput]:
+    """The final snapshot of every stream (all run concurrently; one failing aborts the others)."""
+
+    async def last(stream: Stream) -> RequestOutput:
+        final = None
+        try:
+            async for out in stream:
+                final = out
+        finally:
+            await stream.aclose()
+        assert final is not None
+        return final
+
+    return await _gather_or_cancel([last(s) for s in streams])
+
+
+async def merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Snapshots of all streams as they come, tagged with the stream's index; closes them all at the end.
+
+    Snapshots are cumulative, so an unread one is replaced by the next: a slow client holds at most one
+    snapshot per stream, not every step's."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    newest: dict[int, RequestOutput] = {}
+    ended: set[int] = set()
+    errors: list[BaseException] = []
+    wake = asyncio.Event()
+
+    async def pump(i: int, stream: Stream) -> None:
+        try:
+            async for out in stream:
+                newest[i] = out
+                wake.set()
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            errors.append(e)
+        finally:
+            ended.add(i)
+            wake.set()
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            ready = sorted(newest.items(), key=lambda item: item[0])
+            newest.clear()
+            for item in ready:
+                yield item
+            if errors:
+                raise errors[0]
+            if len(ended) == len(streams) and not newest:
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()
+
+
+async def _gather_or_cancel(coros: list[Awaitable[T]]) -> list[T]:
+    """asyncio.gather that cancels the siblings when one fails (Python 3.10 has no TaskGroup)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run work(), cancelling it (and so aborting its engine requests) if the client disconnects."""
+    task = asyncio.ensure_future(work())
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event; payloads are JSON objects, except the final `[DONE]`."""
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    )
+    return f"data: {data}\n\n"
+
+
+def stream_error_event(exc: BaseException) -> str:
+    """An error inside a stream that already answered 200: an OpenAI error object as an event."""
+    if isinstance(exc, APIError):
+        return sse(exc.body())
+    logger.error("engine failure during a stream: %r", exc, exc_info=exc)
+    return sse(error_body(f"engine failure: {exc}", type=SERVER_ERROR))
+
+
+def engine_failure(exc: BaseException) -> APIError:
+    """A 500 in OpenAI's shape for an engine exception (logged)."""
+    logger.error("engine failure: %r", exc, exc_info=exc)
+    return APIError(f"engine failure: {exc}", 500, type=SERVER_ERROR)

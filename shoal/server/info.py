@@ -1,0 +1,61 @@
+"""Routes about the server itself: models, liveness, readiness, version, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import shoal
+from shoal.server.errors import ERROR_RESPONSES, SERVER_ERROR, error_body
+from shoal.server.protocol import ModelCard, ModelList
+from shoal.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(
+        id=state.model_name,
+        created=state.created,
+        root=str(state.engine.model_name),
+        max_model_len=state.max_model_len,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(request: Request) -> ModelList:
+    """The one served model (--served-model-name, default the --model argument)."""
+    return ModelList(data=[_card(get_state(request))])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    state = get_state(request)
+    state.check_model(model)
+    return _card(state)
+
+
+@router.get("/health")
+async def health() -> Response:
+    """200 while the process serves HTTP (liveness)."""
+    return Response(status_code=200)
+
+
+@router.get("/ready", responses={503: ERROR_RESPONSES[503]})
+async def ready(request: Request) -> Response:
+    """200 once the engine is loaded, warmed up and stepping; 503 otherwise (readiness)."""
+    if get_state(request).engine.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse(error_body("the engine is not ready", SERVER_ERROR, code="engine_not_ready"), 503)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": shoal.__version__}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format, vLLM's metric names."""
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,26 @@
+"""Server-side settings: what the HTTP layer needs that the engine does not know about."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    """Knobs of the HTTP layer, kept apart from EngineConfig so that the engine knows nothing of HTTP."""
+
+    served_model_name: str
+    # When set, every /v1/* route requires `Authorization: Bearer <api_key>`.
+    api_key: str | None = None
+    # Request bodies above this size get 413 before they are parsed (protects memory and the event loop).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.api_key == "":
+            self.api_key = None

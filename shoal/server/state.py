@@ -1,0 +1,54 @@
+"""What every route needs: the engine, the settings, the metrics, and the checks shared by all routes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from shoal.server.errors import SERVER_ERROR, APIError
+from shoal.server.logprobs import TokenTexts
+from shoal.server.metrics import ServerMetrics
+from shoal.server.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    engine: Any  # shoal.engine.async_engine.AsyncEngine (duck-typed so tests can pass a stand-in)
+    settings: ServerSettings
+    metrics: ServerMetrics
+    texts: TokenTexts
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.tokenizer.vocab_size)
+
+    def check_model(self, name: str | None) -> None:
+        """404 for a model this server does not serve (a missing name means the served one)."""
+        if name is not None and name != self.model_name:
+            raise APIError(
+                f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_ready(self) -> None:
+        """503 while the engine is not ready (still starting, shutting down, or its thread died)."""
+        if not self.engine.ready:
+            raise APIError("the engine is not ready", 503, type=SERVER_ERROR, code="engine_not_ready")
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.shoal

@@ -1,0 +1,163 @@
+"""The live `shoal serve` subprocess shared by the server test files (started once per test session).
+
+stories260K (tiny, float32, deterministic) served as "stories", with an API key, a simple
+--chat-template (the model has none) and a small --max-request-bytes (for the 413 test). The process is
+cached in this module (imported once per session however many test files use it) and stopped at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("SHOAL_TEST_MODELS", REPO / "models"))
+TINY_MODEL = MODELS / "stories260K"
+API_KEY = "test-key"
+SERVED_NAME = "stories"
+MAX_REQUEST_BYTES = 256 * 1024
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+START_TIMEOUT_S = 90
+
+
+@dataclass
+class LiveServer:
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    headers: dict[str, str]
+    model: str
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kwargs)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if pytest dies without running atexit (e.g. a thread-method timeout)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_servers: dict[str, LiveServer] = {}
+_ready: set[str] = set()
+_tmp = Path(tempfile.mkdtemp(prefix="shoal-test-server-"))
+
+
+def _launch(name: str, extra: list[str], headers: dict[str, str], model: str) -> LiveServer:
+    port = _free_port()
+    log_path = _tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "shoal.cli", "serve", "--model", str(TINY_MODEL), "--dtype", "float32",
+           "--device", "cpu", "--port", str(port), "--log-level", "warning", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("SHOAL_API_KEY", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+    return LiveServer(name, f"http://127.0.0.1:{port}", proc, log_path, headers, model)
+
+
+def _launch_all() -> None:
+    if _servers:
+        return
+    template = _tmp / "chat_template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    extra = ["--api-key", API_KEY, "--served-model-name", SERVED_NAME, "--chat-template", str(template),
+             "--max-request-bytes", str(MAX_REQUEST_BYTES)]  # fmt: skip
+    _servers["main"] = _launch("main", extra, {"Authorization": f"Bearer {API_KEY}"}, SERVED_NAME)
+
+
+def _wait_ready(server: LiveServer) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"shoal serve ({server.name}) exited with {server.proc.returncode}:\n{server.log_tail()}"
+            )
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"shoal serve ({server.name}) not ready after {START_TIMEOUT_S}s:\n{server.log_tail()}"
+    )
+
+
+def get_server(name: str) -> LiveServer:
+    if not TINY_MODEL.exists():
+        pytest.skip(
+            f"{TINY_MODEL} missing: run `python ../shared/models/prepare.py models` (or set SHOAL_TEST_MODELS)"
+        )
+    _launch_all()
+    server = _servers[name]
+    if name not in _ready:
+        _wait_ready(server)
+        _ready.add(name)
+    return server
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in _servers.values():
+        if server.proc.poll() is None:
+            server.proc.terminate()
+    for server in _servers.values():
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server() -> LiveServer:
+    """stories260K served as "stories": API key, simple chat template, 256 KiB request limit."""
+    return get_server("main")
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """Prometheus text -> {label string: value} for the samples of one metric name."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            out[key[len(name) :]] = float(value)
+    return out
+
+
+def steps_with_batch_over_one(metrics_text: str) -> float:
+    """How many engine steps ran more than one sequence, from the shoal:batch_size histogram."""
+    count = sum(metric_samples(metrics_text, "shoal:batch_size_count").values())
+    le1 = sum(
+        v for k, v in metric_samples(metrics_text, "shoal:batch_size_bucket").items() if 'le="1.0"' in k
+    )
+    return count - le1
