@@ -96,11 +96,12 @@ class AsyncEngine:
                 prompt, params = payload
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                     self._deliver(request_id, e)
             else:
                 self.engine.abort_request(request_id)
                 self._streams.pop(request_id, None)
+            self.engine.refresh_stats()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)

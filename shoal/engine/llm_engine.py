@@ -285,12 +285,16 @@ class LLMEngine:
         seq.status = Status.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
-    def _record_stats(self, batch: ScheduledBatch, seconds: float) -> None:
+    def refresh_stats(self) -> None:
         s, bm = self.stats, self.block_manager
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_cache_usage = bm.usage
         s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
         s.num_preemptions = self.scheduler.num_preemptions
+
+    def _record_stats(self, batch: ScheduledBatch, seconds: float) -> None:
+        self.refresh_stats()
+        s = self.stats
         s.last_batch_size = len(batch.seqs)
         s.num_steps += 1
         if self.step_listeners:

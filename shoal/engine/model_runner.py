@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.model.attention import AttentionMetadata, PrefillChunk
+from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from shoal.model.transformer import Transformer
+
+MAX_DECODE_GROUP = 32
+DECODE_GROUP_SLACK = 1.5  # a group's longest context may be this many times its shortest (plus one block)
 
 
 @dataclass
@@ -50,7 +53,7 @@ class ModelRunner:
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _metadata(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        dev, bs = self.device, self.block_size
+        dev = self.device
         flat_ids, flat_pos, slot_parts = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         offset = 0
@@ -68,18 +71,35 @@ class ModelRunner:
                 prefills.append(PrefillChunk(offset, offset + n, start, all_slots.to(dev)))
             offset += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(dev), prefills=prefills)
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
-            lmax = max(decode_lens)
-            pos = torch.arange(lmax)
-            slots = tables[:, pos // bs] * bs + pos % bs
-            meta.num_decodes = len(decode_tables)
-            meta.decode_slots = slots.to(dev)
-            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+        for start, end in self._decode_groups(decode_lens):
+            meta.decodes.append(
+                self._decode_group(start, end, decode_tables[start:end], decode_lens[start:end])
+            )
         ids_t = torch.tensor(flat_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(flat_pos, dtype=torch.long, device=dev)
         return ids_t, pos_t, meta
+
+    def _decode_groups(self, lens: list[int]) -> list[tuple[int, int]]:
+        """Split decodes (sorted by context length by the engine) into runs of similar length."""
+        groups, start = [], 0
+        for i in range(1, len(lens) + 1):
+            if (
+                i == len(lens)
+                or i - start >= MAX_DECODE_GROUP
+                or lens[i] > lens[start] * DECODE_GROUP_SLACK + self.block_size
+            ):
+                groups.append((start, i))
+                start = i
+        return groups
+
+    def _decode_group(self, start: int, end: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
+        bs = self.block_size
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        pos = torch.arange(max(lens))
+        slots = padded[:, pos // bs] * bs + pos % bs
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        return DecodeGroup(start, end, slots.to(self.device), lens_t.to(self.device))
 
     @torch.inference_mode()
     def run(self, inp: StepInput) -> list[torch.Tensor]:

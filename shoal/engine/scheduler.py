@@ -118,6 +118,7 @@ class Scheduler:
 
     @staticmethod
     def _order_decodes_first(batch: ScheduledBatch) -> None:
-        pairs = sorted(zip(batch.seqs, batch.num_tokens, strict=True), key=lambda p: p[1] > 1)
+        # Decodes sorted by context length let the runner batch similar lengths together.
+        pairs = sorted(zip(batch.seqs, batch.num_tokens, strict=True), key=lambda p: (p[1] > 1, len(p[0])))
         batch.seqs = [p[0] for p in pairs]
         batch.num_tokens = [p[1] for p in pairs]

@@ -23,21 +23,33 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token queries of sequences with similar context lengths, attended in one batched call.
+
+    Decodes are grouped by context length so that padding every sequence to the group's longest context
+    (the gather copies those bytes in every layer) stays small.
+    """
+
+    start: int  # first token of the group in the flat batch
+    end: int
+    slots: torch.Tensor  # [b, Lmax] cache slots per sequence (padded)
+    context_lens: torch.Tensor  # [b] keys per sequence (incl. the new token)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [Bd, Lmax] cache slots per decode sequence (padded)
-    decode_context_lens: torch.Tensor | None = None  # [Bd] keys per decode sequence (incl. the new token)
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[Bd, 1, 1, Lmax] bool, True where a decode query may attend; cached per window size."""
-        key = ("decode", window)
+    def decode_mask(self, i: int, window: int | None) -> torch.Tensor:
+        """[b, 1, 1, Lmax] bool for decode group i, True where a query may attend; cached per window."""
+        key = ("decode", i, window)
         if key not in self._masks:
-            lmax = self.decode_slots.shape[1]
-            kpos = torch.arange(lmax, device=self.decode_slots.device).unsqueeze(0)
-            lens = self.decode_context_lens.unsqueeze(1)
+            group = self.decodes[i]
+            kpos = torch.arange(group.slots.shape[1], device=group.slots.device).unsqueeze(0)
+            lens = group.context_lens.unsqueeze(1)
             mask = kpos < lens
             if window is not None:
                 mask &= kpos > lens - 1 - window
@@ -75,19 +87,13 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    nd = meta.num_decodes
-    if nd:
-        keys = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-        values = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2),
-            keys,
-            values,
-            attn_mask=meta.decode_mask(window),
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[:nd] = o.squeeze(2)
+    for i, group in enumerate(meta.decodes):
+        keys = k_cache[group.slots].transpose(1, 2)  # [b, Hkv, L, D]
+        values = v_cache[group.slots].transpose(1, 2)
+        qg = q[group.start : group.end].unsqueeze(2)  # [b, H, 1, D]
+        mask = meta.decode_mask(i, window)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[group.start : group.end] = o.squeeze(2)
     for i, chunk in enumerate(meta.prefills):
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         mask = meta.prefill_mask(i, window)
