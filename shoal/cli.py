@@ -122,5 +122,54 @@ def serve(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt text.")],
+    model: Annotated[
+        str, typer.Option(envvar="SHOAL_MODEL", help="Local Hugging Face model directory or hub id.")
+    ] = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_model_len: Annotated[int | None, typer.Option(help="Context window (default: per device).")] = None,
+) -> None:
+    """Generate text for one prompt and print it (no server)."""
+    from shoal.engine.config import EngineConfig
+    from shoal.engine.llm_engine import LLMEngine
+    from shoal.engine.sampling_params import SamplingParams
+
+    try:
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len))
+        tok = engine.tokenizer
+        if chat:
+            ids = tok.encode(
+                tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False
+            )
+        else:
+            ids = tok.encode(prompt)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        out = engine.generate([ids], params)[0].outputs[0]
+    except (ValueError, OSError) as e:
+        typer.echo(f"shoal generate: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(out.text)
+
+
+def _register_bench() -> None:
+    from shoal.bench.cli import bench_app
+
+    app.add_typer(
+        bench_app, name="bench", help="Benchmarks against a peer in the same run (latency, throughput)."
+    )
+
+
+_register_bench()
+
 if __name__ == "__main__":
     app()
