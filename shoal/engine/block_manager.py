@@ -71,11 +71,15 @@ class BlockManager:
         The last prompt token is always recomputed (its logits are needed), so a prompt cached entirely
         leaves its last block to be computed afresh; we never write into a shared block.
         """
-        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
+        if (
+            not self.enable_prefix_caching
+            or seq.block_table
+            or seq.params.prompt_logprobs is not None
+            or seq.captured_logits is not None
+        ):
             return
         bs = self.block_size
         num_full = (len(seq) - 1) // bs
-        self.prefix_queries += len(seq)
         prev = None
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
@@ -87,7 +91,12 @@ class BlockManager:
             seq.block_table.append(block_id)
             prev = h
         seq.num_computed = len(seq.block_table) * bs
-        seq.num_cached_prompt_tokens = seq.num_computed
+
+    def count_admission(self, seq: Sequence) -> None:
+        """Prefix-cache counters, taken once a sequence is really admitted (not at every retry)."""
+        if seq.num_output_tokens == 0:  # a preempted sequence also matches its generated tokens
+            seq.num_cached_prompt_tokens = seq.num_computed
+        self.prefix_queries += len(seq)
         self.prefix_hits += seq.num_computed
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:

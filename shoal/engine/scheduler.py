@@ -62,6 +62,10 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
+        if seq.prompt_logprobs is not None:  # recomputed from scratch: collect them afresh
+            seq.prompt_logprobs = [None]
+        if seq.captured_logits is not None:
+            seq.captured_logits = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -106,8 +110,10 @@ class Scheduler:
                         f"KV cache too small for one sequence of {len(seq)} tokens "
                         f"({self.blocks.num_blocks} blocks of {self.blocks.block_size})"
                     )
+                self.blocks.free_sequence(seq)  # do not hold cached blocks while waiting
                 break
             self.waiting.popleft()
+            self.blocks.count_admission(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
