@@ -19,7 +19,7 @@ from shoal.engine.scheduler import ScheduledBatch, Scheduler
 from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.model.config import load_config, load_generation_config
-from shoal.model.device import resolve_device, resolve_dtype
+from shoal.model.device import available_ram, resolve_device, resolve_dtype
 from shoal.model.loader import load_model, resolve_model_path
 from shoal.model.tokenizer import Tokenizer
 
@@ -28,16 +28,6 @@ log = logging.getLogger(__name__)
 CPU_DEFAULTS = {"max_num_batched_tokens": 512, "max_model_len": 2048}
 CUDA_DEFAULTS = {"max_num_batched_tokens": 8192}
 CPU_KV_SHARE_OF_FREE_RAM = 0.2
-
-
-def _available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 class LLMEngine:
@@ -112,7 +102,7 @@ class LLMEngine:
             budget = c.kv_cache_memory
         else:
             useful = c.max_num_seqs * c.max_model_len * per_block // c.block_size
-            budget = min(int(_available_ram() * CPU_KV_SHARE_OF_FREE_RAM), useful)
+            budget = min(int(available_ram() * CPU_KV_SHARE_OF_FREE_RAM), useful)
         num_blocks = budget // per_block
         min_blocks = -(-c.max_model_len // c.block_size)
         if num_blocks < min_blocks:

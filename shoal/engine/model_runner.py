@@ -14,7 +14,7 @@ from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from shoal.model.transformer import Transformer
 
 MAX_DECODE_GROUP = 32
-DECODE_GROUP_SLACK = 1.5  # a group's longest context may be this many times its shortest (plus one block)
+DECODE_GROUP_SLACK = 1.2  # a group's longest context may be this many times its shortest (plus one block)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ModelRunner:
         pos = torch.arange(max(lens))
         slots = padded[:, pos // bs] * bs + pos % bs
         lens_t = torch.tensor(lens, dtype=torch.long)
-        return DecodeGroup(start, end, slots.to(self.device), lens_t.to(self.device))
+        return DecodeGroup(start, end, slots.to(self.device), lens_t.to(self.device), min(lens) == max(lens))
 
     @torch.inference_mode()
     def run(self, inp: StepInput) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ class DecodeGroup:
     end: int
     slots: torch.Tensor  # [b, Lmax] cache slots per sequence (padded)
     context_lens: torch.Tensor  # [b] keys per sequence (incl. the new token)
+    same_length: bool = False  # every sequence has Lmax keys: no padding to mask
 
 
 @dataclass
@@ -43,11 +44,13 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, i: int, window: int | None) -> torch.Tensor:
-        """[b, 1, 1, Lmax] bool for decode group i, True where a query may attend; cached per window."""
+    def decode_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """[b, 1, 1, Lmax] bool for decode group i, True where a query may attend (None: attend to all)."""
+        group = self.decodes[i]
+        if group.same_length and (window is None or window >= group.slots.shape[1]):
+            return None
         key = ("decode", i, window)
         if key not in self._masks:
-            group = self.decodes[i]
             kpos = torch.arange(group.slots.shape[1], device=group.slots.device).unsqueeze(0)
             lens = group.context_lens.unsqueeze(1)
             mask = kpos < lens
@@ -73,6 +76,31 @@ class AttentionMetadata:
         return self._masks[key]
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] for a tensor of slots; index_select is several times faster than advanced indexing
+    on CPU (measured 0.37 ms vs 2.0 ms for 32 x 600 slots of 3 x 64 bf16)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    i: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Decode group i: one query per sequence against its gathered context, [b, H, D]."""
+    group = meta.decodes[i]
+    keys = _gather(k_cache, group.slots).transpose(1, 2)  # [b, Hkv, L, D]
+    values = _gather(v_cache, group.slots).transpose(1, 2)
+    qg = q[group.start : group.end].unsqueeze(2)  # [b, H, 1, D]
+    mask = meta.decode_mask(i, window)
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,14 +114,11 @@ def paged_attention(
     """q: [T, H, D], k/v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, H, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if len(meta.decodes) == 1 and not meta.prefills:  # pure decode step of similar lengths: no scatter
+        return _decode_attention(q, k_cache, v_cache, meta, 0, scale, window)
     out = torch.empty_like(q)
     for i, group in enumerate(meta.decodes):
-        keys = k_cache[group.slots].transpose(1, 2)  # [b, Hkv, L, D]
-        values = v_cache[group.slots].transpose(1, 2)
-        qg = q[group.start : group.end].unsqueeze(2)  # [b, H, 1, D]
-        mask = meta.decode_mask(i, window)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[group.start : group.end] = o.squeeze(2)
+        out[group.start : group.end] = _decode_attention(q, k_cache, v_cache, meta, i, scale, window)
     for i, chunk in enumerate(meta.prefills):
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         mask = meta.prefill_mask(i, window)
@@ -102,8 +127,8 @@ def paged_attention(
             vc = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kc = k_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
-            vc = v_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
+            kc = _gather(k_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
+            vc = _gather(v_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
         out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -45,3 +45,14 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
             return torch.float16
         return DTYPES[checkpoint_dtype]
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (bytes); 4 GiB where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from shoal.model.config import ModelConfig, load_config
+from shoal.model.device import available_ram
 from shoal.model.packed_linear import pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
@@ -136,7 +137,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, max_po
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
     if packing_available(device, dtype):
-        pack_linears(model)
+        pack_linears(model, available_ram())
     return model.eval(), cfg
 
 
