@@ -504,7 +504,22 @@ def test_metrics_names(http):
     assert all(f'model_name="{SERVED_NAME}"' in k for k in metric_samples(text, "vllm:num_requests_running"))
 
 
-# ---- in process, with a stand-in engine ------------------------------------------------------------------
+# ---- in process: the real engine where it can show the behaviour, a stand-in only to inject failures -----
+
+
+@pytest.fixture(scope="module")
+def real_engine():
+    """The real AsyncEngine over stories260K (no chat template), started once for this module."""
+    import asyncio
+
+    from shoal.engine.async_engine import AsyncEngine
+    from shoal.engine.config import EngineConfig
+
+    engine = AsyncEngine.from_config(
+        EngineConfig(model=str(TINY_MODEL), dtype="float32", kv_cache_memory=16 << 20)
+    )
+    asyncio.run(engine.start())
+    return engine
 
 
 class _StubEngine:
@@ -546,13 +561,13 @@ class _StubEngine:
             raise RuntimeError("CUDA error: device-side assert")
 
 
-def _in_process(mode: str, requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
+def _in_process(engine, requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
     import asyncio
 
     from shoal.server.app import build_app
     from shoal.server.settings import ServerSettings
 
-    app = build_app(_StubEngine(mode), ServerSettings(served_model_name="stub"))
+    app = build_app(engine, ServerSettings(served_model_name=engine.model_name))
 
     async def run():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -566,7 +581,8 @@ def _in_process(mode: str, requests: list[tuple[str, str, dict]]) -> list[httpx.
 def test_engine_failure_is_500_or_error_event(mode):
     body = {"prompt": "Once", "max_tokens": 3}
     plain, streamed = _in_process(
-        mode, [("POST", "/v1/completions", body), ("POST", "/v1/completions", {**body, "stream": True})]
+        _StubEngine(mode),
+        [("POST", "/v1/completions", body), ("POST", "/v1/completions", {**body, "stream": True})],
     )
     error = assert_error(plain, 500, None, "engine failure")
     assert error["type"] == "server_error"
@@ -578,14 +594,15 @@ def test_engine_failure_is_500_or_error_event(mode):
         assert json.loads(events[-2])["error"]["type"] == "server_error"
 
 
-def test_chunked_body_over_limit_is_413():
+def test_chunked_body_over_limit_is_413(real_engine):
     """No Content-Length (chunked upload): the limit is enforced while the body is read."""
     import asyncio
 
     from shoal.server.app import build_app
     from shoal.server.settings import ServerSettings
 
-    app = build_app(_StubEngine("ok"), ServerSettings(served_model_name="stub", max_request_bytes=1000))
+    settings = ServerSettings(served_model_name=real_engine.model_name, max_request_bytes=1000)
+    app = build_app(real_engine, settings)
 
     async def chunks(total: int):
         yield b'{"prompt": "'
@@ -607,9 +624,9 @@ def test_chunked_body_over_limit_is_413():
     assert small.status_code == 200, small.text
 
 
-def test_chat_without_template_is_400():
+def test_chat_without_template_is_400(real_engine):
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    (r,) = _in_process("ok", [("POST", "/v1/chat/completions", chat)])
+    (r,) = _in_process(real_engine, [("POST", "/v1/chat/completions", chat)])
     error = assert_error(r, 400, "messages", contains="chat template")
     assert "--chat-template" in error["message"]
 

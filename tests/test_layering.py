@@ -1,0 +1,20 @@
+"""The engine and model packages run without the server stack (a GPU box may have only torch,
+safetensors and tokenizers), and the engine knows nothing about HTTP."""
+
+import subprocess
+import sys
+
+import pytest
+
+SERVER_STACK = ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client", "typer", "transformers")
+
+
+@pytest.mark.timeout(60)
+def test_engine_and_model_import_no_server_stack():
+    code = (
+        "import sys\n"
+        "import shoal.engine.async_engine, shoal.engine.llm_engine, shoal.model.loader\n"
+        f"print(sorted(m for m in {SERVER_STACK!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"engine/model pulled in: {out.stdout}"
