@@ -189,6 +189,27 @@ def test_echo_logprobs_like_lm_eval(http):
     assert out["usage"]["completion_tokens"] == 2
 
 
+def test_lm_eval_loglikelihoods_match_transformers(http):
+    """The exact request shape of lm-evaluation-harness scoring gives transformers' log-softmax values."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = ["Once upon a time there was a cat", "Lily and Ben went to the park to play", "The sun"]
+    prompts = [tokenize(http, t) for t in texts]
+    out = complete(http, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    ref = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    worst = 0.0
+    for choice in out["choices"]:
+        ids = prompts[choice["index"]]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), -1)
+        expected = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        got = torch.tensor(choice["logprobs"]["token_logprobs"][1:-1])  # lm-eval drops the generated last
+        worst = max(worst, (got - expected).abs().max().item())
+    assert worst < 1e-4, f"max |loglikelihood - transformers| = {worst:.2e}"
+    print(f"lm-eval loglikelihoods: max abs diff vs transformers {worst:.2e}")
+
+
 def test_echo_max_tokens_zero_returns_prompt_only(http):
     out = complete(http, prompt="Once upon a time", echo=True, logprobs=2, max_tokens=0)
     choice = out["choices"][0]
