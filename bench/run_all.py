@@ -12,13 +12,10 @@ from pathlib import Path
 
 from shoal.bench import workload
 from shoal.bench.latency import print_latency, run_latency
+from shoal.bench.report import metric_row
 from shoal.bench.throughput import print_throughput, run_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _num(value, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def markdown(lat: dict, thr: dict) -> str:
@@ -28,40 +25,54 @@ def markdown(lat: dict, thr: dict) -> str:
     lo_in, hi_in = tc["input_len_range"]
     lo_out, hi_out = tc["output_len_range"]
     hf_ttft = lh.get("ttft_s")
+    # the docs' typography: an en dash where a side did not run, a multiplication sign on ratios
+    docs = {"missing": "–", "times": "×"}
     rows = [
-        (
+        metric_row(
             f"latency: decode tokens/s (prompt {lc['input_len']}, {lc['output_len']} new tokens, "
             f"median of {lc['iters']})",
-            _num(ls["decode_tokens_per_s"], ".1f"),
-            _num(lh.get("decode_tokens_per_s"), ".1f"),
-            _num(lr["decode_tokens_per_s"], ".2f", "×"),
+            ls["decode_tokens_per_s"],
+            lh.get("decode_tokens_per_s"),
+            ".1f",
+            lr["decode_tokens_per_s"],
+            **docs,
         ),
-        (
+        metric_row(
             "latency: time to first token (ms)",
-            _num(ls["ttft_s"] * 1e3, ".0f"),
-            _num(hf_ttft * 1e3 if hf_ttft else None, ".0f"),
-            _num(lr["ttft"], ".2f", "× faster"),
+            ls["ttft_s"] * 1e3,
+            hf_ttft * 1e3 if hf_ttft else None,
+            ".0f",
+            lr["ttft"],
+            **(docs | {"times": "× faster"}),
         ),
-        (
+        metric_row(
             f"throughput: output tokens/s ({tc['num_prompts']} requests, prompt {lo_in}–{hi_in}, "
             f"output {lo_out}–{hi_out} tokens; HF batches of {tc['hf_batch_size']})",
-            _num(ts["output_tokens_per_s"], ".1f"),
-            _num(th.get("output_tokens_per_s"), ".1f"),
-            _num(tr["output_tokens_per_s"], ".2f", "×"),
+            ts["output_tokens_per_s"],
+            th.get("output_tokens_per_s"),
+            ".1f",
+            tr["output_tokens_per_s"],
+            **docs,
         ),
-        (
+        metric_row(
             "throughput: requests/s",
-            _num(ts["requests_per_s"], ".3f"),
-            _num(th.get("requests_per_s"), ".3f"),
-            _num(tr["requests_per_s"], ".2f", "×"),
+            ts["requests_per_s"],
+            th.get("requests_per_s"),
+            ".3f",
+            tr["requests_per_s"],
+            **docs,
         ),
-        (
+        metric_row(
             "throughput: total (prompt + output) tokens/s",
-            _num(ts["total_tokens_per_s"], ".1f"),
-            _num(th.get("total_tokens_per_s"), ".1f"),
-            "",
+            ts["total_tokens_per_s"],
+            th.get("total_tokens_per_s"),
+            ".1f",
+            compared=False,
+            **docs,
         ),
-        ("throughput: wall time (s)", _num(ts["wall_s"], ".1f"), _num(th.get("wall_s"), ".1f"), ""),
+        metric_row(
+            "throughput: wall time (s)", ts["wall_s"], th.get("wall_s"), ".1f", compared=False, **docs
+        ),
     ]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')}: {Path(lc['model']).name}, {lc['dtype']}, {lc['device']}; "

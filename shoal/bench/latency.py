@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from shoal.bench import workload
+from shoal.bench.report import comparison_table, machine_line, metric_row
 from shoal.engine.sampling_params import SamplingParams
 
 
@@ -214,51 +215,38 @@ def run_latency(
     }
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
-
-
 def print_latency(result: dict, console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     c, s, h, r = result["config"], result["shoal"], result["hf"] or {}, result["ratio"]
-    table = Table(
-        title=(
-            f"latency: {Path(c['model']).name}, {c['dtype']}, {c['device']}, prompt {c['input_len']} tokens, "
-            f"{c['output_len']} new tokens, median of {c['iters']}"
-        )
+    title = (
+        f"latency: {Path(c['model']).name}, {c['dtype']}, {c['device']}, prompt {c['input_len']} tokens, "
+        f"{c['output_len']} new tokens, median of {c['iters']}"
     )
-    for col in ("metric", "shoal", "transformers", "shoal speed-up"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    table.add_row(
-        "decode tokens/s",
-        _fmt(s["decode_tokens_per_s"], ".1f"),
-        _fmt(h.get("decode_tokens_per_s"), ".1f"),
-        _fmt(r["decode_tokens_per_s"], ".2f", "x"),
-    )
-    table.add_row(
-        "decode tokens/s, best run",
-        _fmt(s["best_decode_tokens_per_s"], ".1f"),
-        _fmt(h.get("best_decode_tokens_per_s"), ".1f"),
-        _fmt(r["best_decode_tokens_per_s"], ".2f", "x"),
-    )
-    table.add_row(
-        "time to first token (ms)",
-        _fmt(s["ttft_s"] * 1e3, ".1f"),
-        _fmt(h["ttft_s"] * 1e3 if h else None, ".1f"),
-        _fmt(r["ttft"], ".2f", "x"),
-    )
-    table.add_row(
-        "end-to-end (s)",
-        _fmt(s["e2e_s"], ".3f"),
-        _fmt(h.get("e2e_s"), ".3f"),
-        _fmt(r["e2e"], ".2f", "x"),
-    )
-    console.print(table)
-    m, load = result["machine"], result["load_average"]
-    console.print(
-        f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
-        f"transformers {m['transformers']}; load average before {load['before']}, after {load['after']}"
-    )
+    rows = [
+        metric_row(
+            "decode tokens/s",
+            s["decode_tokens_per_s"],
+            h.get("decode_tokens_per_s"),
+            ".1f",
+            r["decode_tokens_per_s"],
+        ),
+        metric_row(
+            "decode tokens/s, best run",
+            s["best_decode_tokens_per_s"],
+            h.get("best_decode_tokens_per_s"),
+            ".1f",
+            r["best_decode_tokens_per_s"],
+        ),
+        metric_row(
+            "time to first token (ms)",
+            s["ttft_s"] * 1e3,
+            h["ttft_s"] * 1e3 if h else None,
+            ".1f",
+            r["ttft"],
+        ),
+        metric_row("end-to-end (s)", s["e2e_s"], h.get("e2e_s"), ".3f", r["e2e"]),
+    ]
+    console.print(comparison_table(title, rows))
+    console.print(machine_line(result))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from shoal.bench import workload
+from shoal.bench.report import comparison_table, machine_line, metric_row
 from shoal.bench.workload import Request
 from shoal.engine.sampling_params import SamplingParams
 
@@ -252,65 +253,56 @@ def run_throughput(
     }
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
-
-
 def print_throughput(result: dict, console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     c, s, h, r = result["config"], result["shoal"], result["hf"] or {}, result["ratio"]
     lo_in, hi_in = c["input_len_range"]
     lo_out, hi_out = c["output_len_range"]
-    table = Table(
-        title=(
-            f"throughput: {Path(c['model']).name}, {c['dtype']}, {c['device']}, {c['num_prompts']} requests "
-            f"(prompt {lo_in}-{hi_in}, output {lo_out}-{hi_out} tokens), HF batch {c['hf_batch_size']}"
+    title = (
+        f"throughput: {Path(c['model']).name}, {c['dtype']}, {c['device']}, {c['num_prompts']} requests "
+        f"(prompt {lo_in}-{hi_in}, output {lo_out}-{hi_out} tokens), HF batch {c['hf_batch_size']}"
+    )
+    rows = [
+        metric_row(
+            "output tokens/s",
+            s["output_tokens_per_s"],
+            h.get("output_tokens_per_s"),
+            ".1f",
+            r["output_tokens_per_s"],
         )
-    )
-    for col in ("metric", "shoal", "transformers", "shoal speed-up"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    table.add_row(
-        "output tokens/s",
-        _fmt(s["output_tokens_per_s"], ".1f"),
-        _fmt(h.get("output_tokens_per_s"), ".1f"),
-        _fmt(r["output_tokens_per_s"], ".2f", "x"),
-    )
+    ]
     if c["iters"] > 1:
-        table.add_row(
-            "output tokens/s, best run",
-            _fmt(s["best_output_tokens_per_s"], ".1f"),
-            _fmt(h.get("best_output_tokens_per_s"), ".1f"),
-            _fmt(r["best_output_tokens_per_s"], ".2f", "x"),
+        rows.append(
+            metric_row(
+                "output tokens/s, best run",
+                s["best_output_tokens_per_s"],
+                h.get("best_output_tokens_per_s"),
+                ".1f",
+                r["best_output_tokens_per_s"],
+            )
         )
-    table.add_row(
-        "total (prompt + output) tokens/s",
-        _fmt(s["total_tokens_per_s"], ".1f"),
-        _fmt(h.get("total_tokens_per_s"), ".1f"),
-        "",
-    )
-    table.add_row(
-        "requests/s",
-        _fmt(s["requests_per_s"], ".3f"),
-        _fmt(h.get("requests_per_s"), ".3f"),
-        _fmt(r["requests_per_s"], ".2f", "x"),
-    )
-    table.add_row("wall time (s)", _fmt(s["wall_s"], ".1f"), _fmt(h.get("wall_s"), ".1f"), "")
-    table.add_row(
-        "tokens generated (useful)",
-        f"{s['output_tokens']}",
-        f"{h['generated_tokens']} ({h['output_tokens']})" if h else "-",
-        "",
-    )
-    console.print(table)
-    m, load = result["machine"], result["load_average"]
+    rows += [
+        metric_row(
+            "total (prompt + output) tokens/s",
+            s["total_tokens_per_s"],
+            h.get("total_tokens_per_s"),
+            ".1f",
+            compared=False,
+        ),
+        metric_row("requests/s", s["requests_per_s"], h.get("requests_per_s"), ".3f", r["requests_per_s"]),
+        metric_row("wall time (s)", s["wall_s"], h.get("wall_s"), ".1f", compared=False),
+        (
+            "tokens generated (useful)",
+            f"{s['output_tokens']}",
+            f"{h['generated_tokens']} ({h['output_tokens']})" if h else "-",
+            "",
+        ),
+    ]
+    console.print(comparison_table(title, rows))
     console.print(
         f"shoal: {s['steps']} steps, mean batch {s['mean_batch_size']:.1f} sequences (max {s['max_batch_size']}), "
         f"{s['preemptions']} preemptions, {s['prefix_cache_hit_tokens']} prompt tokens from the prefix cache"
     )
-    console.print(
-        f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
-        f"transformers {m['transformers']}; load average before {load['before']}, after {load['after']}"
-    )
+    console.print(machine_line(result))

@@ -23,6 +23,7 @@ from shoal.server.generation import (
     ClientGone,
     EngineJob,
     Stream,
+    StreamChunks,
     collect,
     engine_failure,
     merge,
@@ -168,18 +169,7 @@ async def _stream(
     sent_tokens = [0] * body.n
     finished = [False] * body.n
 
-    def chunk(choices: list[dict], usage: Usage | None = None) -> str:
-        payload = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-            "system_fingerprint": None,
-        }
-        if include_usage:
-            payload["usage"] = usage.model_dump() if usage else None
-        return sse(payload)
+    chunk = StreamChunks(request_id, "chat.completion.chunk", created, state.model_name, include_usage)
 
     def choice(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> dict:
         lp = logprobs.model_dump() if logprobs is not None else None

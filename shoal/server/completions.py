@@ -25,6 +25,7 @@ from shoal.server.errors import ERROR_RESPONSES, APIError
 from shoal.server.generation import (
     ClientGone,
     EngineJob,
+    StreamChunks,
     collect,
     engine_failure,
     merge,
@@ -246,18 +247,7 @@ async def _stream(
     finals: dict[int, RequestOutput] = {}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(choices: list[dict], usage: Usage | None = None) -> str:
-        payload = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-            "system_fingerprint": None,
-        }
-        if include_usage:
-            payload["usage"] = usage.model_dump() if usage else None
-        return sse(payload)
+    chunk = StreamChunks(request_id, "text_completion", created, state.model_name, include_usage)
 
     try:
         async for p, out in merge(streams):

@@ -22,6 +22,7 @@ from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
 from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
+from shoal.server.protocol import Usage
 
 logger = logging.getLogger("shoal.server")
 T = TypeVar("T")
@@ -224,6 +225,34 @@ def sse(payload: dict | str) -> str:
         else json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     )
     return f"data: {data}\n\n"
+
+
+@dataclass(frozen=True)
+class StreamChunks:
+    """Builds the chunk events of one streamed response.
+
+    /v1/completions and /v1/chat/completions stream the same envelope and differ only in its `object`
+    name and in the shape of their choices, so both endpoints encode chunks here.
+    """
+
+    request_id: str
+    object_name: str  # "text_completion" or "chat.completion.chunk"
+    created: int
+    model: str
+    include_usage: bool  # stream_options.include_usage: every chunk carries a usage key, null until the last
+
+    def __call__(self, choices: list[dict], usage: Usage | None = None) -> str:
+        payload = {
+            "id": self.request_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "system_fingerprint": None,
+        }
+        if self.include_usage:
+            payload["usage"] = usage.model_dump() if usage else None
+        return sse(payload)
 
 
 def stream_error_event(exc: BaseException) -> str:
