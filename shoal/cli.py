@@ -87,6 +87,14 @@ def serve(
         int, typer.Option(help="Largest request body accepted; larger ones get 413.")
     ] = DEFAULT_MAX_REQUEST_BYTES,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the decode forward: faster decode steps, compiled before the server is ready "
+            "(about 1.5 min for SmolLM2 on 2 CPU cores; inductor caches it on disk for later starts).",
+        ),
+    ] = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
@@ -105,6 +113,7 @@ def serve(
         kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=not no_prefix_caching,
         chat_template=str(chat_template) if chat_template else None,
+        compile=compile,
     )
     try:
         config.validate()

@@ -36,6 +36,9 @@ DtypeOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda (both sides).")]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="shoal: torch.compile the decode forward (compiled during warm-up).")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the prompts (and lengths).")]
 SkipHfOpt = Annotated[bool, typer.Option("--skip-hf", help="Run shoal only (no transformers side).")]
 JsonOpt = Annotated[
@@ -79,6 +82,7 @@ def latency(
     max_model_len: MaxLenOpt = None,
     dataset: DatasetOpt = workload.DEFAULT_DATASET,
     threads: ThreadsOpt = None,
+    compile: CompileOpt = False,
     output_json: JsonOpt = None,
 ) -> None:
     """Single-stream decode: one prompt, --output-len new tokens; decode tokens/s, time to first token."""
@@ -100,6 +104,7 @@ def latency(
         dataset=dataset,
         max_model_len=max_model_len,
         threads=threads,
+        compile=compile,
     )
 
 
@@ -131,6 +136,7 @@ def throughput(
     max_model_len: MaxLenOpt = None,
     dataset: DatasetOpt = workload.DEFAULT_DATASET,
     threads: ThreadsOpt = None,
+    compile: CompileOpt = False,
     output_json: JsonOpt = None,
 ) -> None:
     """Offline batch: --num-prompts requests of mixed lengths; output tokens/s, requests/s."""
@@ -155,6 +161,7 @@ def throughput(
         max_model_len=max_model_len,
         dataset=dataset,
         threads=threads,
+        compile=compile,
     )
 
 

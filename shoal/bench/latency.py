@@ -118,6 +118,7 @@ def run_latency(
     dataset: Path | None = workload.DEFAULT_DATASET,
     max_model_len: int | None = None,
     threads: int | None = None,
+    compile: bool = False,
     log=print,
 ) -> dict:
     """Run the benchmark and return its result (also what --output-json writes)."""
@@ -127,8 +128,10 @@ def run_latency(
     model = model or workload.default_model()
     load_before = workload.load_average()
     log(f"loading shoal engine: {model} ({dtype})")
-    engine = workload.build_engine(model, dtype, device, max_model_len=max_model_len)
-    engine.warm_up()
+    engine = workload.build_engine(model, dtype, device, max_model_len=max_model_len, compile=compile)
+    t_warm = time.perf_counter()
+    engine.warm_up()  # with compile: the torch.compile time is spent here, before anything is timed
+    warm_up_s = time.perf_counter() - t_warm
     vocab = engine.model_config.vocab_size
     source = workload.TokenSource.load(
         engine.tokenizer, vocab, dataset, input_len * (iters + warmup_iters) * 4
@@ -194,6 +197,8 @@ def run_latency(
             "warmup_iters": warmup_iters,
             "seed": seed,
             "prompt_source": source.description,
+            "compile": compile,
+            "shoal_warm_up_s": warm_up_s,
         },
         "machine": workload.machine_info(),
         "engine": engine.describe(),

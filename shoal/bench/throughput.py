@@ -155,6 +155,7 @@ def run_throughput(
     max_model_len: int | None = None,
     dataset: Path | None = workload.DEFAULT_DATASET,
     threads: int | None = None,
+    compile: bool = False,
     log=print,
 ) -> dict:
     """Run the benchmark and return its result (also what --output-json writes)."""
@@ -179,8 +180,11 @@ def run_throughput(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
+        compile=compile,
     )
-    engine.warm_up()
+    t_warm = time.perf_counter()
+    engine.warm_up()  # with compile: the torch.compile time is spent here, before anything is timed
+    warm_up_s = time.perf_counter() - t_warm
     vocab = engine.model_config.vocab_size
     source = workload.TokenSource.load(engine.tokenizer, vocab, dataset, num_prompts * (iters + 1) * hi_in)
     workloads = [
@@ -235,6 +239,8 @@ def run_throughput(
             "iters": iters,
             "seed": seed,
             "prompt_source": source.description,
+            "compile": compile,
+            "shoal_warm_up_s": warm_up_s,
             "prompt_tokens": sum(len(r.prompt_token_ids) for r in first),
             "output_tokens": sum(r.output_len for r in first),
         },

@@ -49,7 +49,9 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.model_path)
         self.eos_token_ids = self._eos_ids()
         num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, self.device, self.dtype, compile_decode=config.compile
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -375,8 +377,14 @@ class LLMEngine:
         return torch.cat(seq.captured_logits)[: len(token_ids)]
 
     def warm_up(self) -> None:
-        """One short request end to end, so the first real request does not pay for lazy initialization."""
-        self.generate(
-            [[self.eos_token_ids and min(self.eos_token_ids) or 0] * 4], SamplingParams(max_tokens=2)
-        )
+        """Short requests end to end, so the first real request does not pay for lazy initialization;
+        with compile on, one batch of decodes of unequal lengths and one single decode (the two shapes the
+        runner compiles: masked with a dynamic batch, and batch 1 unmasked)."""
+        token = min(self.eos_token_ids) if self.eos_token_ids else 0
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        self.generate([[token] * 4], params)
+        if self.config.compile:
+            t0 = time.monotonic()
+            self.generate([[token] * 4, [token] * 9, [token] * 6], params)
+            log.info("compiled the decode forward in %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0

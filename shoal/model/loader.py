@@ -105,7 +105,13 @@ def _hf_names(param: str) -> list[str]:
     return [prefix + param]
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int | None = None):
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None = None,
+    for_compile: bool = False,
+):
     """Build the Transformer on the meta device, then fill every parameter from the checkpoint."""
     cfg: ModelConfig = load_config(model_dir)
     with torch.device("meta"):
@@ -137,7 +143,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, max_po
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
     if packing_available(device, dtype):
-        pack_linears(model, available_ram())
+        pack_linears(model, available_ram(), keep_weights=for_compile)
     return model.eval(), cfg
 
 

@@ -20,6 +20,7 @@ import time
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,19 @@ def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: 
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, with_fp32: bool):
+    def __init__(self, linear: nn.Linear, with_fp32: bool, keep_weight: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _pack(linear.weight, 1)
         self.bias = linear.bias
+        # torch.compile traces F.linear over the plain weight (inductor packs it itself when freezing).
+        self.weight = linear.weight if keep_weight else None
         self.packed_fp32 = _pack(linear.weight.float(), FP32_MIN_ROWS) if with_fp32 else None
         self.bias_fp32 = linear.bias.float() if with_fp32 and linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed_fp32 is not None and x2.shape[0] >= FP32_MIN_ROWS:
@@ -91,8 +96,8 @@ class PackedLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module, available_ram: int | None = None) -> nn.Module:
-    """Replace every nn.Linear in model by a PackedLinear (in place)."""
+def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weights: bool = False) -> nn.Module:
+    """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile."""
     linears = [(m, n, c) for m in model.modules() for n, c in m.named_children() if type(c) is nn.Linear]
     fp32_bytes = sum(c.weight.numel() * 4 for _, _, c in linears)
     with_fp32 = (
@@ -105,5 +110,5 @@ def pack_linears(model: nn.Module, available_ram: int | None = None) -> nn.Modul
             "batched CPU matmuls run as fp32 GEMMs over the bf16 weights (%.0f MB copy)", fp32_bytes / 1e6
         )
     for module, name, child in linears:
-        setattr(module, name, PackedLinear(child, with_fp32))
+        setattr(module, name, PackedLinear(child, with_fp32, keep_weights))
     return model
