@@ -377,14 +377,11 @@ class LLMEngine:
         return torch.cat(seq.captured_logits)[: len(token_ids)]
 
     def warm_up(self) -> None:
-        """Short requests end to end, so the first real request does not pay for lazy initialization;
-        with compile on, one batch of decodes of unequal lengths and one single decode (the two shapes the
-        runner compiles: masked with a dynamic batch, and batch 1 unmasked)."""
+        """A short request end to end, so the first real request does not pay for lazy initialization
+        (with compile on, this is where the single-sequence decode forward gets compiled)."""
         token = min(self.eos_token_ids) if self.eos_token_ids else 0
-        params = SamplingParams(max_tokens=3, ignore_eos=True)
-        self.generate([[token] * 4], params)
+        t0 = time.monotonic()
+        self.generate([[token] * 4], SamplingParams(max_tokens=3, ignore_eos=True))
         if self.config.compile:
-            t0 = time.monotonic()
-            self.generate([[token] * 4, [token] * 9, [token] * 6], params)
-            log.info("compiled the decode forward in %.0f s", time.monotonic() - t0)
+            log.info("warm-up with the compiled decode forward took %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
