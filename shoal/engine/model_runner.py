@@ -58,8 +58,9 @@ class ModelRunner:
             * elem
         )
 
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions, for one block table [blocks] or a padded batch of them [b, blocks]."""
+        return block_tables[..., positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _metadata(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -71,12 +72,13 @@ class ModelRunner:
             flat_ids.extend(ids)
             flat_pos.extend(range(start, start + n))
             table_t = torch.tensor(table, dtype=torch.long)
-            slot_parts.append(self._slots(table_t, torch.arange(start, start + n)))
             if n == 1:
+                slot_parts.append(self._slots(table_t, torch.arange(start, start + 1)))
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                all_slots = self._slots(table_t, torch.arange(start + n))
+                all_slots = self._slots(table_t, torch.arange(start + n))  # context + chunk
+                slot_parts.append(all_slots[start:])
                 prefills.append(PrefillChunk(offset, offset + n, start, all_slots.to(dev)))
             offset += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(dev), prefills=prefills)
@@ -102,11 +104,9 @@ class ModelRunner:
         return groups
 
     def _decode_group(self, start: int, end: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
-        bs = self.block_size
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        pos = torch.arange(max(lens))
-        slots = padded[:, pos // bs] * bs + pos % bs
+        slots = self._slots(padded, torch.arange(max(lens)))
         lens_t = torch.tensor(lens, dtype=torch.long)
         return DecodeGroup(start, end, slots.to(self.device), lens_t.to(self.device), min(lens) == max(lens))
 
