@@ -14,23 +14,19 @@ from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.model.tokenizer import ChatTemplateError
 from shoal.server.errors import ERROR_RESPONSES, APIError
 from shoal.server.generation import (
-    ClientGone,
     EngineJob,
     Stream,
     StreamChunks,
-    collect,
-    engine_failure,
     merge,
+    run_jobs,
     sse,
-    start,
     stream_error_event,
-    unless_disconnected,
 )
 from shoal.server.logprobs import chat_logprobs
 from shoal.server.params import build_sampling_params, check_context_length, check_max_tokens
@@ -116,18 +112,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     logger.debug("%s: %d prompt tokens x n=%d, user=%s", request_id, len(prompt_ids), body.n, body.user)
     jobs = [EngineJob(request_id, prompt_ids, params)]
     created = int(time.time())
-    try:
-        if body.stream:
-            streams = await unless_disconnected(request, lambda: start(state.engine, state.metrics, jobs))
-            events = _stream(body, state, request_id, created, prompt_ids, streams)
-            return StreamingResponse(events, media_type="text/event-stream")
-        finals = await unless_disconnected(request, lambda: _run(state, jobs))
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; the engine request is aborted
-    except APIError:
-        raise
-    except Exception as e:  # EngineFailure, EngineDeadError, ...
-        raise engine_failure(e) from e
+    events = (
+        (lambda streams: _stream(body, state, request_id, created, prompt_ids, streams))
+        if body.stream
+        else None
+    )
+    finals = await run_jobs(request, state.engine, state.metrics, jobs, events)
+    if isinstance(finals, Response):
+        return finals
     out = finals[0]
     choices = [
         ChatChoice(
@@ -143,10 +135,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         id=request_id, created=created, model=state.model_name, choices=choices, usage=_usage(out)
     )
     return Response(response.model_dump_json(), media_type="application/json")
-
-
-async def _run(state: ServerState, jobs: list[EngineJob]) -> list[RequestOutput]:
-    return await collect(await start(state.engine, state.metrics, jobs))
 
 
 def _usage(out: RequestOutput) -> Usage:

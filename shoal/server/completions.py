@@ -18,21 +18,17 @@ from dataclasses import dataclass
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.server.errors import ERROR_RESPONSES, APIError
 from shoal.server.generation import (
-    ClientGone,
     EngineJob,
     StreamChunks,
-    collect,
-    engine_failure,
     merge,
+    run_jobs,
     sse,
-    start,
     stream_error_event,
-    unless_disconnected,
 )
 from shoal.server.logprobs import completion_logprobs, prompt_logprobs_extra
 from shoal.server.params import build_sampling_params, check_context_length, check_max_tokens, check_token_ids
@@ -191,18 +187,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     jobs = [EngineJob(f"{request_id}-{i}", p.ids, params) for i, p in enumerate(prompts)]
     builders = [_ChoiceBuilder(body, state, p, drop_generated=max_tokens == 0) for p in prompts]
     created = int(time.time())
-    try:
-        if body.stream:
-            streams = await unless_disconnected(request, lambda: start(state.engine, state.metrics, jobs))
-            events = _stream(body, state, request_id, created, prompts, builders, streams)
-            return StreamingResponse(events, media_type="text/event-stream")
-        finals = await unless_disconnected(request, lambda: _run(state, jobs))
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; the engine requests are aborted
-    except APIError:
-        raise
-    except Exception as e:  # EngineFailure, EngineDeadError, ...
-        raise engine_failure(e) from e
+    events = (
+        (lambda streams: _stream(body, state, request_id, created, prompts, builders, streams))
+        if body.stream
+        else None
+    )
+    finals = await run_jobs(request, state.engine, state.metrics, jobs, events)
+    if isinstance(finals, Response):
+        return finals
 
     def render() -> str:
         """Token strings for a batch of echoed prompts take a while: built off the event loop."""
@@ -218,10 +210,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return response.model_dump_json()
 
     return Response(await anyio.to_thread.run_sync(render), media_type="application/json")
-
-
-async def _run(state: ServerState, jobs: list[EngineJob]) -> list[RequestOutput]:
-    return await collect(await start(state.engine, state.metrics, jobs))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
@@ -267,3 +268,32 @@ def engine_failure(exc: BaseException) -> APIError:
     """A 500 in OpenAI's shape for an engine exception (logged)."""
     logger.error("engine failure: %r", exc, exc_info=exc)
     return APIError(f"engine failure: {exc}", 500, type=SERVER_ERROR)
+
+
+async def run_jobs(
+    request: Request,
+    engine: Any,
+    metrics: ServerMetrics,
+    jobs: list[EngineJob],
+    stream_events: Callable[[list[Stream]], AsyncIterator[str]] | None,
+) -> list[RequestOutput] | Response:
+    """The one way an endpoint runs its engine requests: with stream_events, answer with their SSE stream;
+    otherwise return the final snapshots. A client gone is a 499 (its requests aborted), an invalid request
+    stays an APIError, any other engine failure becomes a 500."""
+    try:
+        if stream_events is not None:
+            streams = await unless_disconnected(request, lambda: start(engine, metrics, jobs))
+            return StreamingResponse(stream_events(streams), media_type="text/event-stream")
+        return await unless_disconnected(request, lambda: _start_and_collect(engine, metrics, jobs))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the engine requests are aborted
+    except APIError:
+        raise
+    except Exception as e:  # EngineFailure, EngineDeadError, ...
+        raise engine_failure(e) from e
+
+
+async def _start_and_collect(
+    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob]
+) -> list[RequestOutput]:
+    return await collect(await start(engine, metrics, jobs))
