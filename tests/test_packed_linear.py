@@ -11,7 +11,8 @@ from shoal.model.packed_linear import FP32_MIN_ROWS, PackedLinear, pack_linears,
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(
-        not packing_available(torch.device("cpu"), torch.bfloat16), reason="no oneDNN linear on this build"
+        not packing_available(torch.device("cpu"), torch.bfloat16),
+        reason="oneDNN bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT",
     ),
 ]
 

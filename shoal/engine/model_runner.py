@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.kernels import paged_attention as native
 from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from shoal.model.transformer import Transformer
 
@@ -39,6 +40,8 @@ class ModelRunner:
         self.compiled = _compile(model) if compile_decode else None
         self.device = device
         self.block_size = block_size
+        # Paged decode attention in place (CPU kernel) when it builds here, else gather + SDPA.
+        self.native_decode = native.supported(device, dtype)
         cfg = model.config
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
@@ -91,7 +94,10 @@ class ModelRunner:
         return ids_t, pos_t, meta
 
     def _decode_groups(self, lens: list[int]) -> list[tuple[int, int]]:
-        """Split decodes (sorted by context length by the engine) into runs of similar length."""
+        """Split decodes (sorted by context length by the engine) into runs of similar length; the native
+        kernel pays nothing for mixed lengths, so there they form one group."""
+        if self.native_decode:
+            return [(0, len(lens))] if lens else []
         groups, start = [], 0
         for i in range(1, len(lens) + 1):
             if (
@@ -104,11 +110,21 @@ class ModelRunner:
         return groups
 
     def _decode_group(self, start: int, end: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        slots = self._slots(padded, torch.arange(max(lens)))
-        lens_t = torch.tensor(lens, dtype=torch.long)
-        return DecodeGroup(start, end, slots.to(self.device), lens_t.to(self.device), min(lens) == max(lens))
+        # At least 2 columns: torch.compile specializes a size-1 dimension, so a one-block context at
+        # warm-up would otherwise force a recompile at the second block (the padding is never read).
+        width = max(2, *(len(t) for t in tables))
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        same = min(lens) == max(lens)
+        if self.native_decode:
+            tables_t = torch.tensor(padded, dtype=torch.int32)
+            torch._dynamo.maybe_mark_dynamic(tables_t, 1)
+            lens_t = torch.tensor(lens, dtype=torch.int32)
+            return DecodeGroup(
+                start, end, lens_t, block_tables=tables_t, block_size=self.block_size, same_length=same
+            )
+        slots = self._slots(torch.tensor(padded, dtype=torch.long), torch.arange(max(lens)))
+        lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
+        return DecodeGroup(start, end, lens_t, slots=slots.to(self.device), same_length=same)
 
     @torch.inference_mode()
     def run(self, inp: StepInput) -> list[torch.Tensor]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from shoal.kernels import paged_attention as native
+
 
 @dataclass
 class PrefillChunk:
@@ -24,16 +26,20 @@ class PrefillChunk:
 
 @dataclass
 class DecodeGroup:
-    """Single-token queries of sequences with similar context lengths, attended in one batched call.
+    """Single-token queries attended in one call, in one of two ways.
 
-    Decodes are grouped by context length so that padding every sequence to the group's longest context
-    (the gather copies those bytes in every layer) stays small.
+    - Native kernel (CPU, `block_tables` set): reads each sequence's blocks in place, so all decodes of a
+      step form one group whatever their lengths.
+    - Gather (`slots` set): copies each sequence's context into a padded dense tensor for SDPA. Decodes are
+      grouped by context length so that the padding (the gather copies those bytes in every layer) stays small.
     """
 
     start: int  # first token of the group in the flat batch
     end: int
-    slots: torch.Tensor  # [b, Lmax] cache slots per sequence (padded)
-    context_lens: torch.Tensor  # [b] keys per sequence (incl. the new token)
+    context_lens: torch.Tensor  # [b] keys per sequence (incl. the new token); int32 for the kernel
+    slots: torch.Tensor | None = None  # [b, Lmax] cache slots per sequence (padded)
+    block_tables: torch.Tensor | None = None  # [b, W] int32 block ids per sequence (padded)
+    block_size: int = 0
     same_length: bool = False  # every sequence has Lmax keys: no padding to mask
 
 
@@ -91,8 +97,19 @@ def _decode_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """Decode group i: one query per sequence against its gathered context, [b, H, D]."""
+    """Decode group i: one query per sequence against its context, [b, H, D]."""
     group = meta.decodes[i]
+    if group.block_tables is not None:
+        return native.paged_decode_attention(
+            q[group.start : group.end],
+            k_cache,
+            v_cache,
+            group.block_tables,
+            group.context_lens,
+            group.block_size,
+            window,
+            scale,
+        )
     keys = _gather(k_cache, group.slots).transpose(1, 2)  # [b, Hkv, L, D]
     values = _gather(v_cache, group.slots).transpose(1, 2)
     qg = q[group.start : group.end].unsqueeze(2)  # [b, H, 1, D]

@@ -29,12 +29,21 @@ FP32_COPY_MAX_SHARE_OF_RAM = 0.15
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16_supported()
+
+
+@lru_cache
+def onednn_bf16_supported() -> bool:
+    """oneDNN's bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; on a plain AVX2 CPU the reorder
+    raises, so try it once on a tiny weight rather than parse CPU flags."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        _pack(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+    except RuntimeError as exc:
+        log.info("oneDNN bf16 linears unavailable on this CPU: %s", exc)
+        return False
+    return True
 
 
 def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Native CPU kernels: small C files built on first use with the system C compiler and called through ctypes.
+
+Why not torch.utils.cpp_extension: compiling against torch's C++ headers takes about a minute on two cores,
+while these kernels take raw pointers and build in about a second. The build is cached per source, flags,
+compiler and CPU, so it happens once per machine. Every kernel has a pure-PyTorch fallback, taken where no
+C compiler is found or where SHOAL_NATIVE_KERNELS=0 says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp first, so the kernels' OpenMP shares torch's threads)
+
+log = logging.getLogger(__name__)
+SOURCE_DIR = Path(__file__).parent
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lmvec", "-lm"]  # glibc's vector math: vectorized expf in the softmax
+
+
+def enabled() -> bool:
+    return os.environ.get("SHOAL_NATIVE_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SHOAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shoal"
+    )
+    return Path(root) / "kernels"
+
+
+def _build_key(source: bytes, cc: str) -> str:
+    """Whatever changes the machine code: the source, flags, compiler version and the CPU (-march=native)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        cpu = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        cpu = ""
+    parts = [source, " ".join(FLAGS + LIBS).encode(), version.encode(), cpu.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _compile(source: Path, target: Path, cc: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, str(source), "-o", tmp, *LIBS]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library for SOURCE_DIR/<name>.c, building it if needed; None where it cannot be had
+    (the caller then takes its PyTorch path). A failed build is logged once, with the compiler's message."""
+    if not enabled():
+        return None
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        log.warning("no C compiler (%s) found: native kernels off, using the PyTorch paths", cc)
+        return None
+    source = SOURCE_DIR / f"{name}.c"
+    target = cache_dir() / f"{name}-{_build_key(source.read_bytes(), cc)}.so"
+    try:
+        if not target.exists():
+            log.info("building native kernel %s -> %s", source.name, target)
+            _compile(source, target, cc)
+        return ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as exc:
+        log.warning("native kernel %s unavailable, using the PyTorch path: %s", name, exc)
+        return None
