@@ -51,7 +51,7 @@ def _reference(q, k_cache, v_cache, tables, lens, block_size, window, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"),
-    [(9, 3, 64), (8, 8, 128), (4, 1, 32)],  # SmolLM2's GQA, MHA at 128, the generic (unspecialized) dim
+    [(9, 3, 64), (8, 8, 128), (4, 1, 40)],  # SmolLM2's GQA, MHA at 128, a generic (unspecialized) dim
 )
 @pytest.mark.parametrize("window", [None, 20])
 def test_kernel_matches_reference(dtype, heads, kv_heads, dim, window) -> None:

@@ -1,59 +1,93 @@
-"""The CPU bf16 linear swap (oneDNN pre-packed weights, fp32 route for big batches) computes the same
-matmul as torch's bf16 linear."""
+"""The CPU linear swap (oneDNN pre-packed weights for small batches, a big-batch route for prompt chunks)
+computes the same matmul as torch's linear, in float32 and (where the CPU has it) bfloat16."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.model.packed_linear import FP32_MIN_ROWS, PackedLinear, pack_linears, packing_available
+from shoal.model.packed_linear import BIG_BATCH_ROWS, PackedLinear, pack_linears, packing_available
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not packing_available(torch.device("cpu"), torch.bfloat16),
-        reason="oneDNN bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT",
-    ),
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.timeout(60)
+needs_bf16 = pytest.mark.skipif(
+    not packing_available(CPU, torch.bfloat16),
+    reason="oneDNN bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT",
+)
+needs_fp32 = pytest.mark.skipif(
+    not packing_available(CPU, torch.float32), reason="torch built without oneDNN"
+)
+ROUTES = [
+    pytest.param(torch.float32, None, marks=needs_fp32),
+    pytest.param(torch.float32, "plain", marks=needs_fp32),
+    pytest.param(torch.bfloat16, None, marks=needs_bf16),
+    pytest.param(torch.bfloat16, "fp32", marks=needs_bf16),
 ]
 
 
-@pytest.mark.parametrize("with_fp32", [False, True])
-@pytest.mark.parametrize("rows", [1, 7, FP32_MIN_ROWS, 300])
-def test_packed_linear_matches_torch(rows: int, with_fp32: bool) -> None:
+@pytest.mark.parametrize(("dtype", "big_route"), ROUTES)
+@pytest.mark.parametrize("rows", [1, 7, BIG_BATCH_ROWS, 300])
+def test_packed_linear_matches_torch(dtype, big_route, rows: int) -> None:
     torch.manual_seed(rows)
-    linear = nn.Linear(192, 320, bias=True).to(torch.bfloat16)
-    x = torch.randn(rows, 192, dtype=torch.bfloat16)
-    packed = PackedLinear(linear, with_fp32)
-    got = packed(x)
-    # Reference: exact fp32 matmul of the bf16 values, rounded once to bf16 (what a bf16 GEMM approximates).
-    exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 320)
-    rounding = exact.abs() * 2**-8 + 1e-3  # one bf16 rounding of the result, plus summation-order slack
-    assert ((got.float() - exact).abs() <= rounding).all()
-    torch_bf16 = F.linear(x, linear.weight, linear.bias).float()
-    assert (got.float() - torch_bf16).abs().max() <= (torch_bf16.abs().max() * 2**-7)
+    linear = nn.Linear(192, 320, bias=True).to(dtype)
+    x = torch.randn(rows, 192, dtype=dtype)
+    got = PackedLinear(linear, big_route)(x)
+    assert got.dtype == dtype and got.shape == (rows, 320)
+    # Reference: the exact matmul of the same values; a bf16 GEMM rounds its result once to bf16.
+    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    rounding = exact.abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6) + 1e-5  # plus summation order
+    assert ((got.double() - exact).abs() <= rounding).all()
+    theirs = F.linear(x, linear.weight, linear.bias).double()
+    assert (got.double() - theirs).abs().max() <= theirs.abs().max() * (
+        2**-7 if dtype == torch.bfloat16 else 1e-6
+    )
 
 
-def test_pack_linears_swaps_every_linear_and_keeps_shapes() -> None:
-    model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 8)).to(torch.bfloat16)
-    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, marks=needs_fp32), pytest.param(torch.bfloat16, marks=needs_bf16)]
+)
+def test_pack_linears_swaps_every_linear_and_keeps_shapes(dtype) -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 8)).to(dtype)
+    x = torch.randn(3, 5, 16, dtype=dtype)
     before = model(x)
     pack_linears(model, available_ram=None)
     assert all(type(m) is not nn.Linear for m in model.modules())
     after = model(x)
     assert after.shape == before.shape
-    assert (after.float() - before.float()).abs().max() < 0.05
+    assert (after.float() - before.float()).abs().max() < (0.05 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_fp32
+def test_float32_big_batches_keep_the_plain_weight_only_when_ram_allows() -> None:
+    linear = nn.Linear(64, 64)
+
+    def packed(ram: int | None) -> PackedLinear:
+        return pack_linears(nn.Sequential(copy.deepcopy(linear)), available_ram=ram)[0]
+
+    roomy, tight = packed(1 << 34), packed(64 * 64 * 4)  # tight: the copy would not be small next to RAM
+    assert roomy.big_route == "plain" and roomy.weight is not None
+    assert tight.big_route is None and tight.weight is None
+    x = torch.randn(BIG_BATCH_ROWS + 1, 64)
+    want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    for route in (roomy, tight):
+        assert (route(x).double() - want).abs().max() < 1e-5
 
 
 @pytest.mark.timeout(120)
-def test_smollm2_bfloat16_chat_answer(smollm2_dir) -> None:
-    """The default model in its served dtype (bf16, packed linears) gives the reference chat answer."""
+@pytest.mark.parametrize(
+    "dtype", [pytest.param("float32", marks=needs_fp32), pytest.param("bfloat16", marks=needs_bf16)]
+)
+def test_smollm2_chat_answer(smollm2_dir, dtype) -> None:
+    """The default model with packed linears gives the reference chat answer (float32 is what --dtype auto
+    picks on CPUs without fast bf16)."""
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
     from shoal.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), dtype="bfloat16", kv_cache_memory=64 << 20))
-    assert engine.dtype == torch.bfloat16
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), dtype=dtype, kv_cache_memory=128 << 20))
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
     tok = engine.tokenizer
     question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     ids = tok.encode(tok.apply_chat_template(question), add_special_tokens=False)
