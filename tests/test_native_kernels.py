@@ -1,5 +1,5 @@
-"""The native paged decode-attention kernel computes what the gather + SDPA path computes, and shoal falls
-back to PyTorch where it cannot be built."""
+"""The native kernels (paged decode attention, float32 gemv) compute what the PyTorch paths compute, and
+shoal falls back to PyTorch where they cannot be built."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from tiny_models import make_engine
 
 from shoal import kernels
 from shoal.engine.sampling_params import SamplingParams
+from shoal.kernels import gemv
 from shoal.kernels import paged_attention as native
 
 pytestmark = pytest.mark.timeout(120)
@@ -135,3 +136,29 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path) -> None:
         assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
     finally:
         kernels.load.cache_clear()
+
+
+@pytest.mark.skipif(not gemv.supported(torch.zeros(1, 1)), reason="no C compiler: native kernels off")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize(("n", "k"), [(320, 192), (7, 37)])  # 37: the tail past the 16-wide loop
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_matches_reference(rows, n, k, with_bias) -> None:
+    g = torch.Generator().manual_seed(rows * n + k)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    got = gemv.gemv(x, w, bias)
+    want = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # fp32 summation of k products: rounding grows like sqrt(k) * |x||w| * 2^-24
+    bound = (x.double().abs() @ w.double().abs().T) * k**0.5 * 2**-23 + 1e-6
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.skipif(not gemv.supported(torch.zeros(1, 1)), reason="no C compiler: native kernels off")
+def test_gemv_rejects_what_it_does_not_serve() -> None:
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="gemv"):
+        gemv.gemv(torch.randn(gemv.MAX_ROWS + 1, 16), w)
+    with pytest.raises(ValueError, match="gemv"):
+        gemv.gemv(torch.randn(1, 16).bfloat16(), w.bfloat16())
+    assert not gemv.supported(w.bfloat16()) and not gemv.supported(w.t())

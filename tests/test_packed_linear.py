@@ -19,21 +19,21 @@ needs_bf16 = pytest.mark.skipif(
 needs_fp32 = pytest.mark.skipif(
     not packing_available(CPU, torch.float32), reason="torch built without oneDNN"
 )
-ROUTES = [
-    pytest.param(torch.float32, None, marks=needs_fp32),
-    pytest.param(torch.float32, "plain", marks=needs_fp32),
-    pytest.param(torch.bfloat16, None, marks=needs_bf16),
-    pytest.param(torch.bfloat16, "fp32", marks=needs_bf16),
+ROUTES = [  # (dtype, oneDNN copy, big-batch route, keep the plain weight) as pack_linears makes them
+    pytest.param(torch.float32, True, "plain", True, marks=needs_fp32),
+    pytest.param(torch.float32, False, "plain", True, marks=needs_fp32),  # no room for the oneDNN copy
+    pytest.param(torch.bfloat16, True, None, False, marks=needs_bf16),
+    pytest.param(torch.bfloat16, True, "fp32", False, marks=needs_bf16),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "big_route"), ROUTES)
-@pytest.mark.parametrize("rows", [1, 7, BIG_BATCH_ROWS, 300])
-def test_packed_linear_matches_torch(dtype, big_route, rows: int) -> None:
+@pytest.mark.parametrize(("dtype", "packed", "big_route", "keep_weight"), ROUTES)
+@pytest.mark.parametrize("rows", [1, 3, 7, BIG_BATCH_ROWS, 300])  # gemv, gemv, packed, big, big
+def test_packed_linear_matches_torch(dtype, packed, big_route, keep_weight, rows: int) -> None:
     torch.manual_seed(rows)
     linear = nn.Linear(192, 320, bias=True).to(dtype)
     x = torch.randn(rows, 192, dtype=dtype)
-    got = PackedLinear(linear, big_route)(x)
+    got = PackedLinear(linear, packed, big_route, keep_weight)(x)
     assert got.dtype == dtype and got.shape == (rows, 320)
     # Reference: the exact matmul of the same values; a bf16 GEMM rounds its result once to bf16.
     exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
@@ -60,19 +60,20 @@ def test_pack_linears_swaps_every_linear_and_keeps_shapes(dtype) -> None:
 
 
 @needs_fp32
-def test_float32_big_batches_keep_the_plain_weight_only_when_ram_allows() -> None:
+def test_float32_keeps_the_plain_weight_and_packs_only_when_ram_allows() -> None:
     linear = nn.Linear(64, 64)
 
-    def packed(ram: int | None) -> PackedLinear:
+    def swapped(ram: int | None) -> PackedLinear:
         return pack_linears(nn.Sequential(copy.deepcopy(linear)), available_ram=ram)[0]
 
-    roomy, tight = packed(1 << 34), packed(64 * 64 * 4)  # tight: the copy would not be small next to RAM
-    assert roomy.big_route == "plain" and roomy.weight is not None
-    assert tight.big_route is None and tight.weight is None
-    x = torch.randn(BIG_BATCH_ROWS + 1, 64)
-    want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
-    for route in (roomy, tight):
-        assert (route(x).double() - want).abs().max() < 1e-5
+    roomy, tight = swapped(1 << 34), swapped(64 * 64 * 4)  # tight: the copy would not be small next to RAM
+    assert roomy.packed is not None and tight.packed is None
+    assert roomy.weight is not None and tight.weight is not None and roomy.big_route == "plain"
+    for rows in (1, 7, BIG_BATCH_ROWS + 1):
+        x = torch.randn(rows, 64)
+        want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+        for route in (roomy, tight):
+            assert (route(x).double() - want).abs().max() < 1e-5
 
 
 @pytest.mark.timeout(120)

@@ -12,6 +12,8 @@ Measured facts about torch's CPU matmuls that this module exists for:
     summation order.
   - fp32: MKL's GEMM through F.linear is 5-15% faster than oneDNN's packed one at 512 rows, so the plain
     weight is kept for big batches.
+- For 1-4 rows in fp32 both stream the weight at about 11 GB/s on that EPYC (memory gives 29 GB/s), so
+  those run on shoal's own matrix-vector kernel (shoal/kernels/gemv.c, about 24 GB/s).
 Either way the big-batch copy costs weight memory, so it is made only when small next to free RAM.
 oneDNN's bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; bf16 models elsewhere keep torch's linears.
 Like gpt-fast's quantizers, this is a transformation that swaps nn.Linear modules, not a flag in the model.
@@ -26,6 +28,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shoal.kernels import gemv
 
 log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
@@ -93,28 +97,34 @@ def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: 
 
 
 class PackedLinear(nn.Module):
-    """A linear whose small batches run on a oneDNN pre-packed weight, and big ones (BIG_BATCH_ROWS or more)
-    on the big-batch route chosen by pack_linears: "fp32" (bf16 weights as an fp32 GEMM), "plain" (torch's
-    own linear on the original weight) or None (the packed weight for every batch)."""
+    """A linear that routes each call by its number of rows:
+    - up to gemv.MAX_ROWS, float32: the native matrix-vector kernel over the plain weight (decode);
+    - below BIG_BATCH_ROWS: the oneDNN pre-packed weight, where one was made;
+    - otherwise the big-batch route: "fp32" (bf16 weights as an fp32 GEMM) or "plain" (torch's own linear).
+    """
 
-    def __init__(self, linear: nn.Linear, big_route: str | None, keep_weight: bool = False):
+    def __init__(self, linear: nn.Linear, packed: bool, big_route: str | None, keep_weight: bool):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = _pack(linear.weight, 1)
         self.bias = linear.bias
         # torch.compile traces F.linear over the plain weight (inductor packs it itself when freezing).
-        self.weight = linear.weight if keep_weight or big_route == "plain" else None
+        self.weight = linear.weight if keep_weight else None
+        self.packed = _pack(linear.weight, 1) if packed else None
         self.big_route = big_route
         with_fp32 = big_route == "fp32"
         self.packed_fp32 = _pack(linear.weight.float(), BIG_BATCH_ROWS) if with_fp32 else None
         self.bias_fp32 = linear.bias.float() if with_fp32 and linear.bias is not None else None
+        self.use_gemv = self.weight is not None and gemv.supported(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.big_route is None or x2.shape[0] < BIG_BATCH_ROWS:
+        rows = x2.shape[0]
+        if self.use_gemv and rows <= gemv.MAX_ROWS:
+            out = gemv.gemv(x2, self.weight, self.bias)
+        elif torch.compiler.is_compiling() and self.weight is not None:
+            out = F.linear(x2, self.weight, self.bias)
+        elif self.packed is not None and (self.big_route is None or rows < BIG_BATCH_ROWS):
             out = _linear(x2, self.packed, self.bias)
         elif self.big_route == "fp32":
             out = _linear(x2.float(), self.packed_fp32, self.bias_fp32).to(x.dtype)
@@ -123,27 +133,29 @@ class PackedLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-def _big_batch_route(dtype: torch.dtype, weight_bytes_fp32: int, available_ram: int | None) -> str | None:
-    """Which big-batch route pays for its memory here (see the module docstring)."""
-    if available_ram is None or weight_bytes_fp32 >= COPY_MAX_SHARE_OF_RAM * available_ram:
-        return None
-    if dtype == torch.float32:
-        return "plain"
-    return "fp32" if fp32_gemm_is_faster() else None
+def _copy_fits(weight_bytes_fp32: int, available_ram: int | None) -> bool:
+    return available_ram is not None and weight_bytes_fp32 < COPY_MAX_SHARE_OF_RAM * available_ram
 
 
 def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weights: bool = False) -> nn.Module:
-    """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile."""
+    """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile.
+
+    float32: the plain weight stays (gemv for decode, MKL for prompt chunks) and the oneDNN copy for
+    mid-size batches is made if it fits in RAM. bfloat16: the packed weight replaces the plain one, and an
+    fp32 copy for big batches is made if it fits and is measured faster (see the module docstring)."""
     linears = [(m, n, c) for m in model.modules() for n, c in m.named_children() if type(c) is nn.Linear]
     if not linears:
         return model
-    dtype = linears[0][2].weight.dtype
     fp32_bytes = sum(c.weight.numel() * 4 for _, _, c in linears)
-    big_route = _big_batch_route(dtype, fp32_bytes, available_ram)
+    fits = _copy_fits(fp32_bytes, available_ram)
+    if linears[0][2].weight.dtype == torch.float32:
+        packed, big_route, keep = fits, "plain", True
+    else:
+        packed, big_route, keep = True, "fp32" if fits and fp32_gemm_is_faster() else None, keep_weights
     if big_route == "fp32":
         log.info(
             "batched CPU matmuls run as fp32 GEMMs over the bf16 weights (%.0f MB copy)", fp32_bytes / 1e6
         )
     for module, name, child in linears:
-        setattr(module, name, PackedLinear(child, big_route, keep_weights))
+        setattr(module, name, PackedLinear(child, packed, big_route, keep))
     return model
