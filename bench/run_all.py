@@ -1,7 +1,7 @@
 """Run both benchmarks with their defaults, write bench/results/{latency,throughput}.json, print a markdown
 snippet for docs/benchmarks.md.
 
-    python bench/run_all.py [--model DIR] [--dtype bfloat16] [--skip-hf] [--hf-batch-size 16]
+    python bench/run_all.py [--model DIR] [--dtype auto] [--skip-hf] [--hf-batch-size 16]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=None, help="default: $SHOAL_MODEL or models/SmolLM2-135M-Instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-hf", action="store_true", help="shoal only")
     parser.add_argument("--hf-batch-size", type=int, default=16)

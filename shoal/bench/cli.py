@@ -32,7 +32,9 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        help="float32, bfloat16 or auto (the checkpoint's 16-bit dtype where the CPU runs it fast)."
+        help="auto, float32 or bfloat16, for both sides. auto: the checkpoint's 16-bit dtype where the "
+        "hardware runs it fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32 (on an AVX2-only CPU, torch's "
+        "bf16 matmuls run about 10x slower than fp32)."
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda (both sides).")]
@@ -71,7 +73,7 @@ def _run(fn, printer, output_json: Path | None, **kwargs) -> None:
 @bench_app.command()
 def latency(
     model: ModelOpt = None,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     input_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 32,
     output_len: Annotated[int, typer.Option(help="New tokens per run (EOS ignored).")] = 128,
@@ -111,7 +113,7 @@ def latency(
 @bench_app.command()
 def throughput(
     model: ModelOpt = None,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     num_prompts: Annotated[int, typer.Option(help="Requests in the batch.")] = 64,
     min_input_len: Annotated[int, typer.Option(help="Shortest prompt (tokens; lengths uniform).")] = 64,

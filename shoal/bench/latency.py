@@ -107,7 +107,7 @@ def _side(runs: list[Run]) -> dict:
 
 def run_latency(
     model: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "auto",
     input_len: int = 32,
     output_len: int = 128,

@@ -141,7 +141,7 @@ def _median_side(runs: list[dict]) -> dict | None:
 
 def run_throughput(
     model: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "auto",
     num_prompts: int = 64,
     input_len_range: tuple[int, int] = (64, 512),
