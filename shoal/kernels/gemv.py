@@ -62,9 +62,8 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return out
 
 
-@torch.library.custom_op("shoal::gemv", mutates_args=())
-def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _run(x, weight, bias)
+# The same function as a custom op (schema from _run's annotations), for torch.compile.
+_op = torch.library.custom_op("shoal::gemv", mutates_args=())(_run)
 
 
 @_op.register_fake

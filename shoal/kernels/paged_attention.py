@@ -75,18 +75,8 @@ def _run(
     return out
 
 
-@torch.library.custom_op("shoal::paged_decode_attention", mutates_args=())
-def _op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_size: int,
-    window: int,
-    scale: float,
-) -> torch.Tensor:
-    return _run(q, k_cache, v_cache, block_tables, context_lens, block_size, window, scale)
+# The same function as a custom op (schema from _run's annotations), for torch.compile.
+_op = torch.library.custom_op("shoal::paged_decode_attention", mutates_args=())(_run)
 
 
 @_op.register_fake

@@ -64,12 +64,22 @@ static inline void store_row(void *base, int64_t row, int D, int bf16, const flo
 /* Ask for the row of position pos + PREFETCH_AHEAD while working on pos: blocks sit anywhere in the cache,
  * so the hardware prefetcher loses the stream at every block boundary. */
 #define PREFETCH_AHEAD 8
+static inline int64_t slot_of(const int32_t *table, int pos, int block_size) {
+    return (int64_t)table[pos / block_size] * block_size + pos % block_size;
+}
+
 static inline void prefetch_row(const void *cache, const int32_t *table, int pos, int end, int block_size,
                                 int row_bytes) {
     if (pos >= end) return;
-    const char *p = (const char *)cache +
-                    ((int64_t)table[pos / block_size] * block_size + pos % block_size) * (int64_t)row_bytes;
+    const char *p = (const char *)cache + slot_of(table, pos, block_size) * (int64_t)row_bytes;
     for (int off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+/* Row pos of a cache (all kv heads of one slot) as floats; asks for the row PREFETCH_AHEAD further on. */
+static inline void load_slot(const void *cache, const int32_t *table, int pos, int end, int block_size,
+                             int row_elems, int bf16, float *row) {
+    prefetch_row(cache, table, pos + PREFETCH_AHEAD, end, block_size, row_elems * (bf16 ? 2 : 4));
+    load_row(cache, slot_of(table, pos, block_size), row_elems, bf16, row);
 }
 
 /* One sequence: its H query heads against keys j0 .. j0 + n - 1. A slot holds the keys of all kv heads
@@ -80,17 +90,14 @@ static inline __attribute__((always_inline)) void attend(
     const void *q, const void *k_cache, const void *v_cache, const int32_t *table, void *out, int64_t q_row0,
     int H, int Hkv, int D, int block_size, int j0, int n, float scale, int bf16, float *qf, float *acc,
     float *row, float *scores) {
-    const int G = H / Hkv, row_bytes = Hkv * D * (bf16 ? 2 : 4);
+    const int G = H / Hkv;
     for (int h = 0; h < H; h++) {
         load_row(q, q_row0 + h, D, bf16, qf + h * D);
 #pragma omp simd
         for (int d = 0; d < D; d++) qf[h * D + d] *= scale;
     }
     for (int j = 0; j < n; j++) {
-        int pos = j0 + j;
-        int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
-        prefetch_row(k_cache, table, pos + PREFETCH_AHEAD, j0 + n, block_size, row_bytes);
-        load_row(k_cache, slot, Hkv * D, bf16, row);
+        load_slot(k_cache, table, j0 + j, j0 + n, block_size, Hkv * D, bf16, row);
         for (int h = 0; h < H; h++) {
             const float *qh = qf + h * D, *kh = row + (h / G) * D;
             float dot = 0.0f;
@@ -113,10 +120,7 @@ static inline __attribute__((always_inline)) void attend(
     }
     memset(acc, 0, (size_t)H * D * sizeof(float));
     for (int j = 0; j < n; j++) {
-        int pos = j0 + j;
-        int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
-        prefetch_row(v_cache, table, pos + PREFETCH_AHEAD, j0 + n, block_size, row_bytes);
-        load_row(v_cache, slot, Hkv * D, bf16, row);
+        load_slot(v_cache, table, j0 + j, j0 + n, block_size, Hkv * D, bf16, row);
         for (int h = 0; h < H; h++) {
             float p = scores[h * n + j], *ah = acc + h * D;
             const float *vh = row + (h / G) * D;
