@@ -34,6 +34,7 @@ from shoal.kernels import gemv
 log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
 COPY_MAX_SHARE_OF_RAM = 0.15
+PACK_ROWS_HINT = 32
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -109,12 +110,15 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         # torch.compile traces F.linear over the plain weight (inductor packs it itself when freezing).
         self.weight = linear.weight if keep_weight else None
-        self.packed = _pack(linear.weight, 1) if packed else None
+        self.use_gemv = self.weight is not None and gemv.supported(self.weight)
+        # oneDNN lays the weight out for the batch size it is told: 1 where it serves decode, else the
+        # middle of its range (fp32, 5-47 rows: 10-35% faster than packed for 1, measured at 8 and 32 rows).
+        hint = PACK_ROWS_HINT if self.use_gemv else 1
+        self.packed = _pack(linear.weight, hint) if packed else None
         self.big_route = big_route
         with_fp32 = big_route == "fp32"
         self.packed_fp32 = _pack(linear.weight.float(), BIG_BATCH_ROWS) if with_fp32 else None
         self.bias_fp32 = linear.bias.float() if with_fp32 and linear.bias is not None else None
-        self.use_gemv = self.weight is not None and gemv.supported(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
