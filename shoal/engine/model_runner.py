@@ -117,7 +117,8 @@ class ModelRunner:
         same = min(lens) == max(lens)
         if self.native_decode:
             tables_t = torch.tensor(padded, dtype=torch.int32)
-            torch._dynamo.maybe_mark_dynamic(tables_t, 1)
+            if self.compiled is not None:  # the width grows with the context: one graph for all widths
+                torch._dynamo.maybe_mark_dynamic(tables_t, 1)
             lens_t = torch.tensor(lens, dtype=torch.int32)
             return DecodeGroup(
                 start, end, lens_t, block_tables=tables_t, block_size=self.block_size, same_length=same

@@ -2,7 +2,8 @@
 
 The runner describes one engine step in `AttentionMetadata`: the batch's tokens are laid out flat,
 decode tokens first (one per sequence), then each prefill chunk. Every layer writes its new K/V into
-the cache slots of `slot_mapping`, then attends: all decodes in one batched call over gathered slots,
+the cache slots of `slot_mapping`, then attends: the decodes in batched calls (on CPU one call of shoal's
+kernel that reads the blocks in place, elsewhere SDPA over gathered slots in groups of similar length),
 each prefill chunk in its own call (a fresh prompt without cached prefix uses the causal kernel directly).
 """
 
