@@ -85,3 +85,16 @@ def load(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         log.warning("native kernel %s unavailable, using the PyTorch path: %s", name, exc)
         return None
+
+
+@lru_cache
+def function(name: str, symbol: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
+    """The C function `symbol` (returning void) of kernel `name`, with its argument types set once; None
+    where the kernel cannot be had."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.restype = None
+    fn.argtypes = list(argtypes)
+    return fn

@@ -16,14 +16,11 @@ from shoal import kernels
 MAX_ROWS = 4  # as in gemv.c: beyond a few rows the matmul is no longer bound by reading the weight
 
 
-def _library() -> ctypes.CDLL | None:
-    lib = kernels.load("gemv")
-    if lib is not None and not getattr(lib, "_shoal_typed", False):
-        fn = lib.shoal_gemv_f32
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
-        lib._shoal_typed = True
-    return lib
+_ARGTYPES = (ctypes.c_void_p,) * 4 + (ctypes.c_int,) * 4  # x, w, bias, y; M, N, K, threads
+
+
+def _kernel():
+    return kernels.function("gemv", "shoal_gemv_f32", _ARGTYPES)
 
 
 def supported(weight: torch.Tensor) -> bool:
@@ -31,7 +28,7 @@ def supported(weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and weight.is_contiguous()
-        and _library() is not None
+        and _kernel() is not None
     )
 
 
@@ -49,7 +46,7 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype)
-    _library().shoal_gemv_f32(
+    _kernel()(
         x.data_ptr(),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),

@@ -16,20 +16,16 @@ from shoal import kernels
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _library() -> ctypes.CDLL | None:
-    lib = kernels.load("paged_decode_attention")
-    if lib is not None and not getattr(lib, "_shoal_typed", False):
-        fn = lib.shoal_paged_decode_attention
-        fn.restype = None
-        fn.argtypes = (
-            [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        )
-        lib._shoal_typed = True
-    return lib
+# q, k_cache, v_cache, tables, lens, out; B, H, Hkv, D, W, block_size, window; scale; bf16, threads
+_ARGTYPES = (ctypes.c_void_p,) * 6 + (ctypes.c_int,) * 7 + (ctypes.c_float, ctypes.c_int, ctypes.c_int)
+
+
+def _kernel():
+    return kernels.function("paged_decode_attention", "shoal_paged_decode_attention", _ARGTYPES)
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in _DTYPES and _library() is not None
+    return device.type == "cpu" and dtype in _DTYPES and _kernel() is not None
 
 
 def _run(
@@ -54,7 +50,7 @@ def _run(
     q = q.contiguous()
     out = torch.empty_like(q)
     b, h, d = q.shape
-    _library().shoal_paged_decode_attention(
+    _kernel()(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),

@@ -50,14 +50,12 @@ static inline void load_row(const void *base, int64_t row, int D, int bf16, floa
     }
 }
 
-static inline void store_row(void *base, int64_t row, int D, int bf16, const float *src, float mul) {
+static inline void store_row(void *base, int64_t row, int D, int bf16, const float *src) {
     if (bf16) {
         uint16_t *dst = (uint16_t *)base + row * D;
-        for (int d = 0; d < D; d++) dst[d] = f32_to_bf16(src[d] * mul);
+        for (int d = 0; d < D; d++) dst[d] = f32_to_bf16(src[d]);
     } else {
-        float *dst = (float *)base + row * D;
-#pragma omp simd
-        for (int d = 0; d < D; d++) dst[d] = src[d] * mul;
+        memcpy((float *)base + row * D, src, (size_t)D * sizeof(float));
     }
 }
 
@@ -128,7 +126,7 @@ static inline __attribute__((always_inline)) void attend(
             for (int d = 0; d < D; d++) ah[d] += p * vh[d];
         }
     }
-    for (int h = 0; h < H; h++) store_row(out, q_row0 + h, D, bf16, acc + h * D, 1.0f);
+    for (int h = 0; h < H; h++) store_row(out, q_row0 + h, D, bf16, acc + h * D);
 }
 
 void shoal_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
