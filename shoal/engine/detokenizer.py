@@ -10,6 +10,12 @@ is " Paris", as vLLM and `tokenizers.decoders.DecodeStream(ids=prompt)` produce,
 `tokenizer.decode(generated_ids)` alone would strip that leading space. With an empty prompt, and
 for byte-level BPE models always, the final text equals `tokenizer.decode(generated_ids)`.
 
+Stop strings are matched only in the text after the first `min_tokens` tokens (vLLM, PR #22014): text
+before that point can neither hold a stop string nor the start of one, so it is never held back.
+
+With `skip_special_tokens=False` and `spaces_between_special_tokens=False`, an added token that follows
+another one is its bare content, with no separator a decoder may insert (vLLM's fast detokenizer rule).
+
 A window whose text ends with U+FFFD may be an incomplete UTF-8 character that later tokens will
 complete: the complete text before it is committed, the trailing U+FFFD are kept pending (left out
 of `stable_text` while streaming, and in `text` in case generation ends there).
@@ -33,6 +39,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
+        self._bare_added = (
+            None
+            if params.skip_special_tokens or params.spaces_between_special_tokens
+            else tokenizer.added_token_contents()
+        )
         self._stops = [s for s in params.stop if s]
         self._include_stop = params.include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
@@ -48,9 +59,31 @@ class IncrementalDetokenizer:
         self._pending = ""  # trailing U+FFFD that later tokens may still turn into a character
         self._stop_str: str | None = None
         self.num_tokens = 0  # generated tokens added so far
+        self._min_tokens = params.min_tokens
+        # Where stop strings may start: the text's length after min_tokens tokens (None: not there yet).
+        self._stop_from: int | None = 0 if params.min_tokens == 0 else None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._bare_added:
+            return self._decode_bare_added(ids)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _decode_bare_added(self, ids: list[int]) -> str:
+        """Decode runs of ordinary tokens; an added token right after another one is its bare content."""
+        parts, run, prev_added = [], [], False
+        for token_id in ids:
+            added = token_id in self._bare_added
+            if added and prev_added:
+                if run:
+                    parts.append(self._tokenizer.decode(run, skip_special_tokens=False))
+                    run = []
+                parts.append(self._bare_added[token_id])
+            else:
+                run.append(token_id)
+            prev_added = added
+        if run:
+            parts.append(self._tokenizer.decode(run, skip_special_tokens=False))
+        return "".join(parts)
 
     @property
     def text(self) -> str:
@@ -72,6 +105,14 @@ class IncrementalDetokenizer:
         tokens were grouped into calls."""
         if self._stop_str is not None or not token_ids:
             return None
+        if self._stop_from is None and self.num_tokens + len(token_ids) > self._min_tokens:
+            # The call crosses the min_tokens boundary: the tokens before it cannot stop the sequence.
+            cut = self._min_tokens - self.num_tokens
+            self.add_tokens(token_ids[:cut])
+            return self.add_tokens(token_ids[cut:])
+        return self._add(token_ids)
+
+    def _add(self, token_ids: list[int]) -> str | None:
         self._ids.extend(token_ids)
         self.num_tokens += len(token_ids)
         window_text = self._decode(self._ids[self._prefix_offset :])
@@ -91,16 +132,18 @@ class IncrementalDetokenizer:
                 self._read_offset = len(self._ids)
                 self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
                 self._committed_in_window = 0
-        if not added:
-            return None
         self._text += added
-        if self._stops:
+        if self._stop_from is None:
+            if self.num_tokens >= self._min_tokens:
+                self._stop_from = len(self._text)
+            return None
+        if added and self._stops:
             return self._check_stop(len(self._text) - len(added))
         return None
 
     def _check_stop(self, new_start: int) -> str | None:
         """Search the text from new_start (minus the longest stop's length - 1) for a stop string."""
-        start = max(0, new_start - self._max_stop_len + 1)
+        start = max(self._stop_from, new_start - self._max_stop_len + 1)
         best: tuple[int, int, str] | None = None
         for stop in self._stops:
             i = self._text.find(stop, start)
@@ -117,7 +160,9 @@ class IncrementalDetokenizer:
     def _held_back(self) -> int:
         """Length of the longest suffix of the committed text that is a proper prefix of a stop string."""
         text = self._text
-        for k in range(min(len(text), self._max_stop_len - 1), 0, -1):
+        if self._stop_from is None:
+            return 0
+        for k in range(min(len(text) - self._stop_from, self._max_stop_len - 1), 0, -1):
             suffix = text[-k:]
             if any(stop.startswith(suffix) for stop in self._stops):
                 return k

@@ -250,22 +250,31 @@ class LLMEngine:
                 seq.first_token_time = now
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
-            stop_str = seq.detokenizer.add_tokens([token])
-            reason = self._finish_reason(seq, token, stop_str)
+            stop_token = self._is_stop_token(seq, token)
+            # The token that ends a sequence is not part of its text (vLLM's rule), unless asked for.
+            keep = not stop_token or seq.params.include_stop_str_in_output
+            stop_str = seq.detokenizer.add_tokens([token]) if keep else None
+            reason = self._finish_reason(seq, token, stop_str, stop_token)
             if reason is not None:
                 self.scheduler.remove(seq)
                 self._finish(seq, *reason)
 
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        """Whether token ends seq as a stop token (stop_token_ids, or EOS unless ignore_eos). No stop
+        condition counts before min_tokens tokens exist (vLLM's check_stop)."""
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            return False
+        return token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
+
     def _finish_reason(
-        self, seq: Sequence, token: int, stop_str: str | None
+        self, seq: Sequence, token: int, stop_str: str | None, stop_token: bool
     ) -> tuple[str, int | str | None] | None:
         p = seq.params
         if stop_str is not None:
             return "stop", stop_str
-        if token in p.stop_token_ids:
-            return "stop", token
-        if token in self.eos_token_ids and not p.ignore_eos:
-            return "stop", None
+        if stop_token:
+            return "stop", token if token in p.stop_token_ids else None
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return "length", None
         if len(seq) >= self.config.max_model_len:

@@ -28,6 +28,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # only matters with skip_special_tokens=False
     logprobs: int | None = None  # top-k logprobs per generated token (the chosen one is always included)
     prompt_logprobs: int | None = None  # same for prompt tokens
 

@@ -17,7 +17,7 @@ import shoal
 from shoal.server import chat, completions, info, tokens
 from shoal.server.auth import APIKeyMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
-from shoal.server.errors import install_error_handlers
+from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from shoal.server.logprobs import TokenTexts
 from shoal.server.metrics import ServerMetrics
 from shoal.server.settings import ServerSettings
@@ -49,7 +49,9 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     for module in (completions, chat, info, tokens):
         app.include_router(module.router)
-    # Starlette wraps the last one added outermost: the key check runs before the body is read.
+    # Starlette wraps the last one added outermost: the key check runs before the body is read, and
+    # unexpected errors are answered innermost, inside every other middleware.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

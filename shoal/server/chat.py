@@ -29,14 +29,19 @@ from shoal.server.generation import (
     stream_error_event,
 )
 from shoal.server.logprobs import chat_logprobs
-from shoal.server.params import build_sampling_params, check_context_length, check_max_tokens
+from shoal.server.params import (
+    build_sampling_params,
+    check_context_length,
+    check_max_tokens,
+    truncate_prompt,
+)
 from shoal.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     ChatMessageOut,
+    TokenizeRequest,
     Usage,
 )
 from shoal.server.state import ServerState, get_state
@@ -45,37 +50,45 @@ router = APIRouter()
 logger = logging.getLogger("shoal.server")
 
 
-def render_chat(
-    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
-) -> list[int]:
-    """Token ids of the chat prompt; a model without a chat template (or a template that fails) -> 400."""
+def render_chat(state: ServerState, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    """Token ids of the chat prompt, rendered with the request's template options (vLLM's
+    add_generation_prompt, continue_final_message, chat_template_kwargs, add_special_tokens: false by
+    default, since the template writes them). A model without a chat template, or a template that fails
+    on these messages, is a 400."""
     tokenizer = state.engine.tokenizer
     try:
         text = tokenizer.apply_chat_template(
-            [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt
+            [m.template_dict() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **(body.chat_template_kwargs or {}),
         )
     except ChatTemplateError as e:
         code = None if tokenizer.has_chat_template else "chat_template_missing"
         raise APIError(str(e), param="messages", code=code) from e
     except Exception as e:  # noqa: BLE001 - a template that breaks on these messages is the request's problem
         raise APIError(f"chat template failed: {type(e).__name__}: {e}", param="messages") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+
+
+def _excludes_last_token(o: CompletionOutput, body: ChatCompletionRequest) -> bool:
+    """Whether the output's last token is the stop token that ended it and is not in its text (EOS or
+    a stop_token_id, without include_stop_str_in_output): its logprob entry is left out too, so that
+    the entries spell the message, as OpenAI's do."""
+    stopped_by_token = o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
+    return stopped_by_token and not body.include_stop_str_in_output
 
 
 def _logprobs(
-    state: ServerState,
-    body: ChatCompletionRequest,
-    prompt_ids: list[int],
-    o: CompletionOutput,
-    first: int,
-    last: int,
+    state: ServerState, body: ChatCompletionRequest, o: CompletionOutput, first: int, last: int
 ) -> ChatChoiceLogprobs | None:
     if not body.logprobs:
         return None
+    if o.finished and _excludes_last_token(o, body):
+        last = min(last, len(o.token_ids) - 1)
+    texts = state.texts.for_request(bool(body.return_tokens_as_token_ids))
     entries = (o.logprobs or [])[first:last]
-    content = chat_logprobs(
-        state.texts, prompt_ids + o.token_ids[:last], len(prompt_ids) + first, entries, body.top_logprobs or 0
-    )
+    content = chat_logprobs(texts, o.token_ids[first:last], entries, body.top_logprobs or 0)
     return ChatChoiceLogprobs(content=content)
 
 
@@ -94,7 +107,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_ready()
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_max_tokens(body.requested_max_tokens, echo=False, param=param)
-    prompt_ids = await anyio.to_thread.run_sync(render_chat, state, body.messages)
+    prompt_ids = await anyio.to_thread.run_sync(render_chat, state, body)
+    prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.max_model_len)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = max(state.max_model_len - len(prompt_ids), 1)
@@ -125,7 +139,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ChatChoice(
             index=o.index,
             message=ChatMessageOut(content=o.text),
-            logprobs=_logprobs(state, body, prompt_ids, o, 0, len(o.token_ids)),
+            logprobs=_logprobs(state, body, o, 0, len(o.token_ids)),
             finish_reason=o.finish_reason,
             stop_reason=o.stop_reason,
         )
@@ -143,6 +157,16 @@ def _usage(out: RequestOutput) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+def _choice(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> dict:
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": logprobs.model_dump() if logprobs is not None else None,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+    }
+
+
 async def _stream(
     body: ChatCompletionRequest,
     state: ServerState,
@@ -152,43 +176,37 @@ async def _stream(
     streams: list[Stream],
 ) -> AsyncIterator[str]:
     """A role chunk per choice, content deltas as the text grows, then a chunk with the finish_reason."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     sent_text = [0] * body.n
     sent_tokens = [0] * body.n
     finished = [False] * body.n
-
-    chunk = StreamChunks(request_id, "chat.completion.chunk", created, state.model_name, include_usage)
-
-    def choice(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> dict:
-        lp = logprobs.model_dump() if logprobs is not None else None
-        return {
-            "index": index,
-            "delta": delta,
-            "logprobs": lp,
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-
-    last: RequestOutput | None = None
+    chunk = StreamChunks(
+        request_id,
+        "chat.completion.chunk",
+        created,
+        state.model_name,
+        body.include_usage,
+        body.continuous_usage,
+    )
+    usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=0, total_tokens=len(prompt_ids))
     try:
         for i in range(body.n):
-            yield chunk([choice(i, {"role": "assistant", "content": ""})])
+            yield chunk([_choice(i, {"role": "assistant", "content": ""})], usage)
         async for _, out in merge(streams):
-            last = out
+            usage = _usage(out)
             for o in out.outputs:
                 i = o.index
                 if finished[i]:
                     continue
                 delta = o.text[sent_text[i] :]
                 if delta or (o.finished and len(o.token_ids) > sent_tokens[i]):
-                    logprobs = _logprobs(state, body, prompt_ids, o, sent_tokens[i], len(o.token_ids))
+                    logprobs = _logprobs(state, body, o, sent_tokens[i], len(o.token_ids))
                     sent_text[i], sent_tokens[i] = len(o.text), len(o.token_ids)
-                    yield chunk([choice(i, {"content": delta}, logprobs)])
+                    yield chunk([_choice(i, {"content": delta}, logprobs)], usage)
                 if o.finished:
                     finished[i] = True
-                    yield chunk([choice(i, {}, None, o.finish_reason, o.stop_reason)])
-        if include_usage and last is not None:
-            yield chunk([], _usage(last))
+                    yield chunk([_choice(i, {}, None, o.finish_reason, o.stop_reason)], usage)
+        if body.include_usage:
+            yield chunk([], usage, final=True)
     except Exception as e:  # noqa: BLE001 - the 200 is sent: report in-band
         yield stream_error_event(e)
     yield sse("[DONE]")

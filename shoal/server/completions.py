@@ -31,7 +31,13 @@ from shoal.server.generation import (
     stream_error_event,
 )
 from shoal.server.logprobs import completion_logprobs, prompt_logprobs_extra
-from shoal.server.params import build_sampling_params, check_context_length, check_max_tokens, check_token_ids
+from shoal.server.params import (
+    build_sampling_params,
+    check_context_length,
+    check_max_tokens,
+    check_token_ids,
+    truncate_prompt,
+)
 from shoal.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -63,16 +69,19 @@ def _prompts(body: CompletionRequest, state: ServerState) -> list[_Prompt]:
         raw = [p]
     else:
         raw = list(p)
+    add_special = body.add_special_tokens is not False
     prompts = []
     for i, item in enumerate(raw):
         if isinstance(item, str):
-            ids = tokenizer.encode(item, add_special_tokens=True)
+            ids = tokenizer.encode(item, add_special_tokens=add_special)
             if not ids:
                 raise APIError("prompt is empty after tokenization", param="prompt")
-            prompts.append(_Prompt(ids, item))
+            prompt = _Prompt(ids, item)
         else:
             check_token_ids(item, state.vocab_size, "prompt" if len(raw) == 1 else f"prompt.{i}")
-            prompts.append(_Prompt(list(item), None))
+            prompt = _Prompt(list(item), None)
+        kept = truncate_prompt(prompt.ids, body.truncate_prompt_tokens, state.max_model_len)
+        prompts.append(prompt if len(kept) == len(prompt.ids) else _Prompt(kept, None))
     return prompts
 
 
@@ -84,6 +93,7 @@ class _ChoiceBuilder:
         self.state = state
         self.prompt = prompt
         self.drop_generated = drop_generated
+        self.texts = state.texts.for_request(bool(body.return_tokens_as_token_ids))
 
     def prompt_text(self) -> str:
         if self.prompt.text is not None:
@@ -97,7 +107,7 @@ class _ChoiceBuilder:
 
     def prompt_logprobs(self, out: RequestOutput) -> tuple[CompletionLogprobs, int]:
         entries = out.prompt_logprobs or [None] * len(self.prompt.ids)
-        return completion_logprobs(self.state.texts, self.prompt.ids, 0, entries[: len(self.prompt.ids)], 0)
+        return completion_logprobs(self.texts, self.prompt.ids, 0, entries[: len(self.prompt.ids)], 0)
 
     def token_logprobs(
         self, o: CompletionOutput, first: int, last: int, offset: int
@@ -105,7 +115,7 @@ class _ChoiceBuilder:
         _, ids = self.generated(o)
         entries = (o.logprobs or [])[first:last]
         return completion_logprobs(
-            self.state.texts, self.prompt.ids + ids, len(self.prompt.ids) + first, entries, offset
+            self.texts, self.prompt.ids + ids, len(self.prompt.ids) + first, entries, offset
         )
 
     def final_choice(self, index: int, out: RequestOutput, o: CompletionOutput) -> CompletionChoice:
@@ -119,7 +129,7 @@ class _ChoiceBuilder:
             text = self.prompt_text() + text
         extra = None
         if self.body.prompt_logprobs is not None and out.prompt_logprobs is not None:
-            extra = prompt_logprobs_extra(self.state.texts, self.prompt.ids, out.prompt_logprobs)
+            extra = prompt_logprobs_extra(self.texts, out.prompt_logprobs)
         return CompletionChoice(
             index=index,
             text=text,
@@ -232,13 +242,15 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """Server-sent events: a chunk per choice whenever its text grows, the last with its finish_reason."""
     progress: dict[int, _ChoiceProgress] = {}
-    finals: dict[int, RequestOutput] = {}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    chunk = StreamChunks(request_id, "text_completion", created, state.model_name, include_usage)
+    latest: dict[int, RequestOutput] = {}  # the newest snapshot of each prompt, for the usage so far
+    chunk = StreamChunks(
+        request_id, "text_completion", created, state.model_name, body.include_usage, body.continuous_usage
+    )
 
     try:
         async for p, out in merge(streams):
+            latest[p] = out
+            usage = _usage(prompts, builders, latest) if body.continuous_usage else None
             builder = builders[p]
             for o in out.outputs:
                 index = p * body.n + o.index
@@ -268,11 +280,9 @@ async def _stream(
                     "finish_reason": o.finish_reason,
                     "stop_reason": o.stop_reason,
                 }
-                yield chunk([choice])
-            if out.finished:
-                finals[p] = out
-        if include_usage:
-            yield chunk([], _usage(prompts, builders, finals))
+                yield chunk([choice], usage)
+        if body.include_usage:
+            yield chunk([], _usage(prompts, builders, latest), final=True)
     except Exception as e:  # noqa: BLE001 - the 200 is sent: report in-band
         yield stream_error_event(e)
     yield sse("[DONE]")

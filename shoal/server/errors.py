@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("shoal.server")
 
@@ -158,7 +159,39 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal server error: {type(exc).__name__}", type=SERVER_ERROR)
+
+class UnexpectedErrorMiddleware:
+    """Turns an exception no handler took into a 500 in OpenAI's shape, and keeps the connection.
+
+    Why not `app.exception_handler(Exception)`: Starlette runs that handler in ServerErrorMiddleware,
+    which sends its response and then re-raises, so uvicorn logs the error again and closes the
+    keep-alive connection: the client's next request on it fails with a reset. This middleware sits
+    inside, answers, and does not re-raise. Only when the answer had already begun (a stream broken
+    midway) is the exception passed on, since the connection cannot carry a complete answer any more."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "ended": False}
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - this is the last place an error can become an answer
+            logger.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if state["ended"]:
+                return  # the answer is complete; the connection stays usable
+            if state["started"]:
+                raise
+            response = error_response(500, f"internal server error: {type(exc).__name__}", type=SERVER_ERROR)
+            await response(scope, receive, send)

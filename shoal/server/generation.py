@@ -241,8 +241,10 @@ class StreamChunks:
     created: int
     model: str
     include_usage: bool  # stream_options.include_usage: every chunk carries a usage key, null until the last
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: every chunk carries the usage so far
 
-    def __call__(self, choices: list[dict], usage: Usage | None = None) -> str:
+    def __call__(self, choices: list[dict], usage: Usage | None = None, final: bool = False) -> str:
+        """One chunk; usage is the usage so far (sent on every chunk when continuous, else only final)."""
         payload = {
             "id": self.request_id,
             "object": self.object_name,
@@ -252,7 +254,8 @@ class StreamChunks:
             "system_fingerprint": None,
         }
         if self.include_usage:
-            payload["usage"] = usage.model_dump() if usage else None
+            send = usage is not None and (final or self.continuous_usage)
+            payload["usage"] = usage.model_dump() if send else None
         return sse(payload)
 
 

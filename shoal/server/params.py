@@ -25,6 +25,7 @@ _SAME_NAME = (
     "min_tokens",
     "ignore_eos",
     "skip_special_tokens",
+    "spaces_between_special_tokens",
 )
 
 
@@ -109,3 +110,18 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
         raise APIError(
             f"token id {bad} in {param} is outside the vocabulary (size {vocab_size})", param=param
         )
+
+
+def truncate_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last `keep` tokens (-1: max_model_len; None: all)."""
+    if keep is None:
+        return token_ids
+    if keep == -1:
+        keep = max_model_len
+    if keep > max_model_len:
+        raise APIError(
+            f"truncate_prompt_tokens ({keep}) is greater than max_model_len ({max_model_len}); "
+            "request a smaller truncation size",
+            param="truncate_prompt_tokens",
+        )
+    return token_ids[-keep:]

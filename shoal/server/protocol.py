@@ -43,14 +43,76 @@ def _check_unsupported(data: Any, rules: dict[str, tuple[Any, str]]) -> Any:
     return data
 
 
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The path ("messages.0.content") of the first string (or key) under value that is not valid
+    Unicode: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 encoder accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _lone_surrogate_at(key, "key") is not None:
+            return where.encode("utf-8", errors="backslashreplace").decode()
+        found = _lone_surrogate_at(item, where)
+        if found is not None:
+            return found
+    return None
+
+
 class _Strict(BaseModel):
     # NaN or Infinity (which Python's JSON accepts) would reach the sampler's arithmetic: refuse them here.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Every string of a request must be encodable: it reaches the tokenizer, the chat template, the
+        stop-string matcher or an error message. The outermost model names the full path."""
+        where = _lone_surrogate_at(data, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "shoal_invalid_unicode",
+                "{param}: invalid Unicode: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                "which cannot be encoded as UTF-8",
+                {"param": where},
+            )
+        return data
+
 
 class StreamOptions(_Strict):
     include_usage: bool | None = Field(None, description="Send a last chunk with the usage and no choices.")
+    continuous_usage_stats: bool | None = Field(
+        None, description="vLLM extra: with include_usage, every chunk carries the usage so far."
+    )
     include_obfuscation: bool | None = Field(None, description="Accepted; shoal never pads stream chunks.")
+
+
+# vLLM and OpenAI fields that would change the result if ignored: refused unless they hold their no-op.
+_COMMON_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "response_format": (
+        lambda v: v is None or v == {"type": "text"},
+        "only {'type': 'text'}: structured output is not supported",
+    ),
+    "structured_outputs": (lambda v: v is None, "structured output is not supported"),
+    "guided_json": (lambda v: v is None, "guided decoding is not supported"),
+    "guided_regex": (lambda v: v is None, "guided decoding is not supported"),
+    "guided_choice": (lambda v: v is None, "guided decoding is not supported"),
+    "guided_grammar": (lambda v: v is None, "guided decoding is not supported"),
+    "guided_decoding_backend": (lambda v: v is None, "guided decoding is not supported"),
+    "guided_whitespace_pattern": (lambda v: v is None, "guided decoding is not supported"),
+    "logits_processors": (lambda v: not v, "custom logits processors are not supported"),
+    "priority": (lambda v: v in (None, 0), "priority scheduling is not implemented yet: only 0"),
+    "cache_salt": (lambda v: v is None, "prefix-cache isolation is not implemented yet"),
+}
 
 
 class CommonRequest(_Strict):
@@ -88,6 +150,32 @@ class CommonRequest(_Strict):
     stop_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = Field(
+        True, description="With skip_special_tokens false: false writes adjacent added tokens bare."
+    )
+    return_tokens_as_token_ids: bool | None = Field(
+        None, description="Logprob token strings as 'token_id:<id>' (vLLM)."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Keep only the last k prompt tokens (-1: max_model_len), as vLLM."
+    )
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Add the tokenizer's special tokens (BOS) to the prompt; default true for "
+        "completions, false for chat (the template writes them).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_common_unsupported(cls, data: Any) -> Any:
+        return _check_unsupported(data, _COMMON_UNSUPPORTED)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (max_model_len) or at least 1")
+        return value
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -113,6 +201,15 @@ class CommonRequest(_Strict):
                 {"param": "stream_options"},
             )
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM: usage on every chunk needs both include_usage and continuous_usage_stats."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         return {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
@@ -223,10 +320,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
     "functions": (lambda v: not v, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
-    "response_format": (
-        lambda v: v is None or v == {"type": "text"},
-        "only {'type': 'text'}: structured output is not supported",
-    ),
     "modalities": (lambda v: v is None or v == ["text"], "only ['text']"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -244,6 +337,13 @@ class ChatCompletionRequest(CommonRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, description="0-20; needs logprobs: true.")
     parallel_tool_calls: bool | None = Field(None, description="Accepted; no effect without tools.")
+    add_generation_prompt: bool = Field(True, description="vLLM: end the prompt with the assistant's turn.")
+    continue_final_message: bool = Field(
+        False, description="vLLM: leave the final (assistant) message open for the model to continue."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM: extra variables for the chat template (e.g. enable_thinking)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -256,6 +356,11 @@ class ChatCompletionRequest(CommonRequest):
         if not messages:
             raise ValueError("messages must not be empty")
         return messages
+
+    @model_validator(mode="after")
+    def _template_options(self) -> ChatCompletionRequest:
+        check_template_options(self)
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -277,6 +382,38 @@ class ChatCompletionRequest(CommonRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+# Variables the chat template gets from shoal itself: chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token"}
+)
+
+
+def check_template_options(body: Any) -> None:
+    """vLLM's rules for add_generation_prompt, continue_final_message and chat_template_kwargs."""
+    if body.messages and body.continue_final_message:
+        if "add_generation_prompt" not in body.model_fields_set:
+            body.add_generation_prompt = False  # implied: a continued message gets no new turn after it
+        elif body.add_generation_prompt:
+            raise PydanticCustomError(
+                "shoal_invalid",
+                "continue_final_message and add_generation_prompt cannot both be true",
+                {"param": "continue_final_message"},
+            )
+        if body.messages[-1].role != "assistant":
+            raise PydanticCustomError(
+                "shoal_invalid",
+                "continue_final_message needs the last message to be the assistant's",
+                {"param": "continue_final_message"},
+            )
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise PydanticCustomError(
+            "shoal_invalid",
+            "chat_template_kwargs may not set {names}: use the request fields",
+            {"param": "chat_template_kwargs", "names": ", ".join(reserved)},
+        )
+
+
 class TokenizeRequest(_Strict):
     """POST /tokenize (vLLM): either a prompt or chat messages."""
 
@@ -285,7 +422,14 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = Field(None, description="Default: true for prompt, false for messages.")
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _template_options(self) -> TokenizeRequest:
+        check_template_options(self)
+        return self
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -15,15 +15,10 @@ router = APIRouter()
 
 
 def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
-    tokenizer = state.engine.tokenizer
     if body.messages is not None:
-        ids = render_chat(state, body.messages, body.add_generation_prompt)
-        if body.add_special_tokens:  # the template already wrote them; vLLM's flag, rarely wanted
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-            ids = tokenizer.encode(text, add_special_tokens=True)
-        return ids
+        return render_chat(state, body)
     add_special = True if body.add_special_tokens is None else body.add_special_tokens
-    return tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+    return state.engine.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
