@@ -95,6 +95,14 @@ def serve(
             "(about 1.5 min for SmolLM2 on 2 CPU cores; inductor caches it on disk for later starts).",
         ),
     ] = False,
+    enable_fault_injection: Annotated[
+        bool,
+        typer.Option(
+            "--enable-fault-injection",
+            help="Allow POST /debug/faults to make engine steps fail or hang and loads slow (tests and "
+            "drills only; the start-up plan can be given as JSON in SHOAL_FAULTS).",
+        ),
+    ] = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
@@ -121,6 +129,7 @@ def serve(
             served_model_name=served_model_name or model,
             api_key=api_key or os.environ.get("SHOAL_API_KEY") or None,
             max_request_bytes=max_request_bytes,
+            enable_fault_injection=enable_fault_injection,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

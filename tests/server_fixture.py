@@ -91,7 +91,7 @@ def _launch_all() -> None:
     template = _tmp / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     extra = ["--api-key", API_KEY, "--served-model-name", SERVED_NAME, "--chat-template", str(template),
-             "--max-request-bytes", str(MAX_REQUEST_BYTES)]  # fmt: skip
+             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--enable-fault-injection"]  # fmt: skip
     _servers["main"] = _launch("main", extra, {"Authorization": f"Bearer {API_KEY}"}, SERVED_NAME)
 
 

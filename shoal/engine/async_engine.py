@@ -2,8 +2,13 @@
 
 Requests and aborts are handed to the engine thread through a queue and applied between steps, so the
 engine itself is only ever touched by its own thread. Each step's outputs are pushed to the per-request
-asyncio queues with call_soon_threadsafe. A consumer that stops iterating (client gone) aborts its
+asyncio queues with one call_soon_threadsafe per event loop and step (not one per request: at 64
+streams that is 64 loop wake-ups a step). A consumer that stops iterating (client gone) aborts its
 request, which frees its KV blocks at the next step.
+
+A step that raises fails every request in flight (each waiting client gets the error, none hangs) and
+the engine goes on with the next requests; only an error that is not an Exception stops the thread.
+With a FaultInjector (`--enable-fault-injection`) steps can be made to raise or hang on purpose.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from shoal.engine.config import EngineConfig
+from shoal.engine.faults import FaultInjector
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
@@ -27,8 +33,12 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; requests in flight get this error."""
 
 
+class EngineStepError(RuntimeError):
+    """A step failed while this request was in flight; the request was aborted, the engine goes on."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str | None = None):
+    def __init__(self, engine: LLMEngine, model_name: str | None = None, faults: FaultInjector | None = None):
         self.engine = engine
         self.config: EngineConfig = engine.config
         self.tokenizer = engine.tokenizer
@@ -41,12 +51,15 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
         self.error: BaseException | None = None
+        self.faults = faults  # None unless fault injection is enabled
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+    def from_config(cls, config: EngineConfig, faults: FaultInjector | None = None) -> AsyncEngine:
+        if faults is not None:
+            faults.before_load()
         engine = LLMEngine(config)
         engine.warm_up()
-        return cls(engine)
+        return cls(engine, faults=faults)
 
     @property
     def stats(self) -> EngineStats:
@@ -77,8 +90,14 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                try:
+                    if self.faults is not None:
+                        self.faults.before_step()
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - the requests fail, the engine survives
+                    self._fail_in_flight(e)
+                    continue
+                self._deliver_all(outputs)
         except BaseException as e:  # noqa: BLE001 - every waiter must learn the engine died
             log.exception("engine thread failed")
             self.error = e
@@ -103,14 +122,41 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             self.engine.refresh_stats()
 
+    def _fail_in_flight(self, error: Exception) -> None:
+        """Abort every request in the engine and hand each waiter the error (a failed step may have
+        left any of them half-updated)."""
+        log.error(
+            "engine step failed; failing %d request(s) in flight", len(self.engine.requests), exc_info=error
+        )
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, EngineStepError(f"engine step failed: {error}"))
+        self.engine.refresh_stats()
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._take_target(request_id, item)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs: a single call_soon_threadsafe per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._take_target(out.request_id, out)
+            if target is not None:
+                batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _take_target(
+        self, request_id: str, item: RequestOutput | BaseException
+    ) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None:
+        """The waiter of request_id; forgotten once it gets its last item."""
         target = self._streams.get(request_id)
-        if target is None:
-            return
-        loop, q = target
-        if isinstance(item, BaseException) or item.finished:
+        if target is not None and (isinstance(item, BaseException) or item.finished):
             self._streams.pop(request_id, None)
-        loop.call_soon_threadsafe(q.put_nowait, item)
+        return target
 
     # ---- the asyncio side ---------------------------------------------------------------------------
     async def generate(
@@ -145,3 +191,8 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
         self._wakeup.set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

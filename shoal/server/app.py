@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import shoal
-from shoal.server import chat, completions, info, tokens
+from shoal.server import chat, completions, debug, info, tokens
 from shoal.server.auth import APIKeyMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
@@ -47,7 +47,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
         engine=engine, settings=settings, metrics=metrics, texts=TokenTexts(engine.tokenizer)
     )
     install_error_handlers(app)
-    for module in (completions, chat, info, tokens):
+    for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)
     # Starlette wraps the last one added outermost: the key check runs before the body is read, and
     # unexpected errors are answered innermost, inside every other middleware.

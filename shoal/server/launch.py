@@ -30,7 +30,13 @@ def serve(
 
     configure_logging(log_level)
     logger.info("loading %s", engine_config.model)
-    engine = AsyncEngine.from_config(engine_config)
+    faults = None
+    if settings.enable_fault_injection:
+        from shoal.engine.faults import FaultInjector
+
+        faults = FaultInjector.from_env()
+        logger.warning("fault injection is ENABLED (POST /debug/faults): never in production")
+    engine = AsyncEngine.from_config(engine_config, faults=faults)
     app = build_app(engine, settings)
     logger.info(
         "serving %s as '%s' on http://%s:%d (max_model_len=%s)",

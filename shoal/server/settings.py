@@ -16,6 +16,8 @@ class ServerSettings:
     api_key: str | None = None
     # Request bodies above this size get 413 before they are parsed (protects memory and the event loop).
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # POST /debug/faults makes engine steps fail or hang (shoal/engine/faults.py): tests and drills only.
+    enable_fault_injection: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
