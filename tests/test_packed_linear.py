@@ -1,5 +1,6 @@
-"""The CPU linear swap (oneDNN pre-packed weights for small batches, a big-batch route for prompt chunks)
-computes the same matmul as torch's linear, in float32 and (where the CPU has it) bfloat16."""
+"""The CPU linear swap (the gemv kernel for decode, oneDNN pre-packed weights for small batches, a big-batch
+route for prompt chunks) computes the same matmul as torch's linear, in float32 and (where the CPU has it)
+bfloat16."""
 
 import copy
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.kernels import gemv
 from shoal.model.packed_linear import BIG_BATCH_ROWS, PackedLinear, pack_linears, packing_available
 
 CPU = torch.device("cpu")
@@ -22,7 +24,10 @@ needs_fp32 = pytest.mark.skipif(
 ROUTES = [  # (dtype, oneDNN copy, big-batch route, keep the plain weight) as pack_linears makes them
     pytest.param(torch.float32, True, "plain", True, marks=needs_fp32),
     pytest.param(torch.float32, False, "plain", True, marks=needs_fp32),  # no room for the oneDNN copy
-    pytest.param(torch.bfloat16, True, None, False, marks=needs_bf16),
+    pytest.param(torch.bfloat16, True, None, True, marks=needs_bf16),  # gemv for 1-4 rows
+    pytest.param(torch.bfloat16, True, "fp32", True, marks=needs_bf16),
+    pytest.param(torch.bfloat16, False, None, True, marks=needs_bf16),  # no room for the oneDNN copy
+    pytest.param(torch.bfloat16, True, None, False, marks=needs_bf16),  # no kernel: packed weight only
     pytest.param(torch.bfloat16, True, "fp32", False, marks=needs_bf16),
 ]
 
@@ -74,6 +79,23 @@ def test_float32_keeps_the_plain_weight_and_packs_only_when_ram_allows() -> None
         want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
         for route in (roomy, tight):
             assert (route(x).double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, marks=needs_fp32), pytest.param(torch.bfloat16, marks=needs_bf16)]
+)
+def test_decode_rows_run_on_gemv(dtype, monkeypatch) -> None:
+    """Where the kernel builds, pack_linears keeps the plain weight and 1-4 rows go to gemv, more to oneDNN."""
+    if not gemv.supported(torch.zeros(1, 1, dtype=dtype)):
+        pytest.skip("no C compiler: native kernels off")
+    model = pack_linears(nn.Sequential(nn.Linear(64, 48).to(dtype)), available_ram=1 << 34)
+    layer = model[0]
+    assert layer.use_gemv and layer.weight is not None and layer.packed is not None
+    calls = []
+    monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(args[0].shape[0]) or gemv._run(*args))
+    for rows in (1, 4, 5):
+        layer(torch.randn(rows, 64, dtype=dtype))
+    assert calls == [1, 4]
 
 
 @pytest.mark.timeout(120)

@@ -4,6 +4,15 @@ Why not torch.utils.cpp_extension: compiling against torch's C++ headers takes a
 while these kernels take raw pointers and build in about a second. The build is cached per source, flags,
 compiler and CPU, so it happens once per machine. Every kernel has a pure-PyTorch fallback, taken where no
 C compiler is found or where SHOAL_NATIVE_KERNELS=0 says so.
+
+Trust: the C functions trust their arguments, so each kernel's Python wrapper checks dtypes, devices,
+shapes and strides before every call and raises ValueError (TypeError for a wrong dtype) instead. Checks
+that depend on tensor contents (block ids, lengths) run in C, before the kernel touches memory, and come
+back as an error status, as does a failed allocation: `check_status` turns a status into an exception.
+
+Flags: no -ffast-math. It lets the compiler assume there are no NaNs or infinities, which the attention
+softmax meets on purpose (-inf scores); -fno-math-errno is what vectorizing expf needs (see
+paged_decode_attention.c), and GCC contracts a * b + c into FMAs by default (-ffp-contract=fast).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch  # noqa: F401  (loads torch's libgomp first, so the kernels' OpenMP
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lmvec", "-lm"]  # glibc's vector math: vectorized expf in the softmax
 
 
@@ -88,13 +97,28 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 @lru_cache
-def function(name: str, symbol: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
-    """The C function `symbol` (returning void) of kernel `name`, with its argument types set once; None
-    where the kernel cannot be had."""
+def function(name: str, symbol: str, argtypes: tuple, restype: type | None = None) -> ctypes._CFuncPtr | None:
+    """The C function `symbol` of kernel `name`, with its argument and return types set once (restype None:
+    void; ctypes.c_int for a function that returns a status); None where the kernel cannot be had."""
     lib = load(name)
     if lib is None:
         return None
     fn = getattr(lib, symbol)
-    fn.restype = None
+    fn.restype = restype
     fn.argtypes = list(argtypes)
     return fn
+
+
+# Statuses returned by the kernels that can fail (the same numbers in every .c file).
+OK, NO_MEMORY, BAD_INPUT = 0, 1, 2
+
+
+def check_status(status: int, kernel: str, explain=None) -> None:
+    """Raise for a kernel's non-zero status: MemoryError when its allocation failed; ValueError for inputs
+    it refused, with explain() (called only then) saying what was wrong."""
+    if status == OK:
+        return
+    if status == NO_MEMORY:
+        raise MemoryError(f"{kernel}: out of memory for its work buffers")
+    detail = explain() if explain is not None and status == BAD_INPUT else f"status {status}"
+    raise ValueError(f"{kernel}: {detail}")

@@ -1,8 +1,12 @@
-"""Float32 decode matmuls for 1-4 rows that stream the weight at memory bandwidth (gemv.c).
+"""Decode matmuls for 1-4 rows that stream the weight at memory bandwidth (gemv.c), float32 and bfloat16.
 
 `supported` says whether the kernel serves a weight; `gemv` runs it. Under torch.compile the call goes
 through a custom op (opaque to the compiler, with a shape-only fake); eagerly it calls the library
-directly, skipping the dispatcher's per-call cost (about 120 linears per step).
+directly, skipping the dispatcher's per-call cost (about 120 linears per step). Every call checks its
+inputs first (the C code trusts them): TypeError for dtypes, ValueError for devices, shapes and strides.
+
+bfloat16 runs on AVX512-BF16 (vdpbf16ps) where the compiler has it (`avx512_bf16()`), else on a portable
+shift-and-FMA path; `gemv(..., portable=True)` runs the portable one anywhere (for tests).
 """
 
 from __future__ import annotations
@@ -14,39 +18,72 @@ import torch
 from shoal import kernels
 
 MAX_ROWS = 4  # as in gemv.c: beyond a few rows the matmul is no longer bound by reading the weight
-
+_INT_MAX = 2**31 - 1
 
 _ARGTYPES = (ctypes.c_void_p,) * 4 + (ctypes.c_int,) * 4  # x, w, bias, y; M, N, K, threads
+# dtype -> (symbol, return type): the bf16 functions return a status (the portable path allocates).
+_SYMBOLS = {torch.float32: ("shoal_gemv_f32", None), torch.bfloat16: ("shoal_gemv_bf16", ctypes.c_int)}
 
 
-def _kernel():
-    return kernels.function("gemv", "shoal_gemv_f32", _ARGTYPES)
+def _kernel(dtype: torch.dtype, portable: bool = False):
+    symbol, restype = _SYMBOLS[dtype]
+    symbol += "_portable" if portable and dtype == torch.bfloat16 else ""
+    return kernels.function("gemv", symbol, _ARGTYPES, restype)
+
+
+def avx512_bf16() -> bool:
+    """Whether the bf16 kernel runs on vdpbf16ps here (built with __AVX512BF16__), not the portable path."""
+    fn = kernels.function("gemv", "shoal_gemv_bf16_native", (), ctypes.c_int)
+    return fn is not None and fn() == 1
 
 
 def supported(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and weight.dtype in _SYMBOLS
+        and weight.dim() == 2
         and weight.is_contiguous()
-        and _kernel() is not None
+        and _kernel(weight.dtype) is not None
     )
 
 
-def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """What gemv.c assumes, or an exception saying which input breaks it."""
+    if weight.dtype not in _SYMBOLS:
+        raise TypeError(f"gemv: weight dtype {weight.dtype}, expected float32 or bfloat16")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"x {x.dtype}, bias {None if bias is None else bias.dtype}"
+        raise TypeError(f"gemv: {got}; expected the weight's dtype {weight.dtype}")
+    if (
+        x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or (bias is not None and bias.device.type != "cpu")
+    ):
+        raise ValueError("gemv: x, weight and bias must be on the CPU")
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"gemv: weight must be a contiguous [N, K] matrix, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if not (1 <= n <= _INT_MAX and 1 <= k <= _INT_MAX):
+        raise ValueError(f"gemv: weight shape {tuple(weight.shape)}: N and K must be in [1, 2^31)")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != k:
+        raise ValueError(f"gemv: x shape {tuple(x.shape)}, expected [1..{MAX_ROWS}, {k}]")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"gemv: bias shape {tuple(bias.shape)}, expected ({n},)")
+
+
+def _run(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, portable: bool = False
+) -> torch.Tensor:
+    _check(x, weight, bias)
+    fn = _kernel(weight.dtype, portable)
+    if fn is None:
+        raise RuntimeError("gemv: native kernels unavailable (no C compiler or SHOAL_NATIVE_KERNELS=0)")
+    x = x.contiguous()  # [<= 4, K]: a copy costs nothing next to the weight
+    bias = None if bias is None else bias.contiguous()
     rows, k = x.shape
     n = weight.shape[0]
-    if not (
-        1 <= rows <= MAX_ROWS
-        and x.dtype == weight.dtype == torch.float32
-        and weight.shape[1] == k
-        and weight.is_contiguous()
-        and (bias is None or (bias.dtype == torch.float32 and bias.shape == (n,)))
-    ):
-        raise ValueError(f"gemv: float32 x [1..{MAX_ROWS}, K], contiguous weight [N, K], bias [N] or None")
-    x = x.contiguous()
-    bias = None if bias is None else bias.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype)
-    _kernel()(
+    status = fn(
         x.data_ptr(),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -56,6 +93,8 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
         k,
         torch.get_num_threads(),
     )
+    if status is not None:
+        kernels.check_status(status, "gemv")
     return out
 
 
@@ -64,11 +103,16 @@ _op = torch.library.custom_op("shoal::gemv", mutates_args=())(_run)
 
 
 @_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, portable=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, K] (1 <= rows <= MAX_ROWS) @ weight[N, K].T + bias, float32 on CPU."""
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, portable: bool = False
+) -> torch.Tensor:
+    """x [rows, K] (1 <= rows <= MAX_ROWS) @ weight[N, K].T + bias[N], on CPU, float32 or bfloat16 (all in
+    the weight's dtype), returns [rows, N] in that dtype. bfloat16 accumulates in fp32 and rounds once.
+    portable: run the bf16 portable path even where AVX512-BF16 is there.
+    Raises TypeError (dtypes) or ValueError (devices, shapes, strides) before touching memory."""
     call = _op if torch.compiler.is_compiling() else _run
-    return call(x, weight, bias)
+    return call(x, weight, bias, portable)

@@ -12,6 +12,16 @@
  * window > 0 keeps only the last `window` keys (sliding-window attention); 0 attends to all.
  * Query head h uses kv head h / (H / Hkv) (grouped-query attention). Accumulation is in float32.
  *
+ * Inputs: the caller (paged_attention.py) checks dtypes, shapes and strides. What depends on the contents
+ * is checked here, in one serial pass before any cache row is read: every context length in
+ * [1, W * block_size] and every block id a sequence reads in [0, num_blocks); anything else returns
+ * SHOAL_BAD_INPUT and reads nothing. The work buffers are one allocation, checked (SHOAL_NO_MEMORY).
+ *
+ * Special values follow IEEE arithmetic, as torch's softmax: a key scored -inf gets weight exactly 0; a
+ * sequence whose keys all score -inf (or any score NaN or +inf) gets NaN outputs. Built without
+ * -ffast-math for this; expf is vectorized through glibc's libmvec (declared below, as glibc's own
+ * math-vector.h does only under -ffast-math), whose vector expf returns 0 for -inf and NaN for NaN.
+ *
  * Work is split over sequences with OpenMP; linked against the libgomp torch already loaded, it shares
  * torch's thread pool. The caller passes torch's thread count (a per-thread setting in
  * OpenMP, so the engine thread's own default could differ from what torch.set_num_threads asked for).
@@ -22,9 +32,20 @@
  * come from memory and streaming whole slots in order wins.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define SHOAL_OK 0
+#define SHOAL_NO_MEMORY 1
+#define SHOAL_BAD_INPUT 2
+
+#if defined(__x86_64__)
+/* libmvec's expf variants (_ZGV*N*v_expf), so that the softmax loop vectorizes; needs -fno-math-errno. */
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -33,9 +54,10 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a (quiet) NaN, as torch */
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
@@ -106,6 +128,7 @@ static inline __attribute__((always_inline)) void attend(
     }
     for (int h = 0; h < H; h++) {
         float *s = scores + h * n, mx = s[0], sum = 0.0f;
+#pragma omp simd reduction(max : mx)
         for (int j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
 #pragma omp simd reduction(+ : sum)
         for (int j = 0; j < n; j++) {
@@ -129,22 +152,45 @@ static inline __attribute__((always_inline)) void attend(
     for (int h = 0; h < H; h++) store_row(out, q_row0 + h, D, bf16, acc + h * D);
 }
 
-void shoal_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
-                                  const int32_t *block_tables, const int32_t *context_lens, void *out,
-                                  int B, int H, int Hkv, int D, int W, int block_size, int window,
-                                  float scale, int bf16, int num_threads) {
-    int max_len = 1;
-    for (int b = 0; b < B; b++) max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
+/* The serial pass over the contents (see the header): SHOAL_OK, and the longest context, or SHOAL_BAD_INPUT. */
+static int check_tables(const int32_t *block_tables, const int32_t *context_lens, int B, int W, int block_size,
+                        int num_blocks, int *max_len) {
+    *max_len = 1;
+    for (int b = 0; b < B; b++) {
+        int len = context_lens[b];
+        if (len < 1 || (int64_t)len > (int64_t)W * block_size) return SHOAL_BAD_INPUT;
+        const int32_t *table = block_tables + (int64_t)b * W;
+        int used = (len + block_size - 1) / block_size;
+        int32_t bad = 0;
+        for (int i = 0; i < used; i++) bad |= (uint32_t)table[i] >= (uint32_t)num_blocks;
+        if (bad) return SHOAL_BAD_INPUT;
+        *max_len = len > *max_len ? len : *max_len;
+    }
+    return SHOAL_OK;
+}
+
+int shoal_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
+                                 const int32_t *block_tables, const int32_t *context_lens, void *out, int B,
+                                 int H, int Hkv, int D, int W, int block_size, int num_blocks, int window,
+                                 float scale, int bf16, int num_threads) {
+    int max_len;
+    if (num_threads < 1) num_threads = 1;
+    if (check_tables(block_tables, context_lens, B, W, block_size, num_blocks, &max_len) != SHOAL_OK)
+        return SHOAL_BAD_INPUT;
+    if ((int64_t)H * max_len > INT32_MAX) return SHOAL_BAD_INPUT; /* scores are indexed with int */
+    /* Per thread: the scaled queries and output accumulators [H, D], one cache row [Hkv, D] and the scores
+     * [H, max_len]; one allocation for all threads, in 64-byte (cache line) multiples. */
+    const size_t floats = (size_t)H * D * 2 + (size_t)Hkv * D + (size_t)H * max_len;
+    const size_t per_thread = (floats + 15) / 16 * 16;
+    float *work = malloc(per_thread * (size_t)num_threads * sizeof(float));
+    if (work == NULL) return SHOAL_NO_MEMORY;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *qf = malloc((size_t)H * D * sizeof(float));
-        float *acc = malloc((size_t)H * D * sizeof(float));
-        float *row = malloc((size_t)Hkv * D * sizeof(float));
-        float *scores = malloc((size_t)H * max_len * sizeof(float));
+        float *qf = work + per_thread * (size_t)omp_get_thread_num();
+        float *acc = qf + (size_t)H * D, *row = acc + (size_t)H * D, *scores = row + (size_t)Hkv * D;
 #pragma omp for schedule(dynamic, 1)
         for (int b = 0; b < B; b++) {
             int len = context_lens[b];
-            if (len < 1) continue; /* the caller guarantees len >= 1 (the new token) */
             int j0 = (window > 0 && len > window) ? len - window : 0;
             const int32_t *table = block_tables + (int64_t)b * W;
 #define ATTEND(DIM, BF16)                                                                             \
@@ -157,9 +203,7 @@ void shoal_paged_decode_attention(const void *q, const void *k_cache, const void
             else ATTEND(D, bf16);
 #undef ATTEND
         }
-        free(qf);
-        free(acc);
-        free(row);
-        free(scores);
     }
+    free(work);
+    return SHOAL_OK;
 }

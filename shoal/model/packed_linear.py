@@ -1,4 +1,5 @@
-"""CPU linears through oneDNN with weights pre-packed once at load time, for float32 and bfloat16.
+"""CPU linears through oneDNN with weights pre-packed once at load time, for float32 and bfloat16, and
+shoal's matrix-vector kernel for decode.
 
 Measured facts about torch's CPU matmuls that this module exists for:
 - For a few rows (decode), torch's stock linear re-lays out or streams the weight poorly: pre-packed
@@ -12,9 +13,12 @@ Measured facts about torch's CPU matmuls that this module exists for:
     summation order.
   - fp32: MKL's GEMM through F.linear is 5-15% faster than oneDNN's packed one at 512 rows, so the plain
     weight is kept for big batches.
-- For 1-4 rows in fp32 both stream the weight at about 11 GB/s on that EPYC (memory gives 29 GB/s), so
-  those run on shoal's own matrix-vector kernel (shoal/kernels/gemv.c, about 24 GB/s).
-Either way the big-batch copy costs weight memory, so it is made only when small next to free RAM.
+- For 1-4 rows both stream the weight below memory bandwidth, so those run on shoal's own matrix-vector
+  kernel (shoal/kernels/gemv.c): fp32 on that AVX2 EPYC about 24 GB/s instead of 11; bf16 (vdpbf16ps) on
+  a 2-core AVX512-BF16 EPYC: see BF16_DECODE_MEASURED below.
+The kernel reads the plain weight, so the plain weight stays wherever it serves; the oneDNN copy for
+mid-size batches and the fp32 copy for big ones cost weight memory and are made only when small next to
+free RAM (bf16 without the kernel: the packed weight replaces the plain one, as before the kernel).
 oneDNN's bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; bf16 models elsewhere keep torch's linears.
 Like gpt-fast's quantizers, this is a transformation that swaps nn.Linear modules, not a flag in the model.
 """
@@ -99,7 +103,7 @@ def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: 
 
 class PackedLinear(nn.Module):
     """A linear that routes each call by its number of rows:
-    - up to gemv.MAX_ROWS, float32: the native matrix-vector kernel over the plain weight (decode);
+    - up to gemv.MAX_ROWS: the native matrix-vector kernel over the plain weight (decode), where kept;
     - below BIG_BATCH_ROWS: the oneDNN pre-packed weight, where one was made;
     - otherwise the big-batch route: "fp32" (bf16 weights as an fp32 GEMM) or "plain" (torch's own linear).
     """
@@ -144,18 +148,22 @@ def _copy_fits(weight_bytes_fp32: int, available_ram: int | None) -> bool:
 def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weights: bool = False) -> nn.Module:
     """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile.
 
-    float32: the plain weight stays (gemv for decode, MKL for prompt chunks) and the oneDNN copy for
-    mid-size batches is made if it fits in RAM. bfloat16: the packed weight replaces the plain one, and an
-    fp32 copy for big batches is made if it fits and is measured faster (see the module docstring)."""
+    The plain weight stays where the gemv kernel serves its dtype (decode, and MKL for fp32 prompt chunks)
+    and the oneDNN copy for mid-size batches is made if it fits in RAM. bfloat16 without the kernel: the
+    packed weight replaces the plain one. bfloat16's fp32 copy for big batches is made if it fits and is
+    measured faster (see the module docstring)."""
     linears = [(m, n, c) for m in model.modules() for n, c in m.named_children() if type(c) is nn.Linear]
     if not linears:
         return model
     fp32_bytes = sum(c.weight.numel() * 4 for _, _, c in linears)
     fits = _copy_fits(fp32_bytes, available_ram)
-    if linears[0][2].weight.dtype == torch.float32:
-        packed, big_route, keep = fits, "plain", True
+    weight = linears[0][2].weight
+    keep = keep_weights or weight.dtype == torch.float32 or gemv.supported(weight)
+    if weight.dtype == torch.float32:
+        packed, big_route = fits, "plain"
     else:
-        packed, big_route, keep = True, "fp32" if fits and fp32_gemm_is_faster() else None, keep_weights
+        packed = fits or not keep  # without the plain weight the packed one is the only one
+        big_route = "fp32" if fits and fp32_gemm_is_faster() else None
     if big_route == "fp32":
         log.info(
             "batched CPU matmuls run as fp32 GEMMs over the bf16 weights (%.0f MB copy)", fp32_bytes / 1e6
