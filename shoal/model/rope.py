@@ -39,6 +39,9 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # [max_positions, head_dim] float32, cos of each frequency then its sin: vLLM's cos_sin_cache layout,
+        # what the fused CPU kernel (kernels/fused_ops.c) reads.
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Looked up once per forward pass and shared by every layer: [T, 1, D] each."""

@@ -1,0 +1,250 @@
+"""The fused CPU kernels (kernels/fused_ops.c: RMSNorm with residual add, rotary embedding, SiLU-and-mul)
+against float64 references with stated tolerances, their input checks, their custom ops under
+torch.compile, and the model with them against the model without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import make_engine
+
+from shoal.kernels import fused_ops
+from shoal.model.rope import RotaryEmbedding, apply_rotary
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(
+        not fused_ops.supported(torch.device("cpu"), torch.float32),
+        reason="no C compiler: native kernels off",
+    ),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+# One rounding of a float32 result to bfloat16 is within half a bf16 ulp: 2^-8 relative (8 significant
+# bits). Float32 results differ from float64 by summation order and a few ulp of the float32 operations.
+REL = {torch.float32: 2**-20, torch.bfloat16: 2**-8 + 2**-20}
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, rel: float, abs_: float, what: str) -> None:
+    err = (got.double() - want).abs()
+    bound = want.abs() * rel + abs_
+    print(f"{what}: max |err| {err.max():.2e}, worst err/bound {(err / bound).max():.2f}")
+    assert (err <= bound).all(), what
+
+
+def _rms_norm64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+# Rows x dim: single-row decode, odd sizes, and one case past the kernel's threading threshold.
+SHAPES = [(1, 576), (3, 33), (7, 1001), (70, 577)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "dim"), SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_matches_float64(dtype, rows, dim, threads, monkeypatch) -> None:
+    monkeypatch.setattr(fused_ops, "_threads", lambda: threads)
+    x = _randn(rows, dim, dtype=dtype, seed=dim, scale=3.0)
+    w = _randn(dim, dtype=dtype, seed=dim + 1)
+    got = fused_ops.rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    _assert_close(got, _rms_norm64(x, w, 1e-5), REL[dtype], 1e-30, f"rms_norm {dtype} {rows}x{dim}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "dim"), SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_rms_norm_matches_float64(dtype, rows, dim, threads, monkeypatch) -> None:
+    """residual becomes residual + x exactly as torch adds in the dtype (one rounding); x becomes the norm
+    of that stored sum (what the next layer adds to), with one more rounding."""
+    monkeypatch.setattr(fused_ops, "_threads", lambda: threads)
+    x = _randn(rows, dim, dtype=dtype, seed=dim, scale=3.0)
+    residual = _randn(rows, dim, dtype=dtype, seed=dim + 2, scale=10.0)
+    w = _randn(dim, dtype=dtype, seed=dim + 1)
+    want_sum = residual + x
+    out, res = x.clone(), residual.clone()
+    fused_ops.add_rms_norm_(out, res, w, 1e-6)
+    assert torch.equal(res, want_sum)
+    _assert_close(
+        out, _rms_norm64(want_sum, w, 1e-6), REL[dtype], 1e-30, f"add_rms_norm {dtype} {rows}x{dim}"
+    )
+
+
+def _rotary64(x: torch.Tensor, cos_sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    out = x.double().clone()
+    half = head_dim // 2
+    c, s = cos_sin[:, None, :half].double(), cos_sin[:, None, half:].double()
+    h = out[:, : heads * head_dim].view(out.shape[0], heads, head_dim)
+    x1, x2 = h[..., :half].clone(), h[..., half:].clone()
+    h[..., :half] = x1 * c - x2 * s
+    h[..., half:] = x2 * c + x1 * s
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("tokens", "heads", "head_dim", "width"),
+    [
+        (1, 12, 64, 960),
+        (5, 3, 6, 25),
+        (9, 8, 128, 1024 + 3),
+        (300, 12, 64, 960),
+    ],  # SmolLM2; odd; last: threads
+)
+def test_rotary_matches_float64(dtype, tokens, heads, head_dim, width, monkeypatch) -> None:
+    """The first `heads` heads of each row rotate; the rest of the row (v) is left bit for bit."""
+    monkeypatch.setattr(fused_ops, "_threads", lambda: 2)
+    x = _randn(tokens, width, dtype=dtype, seed=width, scale=2.0)
+    angles = _randn(tokens, head_dim // 2, dtype=torch.float32, seed=1, scale=100.0)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    want = _rotary64(x, cos_sin, heads, head_dim)
+    got = x.clone()
+    fused_ops.rotary_(got, cos_sin, heads, head_dim)
+    assert torch.equal(got[:, heads * head_dim :], x[:, heads * head_dim :])
+    # The fp32 products carry an error relative to the inputs, not the (possibly cancelling) result.
+    scale = x.double().abs().amax(-1, keepdim=True)
+    _assert_close(got, want, REL[dtype], 4 * 2**-24 * scale, f"rotary {dtype} {tokens}x{heads}x{head_dim}")
+
+
+def test_rotary_follows_the_models_convention() -> None:
+    """RotaryEmbedding's cos_sin_cache (cos | sin of each frequency) through the kernel gives what the
+    PyTorch rotate-half formula gives with the model's full cos/sin tables (float32)."""
+    rope = RotaryEmbedding(64, 4096, 10000.0, None)
+    positions = torch.tensor([0, 1, 17, 1000, 4095])
+    x = _randn(5, 15 * 64, dtype=torch.float32, seed=3)
+    want = apply_rotary(x.view(5, 15, 64)[:, :12], rope.cos[positions, None], rope.sin[positions, None])
+    got = x.clone()
+    fused_ops.rotary_(got, rope.cos_sin_cache.index_select(0, positions), 12, 64)
+    torch.testing.assert_close(got.view(5, 15, 64)[:, :12], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (3, 17), (40, 1001)])  # last: threads
+def test_silu_and_mul_matches_float64(dtype, rows, inter, monkeypatch) -> None:
+    monkeypatch.setattr(fused_ops, "_threads", lambda: 2)
+    gate_up = _randn(rows, 2 * inter, dtype=dtype, seed=inter, scale=4.0)
+    got = fused_ops.silu_and_mul(gate_up)
+    assert got.dtype == dtype and got.shape == (rows, inter)
+    g, u = gate_up.double().split(inter, dim=-1)
+    # exp is Cephes' polynomial (2 ulp), then a division and a product: 6 fp32 ulp.
+    rel = REL[dtype] + 6 * 2**-24
+    _assert_close(got, F.silu(g) * u, rel, 1e-30, f"silu_and_mul {dtype} {rows}x{inter}")
+
+
+def test_silu_exp_over_its_whole_range() -> None:
+    """Gates from -87 to 87 (where e^-g stays a normal float): relative error of silu(g) within 6 ulp;
+    beyond, values are tiny or exact (silu(g) = g), and NaN stays NaN."""
+    g = torch.cat([torch.linspace(-87, 87, 20001), torch.tensor([-1e4, -200.0, 200.0, 1e4])])
+    gate_up = torch.cat([g, torch.ones_like(g)])[None]
+    got = fused_ops.silu_and_mul(gate_up)[0].double()
+    want = F.silu(g.double())
+    inside = g.abs() <= 87
+    _assert_close(got[inside], want[inside], 6 * 2**-24, 1e-30, "silu over [-87, 87]")
+    assert (got[~inside] - want[~inside]).abs().max() < 1e-30 + 2**-23 * want[~inside].abs().max()
+    nan = fused_ops.silu_and_mul(torch.tensor([[float("nan"), 1.0, 2.0, float("nan")]]))
+    assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_propagate(dtype) -> None:
+    """No -ffast-math: a NaN in a row makes that row NaN and leaves the others; inf overflows to NaN
+    through inf/inf, as the PyTorch formula does."""
+    x = _randn(3, 40, dtype=dtype, seed=0)
+    x[1, 7] = float("nan")
+    out = fused_ops.rms_norm(x, torch.ones(40, dtype=dtype), 1e-5)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    res = torch.zeros(3, 40, dtype=dtype)
+    fused_ops.add_rms_norm_(x, res, torch.ones(40, dtype=dtype), 1e-5)
+    assert x[1].isnan().all() and x[[0, 2]].isfinite().all() and res[1, 7].isnan()
+
+
+def test_bad_inputs_raise() -> None:
+    x, w = torch.randn(4, 8), torch.randn(8)
+    qkv, cos_sin = torch.randn(4, 48), torch.randn(4, 16)
+    gate_up = torch.randn(4, 10)
+    bad_norms = [
+        (x.half(), w.half()),  # unsupported dtype
+        (x.double(), w.double()),
+        (x.int(), w.int()),
+        (x, w.bfloat16()),  # mixed dtypes
+        (x.t(), torch.randn(4)),  # strided
+        (x[:, ::2], w[:4]),
+        (x, w[:7]),  # weight of another size
+        (x, torch.randn(1, 8)),
+        (x.view(2, 2, 8), w),  # not [rows, dim]
+        (x.to("meta"), w),  # not on the CPU
+    ]
+    for xi, wi in bad_norms:
+        with pytest.raises(ValueError, match="rms_norm"):
+            fused_ops.rms_norm(xi, wi, 1e-5)
+        with pytest.raises(ValueError, match="rms_norm"):
+            fused_ops.add_rms_norm_(xi, xi.clone(), wi, 1e-5)
+    for residual in (torch.randn(4, 9), torch.randn(3, 8), x.bfloat16(), torch.randn(8, 4).t(), x.to("meta")):
+        with pytest.raises(ValueError, match="add_rms_norm_"):
+            fused_ops.add_rms_norm_(x, residual, w, 1e-5)
+    bad_rotary = [
+        (qkv.half(), cos_sin, 3, 16),
+        (qkv[:, ::2], cos_sin, 1, 16),  # strided
+        (qkv, cos_sin.bfloat16(), 3, 16),  # cos_sin not float32
+        (qkv, cos_sin[:3], 3, 16),  # a row short
+        (qkv, cos_sin[:, :8], 3, 16),  # head_dim mismatch
+        (qkv, cos_sin, 4, 16),  # more heads than the row holds
+        (qkv, torch.randn(4, 15), 3, 15),  # odd head_dim
+        (qkv, cos_sin, -1, 16),
+        (qkv.view(4, 3, 16), cos_sin, 3, 16),
+        (qkv.to("meta"), cos_sin, 3, 16),
+    ]
+    for args in bad_rotary:
+        with pytest.raises(ValueError, match="rotary"):
+            fused_ops.rotary_(*args)
+    for bad in (gate_up.half(), gate_up[:, :9], gate_up.t(), gate_up[:, ::2], gate_up[0], gate_up.to("meta")):
+        with pytest.raises(ValueError, match="silu_and_mul"):
+            fused_ops.silu_and_mul(bad)
+
+
+def test_custom_ops_under_torch_compile() -> None:
+    """The custom ops' fake implementations and declared mutations hold up under tracing (AOT autograd with
+    functionalization, the part of torch.compile that checks them)."""
+
+    def layer(x, residual, w, qkv, cos_sin, gate_up):
+        fused_ops.add_rms_norm_(x, residual, w, 1e-5)
+        fused_ops.rotary_(qkv, cos_sin, 3, 16)
+        return fused_ops.rms_norm(x, w, 1e-5), fused_ops.silu_and_mul(gate_up)
+
+    args = (torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(4, 64), torch.randn(4, 16))
+    args = (*args, torch.randn(4, 10))
+    eager_args = [a.clone() for a in args]
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got, want = compiled(*args), layer(*eager_args)
+    for a, b in zip([*got, *args], [*want, *eager_args], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])  # rotary inside fused qkv; q/k norms first
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_same_with_and_without_kernels(arch, dtype, tiny_model_dirs, test_prompts, monkeypatch) -> None:
+    """Teacher-forced logits through the real engine (paged cache, chunked prefill) with the kernels and
+    with the PyTorch formulas: float32 agrees to summation order; bfloat16 to the rounding the kernels skip
+    (they round once where PyTorch rounds after every op)."""
+    ids = test_prompts["long"][:120]
+    logits = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(fused_ops, "supported", lambda device, dtype: False)
+        engine = make_engine(
+            tiny_model_dirs[arch], kv_tokens=512, dtype=dtype, max_model_len=256, max_num_batched_tokens=48
+        )
+        logits[native] = engine.prompt_logits(ids)
+    diff = (logits[True] - logits[False]).abs()
+    print(f"{arch} {dtype}: max |logit diff| {diff.max():.2e}, mean {diff.mean():.2e}")
+    if dtype == "float32":
+        assert diff.max() < 1e-4
+    else:
+        assert diff.mean() < 0.05 * logits[False].abs().mean()
