@@ -48,17 +48,35 @@ def supported(weight: torch.Tensor) -> bool:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """What gemv.c assumes, or an exception saying which input breaks it."""
+    """What gemv.c assumes (x may be strided: it is made contiguous), else _refuse raises. One expression
+    of cheap attribute reads (about 0.7 us; `.device` costs 0.5 us, `.size(i)` 0.2 us): it runs about
+    120 times per decode step."""
+    dt, ws, xs = weight.dtype, weight.shape, x.shape
+    if not (
+        dt in _SYMBOLS
+        and x.dtype is dt
+        and x.is_cpu
+        and weight.is_cpu
+        and len(xs) == 2
+        and len(ws) == 2
+        and weight.is_contiguous()
+        and 1 <= xs[0] <= MAX_ROWS
+        and xs[1] == ws[1]
+        and 1 <= ws[1] <= _INT_MAX
+        and 1 <= ws[0] <= _INT_MAX
+        and (bias is None or (bias.dtype is dt and bias.is_cpu and bias.shape == ws[:1]))
+    ):
+        _refuse(x, weight, bias)
+
+
+def _refuse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The exception for inputs _check turned down, saying which input breaks what."""
     if weight.dtype not in _SYMBOLS:
         raise TypeError(f"gemv: weight dtype {weight.dtype}, expected float32 or bfloat16")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         got = f"x {x.dtype}, bias {None if bias is None else bias.dtype}"
         raise TypeError(f"gemv: {got}; expected the weight's dtype {weight.dtype}")
-    if (
-        x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or (bias is not None and bias.device.type != "cpu")
-    ):
+    if not (x.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu)):
         raise ValueError("gemv: x, weight and bias must be on the CPU")
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"gemv: weight must be a contiguous [N, K] matrix, got shape {tuple(weight.shape)}")
@@ -67,8 +85,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         raise ValueError(f"gemv: weight shape {tuple(weight.shape)}: N and K must be in [1, 2^31)")
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != k:
         raise ValueError(f"gemv: x shape {tuple(x.shape)}, expected [1..{MAX_ROWS}, {k}]")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"gemv: bias shape {tuple(bias.shape)}, expected ({n},)")
+    raise ValueError(f"gemv: bias shape {tuple(bias.shape)}, expected ({n},)")
 
 
 def _run(
