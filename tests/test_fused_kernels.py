@@ -248,3 +248,149 @@ def test_model_same_with_and_without_kernels(arch, dtype, tiny_model_dirs, test_
         assert diff.max() < 1e-4
     else:
         assert diff.mean() < 0.05 * logits[False].abs().mean()
+
+
+# ---- Chunked-prefill attention over the paged cache (kernels/paged_prefill_attention.c) -----------------
+
+
+def _prefill_case(seed, context_len, tokens, heads, kv_heads, dim, dtype, block_size=16):
+    """Caches with the sequence's blocks scattered at random; q a view into fused qkv rows, as in the model."""
+    g = torch.Generator().manual_seed(seed)
+    n = context_len + tokens
+    num_blocks = -(-n // block_size) + 5
+    table = torch.randperm(num_blocks, generator=g)[: -(-n // block_size)]
+    pos = torch.arange(n)
+    slots = table[pos // block_size] * block_size + pos % block_size
+    shape = (num_blocks * block_size, kv_heads, dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).to(dtype)
+    return qkv[:, :heads], k_cache, v_cache, slots
+
+
+def _prefill_reference(q, k_cache, v_cache, slots, context_len, window, scale):
+    """Per query token, float64 softmax attention over the keys it may see, read by slot."""
+    groups = q.shape[1] // k_cache.shape[1]
+    out = []
+    for t in range(q.shape[0]):
+        p = context_len + t
+        lo = max(0, p - window + 1) if window else 0
+        k = k_cache[slots[lo : p + 1]].double().repeat_interleave(groups, 1)  # [n, H, D]
+        v = v_cache[slots[lo : p + 1]].double().repeat_interleave(groups, 1)
+        probs = torch.softmax(scale * torch.einsum("hd,nhd->hn", q[t].double(), k), dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", probs, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 8, 128), (4, 1, 32), (6, 2, 16)]
+)  # SmolLM2's GQA; MHA at 128; MQA; the smallest head the kernel takes
+@pytest.mark.parametrize(
+    ("context_len", "tokens", "window"),
+    [(0, 1, None), (0, 70, None), (15, 1, None), (16, 33, None), (333, 5, None), (100, 37, 20), (0, 40, 7)],
+)
+def test_prefill_attention_matches_float64(dtype, heads, kv_heads, dim, context_len, tokens, window) -> None:
+    """Fresh prompts, cached contexts across block boundaries, single tokens, and sliding windows. float32:
+    summation order and the exp polynomial (2 ulp) only; bfloat16: plus one rounding of the output."""
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, slots = _prefill_case(
+        dim + context_len + tokens, context_len, tokens, heads, kv_heads, dim, dtype
+    )
+    scale = dim**-0.5
+    got = prefill_attention.paged_prefill_attention(q, kc, vc, slots, context_len, window, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = _prefill_reference(q, kc, vc, slots, context_len, window, scale)
+    rel = 2**-8 if dtype == torch.bfloat16 else 0.0
+    _assert_close(
+        got, want, rel, 2e-6, f"prefill {dtype} H={heads}/{kv_heads} D={dim} ctx={context_len} T={tokens}"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_special_values(dtype) -> None:
+    """As torch.softmax: a NaN in a query makes its (token, head) row NaN and no other; keys scored -inf
+    weigh exactly 0; a query whose keys all score -inf gets NaN."""
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, slots = _prefill_case(1, 40, 6, 4, 2, 32, dtype)
+    q = q.clone()
+    q[2, 1, 3] = float("nan")
+    got = prefill_attention.paged_prefill_attention(q, kc, vc, slots, 40, None, 0.2)
+    assert got[2, 1].isnan().all()
+    got[2, 1] = 0
+    assert got.isfinite().all()
+
+    q[2, 1, 3] = 0.0
+    q[:, :, 0] = q[:, :, 0].abs() + 1  # positive in dim 0: a key with -inf there scores -inf
+    kc[slots[:30], :, 0] = float("-inf")
+    got = prefill_attention.paged_prefill_attention(q, kc, vc, slots, 40, None, 0.2)
+    # Attention over keys 30.. alone: the query at position 40 + t is at 10 + t among them.
+    want = _prefill_reference(q, kc, vc, slots[30:], 10, None, 0.2)
+    rel = 2**-8 if dtype == torch.bfloat16 else 0.0
+    _assert_close(got, want, rel, 2e-6, f"prefill {dtype} with -inf keys")
+
+    kc[slots, :, 0] = float("-inf")
+    assert prefill_attention.paged_prefill_attention(q, kc, vc, slots, 40, None, 0.2).isnan().all()
+
+
+def test_prefill_attention_bad_inputs_raise() -> None:
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, slots = _prefill_case(0, 20, 4, 4, 2, 32, torch.float32)
+
+    def call(q=q, kc=kc, vc=vc, slots=slots, context_len=20, window=None):
+        return prefill_attention.paged_prefill_attention(q, kc, vc, slots, context_len, window, 0.2)
+
+    for bad in (kc.shape[0], -1, 2**40):
+        s = slots.clone()
+        s[7] = bad
+        with pytest.raises(ValueError, match="slot"):
+            call(slots=s)
+    value_errors = [
+        {"q": q.double(), "kc": kc.double(), "vc": vc.double()},  # unsupported dtype
+        {"q": q.bfloat16()},  # mixed dtypes
+        {"slots": slots.int()},
+        {"slots": slots[:-1]},  # not context_len + T slots
+        {"context_len": 19},
+        {"context_len": -1},
+        {"window": -1},
+        {"kc": kc[:, :, :16].contiguous(), "vc": vc[:, :, :16].contiguous()},  # head dims differ
+        {"q": q[:, :3]},  # 3 query heads over 2 kv heads
+        {"q": q[0]},  # not [T, H, D]
+        {"q": q[:, :, ::2]},  # strided inside a head
+        {"q": q.transpose(0, 1).contiguous().transpose(0, 1)},  # heads not adjacent
+        {"kc": kc.transpose(1, 2).contiguous().transpose(1, 2)},  # non-contiguous cache
+        {"vc": vc[:-16]},
+        {"slots": slots.to("meta")},
+    ]
+    for kwargs in value_errors:
+        with pytest.raises(ValueError, match="paged_prefill_attention"):
+            call(**kwargs)
+    q24, kc24, vc24, slots24 = _prefill_case(0, 3, 2, 2, 1, 24, torch.float32)
+    with pytest.raises(ValueError, match="paged_prefill_attention"):  # D not a multiple of 16
+        prefill_attention.paged_prefill_attention(q24, kc24, vc24, slots24, 3, None, 0.2)
+    assert not prefill_attention.supported(torch.device("cpu"), torch.float32, 24)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])  # sliding window; plain GQA with biases
+def test_engine_prefill_same_with_and_without_kernel(
+    arch, tiny_model_dirs, test_prompts, monkeypatch
+) -> None:
+    """Chunked prefill through the engine (chunks of 24 tokens over cached context): the in-place kernel and
+    the gather + SDPA path give the same float32 logits up to summation order."""
+    from shoal.kernels import prefill_attention
+
+    ids = test_prompts["long"][:150]
+    logits = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(prefill_attention, "supported", lambda device, dtype, head_dim: False)
+        engine = make_engine(
+            tiny_model_dirs[arch], kv_tokens=512, max_model_len=256, max_num_batched_tokens=24
+        )
+        logits[native] = engine.prompt_logits(ids)
+    diff = (logits[True] - logits[False]).abs().max()
+    print(f"{arch}: max |logit diff| kernel vs gather {diff:.2e}")
+    assert diff < 1e-4

@@ -4,7 +4,10 @@ The runner describes one engine step in `AttentionMetadata`: the batch's tokens 
 decode tokens first (one per sequence), then each prefill chunk. Every layer writes its new K/V into
 the cache slots of `slot_mapping`, then attends: the decodes in batched calls (on CPU one call of shoal's
 kernel that reads the blocks in place, elsewhere SDPA over gathered slots in groups of similar length),
-each prefill chunk in its own call (a fresh prompt without cached prefix uses the causal kernel directly).
+each prefill chunk in its own call. On CPU a prefill chunk runs shoal's chunked-prefill kernel
+(kernels/paged_prefill_attention.c), which reads its context in place from the cache slots; elsewhere a
+fresh prompt without cached prefix uses SDPA's causal kernel directly, and a chunk with cached context
+gathers its keys into a dense copy for SDPA with a mask.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.kernels import paged_attention as native
+from shoal.kernels import prefill_attention as native_prefill
 
 
 @dataclass
@@ -120,14 +124,48 @@ def _decode_attention(
 
 
 def _prompt_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of a prompt chunk. On CPU, bf16 inputs are upcast: torch's CPU flash attention runs
-    1.6x faster in fp32 than in bf16 here, casts included (measured 300 tokens: 2.0 -> 1.3 ms), and fp32 is
-    at least as precise. Decode attention stays bf16, where the casts would cost more than they save."""
+    """Attention of a prompt chunk through SDPA. On CPU, bf16 inputs are upcast: torch's CPU flash attention
+    runs 1.6x faster in fp32 than in bf16 here, casts included (measured 300 tokens: 2.0 -> 1.3 ms), and fp32
+    is at least as precise. Decode attention stays bf16, where the casts would cost more than they save."""
     if q.is_cpu and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    i: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Prefill chunk i (its K/V already in the cache): [chunk tokens, H, D] in q's dtype.
+
+    On CPU the native kernel reads every key in place from its slot, cached prefix and chunk alike: no
+    gathered copy, no mask tensor. Measured against gather + SDPA (SmolLM2 heads, bf16, one thread): cached
+    context of 2048 tokens 1.2-1.5x faster for chunks of 1-512 tokens; fresh prompts 1.1-2.8x faster than
+    SDPA's causal kernel (see docs of kernels/paged_prefill_attention.c)."""
+    chunk = meta.prefills[i]
+    qc = q[chunk.start : chunk.end]
+    if native_prefill.supported(q.device, q.dtype, q.shape[-1]):
+        return native_prefill.paged_prefill_attention(
+            qc, k_cache, v_cache, chunk.slots, chunk.context_len, window, scale
+        )
+    qc = qc.transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+    mask = meta.prefill_mask(i, window)
+    if mask is None:  # whole prompt in this chunk: keys are exactly the new tokens
+        kc = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        vc = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+    else:
+        kc = _gather(k_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
+        vc = _gather(v_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
+    return _prompt_attention(qc, kc, vc, mask, scale).squeeze(0).transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(
@@ -143,20 +181,14 @@ def paged_attention(
     """q: [T, H, D], k/v: [T, Hkv, D]; caches: [num_slots, Hkv, D]. Returns [T, H, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if len(meta.decodes) == 1 and not meta.prefills:  # pure decode step of similar lengths: no scatter
+    # A step of one kind only (pure decode of similar lengths, or one prompt chunk): no scatter into `out`.
+    if len(meta.decodes) == 1 and not meta.prefills:
         return _decode_attention(q, k_cache, v_cache, meta, 0, scale, window)
+    if len(meta.prefills) == 1 and not meta.decodes:
+        return _prefill_attention(q, k, v, k_cache, v_cache, meta, 0, scale, window)
     out = torch.empty_like(q)
     for i, group in enumerate(meta.decodes):
         out[group.start : group.end] = _decode_attention(q, k_cache, v_cache, meta, i, scale, window)
     for i, chunk in enumerate(meta.prefills):
-        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        mask = meta.prefill_mask(i, window)
-        if mask is None:  # whole prompt in this chunk: keys are exactly the new tokens
-            kc = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-            vc = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-        else:
-            kc = _gather(k_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
-            vc = _gather(v_cache, chunk.slots).transpose(0, 1).unsqueeze(0)
-        o = _prompt_attention(qc, kc, vc, mask, scale)
-        out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1).to(out.dtype)
+        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, meta, i, scale, window)
     return out
