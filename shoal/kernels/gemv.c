@@ -160,11 +160,19 @@ int shoal_gemv_bf16_portable(const uint16_t *x, const uint16_t *w, const uint16_
 #if HAVE_AVX512_BF16
 /* AVX512-BF16: R weight rows (1 or ROW_BLOCK) against the M rows of x. R independent accumulators per row
  * of x keep R vdpbf16ps chains in flight (one chain alone waits on the instruction's latency: M = 1 would
- * then read the weight at well under memory bandwidth). The last K % 32 columns use masked loads (zeros). */
+ * then read the weight at well under memory bandwidth). The last K % 32 columns use masked loads (zeros).
+ * Each 64-byte load also asks for the line PREFETCH_ROWS rows further on: without it the hardware
+ * prefetcher alone left one thread at 14 GB/s on SmolLM2's linears from memory (4 rows: 8 GB/s), with it
+ * 20 GB/s (16); 2, 4, 8 and 16 rows ahead measured alike. */
 #define ROW_BLOCK 4
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
-#endif
+
+/* A prefetch never faults, so one past the end of w (the last rows) is harmless; the address is formed
+ * as an integer so that no out-of-bounds pointer is ever made. */
+static inline void prefetch(const uint16_t *p, int64_t elems) {
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 3);
+}
+
 static inline __attribute__((always_inline)) void rows_dot_avx512bf16(const uint16_t *x, const uint16_t *w, int M,
                                                                       int R, int K, float out[][ROW_BLOCK]) {
     __m512 acc[MAX_ROWS][ROW_BLOCK];
@@ -174,7 +182,7 @@ static inline __attribute__((always_inline)) void rows_dot_avx512bf16(const uint
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[ROW_BLOCK];
         for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + (int64_t)r * K + k);
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (int64_t)(r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) prefetch(w, (int64_t)(r + PREFETCH_ROWS) * K + k);
         for (int m = 0; m < M; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)m * K + k);
             for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);

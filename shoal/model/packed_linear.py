@@ -15,7 +15,8 @@ Measured facts about torch's CPU matmuls that this module exists for:
     weight is kept for big batches.
 - For 1-4 rows both stream the weight below memory bandwidth, so those run on shoal's own matrix-vector
   kernel (shoal/kernels/gemv.c): fp32 on that AVX2 EPYC about 24 GB/s instead of 11; bf16 (vdpbf16ps) on
-  a 2-core AVX512-BF16 EPYC: see BF16_DECODE_MEASURED below.
+  a 2-core AVX512-BF16 EPYC 1.0-1.3x oneDNN's packed linears per weight, SmolLM2 decode step 1.21-1.25x
+  faster with one thread (numbers in shoal/kernels/gemv.py).
 The kernel reads the plain weight, so the plain weight stays wherever it serves; the oneDNN copy for
 mid-size batches and the fp32 copy for big ones cost weight memory and are made only when small next to
 free RAM (bf16 without the kernel: the packed weight replaces the plain one, as before the kernel).
