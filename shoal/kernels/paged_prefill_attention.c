@@ -17,6 +17,11 @@
  * Layouts (row-major): q [T, H, D] with q_stride elements from one token to the next (a view into the fused
  * qkv rows), out [T, H, D] and k_cache/v_cache [num_slots, Hkv, D] contiguous, slots [L] int64.
  *
+ * Measured (SmolLM2-135M bf16, one thread, AMD EPYC with AVX-512; whole model forward, all 30 layers):
+ *   chunk of 16 / 64 / 256 tokens after 2000 cached: 60 / 168 / 614 ms, against 74 / 192 / 703 ms with the
+ *   context gathered for SDPA (attention alone 35 / 114 / 468 ms against 51 / 144 / 555 ms);
+ *   fresh 512-token prompt: 388 ms against 503 ms with SDPA's causal kernel (attention 122 against 224 ms).
+ *
  * Special values follow torch.softmax: a row with a NaN or +inf score, or whose scores are all -inf, is NaN.
  * Inputs: the caller checks dtypes, shapes and strides; the slot ids are checked here in one serial pass
  * before any cache row is read (SHOAL_BAD_INPUT), the work buffers are checked allocations (SHOAL_NO_MEMORY).
@@ -55,10 +60,17 @@ static inline vf splat(float x) { return (vf){0} + x; }
 
 static inline vf blend(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* e^x for x <= 0 (scores minus their running max), Cephes' expf as in fused_ops.c: within 2 ulp down to
- * -87.3, where it clamps (weights below 1e-38 of the largest one; masked keys are zeroed separately). */
+/* Weights below e^-NEGLIGIBLE of the row's largest are dropped (made exactly 0): they change no float32
+ * result (each is below 2^-57 of the largest), and keeping them would feed denormal products into the
+ * accumulations, which x86 runs through microcode assists: measured 2x slower attention on real SmolLM2
+ * activations, whose softmax rows are sharply peaked. */
+#define NEGLIGIBLE 40.0f
+
+/* e^x for x <= 0 (scores minus their running max): Cephes' expf as in fused_ops.c, within 2 ulp; 0 below
+ * -NEGLIGIBLE (masked keys are zeroed separately). */
 static inline vf exp_nonpositive(vf x) {
-    x = blend(x >= splat(-87.3f), x, splat(-87.3f)); /* NaN lands here too: the caller flags NaN rows */
+    const vi kept = x >= splat(-NEGLIGIBLE); /* false for NaN too: the caller flags NaN rows */
+    x = blend(kept, x, splat(-NEGLIGIBLE));
     const vf shifted = x * 1.44269504088896341f + 12582912.0f; /* round(x log2 e) in the low mantissa bits */
     const vf fx = shifted - 12582912.0f;
     x -= fx * 0.693359375f;
@@ -71,7 +83,7 @@ static inline vf exp_nonpositive(vf x) {
     y = y * x + 5.0000001201e-1f;
     y = y * (x * x) + x + 1.0f;
     const vi n = (vi)shifted - 0x4b400000;
-    return y * (vf)((n + 127) << 23);
+    return blend(kept, y * (vf)((n + 127) << 23), splat(0.0f));
 }
 
 /* Horizontal max and sum in log2(KEYS) = 4 shuffle steps (a lane-by-lane loop is a serial chain). */
@@ -125,6 +137,18 @@ static inline void load_rows(const void *cache, const int64_t *slots, int pos0, 
             else
                 memcpy(dst + j * D, src, (size_t)D * sizeof(float));
         }
+    }
+}
+
+/* Asks for the rows of the key tile at pos0 (this kv head's part of each slot): the blocks sit anywhere in
+ * the cache, and a chunk's context of all layers is far larger than the caches, so without this the tile
+ * loads wait on memory one row at a time (measured 2x slower inside the model than on a warm cache). */
+static inline void prefetch_tile(const void *cache, const int64_t *slots, int pos0, int end, int Hkv, int kv_head,
+                                 int D, int elem_bytes) {
+    const int row_bytes = D * elem_bytes;
+    for (int j = pos0; j < pos0 + KEYS && j < end; j++) {
+        const char *row = (const char *)cache + (slots[j] * Hkv + kv_head) * (int64_t)row_bytes;
+        for (int off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off);
     }
 }
 
@@ -213,6 +237,8 @@ static void attend_tile(const void *q, int64_t q_stride, const void *k_cache, co
     for (int j = 0; j < KEYS; j++) iota[j] = j;
     for (int j0 = first - first % KEYS; j0 <= last; j0 += KEYS) {
         const int n = last + 1 - j0 < KEYS ? last + 1 - j0 : KEYS;
+        prefetch_tile(k_cache, slots, j0 + KEYS, last + 1, Hkv, kv_head, D, bf16 ? 2 : 4);
+        prefetch_tile(v_cache, slots, j0 + KEYS, last + 1, Hkv, kv_head, D, bf16 ? 2 : 4);
         load_rows(k_cache, slots, j0, n, Hkv, kv_head, D, bf16, buf->kt, 1);
         load_rows(v_cache, slots, j0, n, Hkv, kv_head, D, bf16, buf->v, 0);
         scores_block(buf->q, buf->kt, D, rows, buf->p);
@@ -230,7 +256,8 @@ static void attend_tile(const void *q, int64_t q_stride, const void *k_cache, co
                 continue;
             }
             const vf e = blend(valid, exp_nonpositive(s - m_new), splat(0.0f));
-            const float correction = m[r] == -INFINITY ? 0.0f : expf(m[r] - m_new);
+            const float shift = m[r] - m_new; /* <= 0; -inf before the first visible key */
+            const float correction = shift >= -NEGLIGIBLE ? expf(shift) : 0.0f;
             l[r] = l[r] * correction + hsum(e);
             m[r] = m_new;
             buf->p[r] = e;

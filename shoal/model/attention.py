@@ -148,9 +148,9 @@ def _prefill_attention(
     """Prefill chunk i (its K/V already in the cache): [chunk tokens, H, D] in q's dtype.
 
     On CPU the native kernel reads every key in place from its slot, cached prefix and chunk alike: no
-    gathered copy, no mask tensor. Measured against gather + SDPA (SmolLM2 heads, bf16, one thread): cached
-    context of 2048 tokens 1.2-1.5x faster for chunks of 1-512 tokens; fresh prompts 1.1-2.8x faster than
-    SDPA's causal kernel (see docs of kernels/paged_prefill_attention.c)."""
+    gathered copy, no mask tensor, no bf16 -> fp32 casts. Measured inside SmolLM2 bf16 (one thread): a chunk
+    of 16-256 tokens after 2000 cached ones attends 1.2-1.5x faster than gather + SDPA, a fresh 512-token
+    prompt 1.8x faster than SDPA's causal kernel (numbers in kernels/paged_prefill_attention.c)."""
     chunk = meta.prefills[i]
     qc = q[chunk.start : chunk.end]
     if native_prefill.supported(q.device, q.dtype, q.shape[-1]):
