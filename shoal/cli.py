@@ -95,6 +95,13 @@ def serve(
             "(about 1.5 min for SmolLM2 on 2 CPU cores; inductor caches it on disk for later starts).",
         ),
     ] = False,
+    engine_mode: Annotated[
+        str,
+        typer.Option(
+            help="process: the engine core runs in its own process and the HTTP side never waits for the "
+            "GIL (the default); thread: both in one process (see docs/performance.md).",
+        ),
+    ] = "process",
     enable_fault_injection: Annotated[
         bool,
         typer.Option(
@@ -125,6 +132,8 @@ def serve(
     )
     try:
         config.validate()
+        if engine_mode not in ("process", "thread"):
+            raise ValueError(f"--engine-mode must be process or thread, got {engine_mode!r}")
         settings = ServerSettings(
             served_model_name=served_model_name or model,
             api_key=api_key or os.environ.get("SHOAL_API_KEY") or None,
@@ -134,8 +143,12 @@ def serve(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     try:
-        run_server(config, settings, host=host, port=port, log_level=log_level)
-    except (ValueError, OSError) as e:  # a bad model path, a config the model cannot take: no traceback
+        run_server(config, settings, host=host, port=port, log_level=log_level, engine_mode=engine_mode)
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+    ) as e:  # a bad model path, a config the model cannot take: no traceback
         typer.echo(f"shoal serve: error: {e}", err=True)
         raise typer.Exit(1) from None
 

@@ -20,21 +20,15 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from shoal.engine.config import EngineConfig
+from shoal.engine.errors import EngineDeadError, EngineStepError
 from shoal.engine.faults import FaultInjector
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.outputs import RequestOutput
+from shoal.engine.request_queue import RequestQueue
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import EngineStats, StepStats
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread failed; requests in flight get this error."""
-
-
-class EngineStepError(RuntimeError):
-    """A step failed while this request was in flight; the request was aborted, the engine goes on."""
 
 
 class AsyncEngine:
@@ -46,7 +40,7 @@ class AsyncEngine:
         self.model_name = model_name or engine.config.model
         self.ready = False
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestQueue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
@@ -137,7 +131,7 @@ class AsyncEngine:
         target = self._take_target(request_id, item)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(q.put, item)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """One step's outputs: a single call_soon_threadsafe per event loop."""
@@ -151,7 +145,7 @@ class AsyncEngine:
 
     def _take_target(
         self, request_id: str, item: RequestOutput | BaseException
-    ) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None:
+    ) -> tuple[asyncio.AbstractEventLoop, RequestQueue] | None:
         """The waiter of request_id; forgotten once it gets its last item."""
         target = self._streams.get(request_id)
         if target is not None and (isinstance(item, BaseException) or item.finished):
@@ -165,34 +159,29 @@ class AsyncEngine:
         """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
-        params.validate(self.engine.model_config.vocab_size)
         self.engine.check_prompt(prompt_token_ids, params)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        queue = RequestQueue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._inbox.put(("add", request_id, (list(prompt_token_ids), params)))
         self._wakeup.set()
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                while not q.empty() and isinstance(item, RequestOutput) and not item.finished:
-                    item = q.get_nowait()  # a slow consumer only needs the newest snapshot
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
+            yield item
+
+    @property
+    def fault_injection_enabled(self) -> bool:
+        return self.faults is not None
+
+    async def set_faults(self, plan: dict) -> dict:
+        return self.faults.set(plan)
+
+    async def get_faults(self) -> dict:
+        return self.faults.current()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
         self._wakeup.set()
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[RequestQueue, RequestOutput]]) -> None:
     for q, item in items:
-        q.put_nowait(item)
+        q.put(item)

@@ -64,6 +64,17 @@ class FaultPlan:
                 raise ValueError(f"{name} must be in [0, {MAX_SECONDS:g}] seconds, got {getattr(self, name)}")
 
 
+def plan_from_env() -> dict:
+    """The start-up plan: SHOAL_FAULTS as a JSON object, or no faults (ValueError if it is malformed)."""
+    raw = os.environ.get(ENV_PLAN)
+    try:
+        plan = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ENV_PLAN} is not JSON: {e}") from e
+    FaultPlan.parse(plan)
+    return plan
+
+
 class FaultInjector:
     """The current plan, shared by the server (which sets it) and the engine thread (which obeys it)."""
 
@@ -74,8 +85,7 @@ class FaultInjector:
 
     @classmethod
     def from_env(cls) -> FaultInjector:
-        raw = os.environ.get(ENV_PLAN)
-        return cls(FaultPlan.parse(json.loads(raw)) if raw else None)
+        return cls(FaultPlan.parse(plan_from_env()))
 
     def set(self, plan: dict) -> dict:
         """Replace the plan (ValueError for a bad one); returns the plan now in force."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from shoal.engine.admission import check_request
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig
 from shoal.engine.detokenizer import IncrementalDetokenizer
@@ -138,29 +139,12 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (with the lengths) for a request that cannot fit max_model_len."""
-        n, limit = len(prompt_token_ids), self.config.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt token id {bad} is outside the vocabulary (size {self.model_config.vocab_size})"
-            )
-        if n >= limit:
-            raise ValueError(
-                f"the prompt has {n} tokens, but max_model_len is {limit}: it leaves no room to generate"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ValueError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is {n + params.max_tokens} tokens, "
-                f"more than max_model_len ({limit})"
-            )
+        """Raise ValueError for a request that cannot run here (see admission.check_request)."""
+        check_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        params.validate(self.model_config.vocab_size)
         self.check_prompt(prompt_token_ids, params)
         seqs = []
         for i in range(params.n):

@@ -16,29 +16,30 @@ from shoal.server.state import ServerState, get_state
 router = APIRouter()
 
 
-def _injector(state: ServerState) -> Any:
-    faults = getattr(state.engine, "faults", None)
-    if not state.settings.enable_fault_injection or faults is None:
+def _engine(state: ServerState) -> Any:
+    if not state.settings.enable_fault_injection or not getattr(
+        state.engine, "fault_injection_enabled", False
+    ):
         raise APIError(
             "fault injection is disabled: start the server with --enable-fault-injection",
             403,
             code="fault_injection_disabled",
         )
-    return faults
+    return state.engine
 
 
 @router.get("/debug/faults", responses=ERROR_RESPONSES)
 async def get_faults(request: Request) -> dict:
     """The fault plan in force."""
-    return _injector(get_state(request)).current()
+    return await _engine(get_state(request)).get_faults()
 
 
 @router.post("/debug/faults", responses=ERROR_RESPONSES)
 async def set_faults(request: Request, plan: dict[str, Any] = Body(...)) -> dict:
     """Replace the plan: {"step_raise": N}, {"step_raise_rate": p}, {"step_hang_s": s},
     {"load_delay_s": s}, or {} to clear. Returns the plan now in force."""
-    faults = _injector(get_state(request))
+    engine = _engine(get_state(request))
     try:
-        return faults.set(plan)
+        return await engine.set_faults(plan)
     except ValueError as e:
         raise APIError(str(e), param="faults") from e

@@ -1,0 +1,28 @@
+"""The checks a request passes before it enters the engine, runnable without the model (no torch), so
+that an engine client in another process refuses bad requests with a 400 before sending them."""
+
+from __future__ import annotations
+
+from shoal.engine.sampling_params import SamplingParams
+
+
+def check_request(
+    prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+) -> None:
+    """Raise ValueError (naming the field, with the lengths) for a request that cannot run."""
+    params.validate(vocab_size)
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens, but max_model_len is {max_model_len}: it leaves no room to generate"
+        )
+    if params.max_tokens is not None and n + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is {n + params.max_tokens} tokens, "
+            f"more than max_model_len ({max_model_len})"
+        )

@@ -1,0 +1,234 @@
+"""The server's handle on an engine core running in another process (shoal/engine/core_process.py).
+
+It has the AsyncEngine surface the server uses (config, tokenizer, generation_config, model_name, ready,
+stats, start, shutdown, generate, abort, add_step_listener, set_faults, get_faults), so routes do not
+know which one they talk to. It imports no torch: this process tokenizes, streams and encodes JSON.
+
+Each request's output is kept here as one RequestOutput that the core's deltas extend in place, and
+handed to the request's queue after each update; consumers read it as a cumulative snapshot. If the
+core process dies, every waiting request gets EngineDeadError and the server stops being ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from shoal.engine.admission import check_request
+from shoal.engine.config import EngineConfig
+from shoal.engine.errors import EngineDeadError, EngineStepError
+from shoal.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    Control,
+    CoreMessage,
+    Ready,
+    RequestDelta,
+    StartupFailed,
+    StepUpdate,
+)
+from shoal.engine.outputs import CompletionOutput, RequestOutput
+from shoal.engine.request_queue import RequestQueue
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.stats import EngineStats, StepStats
+from shoal.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineCoreClient:
+    def __init__(self, config: EngineConfig, fault_plan: dict | None = None, model_name: str | None = None):
+        """Start the core process and wait until it has loaded the model (RuntimeError if it cannot)."""
+        self._ipc_dir = tempfile.mkdtemp(prefix="shoal-core-")
+        self._context = zmq.Context()
+        self._requests = self._context.socket(zmq.PUSH)
+        self._requests.bind(f"ipc://{self._ipc_dir}/requests")
+        self._updates = self._context.socket(zmq.PULL)
+        self._updates.bind(f"ipc://{self._ipc_dir}/updates")
+        self.fault_injection_enabled = fault_plan is not None
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_run_core,
+            args=(config, f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/updates", fault_plan),
+            name="shoal-engine-core",
+            daemon=True,
+        )
+        self._process.start()
+        ready = self._wait_ready()
+        self.config = EngineConfig(**ready.config)
+        self.generation_config = ready.generation_config
+        self.vocab_size = ready.vocab_size
+        self.description = ready.describe
+        template = open(config.chat_template).read() if config.chat_template else None  # noqa: SIM115
+        self.tokenizer = Tokenizer(self.description["model"], chat_template=template)
+        self.model_name = model_name or config.model
+        self.ready = False
+        self.error: BaseException | None = None
+        self.stats = EngineStats()
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._outputs: dict[str, tuple[RequestOutput, RequestQueue]] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._reader: asyncio.Task | None = None
+
+    def _wait_ready(self) -> Ready:
+        decoder = msgspec.msgpack.Decoder(CoreMessage)
+        while not self._updates.poll(200):
+            if not self._process.is_alive():
+                raise RuntimeError(
+                    f"the engine core process exited with {self._process.exitcode} while loading"
+                )
+        message = decoder.decode(self._updates.recv())
+        if isinstance(message, StartupFailed):
+            self._process.join(10)
+            raise RuntimeError(f"the engine core failed to start: {message.message}")
+        assert isinstance(message, Ready), message
+        return message
+
+    def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
+        self._listeners.append(fn)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._reader is None:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._process.sentinel, self._core_died)
+            self._reader = asyncio.ensure_future(self._read_updates())
+        self.ready = self.error is None
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self._process.is_alive():
+            self._send(Control(next(self._call_ids), "shutdown"))
+            await asyncio.to_thread(self._process.join, 10)
+        if self._process.is_alive():
+            self._process.terminate()
+        if self._reader is not None:
+            asyncio.get_running_loop().remove_reader(self._process.sentinel)
+            self._reader.cancel()
+        self._context.destroy(linger=0)
+
+    def _core_died(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        if self.error is None and self.ready:
+            self._process.join(1)  # reap it, for its exit code
+            self.error = EngineDeadError(f"the engine core process exited with {self._process.exitcode}")
+            log.error("%s", self.error)
+        self.ready = False
+        for request_id in list(self._outputs):
+            self._finish_with(request_id, EngineDeadError(f"engine failed: {self.error}"))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError("the engine core process is gone"))
+
+    # ---- the update stream --------------------------------------------------------------------------
+    async def _read_updates(self) -> None:
+        socket = zmq.asyncio.Socket.shadow(self._updates.underlying)
+        decoder = msgspec.msgpack.Decoder(CoreMessage)
+        while True:
+            update = decoder.decode(await socket.recv())
+            if isinstance(update, StepUpdate):
+                self._apply(update)
+
+    def _apply(self, update: StepUpdate) -> None:
+        for delta in update.deltas:
+            self._extend(delta)
+        for error in update.errors:
+            kind = ValueError if error.kind == "invalid" else EngineStepError
+            self._finish_with(error.request_id, kind(error.message))
+        for reply in update.replies:
+            future = self._calls.pop(reply.call_id, None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+        if update.stats is not None:
+            self.stats = EngineStats(**update.stats)
+        if update.step is not None:
+            step = StepStats(**update.step)
+            for listener in self._listeners:
+                listener(step)
+
+    def _extend(self, delta: RequestDelta) -> None:
+        entry = self._outputs.get(delta.request_id)
+        if entry is None:
+            return  # aborted here before the core heard of it
+        out, queue = entry
+        if delta.first:
+            out.prompt_logprobs = delta.prompt_logprobs
+            out.num_cached_tokens = delta.num_cached_tokens
+        for seq in delta.outputs:
+            o = out.outputs[seq.index]
+            o.text += seq.text
+            o.token_ids.extend(seq.token_ids)
+            if seq.logprobs is not None and o.logprobs is not None:
+                o.logprobs.extend(seq.logprobs)
+            o.finish_reason, o.stop_reason = seq.finish_reason, seq.stop_reason
+        out.finished = delta.finished
+        if out.finished:
+            del self._outputs[delta.request_id]
+        queue.put(out)
+
+    def _finish_with(self, request_id: str, error: BaseException) -> None:
+        entry = self._outputs.pop(request_id, None)
+        if entry is not None:
+            entry[1].put(error)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        check_request(prompt_token_ids, params, self.config.max_model_len, self.vocab_size)
+        if request_id in self._outputs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        outputs = [
+            CompletionOutput(i, "", [], [] if params.logprobs is not None else None) for i in range(params.n)
+        ]
+        out = RequestOutput(request_id, list(prompt_token_ids), outputs)
+        queue = RequestQueue()
+        self._outputs[request_id] = (out, queue)
+        self._send(AddRequest(request_id, list(prompt_token_ids), asdict(params)))
+        async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
+            yield item
+
+    def abort(self, request_id: str) -> None:
+        self._outputs.pop(request_id, None)
+        if self._process.is_alive():
+            self._send(AbortRequests([request_id]))
+
+    def _send(self, message: AddRequest | AbortRequests | Control) -> None:
+        self._requests.send(self._encoder.encode(message), copy=False)
+
+    # ---- fault injection ----------------------------------------------------------------------------
+    async def set_faults(self, plan: dict) -> dict:
+        return await self._call("faults_set", plan)
+
+    async def get_faults(self) -> dict:
+        return await self._call("faults_get")
+
+    async def _call(self, op: str, payload=None) -> dict:
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._send(Control(call_id, op, payload))
+        reply = await asyncio.wait_for(future, 30)
+        if not reply.ok:
+            raise ValueError(reply.payload)
+        return reply.payload
+
+
+def _run_core(config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None) -> None:
+    """Spawned process target; imported there, so the parent never imports torch for it."""
+    from shoal.engine.core_process import run_core
+
+    run_core(config, input_address, output_address, fault_plan)

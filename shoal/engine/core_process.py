@@ -1,0 +1,209 @@
+"""The engine core in its own process: receive requests over ZMQ, step the LLMEngine, send deltas back.
+
+Why a process: in one process the engine thread and the HTTP event loop share the GIL, and every
+small torch op the engine runs releases and re-takes it, so the loop's JSON and socket work stalls the
+step (a convoy). Here the core owns a whole interpreter; the HTTP process only tokenizes, encodes and
+streams. Measured in docs/performance.md.
+
+The loop: take every waiting message (blocking only while idle), apply adds, aborts and control calls,
+run one step (fault plan first), and send one StepUpdate with each touched request's delta. A step that
+raises fails every request in flight (each gets an error) and the loop goes on. The loop ends on a
+"shutdown" call, or when the parent process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+
+import msgspec
+import zmq
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.faults import FaultInjector, FaultPlan
+from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    ClientMessage,
+    Control,
+    ControlReply,
+    Ready,
+    RequestDelta,
+    RequestError,
+    SeqDelta,
+    StartupFailed,
+    StepUpdate,
+)
+from shoal.engine.outputs import RequestOutput
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.stats import StepStats
+
+log = logging.getLogger(__name__)
+IDLE_POLL_MS = 500
+
+
+class _Sent:
+    """How much of one sequence's output the client already has."""
+
+    __slots__ = ("text", "tokens")
+
+    def __init__(self) -> None:
+        self.text = 0
+        self.tokens = 0
+
+
+class EngineCore:
+    """Owns the LLMEngine, turns its cumulative outputs into deltas, applies client messages."""
+
+    def __init__(self, engine: LLMEngine, faults: FaultInjector | None):
+        self.engine = engine
+        self.faults = faults
+        self._sent: dict[str, list[_Sent]] = {}
+        self._step: StepStats | None = None
+        self._running = True
+        engine.step_listeners.append(self._on_step)
+
+    def _on_step(self, step: StepStats) -> None:
+        self._step = step
+
+    # ---- client messages ----------------------------------------------------------------------------
+    def apply(self, message: ClientMessage, update: StepUpdate) -> None:
+        if isinstance(message, AddRequest):
+            self._add(message, update)
+        elif isinstance(message, AbortRequests):
+            for request_id in message.request_ids:
+                self.engine.abort_request(request_id)
+                self._sent.pop(request_id, None)
+        elif isinstance(message, Control):
+            update.replies.append(self._control(message))
+
+    def _add(self, message: AddRequest, update: StepUpdate) -> None:
+        try:
+            params = SamplingParams(**message.params)
+            self.engine.add_request(message.request_id, message.prompt_token_ids, params)
+        except (TypeError, ValueError) as e:
+            update.errors.append(RequestError(message.request_id, "invalid", str(e)))
+            return
+        self._sent[message.request_id] = [_Sent() for _ in range(params.n)]
+
+    def _control(self, call: Control) -> ControlReply:
+        try:
+            if call.op == "shutdown":
+                self._running = False
+                return ControlReply(call.call_id, True)
+            if self.faults is None:
+                return ControlReply(call.call_id, False, "fault injection is disabled")
+            if call.op == "faults_set":
+                return ControlReply(call.call_id, True, self.faults.set(call.payload))
+            if call.op == "faults_get":
+                return ControlReply(call.call_id, True, self.faults.current())
+        except ValueError as e:
+            return ControlReply(call.call_id, False, str(e))
+        return ControlReply(call.call_id, False, f"unknown control call {call.op!r}")
+
+    # ---- the step -----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def step(self, update: StepUpdate) -> None:
+        self._step = None
+        try:
+            if self.faults is not None:
+                self.faults.before_step()
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - the requests fail, the core goes on
+            self._fail_in_flight(e, update)
+            return
+        update.deltas.extend(self._delta(out) for out in outputs)
+        if self._step is not None:
+            update.step = asdict(self._step)
+
+    def _fail_in_flight(self, error: Exception, update: StepUpdate) -> None:
+        log.error(
+            "engine step failed; failing %d request(s) in flight", len(self.engine.requests), exc_info=error
+        )
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._sent.pop(request_id, None)
+            update.errors.append(RequestError(request_id, "step", f"engine step failed: {error}"))
+        self.engine.refresh_stats()
+
+    def _delta(self, out: RequestOutput) -> RequestDelta:
+        sent = self._sent[out.request_id]
+        first = all(s.tokens == 0 and s.text == 0 for s in sent)
+        seqs = [self._seq_delta(o, sent[o.index]) for o in out.outputs]
+        if out.finished:
+            self._sent.pop(out.request_id, None)
+        delta = RequestDelta(out.request_id, seqs, out.finished, first=first)
+        if first:
+            delta.prompt_token_ids = out.prompt_token_ids
+            delta.prompt_logprobs = out.prompt_logprobs
+            delta.num_cached_tokens = out.num_cached_tokens
+        return delta
+
+    @staticmethod
+    def _seq_delta(o, sent: _Sent) -> SeqDelta:
+        text, ids = o.text[sent.text :], o.token_ids[sent.tokens :]
+        logprobs = o.logprobs[sent.tokens :] if o.logprobs is not None else None
+        sent.text, sent.tokens = len(o.text), len(o.token_ids)
+        return SeqDelta(o.index, text, ids, logprobs, o.finish_reason, o.stop_reason)
+
+    def stats(self) -> dict:
+        return asdict(self.engine.stats)
+
+
+def run_core(config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None) -> None:
+    """Process entry point (spawned): load, report Ready (or StartupFailed), then loop until shutdown."""
+    logging.basicConfig(level=os.environ.get("SHOAL_CORE_LOG_LEVEL", "WARNING"))
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(input_address)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(output_address)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        faults = FaultInjector(FaultPlan.parse(fault_plan)) if fault_plan is not None else None
+        if faults is not None:
+            faults.before_load()
+        engine = LLMEngine(config)
+        engine.warm_up()
+    except Exception as e:  # noqa: BLE001 - the parent reports it and exits
+        log.exception("engine core failed to start")
+        outbox.send(encoder.encode(StartupFailed(f"{type(e).__name__}: {e}")))
+        return
+    outbox.send(
+        encoder.encode(
+            Ready(
+                asdict(engine.config),
+                engine.generation_config,
+                engine.model_config.vocab_size,
+                engine.describe(),
+            )
+        )
+    )
+    _loop(EngineCore(engine, faults), inbox, outbox, encoder)
+    context.destroy(linger=1000)
+
+
+def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:
+    decoder = msgspec.msgpack.Decoder(ClientMessage)
+    parent = os.getppid()
+    while core.running:
+        update = StepUpdate()
+        busy = core.engine.has_unfinished()
+        if busy or inbox.poll(IDLE_POLL_MS):
+            while inbox.poll(0):
+                core.apply(decoder.decode(inbox.recv()), update)
+        elif os.getppid() != parent:
+            return  # the server died without a shutdown call: do not outlive it
+        if core.running and core.engine.has_unfinished():
+            core.step(update)
+        if update.deltas or update.errors or update.replies or update.step:
+            update.stats = core.stats()
+            outbox.send(encoder.encode(update))
+        elif not busy:
+            time.sleep(0)  # yield between idle polls

@@ -1,0 +1,136 @@
+"""The engine core in its own process (shoal/engine/core_process.py) behind EngineCoreClient.
+
+The deltas it sends, reassembled by the client, must equal what the in-process engine produces (text,
+token ids, logprobs, prompt logprobs, finish reasons), and when the core process dies every waiting
+request must get an error and the server must stop being ready. The shared live server runs in this
+mode too, so every API test in test_server_api.py, test_openai_client.py, test_api_faults.py and
+test_fault_injection.py also crosses this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.errors import EngineDeadError
+from shoal.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def config(stories_dir) -> EngineConfig:
+    return EngineConfig(model=str(stories_dir), dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+
+
+PARAMS = [
+    SamplingParams(max_tokens=12, temperature=0, logprobs=2, prompt_logprobs=1),
+    SamplingParams(
+        max_tokens=9, temperature=0.8, seed=7, n=2, stop=[" the"], include_stop_str_in_output=True
+    ),
+    SamplingParams(max_tokens=6, temperature=0, min_tokens=6, logit_bias={2: 50.0}),
+]
+PROMPTS = [[1, 403, 407, 261, 378], [1, 207, 28], [1, 400, 313]]
+
+
+async def _collect(engine, prompts, params, prefix: str = "r") -> list:
+    async def one(i: int):
+        last = None
+        async for out in engine.generate(f"{prefix}{i}", prompts[i], params[i]):
+            last = out
+        return last
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def _summary(out) -> list:
+    return [
+        out.prompt_logprobs,
+        [(o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason) for o in out.outputs],
+    ]
+
+
+def test_deltas_reassemble_to_the_in_process_outputs(config, monkeypatch):
+    import torch
+
+    from shoal.engine.core_client import EngineCoreClient
+    from shoal.engine.llm_engine import LLMEngine
+
+    # The same intra-op threads on both sides, so that float sums (logprobs) agree to the last bit.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+    local = LLMEngine(config)
+    expected = [_summary(out) for out in local.generate(PROMPTS, PARAMS)]
+
+    async def run():
+        client = EngineCoreClient(config)
+        await client.start()
+        try:
+            return [_summary(out) for out in await _collect(client, PROMPTS, PARAMS)], client.stats
+        finally:
+            await client.shutdown()
+
+    got, stats = asyncio.run(run())
+    # Requests reach the core one by one, so its first steps batch them differently from generate()'s:
+    # logprobs agree to float32 rounding of differently shaped matmuls, everything else exactly.
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        _assert_logprobs_close(g[0], e[0])
+        for a, b in zip(g[1], e[1], strict=True):
+            assert a[:3] + a[4:] == b[:3] + b[4:], f"request {i}"
+            _assert_logprobs_close(a[3], b[3])
+    assert stats.num_steps > 0 and stats.num_running == 0
+
+
+def _assert_logprobs_close(got: list | None, expected: list | None) -> None:
+    assert (got is None) == (expected is None)
+    for g, e in zip(got or [], expected or [], strict=True):
+        assert (g is None and e is None) or (g.keys() == e.keys() and all(abs(g[t] - e[t]) < 1e-4 for t in g))
+
+
+def test_core_process_death_fails_every_waiting_request(config):
+    from shoal.engine.core_client import EngineCoreClient
+
+    async def run():
+        client = EngineCoreClient(config)
+        await client.start()
+        long = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+        tasks = [asyncio.ensure_future(_collect(client, [PROMPTS[0]], [long], f"t{k}-")) for k in range(3)]
+        for _ in range(2000):
+            if client.stats.num_running >= 3:
+                break
+            await asyncio.sleep(0.01)
+        os.kill(client._process.pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        ready = client.ready
+        with pytest.raises(EngineDeadError):
+            await _collect(client, [PROMPTS[0]], [long])
+        await client.shutdown()
+        return results, ready
+
+    results, ready = asyncio.run(run())
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    assert not ready
+
+
+def test_bad_model_fails_at_start_with_the_reason(tmp_path):
+    from shoal.engine.core_client import EngineCoreClient
+
+    with pytest.raises(RuntimeError, match="failed to start"):
+        EngineCoreClient(EngineConfig(model=str(tmp_path), device="cpu"))
+
+
+def test_http_process_imports_no_torch():
+    """The HTTP side of the process mode (server, client) runs without torch: the engine core has it."""
+    code = (
+        "import sys\n"
+        "import shoal.engine.core_client, shoal.server.app, shoal.server.launch\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
