@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
-from shoal.engine.sampler import Sampler, SamplingRow, token_logprobs
+from shoal.engine import sampler as sampler_module
+from shoal.engine.sampler import Sampler, SamplingRow, _ranked_candidates, token_logprobs
 from shoal.engine.sampling_params import SamplingParams
 
 V = 8
@@ -274,3 +276,160 @@ def test_token_logprobs_top_k() -> None:
     assert [list(e) for e in only_target] == [[2], [2]]
     full = token_logprobs(logits, torch.tensor([0, 0]), k=5)[0]  # k = V: the whole distribution
     assert math.isclose(sum(math.exp(v) for v in full.values()), 1.0, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching: a vocabulary of several inverse-CDF blocks (256 tokens each, plus a partial tail block)
+
+BIG_V = 600
+TRUNCATIONS = [
+    pytest.param({}, id="whole-vocabulary"),
+    pytest.param({"top_p": 0.9}, id="top_p"),
+    pytest.param({"top_k": 40}, id="top_k"),
+    pytest.param({"min_p": 0.05}, id="min_p"),
+    pytest.param({"temperature": 0.8, "top_p": 0.95, "top_k": 100, "min_p": 0.01}, id="all"),
+]
+
+
+def companion_rows(rng: random.Random) -> list[SamplingRow]:
+    """A random mix of unrelated requests: greedy, penalized, biased, seeded, unseeded, with logprobs."""
+    kinds = [
+        lambda: make_row(temperature=0.0, repetition_penalty=1.3),
+        lambda: make_row(top_p=0.8, presence_penalty=0.5, generated=[5, 5, 9]),
+        lambda: make_row(seed=rng.randrange(1000), logprobs=3),
+        lambda: make_row(logit_bias={7: 5.0}, min_tokens=2),
+        lambda: make_row(top_k=5, frequency_penalty=0.3, generated=[1, 2]),
+        lambda: make_row(),
+    ]
+    return [rng.choice(kinds)() for _ in range(rng.randrange(1, 6))]
+
+
+@pytest.mark.parametrize("settings", TRUNCATIONS)
+def test_seeded_row_ignores_batch_companions(settings: dict) -> None:
+    """A seeded request draws the same tokens alone and at any position among any other requests."""
+    sampler = Sampler(BIG_V, {EOS})
+    logits = (random_logits(1, BIG_V, seed=11) / 2).to(torch.bfloat16)
+
+    def run(rng: random.Random | None, steps: int = 25) -> list[int]:
+        seeded = make_row(seed=1234, **settings)
+        tokens = []
+        for _ in range(steps):
+            rows, batch = [seeded], logits
+            if rng is not None:
+                rows = companion_rows(rng)
+                position = rng.randrange(len(rows) + 1)
+                rows.insert(position, seeded)
+                others = random_logits(len(rows) - 1, BIG_V, seed=rng.randrange(1000))
+                others = others.to(torch.bfloat16)
+                batch = torch.cat([others[:position], logits, others[position:]])
+            tokens.append(sampler(batch, rows).token_ids[rows.index(seeded)])
+        return tokens
+
+    alone = run(None)
+    assert len(set(alone)) > 3
+    assert run(random.Random(1)) == alone
+    assert run(random.Random(2)) == alone
+
+
+def test_deterministic_rows_are_unchanged_by_a_mixed_batch() -> None:
+    """Greedy rows (with penalties, bias, min_tokens, logprobs) give the same token alone and in a mixed batch."""
+    sampler = Sampler(BIG_V, {EOS})
+    deterministic = [
+        make_row(temperature=0.0, repetition_penalty=1.5, generated=[3, 4]),
+        make_row(top_k=1, logit_bias={9: 2.0}),
+        make_row(temperature=0.0, min_tokens=3, logprobs=2),
+        make_row(top_p=1e-9, frequency_penalty=1.0, generated=[8, 8, 8]),  # a tiny nucleus keeps one token
+    ]
+    logits = random_logits(len(deterministic), BIG_V, seed=12)
+    logits[:, EOS] = 20.0  # masked by min_tokens where asked
+    alone = [sampler(logits[i : i + 1], [row]).token_ids[0] for i, row in enumerate(deterministic)]
+    rng = random.Random(3)
+    for _ in range(5):
+        rows = companion_rows(rng)
+        batch_rows, batch_logits = list(rows), [random_logits(len(rows), BIG_V, seed=rng.randrange(1000))]
+        for i, row in enumerate(deterministic):
+            batch_rows.append(row)
+            batch_logits.append(logits[i : i + 1])
+        out = sampler(torch.cat(batch_logits), batch_rows).token_ids
+        assert out[len(rows) :] == alone
+
+
+def test_sampling_matches_softmax_across_cdf_blocks() -> None:
+    """Peaks on both sides of each block edge and in the tail block come out at their softmax frequencies."""
+    peaks = [0, 255, 256, 300, 511, 512, 599]
+    logits = torch.zeros(1, BIG_V)
+    logits[0, peaks] = torch.tensor([3.0, 4.0, 3.5, 2.0, 4.0, 3.0, 4.5])
+    expected = torch.softmax(logits[0], dim=-1)
+    sampler, n = Sampler(BIG_V, set()), 40000
+    tokens = torch.tensor(sampler(logits.expand(n, BIG_V), [make_row() for _ in range(n)]).token_ids)
+    counts = torch.bincount(tokens, minlength=BIG_V).float() / n
+    for token in peaks:
+        assert counts[token].item() == pytest.approx(expected[token].item(), abs=0.01)
+    background = torch.ones(BIG_V, dtype=torch.bool)
+    background[peaks] = False
+    for block in (slice(0, 256), slice(256, 512), slice(512, BIG_V)):
+        got, want = counts[block][background[block]].sum(), expected[block][background[block]].sum()
+        assert got.item() == pytest.approx(want.item(), abs=0.01)
+
+
+def test_masked_tokens_at_block_edges_are_never_drawn() -> None:
+    """Zero-probability tokens at the first/last slot of a block or of the vocabulary are never chosen."""
+    edges = {0, 255, 256, 511, 512, BIG_V - 1}
+    sampler = Sampler(BIG_V, edges)
+    logits = torch.zeros(1, BIG_V)
+    logits[0, sorted(edges)] = 30.0  # almost all the mass, before masking
+    n = 4000
+    rows = [make_row(min_tokens=1, **([{}, {"top_p": 0.99}, {"top_k": 600}][i % 3])) for i in range(n)]
+    tokens = set(sampler(logits.expand(n, BIG_V), rows).token_ids)
+    assert not tokens & edges
+    assert len(tokens) > 100
+
+
+def reference_kept(probs: torch.Tensor, top_p: float, min_p: float) -> torch.Tensor:
+    """vLLM's top_p then min_p on one row, with a stable sort (ties: lower token ids first), as a bool mask."""
+    values, order = probs.sort(descending=True, stable=True)
+    before = torch.cat([torch.zeros(1, dtype=torch.float64), values.double().cumsum(0)[:-1]])
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    kept[order[before < top_p] if top_p < 1.0 else order] = True
+    renormalized = torch.where(kept, probs, 0.0)
+    return kept & (renormalized >= min_p * renormalized.max())
+
+
+@pytest.mark.parametrize("ranking", ["_ranked_candidates", "_ranked_by_sort"])
+def test_truncation_matches_the_sort_based_reference(monkeypatch: pytest.MonkeyPatch, ranking: str) -> None:
+    """top_p and min_p keep exactly vLLM's tokens, ties included (bfloat16 logits make many), whether the
+    candidates are compacted (the CPU's way) or the whole vocabulary is sorted (other devices')."""
+    monkeypatch.setattr(sampler_module, "_ranked", getattr(sampler_module, ranking))
+    rng = random.Random(4)
+    logits = (
+        (torch.randn(60, 3000, generator=torch.Generator().manual_seed(4)) * 3).to(torch.bfloat16).float()
+    )
+    probs = (logits / torch.tensor([rng.choice([0.5, 1.0, 2.0]) for _ in range(60)]).unsqueeze(1)).softmax(-1)
+    top_p = torch.tensor([rng.choice([1.0, 0.9, 0.5, 0.99, 1e-6, 0.3]) for _ in range(60)])
+    min_p = torch.tensor([rng.choice([0.0, 0.0, 0.05, 0.2]) for _ in range(60)])
+    ranked, columns, kept = sampler_module._truncate(probs, top_p, min_p)
+    for row in range(60):
+        ours = torch.zeros(3000, dtype=torch.bool)
+        ours[columns[row][kept[row]]] = True
+        assert torch.equal(ours, reference_kept(probs[row], top_p[row].item(), min_p[row].item())), row
+
+
+def test_candidate_ranking_matches_a_full_sort() -> None:
+    """The CPU's compacted ranking is the head of a full stable sort: everything at or above the bound."""
+    logits = (torch.randn(8, 2000, generator=torch.Generator().manual_seed(5)) * 2).to(torch.bfloat16).float()
+    probs = logits.softmax(-1)
+    bound = torch.tensor([1e-4, 1e-3, 0.0, 1.0, 5e-4, 2e-4, 1e-5, 1e-2])
+    ranked, columns = _ranked_candidates(probs, bound)
+    values, order = probs.sort(dim=-1, descending=True, stable=True)
+    for row in range(8):
+        n = int((probs[row] >= bound[row]).sum())
+        assert torch.equal(ranked[row, :n], values[row, :n]) and torch.equal(columns[row, :n], order[row, :n])
+        assert not ranked[row, n:].any()
+
+
+def test_top_p_counts_tied_tokens_like_vllm(sampler: Sampler) -> None:
+    """Uniform logits: top_p keeps the smallest set reaching p (4 of 8 for 0.5, 3 for 0.3), lowest ids."""
+    logits = torch.zeros(1, V)
+    for top_p, size in [(0.5, 4), (0.3, 3)]:
+        tokens = sampler(logits.expand(2000, V), [make_row(top_p=top_p) for _ in range(2000)]).token_ids
+        assert set(tokens) == set(range(size))

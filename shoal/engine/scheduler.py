@@ -9,7 +9,7 @@ to the front of the waiting queue to be recomputed later (its full blocks usuall
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from shoal.engine.block_manager import BlockManager
@@ -28,6 +28,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """The queues are insertion-ordered dicts keyed by seq_id: every add, removal, membership test and
+    look at either end is O(1), so a step costs O(running + admitted) whatever the queue lengths."""
+
     def __init__(
         self,
         block_manager: BlockManager,
@@ -39,72 +42,71 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: OrderedDict[int, Sequence] = OrderedDict()  # front first
+        self.running: dict[int, Sequence] = {}  # oldest first
         self.num_preemptions = 0
         # Keep a little room when admitting new prompts so running decodes are not preempted at once.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting[seq.seq_id] = seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        if self.running.pop(seq.seq_id, None) is None:
+            self.waiting.pop(seq.seq_id, None)
         self.blocks.free_sequence(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+    def _preempt_newest(self) -> Sequence:
+        """Free the newest running sequence's blocks and put it at the front of the queue to recompute."""
+        _, seq = self.running.popitem()  # a dict pops its last-inserted item
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
         if seq.prompt_logprobs is not None:  # recomputed from scratch: collect them afresh
             seq.prompt_logprobs = [None]
         if seq.captured_logits is not None:
             seq.captured_logits = []
-        self.waiting.appendleft(seq)
+        self.waiting[seq.seq_id] = seq
+        self.waiting.move_to_end(seq.seq_id, last=False)
         self.num_preemptions += 1
+        return seq
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        batch = ScheduledBatch([], [])
+        scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step), in order
+        num_preempted = 0
         # Running sequences, oldest first; decodes before unfinished prompt chunks.
-        ordered = sorted(self.running, key=lambda s: s.num_uncomputed > 1)
-        for seq in ordered:
-            if seq not in self.running or budget == 0:
+        decodes = [seq for seq in self.running.values() if seq.num_uncomputed <= 1]
+        chunks = [seq for seq in self.running.values() if seq.num_uncomputed > 1]
+        for seq in decodes + chunks:
+            if seq.seq_id not in self.running or budget == 0:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.allocate(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                batch.num_preempted += 1
-                if victim in batch.seqs:  # already scheduled this step: give its tokens back
-                    i = batch.seqs.index(victim)
-                    budget += batch.num_tokens.pop(i)
-                    batch.seqs.pop(i)
+                victim = self._preempt_newest()
+                num_preempted += 1
+                if victim.seq_id in scheduled:  # already scheduled this step: give its tokens back
+                    budget += scheduled.pop(victim.seq_id)[1]
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            batch.seqs.append(seq)
-            batch.num_tokens.append(n)
+            scheduled[seq.seq_id] = (seq, n)
             budget -= n
         # New sequences, in arrival order.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = next(iter(self.waiting.values()))
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             n = seq.num_uncomputed
-            if n > budget and not self.enable_chunked_prefill and batch.seqs:
+            if n > budget and not self.enable_chunked_prefill and scheduled:
                 break
             n = min(n, budget)
             room = self.blocks.num_free - self.blocks.blocks_needed(seq, n)
             if room < self.watermark_blocks and self.running or not self.blocks.allocate(seq, n):
-                if not self.running and not batch.seqs:
+                if not self.running and not scheduled:
                     self.blocks.free_sequence(seq)  # nothing else to wait for: the cache is too small for it
                     raise MemoryError(
                         f"KV cache too small for one sequence of {len(seq)} tokens "
@@ -112,19 +114,16 @@ class Scheduler:
                     )
                 self.blocks.free_sequence(seq)  # do not hold cached blocks while waiting
                 break
-            self.waiting.popleft()
+            self.waiting.popitem(last=False)
             self.blocks.count_admission(seq)
             seq.status = Status.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(n)
+            self.running[seq.seq_id] = seq
+            scheduled[seq.seq_id] = (seq, n)
             budget -= n
-        self._order_decodes_first(batch)
-        return batch
+        return _decodes_first(list(scheduled.values()), num_preempted)
 
-    @staticmethod
-    def _order_decodes_first(batch: ScheduledBatch) -> None:
-        # Decodes sorted by context length let the runner batch similar lengths together.
-        pairs = sorted(zip(batch.seqs, batch.num_tokens, strict=True), key=lambda p: (p[1] > 1, len(p[0])))
-        batch.seqs = [p[0] for p in pairs]
-        batch.num_tokens = [p[1] for p in pairs]
+
+def _decodes_first(scheduled: list[tuple[Sequence, int]], num_preempted: int) -> ScheduledBatch:
+    """The batch with decodes first, sorted by context length so the runner can batch similar lengths."""
+    pairs = sorted(scheduled, key=lambda p: (p[1] > 1, len(p[0])))
+    return ScheduledBatch([p[0] for p in pairs], [p[1] for p in pairs], num_preempted)
