@@ -174,7 +174,7 @@ async def _stream(
     created: int,
     prompt_ids: list[int],
     streams: list[Stream],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """A role chunk per choice, content deltas as the text grows, then a chunk with the finish_reason."""
     sent_text = [0] * body.n
     sent_tokens = [0] * body.n

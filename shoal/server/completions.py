@@ -239,7 +239,7 @@ async def _stream(
     prompts: list[_Prompt],
     builders: list[_ChoiceBuilder],
     streams: list,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per choice whenever its text grows, the last with its finish_reason."""
     progress: dict[int, _ChoiceProgress] = {}
     latest: dict[int, RequestOutput] = {}  # the newest snapshot of each prompt, for the usage so far
