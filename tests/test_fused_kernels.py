@@ -394,3 +394,19 @@ def test_engine_prefill_same_with_and_without_kernel(
     diff = (logits[True] - logits[False]).abs().max()
     print(f"{arch}: max |logit diff| kernel vs gather {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_prefill_attention_threads_agree() -> None:
+    """Rows are independent: split over two OpenMP threads, the result is the same bit for bit."""
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, slots = _prefill_case(5, 300, 70, 9, 3, 64, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = prefill_attention.paged_prefill_attention(q, kc, vc, slots, 300, None, 0.125)
+        torch.set_num_threads(2)
+        two = prefill_attention.paged_prefill_attention(q, kc, vc, slots, 300, None, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
