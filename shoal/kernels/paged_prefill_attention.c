@@ -28,6 +28,7 @@
  * No -ffast-math is assumed (the exp's rounding shift relies on it).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -300,12 +301,7 @@ int shoal_paged_prefill_attention(const void *q, int64_t q_stride, const void *k
     if (work == NULL) return SHOAL_NO_MEMORY;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        int me = 0;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        me = omp_get_thread_num();
-#endif
-        float *base = (float *)(work + (size_t)me * per_task);
+        float *base = (float *)(work + (size_t)omp_get_thread_num() * per_task);
         const buffers buf = {base, base + ROW_TILE * D, base + 2 * ROW_TILE * D, base + 2 * ROW_TILE * D + KEYS * D,
                              (vf *)(base + 2 * ROW_TILE * D + 2 * KEYS * D)};
 #pragma omp for schedule(dynamic, 1)
