@@ -24,7 +24,7 @@ _ROTARY_ARGS = (_P, _P, _I, _I, _I, ctypes.c_int64, _I, _I)
 # gate_up, out; rows, inter; bf16, threads
 _SILU_ARGS = (_P, _P, _I, _I, _I, _I)
 
-
+# torch's intra-op thread count, passed to every call (OpenMP's is per thread); a name tests can replace.
 _threads = torch.get_num_threads
 
 
