@@ -1,0 +1,1 @@
+"""Quantization: calibration, the algorithms (RTN, GPTQ, AWQ), the checkpoint format and quantized linears."""
