@@ -1,0 +1,239 @@
+"""GPTQ: round one linear layer's weights column by column, pushing each column's rounding error onto the
+columns not yet rounded, weighted by the inverse Hessian of the layer's output error.
+
+What it decides: the integer value of every weight (and, per group, the scale and zero point it is read
+with) so that the layer's outputs on calibration inputs X change as little as possible, instead of each
+weight merely being as close as possible to its float value (round-to-nearest). The loss is
+||X W^T - X Q^T||^2, whose Hessian in each row of W is H = 2 X^T X / n; Optimal Brain Surgeon says that
+after rounding column i, the error (w_i - q_i) / [H^-1]_ii times row i of H^-1 is the best correction of
+the remaining columns. Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (2022, arXiv:2210.17323), and its reference code, IST-DASLab/gptq `gptq.py`
+(`GPTQ.fasterquant`), which this follows:
+
+- one fixed column order for all rows, so one inverse Hessian serves every row;
+- the upper Cholesky factor of H^-1 stands for the sequence of shrinking inverses (numerically stable);
+- lazy batches: corrections inside a block of 128 columns are applied at once, the rest of the matrix is
+  updated once per block (a matrix product instead of one rank-1 update per column);
+- damping: 1% of the mean diagonal added to H's diagonal, so that H stays positive definite;
+- dead inputs (a zero diagonal: the input is always 0) get weight 0 and a unit diagonal;
+- act-order: columns with the largest Hessian diagonal (the most salient inputs) go first, while the most
+  columns remain to absorb their error; g_idx then says which group each input column belongs to.
+
+Groups never straddle a block here (the block is a multiple of the group size), so a group's scale and
+zero point are computed from its columns with every earlier correction applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantResult:
+    """One linear layer's quantized weight as GPTQ and AWQ return it; weight ~= scales[:, g_idx] * (qweight - zeros[:, g_idx]).
+
+    The integer convention is compressed-tensors' (as in shoal.quant.rtn): values in
+    [-2^(bits-1), 2^(bits-1) - 1] whether symmetric or not.
+
+    qweight: [out, in] int8.
+    scales: [out, groups] float32.
+    zeros: [out, groups] int8 zero points in the same range (all 0 when symmetric).
+    g_idx: [in] int32, the group of each input column (arange(in) // group_size without act-order).
+    dequantized: [out, in] float32, the weight as the quantized layer computes with it.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    dequantized: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+def integer_range(bits: int) -> tuple[int, int]:
+    """The integer values a weight may take, [-2^(b-1), 2^(b-1) - 1]; ValueError for bits outside 2..8."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [rows] for the columns of w [rows, cols] (float32), round-to-nearest style.
+
+    Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [-2^(b-1), 2^(b-1) - 1] with an integer zero
+    point round(-2^(b-1) - min / scale). Symmetric: scale = max|w| / ((2^b - 1) / 2), zero 0. Both are
+    compressed-tensors' `calculate_qparams` (as shoal.quant.rtn). An all-zero row gets scale 1.
+    """
+    qmin, qmax = integer_range(bits)
+    if symmetric:
+        scale = w.abs().amax(dim=1) / ((qmax - qmin) / 2)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    return scale, zero
+
+
+def round_to_grid(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """Integer values (float32 tensor) of w [rows, cols] with per-row scale and zero [rows] (or [rows, 1])."""
+    del symmetric  # one integer range for both; kept so call sites read as the grid they use
+    qmin, qmax = integer_range(bits)
+    scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    return torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
+    """Round-to-nearest with per-group scales: the baseline GPTQ and AWQ are measured against.
+
+    weight: [out, in], any float dtype. group_size: a divisor of `in`, or -1 (or 0) for one group per row.
+    Raises ValueError for a group size that does not divide `in` or bits outside 2..8.
+    """
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    gs = _group_size(in_features, group_size)
+    groups = w.reshape(out_features * (in_features // gs), gs)
+    scale, zero = grid_params(groups, bits, symmetric)
+    q = round_to_grid(groups, scale, zero, bits, symmetric)
+    deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
+    return QuantResult(
+        qweight=q.reshape(out_features, in_features).to(torch.int8),
+        scales=scale.reshape(out_features, -1),
+        zeros=zero.reshape(out_features, -1).to(torch.int8),
+        g_idx=(torch.arange(in_features) // gs).to(torch.int32),
+        dequantized=deq,
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
+
+
+class HessianAccumulator:
+    """Sums X^T X over batches of a linear layer's inputs; memory is [in, in] float64 whatever the data.
+
+    add(x): x [..., in] any float dtype; each batch's product is computed in float32, summed in float64.
+    """
+
+    def __init__(self, in_features: int):
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.in_features}")
+        self.sum += (x.T @ x).double()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n, [in, in] float64. Raises ValueError when nothing was added."""
+        if self.rows == 0:
+            raise ValueError("no calibration inputs were added to the Hessian")
+        return self.sum * (2.0 / self.rows)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> QuantResult:
+    """Quantize weight [out, in] (any float dtype) with GPTQ given H [in, in] = 2 X^T X / n.
+
+    group_size: a divisor of `in`, or -1 (or 0) for one scale per output row. act_order: process columns by
+    decreasing Hessian diagonal; groups are then formed in that order and g_idx maps columns to them.
+    Raises ValueError for mismatched shapes, a group size that does not divide `in`, bits outside 2..8,
+    or a Hessian that stays indefinite after damping (raise percdamp).
+    """
+    w = weight.detach().float().clone()
+    out_features, in_features = w.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"Hessian has shape {tuple(hessian.shape)}, weight needs ({in_features}, {in_features})"
+        )
+    gs = _group_size(in_features, group_size)
+    per_channel = gs == in_features
+    block = block_size if per_channel else max(gs, block_size // gs * gs)
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, percdamp)
+
+    q_int = torch.zeros_like(w)
+    deq = torch.zeros_like(w)
+    n_groups = in_features // gs
+    scales = torch.zeros(out_features, n_groups)
+    zeros = torch.zeros(out_features, n_groups)
+    if per_channel:
+        scales[:, 0], zeros[:, 0] = grid_params(w, bits, symmetric)
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col // gs
+            if not per_channel and col % gs == 0:
+                scales[:, g], zeros[:, g] = grid_params(w1[:, i : i + gs], bits, symmetric)
+            q = round_to_grid(w1[:, i : i + 1], scales[:, g], zeros[:, g], bits, symmetric)[:, 0]
+            q_int[:, col] = q
+            deq[:, col] = (q - zeros[:, g]) * scales[:, g]
+            err = (w1[:, i] - deq[:, col]) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    g_idx = (torch.arange(in_features) // gs).to(torch.int32)
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        q_int, deq = q_int[:, inverse], deq[:, inverse]
+        g_idx = g_idx[inverse]  # column perm[k] sits at position k of the processing order: group k // gs
+    return QuantResult(
+        qweight=q_int.to(torch.int8),
+        scales=scales,
+        zeros=zeros.to(torch.int8),
+        g_idx=g_idx,
+        dequantized=deq,
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
+
+
+def _inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, float32 [in, in] (computed in float64)."""
+    damp = percdamp * torch.diagonal(h).mean()
+    h = h + damp * torch.eye(h.shape[0], dtype=h.dtype)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise ValueError(f"Hessian is not positive definite after damping {percdamp}; raise percdamp")
+    hinv = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if info.item() != 0:
+        raise ValueError(f"inverse Hessian is not positive definite after damping {percdamp}; raise percdamp")
+    return upper.float()
+
+
+def _group_size(in_features: int, group_size: int) -> int:
+    """Columns per group; -1 and 0 (shoal.quant.groups.PER_CHANNEL) mean one group spanning the row."""
+    if group_size in (-1, 0):
+        return in_features
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {in_features} input features")
+    return group_size
