@@ -200,7 +200,14 @@ def _register_bench() -> None:
     )
 
 
+def _register_quant() -> None:
+    from shoal.quant.cli import quant_app  # imports only typer; the toolkit loads when a command runs
+
+    app.add_typer(quant_app, name="quant", help="Quantize models (rtn now; gptq, awq, w8a8, fp8 to come).")
+
+
 _register_bench()
+_register_quant()
 
 if __name__ == "__main__":
     app()

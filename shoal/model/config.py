@@ -3,6 +3,8 @@
 Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (qkv bias, q/k norm, sliding window,
 rope scaling); everything else is shared. Both config spellings seen in the wild are accepted:
 `rope_theta`/`rope_scaling` at the top level and transformers 5's `rope_parameters`; `torch_dtype` and `dtype`.
+A `quantization_config` (compressed-tensors' layout) is validated here by shoal.quant.scheme, so a bad one
+fails at start-up with the field named.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shoal.quant.scheme import QuantizationSpec, parse_quantization_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -42,6 +46,7 @@ class ModelConfig:
     dtype: str = "float32"  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization: QuantizationSpec | None = None  # from quantization_config; None for a 16-bit model
 
     @property
     def sliding_window(self) -> int | None:
@@ -113,6 +118,12 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
     num_layers = int(need("num_hidden_layers"))
     theta, scaling = _rope(raw, where)
     is_qwen2 = arch == "Qwen2ForCausalLM"
+    quantization = None
+    if raw.get("quantization_config") is not None:
+        try:
+            quantization = parse_quantization_config(raw["quantization_config"])
+        except ValueError as e:
+            raise ModelConfigError(f"{where}: {e}") from None
     return ModelConfig(
         architecture=arch,
         vocab_size=int(need("vocab_size")),
@@ -135,6 +146,7 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", ""),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_list(raw.get("eos_token_id")),
+        quantization=quantization,
     )
 
 

@@ -2,6 +2,11 @@
 
 Weights are read memory-mapped from (possibly sharded) safetensors and mapped to our fused layout:
 q/k/v -> qkv_proj and gate/up -> gate_up_proj, concatenated along the output dimension.
+A quantized checkpoint (compressed-tensors' pack-quantized, see shoal/quant/format.py) gets a
+QuantizedLinear for every linear its config quantizes. Fused linears are fused quantized too: the packing
+runs along the input dimension and every row has its own scales, so concatenating packed rows, scales and
+zero points along the output dimension is exact and the Transformer keeps one qkv/gate_up matmul. Parts
+quantized differently (bits, group size, symmetry) are an error, as in vLLM.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from shoal.model.device import available_ram
 from shoal.model.packed_linear import pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
+from shoal.quant.format import TENSOR_SUFFIXES, decompress
+from shoal.quant.linear import QuantizedLinear, fuse
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,8 @@ def load_model(
         model = Transformer(cfg, max_positions)
     source = _TensorSource(_safetensors_files(model_dir))
     used: set[str] = set()
+    if cfg.quantization is not None:
+        used |= _swap_quantized(model, cfg, source, device)
     for name, param in list(model.named_parameters()):
         names = _hf_names(name)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -145,6 +154,50 @@ def load_model(
     if packing_available(device, dtype):
         pack_linears(model, available_ram(), keep_weights=for_compile)
     return model.eval(), cfg
+
+
+def _swap_quantized(
+    model: nn.Module, cfg: ModelConfig, source: _TensorSource, device: torch.device
+) -> set[str]:
+    """Replace each linear the quantization config targets by a QuantizedLinear; the checkpoint names read.
+    Its bias stays a meta parameter, filled by the main loop like any other."""
+    used: set[str] = set()
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    for path, linear in linears:
+        if path == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        parts = [n.removesuffix(".weight") for n in _hf_names(f"{path}.weight")]
+        schemes = [cfg.quantization.scheme_for(p) for p in parts]
+        if all(s is None for s in schemes):
+            continue
+        if any(s is None for s in schemes):
+            raise WeightLoadError(f"{parts}: fused into {path!r}, but only some are quantized")
+        quantized = []
+        for part, scheme in zip(parts, schemes, strict=True):
+            tensors = {k: source.get(f"{part}.{k}") for k in TENSOR_SUFFIXES if f"{part}.{k}" in source.where}
+            used.update(f"{part}.{k}" for k in tensors)
+            try:
+                quantized.append(decompress(tensors, scheme.bits, scheme.group_size, scheme.symmetric, part))
+            except ValueError as e:
+                raise WeightLoadError(str(e)) from None
+        try:
+            qw = fuse(quantized, path)
+        except ValueError as e:
+            raise WeightLoadError(str(e)) from None
+        if tuple(qw.qweight.shape) != (linear.out_features, linear.in_features):
+            raise WeightLoadError(
+                f"{parts[0]!r}: quantized weight has shape {tuple(qw.qweight.shape)}, "
+                f"config.json implies {(linear.out_features, linear.in_features)}"
+            )
+        module = QuantizedLinear(qw, bias=None).to(device)
+        module.bias = linear.bias
+        _set_module(model, path, module)
+    return used
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:

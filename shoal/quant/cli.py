@@ -1,0 +1,54 @@
+"""`shoal quant`: the quantization commands (issue 18). `quantize` is here; `eval` and `recommend` come next.
+
+Only typer is imported at module level, so registering the group costs `shoal serve` nothing; the command
+imports the toolkit (torch, safetensors) when it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+quant_app = typer.Typer(
+    help="Quantize a 16-bit model into a directory `shoal serve --model` serves (compressed-tensors layout).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@quant_app.command()
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="The 16-bit Hugging Face model directory.")],
+    output: Annotated[Path, typer.Option("--output", help="Directory to write the quantized model to.")],
+    method: Annotated[
+        str, typer.Option(help="rtn (implemented); gptq, awq, w8a8, fp8 (planned, a clear error for now).")
+    ] = "rtn",
+    bits: Annotated[int, typer.Option(help="4, or 8 for W8A16.")] = 4,
+    group_size: Annotated[
+        str,
+        typer.Option(
+            help="auto (128 where it divides the input size, else 64 or 32, else per channel or kept 16-bit), "
+            "channel, or a size that must divide every quantized layer."
+        ),
+    ] = "auto",
+    symmetric: Annotated[
+        bool, typer.Option("--symmetric/--asymmetric", help="Zero points (asymmetric) or none.")
+    ] = True,
+) -> None:
+    """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
+    from shoal.quant.groups import parse_group_size
+    from shoal.quant.quantize import quantize_model
+
+    try:
+        result = quantize_model(model_dir, output, method, bits, parse_group_size(group_size), symmetric)
+    except (ValueError, OSError) as e:
+        typer.echo(f"shoal quant quantize: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    sizes = sorted({("channel" if g == 0 else g) for g in result.group_sizes.values()}, key=str)
+    typer.echo(
+        f"{len(result.group_sizes)} layers quantized ({method}, {bits}-bit, group sizes {sizes}), "
+        f"{len(result.ignored)} kept 16-bit; quantized layers {result.quantized_bytes / 1e6:.1f} MB "
+        f"({result.ratio_to_16bit:.3f}x of 16-bit) in {result.seconds:.1f} s -> {result.output}"
+    )
