@@ -116,6 +116,30 @@ def test_quantized_values_stay_in_the_integer_range(synthetic, bits, symmetric):
         assert torch.isfinite(q.dequantized).all()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_is_compressed_tensors_as_in_rtn(symmetric):
+    """The baseline here rounds exactly as shoal.quant.rtn (compressed-tensors' scheme), bf16 scales too."""
+    rtn = pytest.importorskip("shoal.quant.rtn")
+    w = _weight().bfloat16()
+    theirs = rtn.quantize_rtn(w, None, 4, 32, symmetric=symmetric)
+    ours = rtn_quantize(w, 4, 32, symmetric, scale_dtype=torch.bfloat16)
+    assert torch.equal(ours.qweight, theirs.qweight) and torch.equal(ours.scales, theirs.scale.float())
+    assert symmetric or torch.equal(ours.zeros, theirs.zero_point)
+
+
+@pytest.mark.timeout(30)
+def test_gptq_rounds_with_the_scales_as_stored(synthetic):
+    """With bf16 scales, the dequantized weight GPTQ corrected for is the one the checkpoint gives."""
+    w, calib, held_out = synthetic
+    q = gptq_quantize(w, _hessian(calib), bits=4, group_size=32, scale_dtype=torch.bfloat16)
+    assert torch.equal(q.scales, q.scales.bfloat16().float())
+    g = q.g_idx.long()
+    stored = q.scales.bfloat16().float()[:, g] * (q.qweight.float() - q.zeros[:, g].float())
+    assert torch.equal(stored, q.dequantized)
+    rtn = rtn_quantize(w, 4, 32, symmetric=False, scale_dtype=torch.bfloat16)
+    assert _output_error(held_out, w, q.dequantized) <= 0.9 * _output_error(held_out, w, rtn.dequantized)
+
+
 @pytest.mark.timeout(30)
 def test_gptq_handles_dead_inputs():
     w = _weight()

@@ -51,12 +51,14 @@ def awq_quantize(
     bits: int = 4,
     group_size: int = 128,
     clip: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> AWQResult:
     """Search AWQ scales and clipping for linears sharing one input, and quantize them (asymmetric).
 
     weights: [out_i, in] each, any float dtype. x: calibration inputs [n, in] (a few hundred to a few
     thousand rows are enough; cost grows with n). activation_abs_mean: [in] mean |x| per channel over all
     calibration data (default: from x). group_size: a divisor of `in` (-1 or 0: one group per row).
+    scale_dtype: the dtype the group scales will be stored in (see shoal.quant.gptq.grid_params).
     Raises ValueError for shapes that disagree or a group size that does not divide `in`.
     """
     in_features = weights[0].shape[1]
@@ -70,10 +72,10 @@ def awq_quantize(
         raise ValueError(f"group_size {group_size} does not divide the {in_features} input features")
     w = torch.cat([t.detach().float() for t in weights])
     mean = x.abs().mean(0) if activation_abs_mean is None else activation_abs_mean.float()
-    scales, alpha, loss = search_scales(w, x, mean, bits, gs)
+    scales, alpha, loss = search_scales(w, x, mean, bits, gs, scale_dtype)
     ws, xs = w * scales, x / scales
-    max_val = search_clip(ws, xs, bits, gs) if clip else None
-    quantized = _quantize_groups(ws, bits, gs, max_val)
+    max_val = search_clip(ws, xs, bits, gs, scale_dtype) if clip else None
+    quantized = _quantize_groups(ws, bits, gs, max_val, scale_dtype)
     outs = [t.shape[0] for t in weights]
     parts = [
         _split_rows(quantized, start, n, group_size) for start, n in zip(_starts(outs), outs, strict=True)
@@ -82,7 +84,12 @@ def awq_quantize(
 
 
 def search_scales(
-    w: torch.Tensor, x: torch.Tensor, abs_mean: torch.Tensor, bits: int, group_size: int
+    w: torch.Tensor,
+    x: torch.Tensor,
+    abs_mean: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, float, float]:
     """The per-channel scales s [in] minimizing ||x w^T - x (Q(w s) / s)^T||^2, their alpha and loss.
 
@@ -95,7 +102,7 @@ def search_scales(
         alpha = step / ALPHA_GRID
         s = abs_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        wq = _quantize_groups(w * s, bits, group_size, None).dequantized / s
+        wq = _quantize_groups(w * s, bits, group_size, None, scale_dtype).dequantized / s
         loss = (x @ wq.T - reference).pow(2).mean().item()
         if loss < best[0]:
             best = (loss, alpha, s)
@@ -103,7 +110,9 @@ def search_scales(
     return s, alpha, loss
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def search_clip(
+    w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Per-group clipping thresholds [out, groups] minimizing each group's output error on x.
 
     w: [out, in] float32 (already scaled), x: [n, in] float32 (already divided by the scales). Each group
@@ -122,7 +131,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int) ->
         for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
             limit = original_max[:, g] * (1 - step / CLIP_GRID)
             clipped = torch.maximum(torch.minimum(wi, limit[:, None]), -limit[:, None])
-            scale, zero = grid_params(clipped, bits, symmetric=False)
+            scale, zero = grid_params(clipped, bits, False, scale_dtype)
             q = (round_to_grid(clipped, scale, zero, bits, symmetric=False) - zero[:, None]) * scale[:, None]
             err = (xi @ q.T - reference).pow(2).mean(0)
             better = err < best_err[:, g]
@@ -132,7 +141,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int) ->
 
 
 def _quantize_groups(
-    w: torch.Tensor, bits: int, group_size: int, max_val: torch.Tensor | None
+    w: torch.Tensor, bits: int, group_size: int, max_val: torch.Tensor | None, scale_dtype: torch.dtype
 ) -> QuantResult:
     """Asymmetric round-to-nearest of w [out, in] per group, after clamping groups to [-max_val, max_val]."""
     out_features, in_features = w.shape
@@ -140,7 +149,7 @@ def _quantize_groups(
     if max_val is not None:
         limit = max_val.reshape(-1, 1)
         groups = torch.maximum(torch.minimum(groups, limit), -limit)
-    scale, zero = grid_params(groups, bits, symmetric=False)
+    scale, zero = grid_params(groups, bits, False, scale_dtype)
     q = round_to_grid(groups, scale, zero, bits, symmetric=False)
     deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
     return QuantResult(

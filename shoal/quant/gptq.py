@@ -61,24 +61,37 @@ def integer_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(
+    w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point [rows] for the columns of w [rows, cols] (float32), round-to-nearest style.
 
     Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [-2^(b-1), 2^(b-1) - 1] with an integer zero
     point round(-2^(b-1) - min / scale). Symmetric: scale = max|w| / ((2^b - 1) / 2), zero 0. Both are
     compressed-tensors' `calculate_qparams` (as shoal.quant.rtn). An all-zero row gets scale 1.
+    scale_dtype: the dtype scales will be stored in; they are rounded to it (upwards, so no weight leaves
+    the range) before the zero point is computed, and returned as float32.
     """
     qmin, qmax = integer_range(bits)
     if symmetric:
         scale = w.abs().amax(dim=1) / ((qmax - qmin) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _storable(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
         return scale, torch.zeros_like(scale)
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
     scale = (hi - lo) / (qmax - qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _storable(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
     zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, zero
+
+
+def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 scale rounded to a value of dtype, upwards where the cast rounded it down."""
+    if dtype == torch.float32:
+        return scale
+    stored = scale.to(dtype)
+    bumped = (stored.float() * (1 + torch.finfo(dtype).eps)).to(dtype)
+    return torch.where(stored.float() < scale, bumped, stored).float()
 
 
 def round_to_grid(
@@ -88,20 +101,27 @@ def round_to_grid(
     del symmetric  # one integer range for both; kept so call sites read as the grid they use
     qmin, qmax = integer_range(bits)
     scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
-    return torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
+    return torch.clamp(torch.round(w / scale + zero), qmin, qmax)  # compressed-tensors: round(w / s + z)
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
+def rtn_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantResult:
     """Round-to-nearest with per-group scales: the baseline GPTQ and AWQ are measured against.
 
     weight: [out, in], any float dtype. group_size: a divisor of `in`, or -1 (or 0) for one group per row.
+    scale_dtype: the dtype the scales will be stored in (see grid_params).
     Raises ValueError for a group size that does not divide `in` or bits outside 2..8.
     """
     w = weight.detach().float()
     out_features, in_features = w.shape
     gs = _group_size(in_features, group_size)
     groups = w.reshape(out_features * (in_features // gs), gs)
-    scale, zero = grid_params(groups, bits, symmetric)
+    scale, zero = grid_params(groups, bits, symmetric, scale_dtype)
     q = round_to_grid(groups, scale, zero, bits, symmetric)
     deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
     return QuantResult(
@@ -150,11 +170,14 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> QuantResult:
     """Quantize weight [out, in] (any float dtype) with GPTQ given H [in, in] = 2 X^T X / n.
 
     group_size: a divisor of `in`, or -1 (or 0) for one scale per output row. act_order: process columns by
     decreasing Hessian diagonal; groups are then formed in that order and g_idx maps columns to them.
+    scale_dtype: the dtype the scales will be stored in; GPTQ rounds with the stored scales, so that
+    the errors it corrects for are the ones the stored checkpoint makes.
     Raises ValueError for mismatched shapes, a group size that does not divide `in`, bits outside 2..8,
     or a Hessian that stays indefinite after damping (raise percdamp).
     """
@@ -182,7 +205,7 @@ def gptq_quantize(
     scales = torch.zeros(out_features, n_groups)
     zeros = torch.zeros(out_features, n_groups)
     if per_channel:
-        scales[:, 0], zeros[:, 0] = grid_params(w, bits, symmetric)
+        scales[:, 0], zeros[:, 0] = grid_params(w, bits, symmetric, scale_dtype)
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), hinv[i1:i2, i1:i2]
@@ -190,7 +213,7 @@ def gptq_quantize(
             col = i1 + i
             g = col // gs
             if not per_channel and col % gs == 0:
-                scales[:, g], zeros[:, g] = grid_params(w1[:, i : i + gs], bits, symmetric)
+                scales[:, g], zeros[:, g] = grid_params(w1[:, i : i + gs], bits, symmetric, scale_dtype)
             q = round_to_grid(w1[:, i : i + 1], scales[:, g], zeros[:, g], bits, symmetric)[:, 0]
             q_int[:, col] = q
             deq[:, col] = (q - zeros[:, g]) * scales[:, g]
