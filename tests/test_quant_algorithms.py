@@ -215,12 +215,13 @@ def test_capture_on_stories260k_feeds_gptq(eval_text_dir):
 @pytest.mark.timeout(60)
 def test_gptq_and_awq_beat_round_to_nearest_on_smollm2_blocks(eval_text_dir):
     """Blocks 0-2 of SmolLM2-135M, every linear, 4-bit asymmetric with group 64 (576 = 9 x 64): calibrated
-    on 16 windows of 256 tokens of wikitext2-valid, measured on activations of 8 other windows."""
+    on 16 windows of 256 tokens of wikitext2-valid, measured on activations of 4 other windows. AWQ searches
+    on 256 of the calibration rows (measured as good as 512 here, at half the time)."""
     model_dir = require_model(SMOLLM2)
     model, _ = load_model(model_dir, torch.float32, torch.device("cpu"))
-    ids = load_calibration_tokens(model_dir, eval_text_dir / "wikitext2-valid.txt", 24, 256, seed=0)
+    ids = load_calibration_tokens(model_dir, eval_text_dir / "wikitext2-valid.txt", 20, 256, seed=0)
     names = [n for n in linear_names(model) if int(n.split(".")[1]) < 3]
-    calib = capture_linear_inputs(model, ids[:16], names, max_sample_rows=512)
+    calib = capture_linear_inputs(model, ids[:16], names, max_sample_rows=256)
     held = capture_linear_inputs(model, ids[16:], names, hessian=False, max_sample_rows=1024, seed=1)
     errors = {"rtn": 0.0, "gptq": 0.0, "awq": 0.0}
     for name in names:
