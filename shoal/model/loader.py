@@ -118,8 +118,10 @@ def load_model(
     device: torch.device,
     max_positions: int | None = None,
     for_compile: bool = False,
+    pack: bool = True,
 ):
-    """Build the Transformer on the meta device, then fill every parameter from the checkpoint."""
+    """Build the Transformer on the meta device, then fill every parameter from the checkpoint.
+    pack=False keeps plain nn.Linear modules on CPU too (calibration rewrites their weights)."""
     cfg: ModelConfig = load_config(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg, max_positions)
@@ -151,7 +153,7 @@ def load_model(
         model.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-    if packing_available(device, dtype):
+    if pack and packing_available(device, dtype):
         pack_linears(model, available_ram(), keep_weights=for_compile)
     return model.eval(), cfg
 

@@ -23,7 +23,7 @@ def quantize(
     model_dir: Annotated[Path, typer.Argument(help="The 16-bit Hugging Face model directory.")],
     output: Annotated[Path, typer.Option("--output", help="Directory to write the quantized model to.")],
     method: Annotated[
-        str, typer.Option(help="rtn (implemented); gptq, awq, w8a8, fp8 (planned, a clear error for now).")
+        str, typer.Option(help="rtn or gptq (implemented); awq, w8a8, fp8 (planned, a clear error for now).")
     ] = "rtn",
     bits: Annotated[int, typer.Option(help="4, or 8 for W8A16.")] = 4,
     group_size: Annotated[
@@ -36,13 +36,34 @@ def quantize(
     symmetric: Annotated[
         bool, typer.Option("--symmetric/--asymmetric", help="Zero points (asymmetric) or none.")
     ] = True,
+    calib_text: Annotated[
+        Path | None,
+        typer.Option(help="gptq: calibration text (default ../shared/eval/wikitext2-valid.txt of the repo)."),
+    ] = None,
+    num_samples: Annotated[int, typer.Option(help="gptq: calibration windows.")] = 512,
+    seq_len: Annotated[int, typer.Option(help="gptq: tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="gptq: seed drawing the windows (same seed, same result).")] = 0,
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
-    from shoal.quant.groups import parse_group_size
-    from shoal.quant.quantize import quantize_model
+    from rich.progress import Progress
 
+    from shoal.quant.groups import parse_group_size
+    from shoal.quant.quantize import Calibration, quantize_model
+
+    calibration = Calibration(calib_text, num_samples, seq_len, seed)
     try:
-        result = quantize_model(model_dir, output, method, bits, parse_group_size(group_size), symmetric)
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"{method}: decoder blocks", total=None)
+            result = quantize_model(
+                model_dir,
+                output,
+                method,
+                bits,
+                parse_group_size(group_size),
+                symmetric,
+                calibration,
+                lambda done, total: bar.update(task, completed=done, total=total),
+            )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -7,9 +7,11 @@ with the quantized tensors in compressed-tensors' pack-quantized layout (format.
 quantization_config (scheme.py), and every other file of the input directory (tokenizer, chat template,
 generation config) copied unchanged.
 
-A method is a function `method(weight [out, in], calib_activations [n, in] | None, bits, group_size) ->
-QuantizedWeight`. Only rtn is here; gptq and awq plug in with the same signature once calibration capture
-(activations per layer) exists, and until then asking for them is a ValueError listing what exists.
+Methods: rtn rounds each weight tensor on its own (`rtn.quantize_rtn(weight, None, bits, group_size)`,
+no model forward); gptq needs each layer's inputs, so it runs over the model block by block on calibration
+windows of a text file (sequential.py, calibration.py, gptq.py). awq, w8a8 and fp8 are not wired in yet:
+asking for them is a ValueError listing what exists. Both paths return one `QuantizedWeight` per
+checkpoint linear, and the checkpoint is written the same way.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shoal.quant.calibration import load_calibration_tokens
 from shoal.quant.format import compress
 from shoal.quant.groups import plan_groups
-from shoal.quant.rtn import QuantizedWeight, quantize_rtn
+from shoal.quant.rtn import quantize_rtn
 from shoal.quant.scheme import LayerScheme, build_quantization_config
+from shoal.quant.sequential import gptq_model
 
-Method = Callable[[torch.Tensor, torch.Tensor | None, int, int], QuantizedWeight]
+IMPLEMENTED = ("rtn", "gptq")
 ISSUE_METHODS = ("rtn", "gptq", "awq", "w8a8", "fp8")
+DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[3] / "shared" / "eval" / "wikitext2-valid.txt"
 DECODER_LINEAR = re.compile(
     r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
 )
@@ -55,16 +59,33 @@ class QuantizeResult:
         return self.quantized_bytes / self.dense_bytes_16bit if self.dense_bytes_16bit else 1.0
 
 
-def get_method(name: str, symmetric: bool = True) -> Method:
-    """The quantization function for a method name; ValueError for methods not implemented yet."""
-    if name == "rtn":
-        return partial(quantize_rtn, symmetric=symmetric)
+@dataclass
+class Calibration:
+    """Where gptq's calibration windows come from: num_samples windows of seq_len tokens of text_file,
+    drawn with seed (calibration.load_calibration_tokens). text_file None: DEFAULT_CALIB_TEXT."""
+
+    text_file: Path | None = None
+    num_samples: int = 512
+    seq_len: int = 512
+    seed: int = 0
+
+
+def check_method(name: str) -> None:
+    """ValueError for a method that is unknown or not implemented yet, listing the implemented ones."""
+    if name in IMPLEMENTED:
+        return
+    implemented = ", ".join(IMPLEMENTED)
     if name in ISSUE_METHODS:
-        raise ValueError(
-            f"--method {name} is not implemented yet (it needs calibration capture); implemented: rtn"
-        )
-    raise ValueError(
-        f"--method {name!r} is unknown; implemented: rtn (planned: {', '.join(ISSUE_METHODS[1:])})"
+        raise ValueError(f"--method {name} is not implemented yet; implemented: {implemented}")
+    raise ValueError(f"--method {name!r} is unknown; implemented: {implemented}")
+
+
+def _calibration_ids(model_dir: Path, calibration: Calibration) -> torch.Tensor:
+    text = calibration.text_file or DEFAULT_CALIB_TEXT
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"calibration text {text} not found; pass --calib-text FILE")
+    return load_calibration_tokens(
+        model_dir, text, calibration.num_samples, calibration.seq_len, calibration.seed
     )
 
 
@@ -86,8 +107,13 @@ def quantize_model(
     bits: int = 4,
     group_size: str | int = "auto",
     symmetric: bool = True,
+    calibration: Calibration | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuantizeResult:
     """Quantize model_dir's decoder linears with method and write a servable model directory to output.
+
+    calibration: gptq's calibration data (default: Calibration()); progress(done, total) is called after
+    each block of a calibrated method.
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
@@ -98,16 +124,32 @@ def quantize_model(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _quantize_model(Path(model_dir), Path(output), method, bits, group_size, symmetric)
+        return _quantize_model(
+            Path(model_dir),
+            Path(output),
+            method,
+            bits,
+            group_size,
+            symmetric,
+            calibration or Calibration(),
+            progress,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
 def _quantize_model(
-    src: Path, out: Path, method: str, bits: int, group_size: str | int, symmetric: bool
+    src: Path,
+    out: Path,
+    method: str,
+    bits: int,
+    group_size: str | int,
+    symmetric: bool,
+    calibration: Calibration,
+    progress: Callable[[int, int], None] | None,
 ) -> QuantizeResult:
     start = time.perf_counter()
-    quantize_fn = get_method(method, symmetric)
+    check_method(method)
     if out.resolve() == src.resolve():
         raise ValueError(f"--output {out} is the input directory; choose a new one")
     raw_config = json.loads((src / "config.json").read_text())
@@ -117,10 +159,17 @@ def _quantize_model(
     linears = {n.removesuffix(".weight"): t for n, t in tensors.items() if DECODER_LINEAR.match(n)}
     plan = plan_groups({n: t.shape[1] for n, t in linears.items()}, group_size, bits)
     result = QuantizeResult(out, plan.group_sizes, plan.ignored)
+    scale_dtype = next(iter(linears.values())).dtype
+    if method == "gptq":
+        ids = _calibration_ids(src, calibration)
+        quantized = gptq_model(src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress)
     schemes: dict[str, LayerScheme] = {}
     for name, size in plan.group_sizes.items():
         weight = tensors.pop(f"{name}.weight")
-        qw = quantize_fn(weight, None, bits, size)
+        if method == "rtn":
+            qw = quantize_rtn(weight, None, bits, size, symmetric=symmetric)
+        else:
+            qw = quantized[name]
         packed = compress(qw)
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t
