@@ -183,6 +183,20 @@ def test_awq_beats_round_to_nearest_on_held_out_inputs():
         assert -8 <= q.qweight.min().item() and q.qweight.max().item() <= 7
 
 
+@pytest.mark.timeout(30)
+def test_awq_clips_only_the_linears_asked():
+    """As the reference leaves q and k unclipped: flags per linear; the scales do not depend on them."""
+    weights = [_weight(64, seed=10), _weight(64, seed=11)]
+    calib = _activations(512, seed=5)
+    none = awq_quantize(weights, calib, bits=4, group_size=32, clip=False)
+    some = awq_quantize(weights, calib, bits=4, group_size=32, clip=[False, True])
+    assert torch.equal(some.input_scales, none.input_scales)
+    assert torch.equal(some.weights[0].qweight, none.weights[0].qweight)
+    assert not torch.equal(some.weights[1].qweight, none.weights[1].qweight)
+    with pytest.raises(ValueError, match="clip has 1 flags for 2 linears"):
+        awq_quantize(weights, calib, bits=4, group_size=32, clip=[True])
+
+
 def test_calibration_windows_are_deterministic():
     ids = list(range(1000))
     a = calibration_windows(ids, 8, 64, seed=3)

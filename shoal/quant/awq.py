@@ -30,6 +30,7 @@ from shoal.quant.gptq import QuantResult, grid_params, round_to_grid
 ALPHA_GRID = 20  # alphas 0, 1/20, ..., 19/20, as the reference
 CLIP_GRID = 20  # shrink steps of 1/20 ...
 CLIP_MAX_SHRINK = 0.5  # ... down to half the group's max |w|
+CLIP_SAMPLE_ROWS = 512  # input rows the clipping search measures on, evenly spaced (as the reference)
 
 
 @dataclass
@@ -50,7 +51,7 @@ def awq_quantize(
     activation_abs_mean: torch.Tensor | None = None,
     bits: int = 4,
     group_size: int = 128,
-    clip: bool = True,
+    clip: bool | list[bool] = True,
     scale_dtype: torch.dtype = torch.float32,
 ) -> AWQResult:
     """Search AWQ scales and clipping for linears sharing one input, and quantize them (asymmetric).
@@ -58,8 +59,10 @@ def awq_quantize(
     weights: [out_i, in] each, any float dtype. x: calibration inputs [n, in] (a few hundred to a few
     thousand rows are enough; cost grows with n). activation_abs_mean: [in] mean |x| per channel over all
     calibration data (default: from x). group_size: a divisor of `in` (-1 or 0: one group per row).
+    clip: search clipping for every linear, or one flag per linear (the reference skips q and k, whose
+    errors the attention product amplifies: pass q, k, v as three weights and [False, False, True]).
     scale_dtype: the dtype the group scales will be stored in (see shoal.quant.gptq.grid_params).
-    Raises ValueError for shapes that disagree or a group size that does not divide `in`.
+    Raises ValueError for shapes or flags that disagree or a group size that does not divide `in`.
     """
     in_features = weights[0].shape[1]
     if any(w.shape[1] != in_features for w in weights):
@@ -74,9 +77,15 @@ def awq_quantize(
     mean = x.abs().mean(0) if activation_abs_mean is None else activation_abs_mean.float()
     scales, alpha, loss = search_scales(w, x, mean, bits, gs, scale_dtype)
     ws, xs = w * scales, x / scales
-    max_val = search_clip(ws, xs, bits, gs, scale_dtype) if clip else None
-    quantized = _quantize_groups(ws, bits, gs, max_val, scale_dtype)
     outs = [t.shape[0] for t in weights]
+    flags = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
+    if len(flags) != len(weights):
+        raise ValueError(f"clip has {len(flags)} flags for {len(weights)} linears")
+    rows = torch.cat([torch.full((n,), f) for n, f in zip(outs, flags, strict=True)])
+    max_val = torch.full((w.shape[0], in_features // gs), float("inf"))
+    if rows.any():
+        max_val[rows] = search_clip(ws[rows], xs, bits, gs, scale_dtype)
+    quantized = _quantize_groups(ws, bits, gs, max_val, scale_dtype)
     parts = [
         _split_rows(quantized, start, n, group_size) for start, n in zip(_starts(outs), outs, strict=True)
     ]
@@ -118,6 +127,7 @@ def search_clip(
     w: [out, in] float32 (already scaled), x: [n, in] float32 (already divided by the scales). Each group
     of `group_size` input columns is clamped to [-t, t], t = max|w_group| * (1 - k / 20), k < 10.
     """
+    x = x[:: max(1, x.shape[0] // CLIP_SAMPLE_ROWS)]
     out_features, in_features = w.shape
     n_groups = in_features // group_size
     wg = w.reshape(out_features, n_groups, group_size)
