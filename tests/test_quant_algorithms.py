@@ -195,6 +195,10 @@ def test_awq_clips_only_the_linears_asked():
     assert not torch.equal(some.weights[1].qweight, none.weights[1].qweight)
     with pytest.raises(ValueError, match="clip has 1 flags for 2 linears"):
         awq_quantize(weights, calib, bits=4, group_size=32, clip=[True])
+    fixed = awq_quantize(weights, calib, bits=4, group_size=32, clip=False, search=False)
+    assert fixed.input_scales.eq(1).all()
+    plain = rtn_quantize(torch.cat(weights), 4, 32, symmetric=False)
+    assert torch.equal(torch.cat([q.qweight for q in fixed.weights]), plain.qweight)
 
 
 def test_calibration_windows_are_deterministic():

@@ -53,6 +53,7 @@ def awq_quantize(
     group_size: int = 128,
     clip: bool | list[bool] = True,
     scale_dtype: torch.dtype = torch.float32,
+    search: bool = True,
 ) -> AWQResult:
     """Search AWQ scales and clipping for linears sharing one input, and quantize them (asymmetric).
 
@@ -62,6 +63,9 @@ def awq_quantize(
     clip: search clipping for every linear, or one flag per linear (the reference skips q and k, whose
     errors the attention product amplifies: pass q, k, v as three weights and [False, False, True]).
     scale_dtype: the dtype the group scales will be stored in (see shoal.quant.gptq.grid_params).
+    search: False keeps s = 1 (clipping only), for an input whose producer cannot absorb 1/s: o_proj
+    under grouped-query attention, where v_proj has fewer rows than o_proj has inputs (the reference
+    scales o_proj only when the shapes match).
     Raises ValueError for shapes or flags that disagree or a group size that does not divide `in`.
     """
     in_features = weights[0].shape[1]
@@ -75,7 +79,10 @@ def awq_quantize(
         raise ValueError(f"group_size {group_size} does not divide the {in_features} input features")
     w = torch.cat([t.detach().float() for t in weights])
     mean = x.abs().mean(0) if activation_abs_mean is None else activation_abs_mean.float()
-    scales, alpha, loss = search_scales(w, x, mean, bits, gs, scale_dtype)
+    if search:
+        scales, alpha, loss = search_scales(w, x, mean, bits, gs, scale_dtype)
+    else:
+        scales, alpha, loss = torch.ones(in_features), 0.0, float("nan")
     ws, xs = w * scales, x / scales
     outs = [t.shape[0] for t in weights]
     flags = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
@@ -142,7 +149,7 @@ def search_clip(
             limit = original_max[:, g] * (1 - step / CLIP_GRID)
             clipped = torch.maximum(torch.minimum(wi, limit[:, None]), -limit[:, None])
             scale, zero = grid_params(clipped, bits, False, scale_dtype)
-            q = (round_to_grid(clipped, scale, zero, bits, symmetric=False) - zero[:, None]) * scale[:, None]
+            q = (round_to_grid(clipped, scale, zero, bits) - zero[:, None]) * scale[:, None]
             err = (xi @ q.T - reference).pow(2).mean(0)
             better = err < best_err[:, g]
             best_err[:, g] = torch.where(better, err, best_err[:, g])
@@ -160,7 +167,7 @@ def _quantize_groups(
         limit = max_val.reshape(-1, 1)
         groups = torch.maximum(torch.minimum(groups, limit), -limit)
     scale, zero = grid_params(groups, bits, False, scale_dtype)
-    q = round_to_grid(groups, scale, zero, bits, symmetric=False)
+    q = round_to_grid(groups, scale, zero, bits)
     deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
     return QuantResult(
         qweight=q.reshape(out_features, in_features).to(torch.int8),

@@ -94,11 +94,8 @@ def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(stored.float() < scale, bumped, stored).float()
 
 
-def round_to_grid(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
-) -> torch.Tensor:
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer values (float32 tensor) of w [rows, cols] with per-row scale and zero [rows] (or [rows, 1])."""
-    del symmetric  # one integer range for both; kept so call sites read as the grid they use
     qmin, qmax = integer_range(bits)
     scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
     return torch.clamp(torch.round(w / scale + zero), qmin, qmax)  # compressed-tensors: round(w / s + z)
@@ -122,7 +119,7 @@ def rtn_quantize(
     gs = _group_size(in_features, group_size)
     groups = w.reshape(out_features * (in_features // gs), gs)
     scale, zero = grid_params(groups, bits, symmetric, scale_dtype)
-    q = round_to_grid(groups, scale, zero, bits, symmetric)
+    q = round_to_grid(groups, scale, zero, bits)
     deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
     return QuantResult(
         qweight=q.reshape(out_features, in_features).to(torch.int8),
@@ -214,7 +211,7 @@ def gptq_quantize(
             g = col // gs
             if not per_channel and col % gs == 0:
                 scales[:, g], zeros[:, g] = grid_params(w1[:, i : i + gs], bits, symmetric, scale_dtype)
-            q = round_to_grid(w1[:, i : i + 1], scales[:, g], zeros[:, g], bits, symmetric)[:, 0]
+            q = round_to_grid(w1[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
             q_int[:, col] = q
             deq[:, col] = (q - zeros[:, g]) * scales[:, g]
             err = (w1[:, i] - deq[:, col]) / hinv1[i, i]
