@@ -300,3 +300,54 @@ def test_blockwise_calibration_sees_what_one_forward_sees(stories):
     torch.testing.assert_close(blocks.hidden_states(), forward_windows(model, ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         blocks.advance()
+
+
+def _perplexity(model, token_ids: torch.Tensor) -> float:
+    """exp(mean NLL) of every token after the first of each window [windows, len]."""
+    with torch.inference_mode():
+        logits = model.logits(forward_windows(model, token_ids)).view(*token_ids.shape, -1)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), token_ids[:, 1:].reshape(-1)
+        )
+    return nll.exp().item()
+
+
+@pytest.mark.timeout(60)
+def test_sequential_gptq_and_awq_beat_round_to_nearest_on_stories260k_perplexity(eval_text_dir, monkeypatch):
+    """Block by block, each calibrated on the outputs of the blocks before it as already quantized (16
+    windows of 256 tokens of wikitext2-valid), 4-bit asymmetric, group 32 (down_proj's 172 inputs: one
+    group per row); perplexity on tinystories-sample.txt in windows of 256 tokens."""
+    from shoal.model import loader
+    from shoal.model.tokenizer import Tokenizer
+
+    monkeypatch.setattr(loader, "packing_available", lambda *args: False)  # plain weights, edited in place
+    model_dir = require_model(STORIES)
+    calib = load_calibration_tokens(model_dir, eval_text_dir / "wikitext2-valid.txt", 16, 256, seed=0)
+    text = (eval_text_dir / "tinystories-sample.txt").read_text()
+    ids = Tokenizer(model_dir).encode(text)
+    held_out = torch.tensor(ids[: len(ids) // 256 * 256]).view(-1, 256)
+
+    def quantized_perplexity(method: str) -> float:
+        model, _ = load_model(model_dir, torch.float32, torch.device("cpu"))
+        blocks = BlockwiseCalibration(model, calib)
+        for i in range(len(model.layers)):
+            names = [n for n in linear_names(model) if n.startswith(f"layers.{i}.")]
+            stats = {} if method == "rtn" else blocks.capture(names, method == "gptq", max_sample_rows=512)
+            for name in names:
+                weight = model.get_submodule(name).weight
+                group = 32 if weight.shape[1] % 32 == 0 else -1
+                if method == "rtn":
+                    w_hat = rtn_quantize(weight, 4, group, symmetric=False).dequantized
+                elif method == "gptq":
+                    w_hat = gptq_quantize(weight, stats[name].hessian.hessian(), 4, group).dequantized
+                else:  # the effective weight Q(W s) / s; o_proj unscaled (GQA: v_proj cannot absorb 1/s)
+                    x, mean = stats[name].sample_rows(), stats[name].abs_mean()
+                    a = awq_quantize([weight], x, mean, 4, group, search=not name.endswith("o_proj"))
+                    w_hat = a.weights[0].dequantized / a.input_scales
+                weight.data.copy_(w_hat)
+            blocks.advance()
+        return _perplexity(model, held_out)
+
+    base = _perplexity(load_model(model_dir, torch.float32, torch.device("cpu"))[0], held_out)
+    ppl = {method: quantized_perplexity(method) for method in ("rtn", "gptq", "awq")}
+    assert base < ppl["gptq"] < ppl["rtn"] and base < ppl["awq"] < ppl["rtn"], (base, ppl)

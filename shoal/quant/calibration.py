@@ -105,9 +105,11 @@ def capture_linear_inputs(
 
     names: linears to watch (default: every linear of every decoder block). hessian: accumulate X^T X.
     max_sample_rows: input rows to keep per linear for AWQ's searches (spread over the batches).
-    Raises ValueError for a name that is not a decoder-block linear."""
+    Raises ValueError for no names or a name that is not a decoder-block linear."""
     known = linear_names(model)
     names = known if names is None else names
+    if not names:
+        raise ValueError("no linears to watch")
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"{unknown[0]!r} is not a decoder-block linear of this model")
@@ -131,9 +133,13 @@ def capture_linear_inputs(
 class BlockwiseCalibration:
     """The decoder blocks run one at a time over the calibration windows, their input kept between calls.
 
-    capture(i, ...) runs block i over every window with hooks on its linears and returns their inputs
-    (as capture_linear_inputs); advance() runs the current block (with whatever weights it has by then,
-    e.g. quantized) and makes its output the next block's input. token_ids: [samples, seq_len] int64.
+    capture(names, ...) runs the current block (`block`) over every window with hooks on the linears
+    `names` of that block and returns their inputs (as capture_linear_inputs); advance() runs the block
+    with whatever weights it has by then (e.g. quantized) and makes its output the next block's input.
+    token_ids: [samples, seq_len] int64.
+
+    Weights written into a PackedLinear after load are not seen by its oneDNN copies: quantize a model
+    loaded without packing (or swap the modules), so that advance() computes with the new weights.
     """
 
     def __init__(self, model: nn.Module, token_ids: torch.Tensor, batch_size: int = 4):
