@@ -1,13 +1,16 @@
 """QuantizedLinear: a linear layer that keeps its weight as compressed-tensors' packed integers.
 
-The reference path, used for every shape: unpack, dequantize to the activation's dtype
-(w_hat = (q - zero_point) * scale) and call F.linear. It reads the small weight but rebuilds the dense one
-each call, so it trades speed for memory; shoal's int4/int8 matrix-vector kernels (issue 18's CPU kernels)
-are to replace it for decode rows and are checked against it.
-Where the layer is 8-bit, symmetric and per channel, the int8 weight is kept unpacked (the same bytes) and
-bfloat16 inputs go through torch's `_weight_int8pack_mm` (scale per output row). Measured once on the 2-core
-AMD EPYC (AVX512-BF16, shared, 1 row, 3072x576): 0.59 ms against 0.98 ms for F.linear on the bf16 weight and
-2.9 ms for dequantize + F.linear; float32 inputs were slower there (7.7 ms), so they take the reference path.
+Routes, by the number of rows (as PackedLinear routes its float weights):
+- 1-4 rows (decode) where the layout allows (4/8 bits, groups a multiple of 32 columns): shoal's qgemv
+  kernel (shoal/kernels/qgemv.c), which reads the packed weight once per call;
+- 8-bit symmetric per-channel layers keep an unpacked int8 weight (the same bytes) and run bfloat16 inputs
+  through torch's `_weight_int8pack_mm` (1 row, 3072x576: 14-45 us, as fast as shoal's bf16 gemv);
+- everything else (prompt chunks, fp16, other layouts): the reference path, dequantize to the input's dtype
+  (w_hat = (q - zero_point) * scale) and F.linear; every faster path is tested against it.
+Measured, SmolLM2-135M-Instruct, bfloat16, one stream of 64 greedy tokens, 1 thread, on the 2-core AMD EPYC
+(AVX512-BF16, shared, load ~4), one run: bf16 54.3 tok/s, int8 g64/128 54.5, int4 g64/128 52.9 (the
+reference path alone: int8 9.3, int4 6.6). Parity, not yet the issue's 1.3x: the kernel is compute bound on
+unpacking (see qgemv.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.kernels import qgemv
 from shoal.quant.format import pack_int32, unpack_int32
 from shoal.quant.groups import PER_CHANNEL
 from shoal.quant.rtn import QuantizedWeight, dequantize
@@ -47,6 +51,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", qw.scale.contiguous())
         self.register_buffer("weight_zero_point", qw.zero_point)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.use_qgemv = not self.int8_route and qgemv.supported(
+            qw.bits, qw.group_size, self.in_features, self.weight_scale
+        )
 
     def integer_weight(self) -> torch.Tensor:
         """int8 [out, in]: the stored integers."""
@@ -66,7 +73,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.int8_route and x.dtype == torch.bfloat16:
+        if self.use_qgemv and x2.shape[0] <= qgemv.MAX_ROWS and x.device.type == "cpu":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            out = qgemv.qgemv(x2, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
+                              self.bits, self.group_size)  # fmt: skip
+        elif self.int8_route and x.dtype == torch.bfloat16:
             out = torch._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale.view(-1).to(x.dtype))
             if self.bias is not None:
                 out = out + self.bias

@@ -1,0 +1,194 @@
+/* Matrix-vector products over pack-quantized weights, for decode: y[m, n] = sum_k x[m, k] * w_hat[n, k]
+ * + bias[n] for 1-4 rows of x, with w_hat[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k / group.
+ *
+ * Why: decode reads every weight once per step, so it is memory bound; an int4 weight is a quarter of the
+ * bytes of a bf16 one. Dequantizing the whole weight first (the PyTorch reference) writes a dense copy per
+ * call and loses that; here each thread streams its own rows of the packed weight once for all rows of x.
+ *
+ * Layout (compressed-tensors' pack-quantized, see shoal/quant/format.py): wq is int32 [N, K * bits / 32];
+ * for 4 bits word j of a row holds columns 8j..8j+7 as unsigned nibbles u = q + 8, column 8j lowest; for
+ * 8 bits the row is the bytes u = q + 128 in column order (little-endian words). So with
+ * zu = z + 2^(bits-1):  sum_k x_k w_hat_k = sum_g s_g * (sum_{k in g} u_k x_k - zu_g * xsum_g),
+ * where xsum[m, g] = sum_{k in g} x[m, k] comes from the caller. Accumulation is fp32 over fp32 x, u is an
+ * exact small integer: the result differs from the dequantized reference by summation order only.
+ *
+ * Two inner loops:
+ *   - int4 weights with bfloat16 x on AVX512-BF16 (vdpbf16ps): each 32-bit lane gets the bf16 pair
+ *     (128 + u[2i], 128 + u[2i+1]) built from byte i of the row by masks and an OR (128 + u is exact in
+ *     bf16), and vdpbf16ps multiplies it with the bf16 pair x[2i], x[2i+1] as it lies in memory: 32
+ *     columns per instruction, no int -> float conversion. The extra 128 * xsum is subtracted with the
+ *     zero point. Products are exact in fp32; vdpbf16ps flushes denormals (as in gemv.c).
+ *   - everywhere else (float32 x, int8 weights, CPUs without AVX512-BF16): codes converted to fp32, 16 at a
+ *     time, and fp32 FMAs (GCC vector extensions).
+ *
+ * Arguments (row-major, contiguous; qgemv.py checks them all, this code trusts them): x [M, K], bias [N]
+ * or NULL and y [M, N], all f32 or all bf16 (x_bf16 = 1; bf16 x is widened to f32 here unless the
+ * vdpbf16ps path runs, and y is rounded to bf16 once, nearest even); wq as above; scale [N, K / group]
+ * f32 or bf16 (scale_bf16 = 1); zero [N, K / group] int8 or NULL (symmetric); 1 <= M <= 4, bits 4 or 8,
+ * group a multiple of 32 dividing K. use_dot = 0 keeps the fp32 path on AVX512-BF16 CPUs (tests).
+ * The per-group sums of x that the zero-point term needs are computed once per call, before the rows.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_AVX512_BF16 1
+#else
+#define HAVE_AVX512_BF16 0
+#endif
+
+#define MAX_ROWS 4
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum(v16f v) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+int shoal_qgemv_bf16_native(void) { return HAVE_AVX512_BF16; }
+
+static inline float scale_at(const void *scale, int scale_bf16, int64_t i) {
+    if (!scale_bf16) return ((const float *)scale)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)scale)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* 16 consecutive weights of a row (from column k) as floats of their unsigned codes u. */
+static inline v16f codes4(const int32_t *words, int k) {
+    const v16u shifts = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+    uint32_t a = (uint32_t)words[k / 8], b = (uint32_t)words[k / 8 + 1];
+    v16u u = ((v16u){a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b} >> shifts) & 15u;
+    return __builtin_convertvector((v16i)u, v16f);
+}
+
+static inline v16f codes8(const uint8_t *bytes, int k) {
+#ifdef __AVX512F__
+    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bytes + k))));
+#else
+    v16b b;
+    memcpy(&b, bytes + k, sizeof b);
+    return __builtin_convertvector(b, v16f);
+#endif
+}
+
+#if HAVE_AVX512_BF16
+/* tot[m] += s * sum over the group of (128 + u_k) * x_k, for M rows of bf16 x, 32 columns a vdpbf16ps. */
+static inline __attribute__((always_inline)) void group4_bf16(const uint8_t *bytes, const uint16_t *x, int M,
+                                                              int K, int k0, int group, float s, v16f *tot) {
+    const __m512i lo = _mm512_set1_epi32(0x0F), hi = _mm512_set1_epi32(0xF0);
+    const __m512i base = _mm512_set1_epi32(0x43004300);
+    __m512 acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + group; k += 32) {
+        __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bytes + k / 2)));
+        __m512i pair = _mm512_ternarylogic_epi32(_mm512_and_si512(d, lo), _mm512_slli_epi32(_mm512_and_si512(d, hi), 12),
+                                                 base, 0xFE); /* a | b | c */
+        for (int m = 0; m < M; m++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + (int64_t)m * K + k));
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)pair, (__m512bh)xv);
+        }
+    }
+    for (int m = 0; m < M; m++) tot[m] += (v16f)acc[m] * s;
+}
+#endif
+
+/* One output row: vector accumulators per group, scaled into one total per row of x (one reduction a row);
+ * the zero-point term sum_g s_g * zu_g * xsum[m, g] is scalar. */
+static inline __attribute__((always_inline)) void row(const void *x, int x_bf16, const float *xsum,
+                                                      const int32_t *wr, const void *scale, int scale_bf16,
+                                                      const int8_t *zero, int64_t n, int M, int K, int group,
+                                                      int bits, float *out) {
+    const int G = K / group;
+    /* the code offset 2^(bits-1), plus the 128 the bf16 path adds to every code */
+    const float offset = (float)(1 << (bits - 1)) + (x_bf16 ? 128.0f : 0.0f);
+    v16f tot[MAX_ROWS];
+    float zterm[MAX_ROWS];
+    for (int m = 0; m < M; m++) tot[m] = (v16f){0}, zterm[m] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        float s = scale_at(scale, scale_bf16, n * G + g);
+        float zu = offset + (zero ? (float)zero[n * G + g] : 0.0f);
+        for (int m = 0; m < M; m++) zterm[m] += s * zu * xsum[(int64_t)m * G + g];
+#if HAVE_AVX512_BF16
+        if (x_bf16) {
+            group4_bf16((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
+            continue;
+        }
+#endif
+        const float *xf = (const float *)x;
+        v16f acc[MAX_ROWS];
+        for (int m = 0; m < M; m++) acc[m] = (v16f){0};
+        for (int k = g * group; k < (g + 1) * group; k += 16) {
+            v16f u = bits == 4 ? codes4(wr, k) : codes8((const uint8_t *)wr, k);
+            for (int m = 0; m < M; m++) acc[m] += u * load16(xf + (int64_t)m * K + k);
+        }
+        for (int m = 0; m < M; m++) tot[m] += acc[m] * s;
+    }
+    for (int m = 0; m < M; m++) out[m] = hsum(tot[m]) - zterm[m];
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale, int scale_bf16,
+                 const int8_t *zero, const void *bias, void *y, int M, int N, int K, int group, int bits,
+                 int use_dot, int num_threads) {
+    const int64_t words = (int64_t)K * bits / 32;
+    const int G = K / group;
+    const int dot = HAVE_AVX512_BF16 && use_dot && x_bf16 && bits == 4;
+    float xsum[M * G];
+    float xbuf[(x_bf16 && !dot) ? M * K : 1];
+    const float *xf = x_bf16 ? xbuf : (const float *)x;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            float acc = 0.0f;
+            for (int k = g * group; k < (g + 1) * group; k++) {
+                int64_t i = (int64_t)m * K + k;
+                float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+                if (x_bf16 && !dot) xbuf[i] = v;
+                acc += v;
+            }
+            xsum[m * G + g] = acc;
+        }
+    const void *xk = dot ? x : (const void *)xf;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int n = 0; n < N; n++) {
+        float out[MAX_ROWS];
+        const int32_t *wr = wq + (int64_t)n * words;
+        if (M == 1) row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, 1, K, group, bits, out);
+        else row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, M, K, group, bits, out);
+        for (int m = 0; m < M; m++) {
+            int64_t i = (int64_t)m * N + n;
+            if (x_bf16) {
+                float b = bias ? bf16_to_f32(((const uint16_t *)bias)[n]) : 0.0f;
+                ((uint16_t *)y)[i] = f32_to_bf16(out[m] + b);
+            } else {
+                ((float *)y)[i] = out[m] + (bias ? ((const float *)bias)[n] : 0.0f);
+            }
+        }
+    }
+}

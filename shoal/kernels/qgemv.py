@@ -1,0 +1,172 @@
+"""Decode matmuls over int4/int8 pack-quantized weights (qgemv.c), for 1-4 rows.
+
+`supported` says whether the kernel serves a layer's layout; `qgemv` runs it. As in gemv.py: under
+torch.compile the call goes through a custom op with a shape-only fake, eagerly it calls the library
+directly, and every call checks its inputs first (the C code trusts them): TypeError for dtypes, ValueError
+for devices, shapes and strides. x, bias and the result share one dtype, float32 or bfloat16; conversions
+and the per-group sums of x happen in C, so a call costs one check and one allocation in Python (it runs
+about 120 times per SmolLM2 decode step).
+
+Measured on the 2-core AMD EPYC (AVX512-BF16; shared, load ~4), 1 row, bf16 x, 1 thread, weights in
+cache, per call: 3072x576 int4 g64 106-131 us (vdpbf16ps path), int8 g64 123 us, against shoal's bf16
+gemv at 36-38 us: in cache the unpacking costs more than the bytes it saves. Whole-model numbers are in
+shoal/quant/linear.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from shoal import kernels
+
+MAX_ROWS = 4
+_INT_MAX = 2**31 - 1
+# x, x_bf16, wq, scale, scale_bf16, zero, bias, y, M, N, K, group, bits, use_dot, threads
+_ARGTYPES = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+_ARGTYPES += (ctypes.c_void_p,) * 3 + (ctypes.c_int,) * 7
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kernel():
+    return kernels.function("qgemv", "shoal_qgemv", _ARGTYPES, None)
+
+
+def bf16_native() -> bool:
+    """Whether int4 x bfloat16 runs on vdpbf16ps here (the library built with __AVX512BF16__)."""
+    fn = kernels.function("qgemv", "shoal_qgemv_bf16_native", (), ctypes.c_int)
+    return fn is not None and fn() == 1
+
+
+def supported(bits: int, group_size: int, in_features: int, scale: torch.Tensor) -> bool:
+    """Whether the kernel serves a layer: 4 or 8 bits, groups of a multiple of 32 columns, float32 or
+    bfloat16 scales on the CPU, and the library built."""
+    return (
+        bits in (4, 8)
+        and group_size > 0
+        and group_size % 32 == 0
+        and in_features % group_size == 0
+        and scale.device.type == "cpu"
+        and scale.dtype in _DTYPES
+        and _kernel() is not None
+    )
+
+
+def _check(x, packed, scale, zero, bias, bits: int, group_size: int) -> None:
+    """What qgemv.c assumes, as one expression of cheap reads; _refuse says what is wrong otherwise."""
+    xs, ps = x.shape, packed.shape
+    if not (
+        x.dtype in _DTYPES
+        and packed.dtype is torch.int32
+        and scale.dtype in _DTYPES
+        and x.is_cpu
+        and packed.is_cpu
+        and scale.is_cpu
+        and len(xs) == 2
+        and len(ps) == 2
+        and 1 <= xs[0] <= MAX_ROWS
+        and bits in (4, 8)
+        and group_size > 0
+        and group_size % 32 == 0
+        and xs[1] % group_size == 0
+        and 1 <= ps[0] <= _INT_MAX
+        and 1 <= xs[1] <= _INT_MAX
+        and ps[1] * 32 == xs[1] * bits
+        and scale.shape == (ps[0], xs[1] // group_size)
+        and packed.is_contiguous()
+        and scale.is_contiguous()
+        and (zero is None or (zero.dtype is torch.int8 and zero.is_cpu and zero.shape == scale.shape and zero.is_contiguous()))
+        and (bias is None or (bias.dtype is x.dtype and bias.is_cpu and bias.shape == ps[:1]))
+    ):  # fmt: skip
+        _refuse(x, packed, scale, zero, bias, bits, group_size)
+
+
+def _refuse(x, packed, scale, zero, bias, bits: int, group_size: int) -> None:
+    if x.dtype not in _DTYPES or scale.dtype not in _DTYPES or packed.dtype != torch.int32:
+        raise TypeError(f"qgemv: x {x.dtype}, scale {scale.dtype}, weight {packed.dtype}: expected float32 or "
+                        "bfloat16 x and scale, an int32 packed weight")  # fmt: skip
+    if (zero is not None and zero.dtype != torch.int8) or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError("qgemv: zero points must be int8 and the bias in x's dtype")
+    if not all(t.is_cpu for t in (x, packed, scale, zero, bias) if t is not None):
+        raise ValueError("qgemv: every tensor must be on the CPU")
+    if bits not in (4, 8) or group_size <= 0 or group_size % 32:
+        raise ValueError(f"qgemv: bits {bits}, group {group_size}: need 4 or 8 bits and a multiple of 32")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] % group_size:
+        raise ValueError(
+            f"qgemv: x shape {tuple(x.shape)}, expected [1..{MAX_ROWS}, a multiple of {group_size}]"
+        )
+    k = x.shape[1]
+    if packed.dim() != 2 or packed.shape[1] * 32 != k * bits or not packed.is_contiguous():
+        raise ValueError(
+            f"qgemv: packed weight {tuple(packed.shape)}, expected contiguous [N, {k * bits // 32}]"
+        )
+    raise ValueError(f"qgemv: scale {tuple(scale.shape)}, zero points or bias do not match N={packed.shape[0]}, "
+                     f"groups={k // group_size} (contiguous)")  # fmt: skip
+
+
+def _run(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    portable: bool = False,
+) -> torch.Tensor:
+    _check(x, packed, scale, zero, bias, bits, group_size)
+    fn = _kernel()
+    if fn is None:
+        raise RuntimeError("qgemv: native kernels unavailable (no C compiler or SHOAL_NATIVE_KERNELS=0)")
+    x = x.contiguous()
+    rows, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype)
+    fn(
+        x.data_ptr(),
+        int(x.dtype is torch.bfloat16),
+        packed.data_ptr(),
+        scale.data_ptr(),
+        int(scale.dtype is torch.bfloat16),
+        None if zero is None else zero.data_ptr(),
+        None if bias is None else bias.contiguous().data_ptr(),
+        out.data_ptr(),
+        rows,
+        n,
+        k,
+        group_size,
+        bits,
+        int(not portable),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+_op = torch.library.custom_op("shoal::qgemv", mutates_args=())(_run)
+
+
+@_op.register_fake
+def _(x, packed, scale, zero, bias, bits, group_size, portable=False):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def qgemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    portable: bool = False,
+) -> torch.Tensor:
+    """x [rows, K] (1 <= rows <= 4) @ w_hat[N, K].T + bias[N] -> [rows, N]; x, bias and the result float32
+    or bfloat16 (one dtype; bf16 accumulates in fp32 and rounds once).
+
+    packed: int32 [N, K * bits / 32] (pack-quantized); scale: [N, K / group_size] float32 or bfloat16;
+    zero: int8 [N, K / group_size] or None (symmetric). portable: take the fp32 path even where int4 x
+    bf16 would run on AVX512-BF16 (for tests).
+    Raises TypeError (dtypes) or ValueError (devices, shapes, strides) before touching memory."""
+    call = _op if torch.compiler.is_compiling() else _run
+    return call(x, packed, scale, zero, bias, bits, group_size, portable)

@@ -1,0 +1,84 @@
+"""qgemv (shoal/kernels/qgemv.c): int4/int8 pack-quantized matrix-vector products against a float64
+reference over the dequantized weight, and QuantizedLinear's routes against its dequantize + F.linear path.
+
+Tolerance, relative to max_n sum_k |x_k w_hat_nk| + |bias_n| (the scale of the rounding errors): float32
+1e-6 (fp32 accumulation in another order; the zero-point term is subtracted once per group); bfloat16 4e-3
+(one rounding of the result to bf16, 2^-8 relative, plus fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal import kernels
+from shoal.kernels import qgemv
+from shoal.quant.format import pack_int32
+from shoal.quant.groups import PER_CHANNEL
+from shoal.quant.linear import QuantizedLinear
+from shoal.quant.rtn import quantize_rtn
+
+pytestmark = pytest.mark.skipif(
+    kernels.load("qgemv") is None, reason="native kernels unavailable (no C compiler)"
+)
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
+
+
+def _layer(out: int, cols: int, bits: int, group: int, symmetric: bool, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out, cols, generator=g) * 0.02).to(dtype)
+    return quantize_rtn(w, None, bits, group, symmetric=symmetric)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("portable", [False, True])
+def test_qgemv_matches_float64_reference(bits, symmetric, dtype, rows, portable):
+    qw = _layer(200, 576, bits, 64, symmetric, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    bias = torch.randn(200, generator=g).to(dtype)
+    y = qgemv.qgemv(x, pack_int32(qw.qweight, bits), qw.scale, qw.zero_point, bias, bits, 64, portable)
+    w = qw.dequantize(torch.float32).double()
+    ref = x.double() @ w.T + bias.double()
+    scale = (x.double().abs() @ w.abs().T + bias.double().abs()).max()
+    assert y.dtype == dtype and y.shape == (rows, 200)
+    assert float((y.double() - ref).abs().max() / scale) < TOLERANCE[dtype]
+
+
+@pytest.mark.timeout(30)
+def test_qgemv_refuses_bad_inputs():
+    qw = _layer(8, 64, 4, 32, True, torch.float32)
+    packed = pack_int32(qw.qweight, 4)
+    x = torch.randn(1, 64)
+    with pytest.raises(TypeError):
+        qgemv.qgemv(x.double(), packed, qw.scale, None, None, 4, 32)
+    with pytest.raises(ValueError, match="x shape"):
+        qgemv.qgemv(torch.randn(5, 64), packed, qw.scale, None, None, 4, 32)
+    with pytest.raises(ValueError, match="packed weight"):
+        qgemv.qgemv(x, packed[:, :4], qw.scale, None, None, 4, 32)
+    with pytest.raises(ValueError, match="scale"):
+        qgemv.qgemv(x, packed, qw.scale[:4], None, None, 4, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        qgemv.qgemv(x, packed, qw.scale, None, None, 4, 16)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128), (8, PER_CHANNEL), (4, PER_CHANNEL)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_routes_agree_with_the_reference(bits, group, dtype):
+    qw = _layer(96, 256, bits, group, group != PER_CHANNEL, dtype)
+    bias = torch.randn(96).to(dtype)
+    layer = QuantizedLinear(qw, bias)
+    w = layer.dequantized_weight(dtype)
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, 256).to(dtype)
+        ref = (x.double() @ w.double().T + bias.double()).to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(
+            y.float(), ref.float(), rtol=TOLERANCE[dtype] * 4, atol=TOLERANCE[dtype] * 4
+        )
