@@ -203,7 +203,7 @@ def _register_bench() -> None:
 def _register_quant() -> None:
     from shoal.quant.cli import quant_app  # imports only typer; the toolkit loads when a command runs
 
-    app.add_typer(quant_app, name="quant", help="Quantize models (rtn now; gptq, awq, w8a8, fp8 to come).")
+    app.add_typer(quant_app, name="quant", help="Quantize models (rtn, gptq, awq now; w8a8, fp8 to come).")
 
 
 _register_bench()

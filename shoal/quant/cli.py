@@ -23,7 +23,8 @@ def quantize(
     model_dir: Annotated[Path, typer.Argument(help="The 16-bit Hugging Face model directory.")],
     output: Annotated[Path, typer.Option("--output", help="Directory to write the quantized model to.")],
     method: Annotated[
-        str, typer.Option(help="rtn or gptq (implemented); awq, w8a8, fp8 (planned, a clear error for now).")
+        str,
+        typer.Option(help="rtn, gptq or awq (awq: asymmetric); w8a8, fp8 planned (a clear error for now)."),
     ] = "rtn",
     bits: Annotated[int, typer.Option(help="4, or 8 for W8A16.")] = 4,
     group_size: Annotated[
@@ -38,11 +39,15 @@ def quantize(
     ] = True,
     calib_text: Annotated[
         Path | None,
-        typer.Option(help="gptq: calibration text (default ../shared/eval/wikitext2-valid.txt of the repo)."),
+        typer.Option(
+            help="gptq, awq: calibration text (default ../shared/eval/wikitext2-valid.txt of the repo)."
+        ),
     ] = None,
-    num_samples: Annotated[int, typer.Option(help="gptq: calibration windows.")] = 512,
-    seq_len: Annotated[int, typer.Option(help="gptq: tokens per calibration window.")] = 512,
-    seed: Annotated[int, typer.Option(help="gptq: seed drawing the windows (same seed, same result).")] = 0,
+    num_samples: Annotated[int, typer.Option(help="gptq, awq: calibration windows.")] = 512,
+    seq_len: Annotated[int, typer.Option(help="gptq, awq: tokens per calibration window.")] = 512,
+    seed: Annotated[
+        int, typer.Option(help="gptq, awq: seed drawing the windows (same seed, same result).")
+    ] = 0,
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress

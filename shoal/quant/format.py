@@ -43,7 +43,9 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 def _bytes_to_words(u: torch.Tensor, rows: int) -> torch.Tensor:
     """uint8 [rows, 4k] -> int32 [rows, k], the first byte lowest (the file's little-endian words)."""
     if sys.byteorder == "little":
-        return u.view(torch.int32).view(rows, -1)
+        return (
+            u.reshape(-1).view(torch.int32).view(rows, -1)
+        )  # flat first: a 1-row view's stride is arbitrary
     shifts = torch.arange(4, dtype=torch.int64) * 8
     words = (u.view(rows, -1, 4).to(torch.int64) << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -52,7 +54,7 @@ def _bytes_to_words(u: torch.Tensor, rows: int) -> torch.Tensor:
 def _words_to_bytes(packed: torch.Tensor) -> torch.Tensor:
     rows = packed.shape[0]
     if sys.byteorder == "little":
-        return packed.contiguous().view(torch.uint8).view(rows, -1)
+        return packed.reshape(-1).view(torch.uint8).view(rows, -1)
     shifts = torch.arange(4, dtype=torch.int64) * 8
     return ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).view(rows, -1)
 

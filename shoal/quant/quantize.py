@@ -8,8 +8,9 @@ quantization_config (scheme.py), and every other file of the input directory (to
 generation config) copied unchanged.
 
 Methods: rtn rounds each weight tensor on its own (`rtn.quantize_rtn(weight, None, bits, group_size)`,
-no model forward); gptq needs each layer's inputs, so it runs over the model block by block on calibration
-windows of a text file (sequential.py, calibration.py, gptq.py). awq, w8a8 and fp8 are not wired in yet:
+no model forward); gptq and awq need each layer's inputs, so they run over the model block by block on
+calibration windows of a text file (sequential.py, calibration.py, gptq.py, awq.py; awq is asymmetric
+whatever --symmetric says, as in the paper, and also changes the norm weights). w8a8 and fp8 are not wired in yet:
 asking for them is a ValueError listing what exists. Both paths return one `QuantizedWeight` per
 checkpoint linear, and the checkpoint is written the same way.
 """
@@ -33,9 +34,9 @@ from shoal.quant.format import compress
 from shoal.quant.groups import plan_groups
 from shoal.quant.rtn import quantize_rtn
 from shoal.quant.scheme import LayerScheme, build_quantization_config
-from shoal.quant.sequential import gptq_model
+from shoal.quant.sequential import awq_model, gptq_model
 
-IMPLEMENTED = ("rtn", "gptq")
+IMPLEMENTED = ("rtn", "gptq", "awq")
 ISSUE_METHODS = ("rtn", "gptq", "awq", "w8a8", "fp8")
 DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[3] / "shared" / "eval" / "wikitext2-valid.txt"
 DECODER_LINEAR = re.compile(
@@ -163,6 +164,10 @@ def _quantize_model(
     if method == "gptq":
         ids = _calibration_ids(src, calibration)
         quantized = gptq_model(src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress)
+    elif method == "awq":
+        ids = _calibration_ids(src, calibration)
+        quantized, norms = awq_model(src, plan.group_sizes, bits, ids, scale_dtype, progress)
+        tensors.update(norms)
     schemes: dict[str, LayerScheme] = {}
     for name, size in plan.group_sizes.items():
         weight = tensors.pop(f"{name}.weight")

@@ -1,5 +1,5 @@
-"""GPTQ over a whole model, block by block, as its reference recipe runs it ("sequential"): each decoder
-block is calibrated on the outputs of the blocks before it, already quantized.
+"""GPTQ and AWQ over a whole model, block by block, as their reference recipes run them ("sequential"):
+each decoder block is calibrated on the outputs of the blocks before it, already quantized.
 
 What it decides: the order of work and what each block sees. The 16-bit model is loaded with shoal's own
 loader in float32 with plain (unpacked) linears; `BlockwiseCalibration` (calibration.py) runs one block
@@ -11,6 +11,15 @@ rows independently given the Hessian, so quantizing the fused weight equals quan
 the result is split back into the checkpoint's q/k/v and gate/up rows.
 Layers the group plan keeps 16-bit are left as they are. Memory: the model in float32, the residual stream
 of every window, and one block's Hessians ([in, in] float64 each).
+
+AWQ (awq.py finds per-input-channel scales s and clipping; asymmetric, as in the paper) must also move 1/s
+into whatever produces each linear's input, so that the saved model computes (x / s) Q(W s)^T, as
+llm-awq's `apply_scale` does: qkv's 1/s goes into input_layernorm's weight, gate_up's into
+post_attention_layernorm's, down_proj's into the rows of up_proj (its input is act(gate) * up), and
+o_proj's into the rows of v_proj where they match one to one (no grouped-query attention; otherwise o_proj
+gets clipping only). The folds into up and v rows happen before those are quantized, so each block runs in
+the order o_proj, down_proj, then qkv and gate_up. The changed norm weights are returned with the
+quantized weights, to be saved in the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from pathlib import Path
 import torch
 
 from shoal.model.loader import load_model
+from shoal.quant.awq import awq_quantize
 from shoal.quant.calibration import BlockwiseCalibration
-from shoal.quant.gptq import gptq_quantize
+from shoal.quant.gptq import QuantResult, gptq_quantize
 from shoal.quant.rtn import QuantizedWeight
 
 # our fused linear -> the checkpoint linears it is made of, in row order
@@ -61,7 +71,12 @@ def gptq_model(
             linear = model.get_submodule(name)
             size = group_sizes[parts[0]]
             q = gptq_quantize(
-                linear.weight, stats[name].hessian.hessian(), bits, size or -1, symmetric=symmetric
+                linear.weight,
+                stats[name].hessian.hessian(),
+                bits,
+                size or -1,
+                symmetric=symmetric,
+                scale_dtype=scale_dtype,
             )
             qw = QuantizedWeight(
                 q.qweight, q.scales.to(scale_dtype), None if symmetric else q.zeros, bits, size
@@ -73,6 +88,83 @@ def gptq_model(
         if progress is not None:
             progress(i + 1, cfg.num_layers)
     return result
+
+
+AWQ_SAMPLE_ROWS = 512  # input rows kept per linear for the scale and clipping searches
+
+
+def awq_model(
+    model_dir: Path,
+    group_sizes: dict[str, int],
+    bits: int,
+    calib_ids: torch.Tensor,
+    scale_dtype: torch.dtype,
+    progress=None,
+) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """(checkpoint linear name -> AWQ-quantized weight, checkpoint norm weight name -> new value in
+    scale_dtype) for every linear in group_sizes; arguments as gptq_model. A fused linear is searched as
+    one group (its parts share their input); all parts must be in group_sizes or none."""
+    model, cfg = load_model(model_dir, torch.float32, torch.device("cpu"), pack=False)
+    blocks = BlockwiseCalibration(model, calib_ids)
+    weights: dict[str, QuantizedWeight] = {}
+    norms: dict[str, torch.Tensor] = {}
+    mha = cfg.num_heads == cfg.num_kv_heads
+    order = ("self_attn.o_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj")
+    for i in range(cfg.num_layers):
+        layer = model.layers[i]
+        todo = [f for f in order if f"model.layers.{i}.{BLOCK_LINEARS[f][0]}" in group_sizes]
+        names = [f"layers.{i}.{f}" for f in todo]
+        stats = blocks.capture(names, hessian=False, max_sample_rows=AWQ_SAMPLE_ROWS) if names else {}
+        for fused in todo:
+            parts = [f"model.layers.{i}.{p}" for p in BLOCK_LINEARS[fused]]
+            linear = model.get_submodule(f"layers.{i}.{fused}")
+            rows = [_rows(model, cfg, p) for p in parts]
+            x, mean = stats[f"layers.{i}.{fused}"].sample_rows(), stats[f"layers.{i}.{fused}"].abs_mean()
+            search = fused != "self_attn.o_proj" or mha
+            clip = [False, False, True] if fused == "self_attn.qkv_proj" else True
+            pieces = list(linear.weight.split(rows))
+            result = awq_quantize(
+                pieces, x, mean, bits, group_sizes[parts[0]] or -1, clip, scale_dtype, search
+            )
+            s = result.input_scales
+            with torch.no_grad():
+                _fold(layer, fused, s, cfg, norms, i, scale_dtype)
+                deq = torch.cat([q.dequantized for q in result.weights])
+                linear.weight.copy_(deq)
+            for part, q in zip(parts, result.weights, strict=True):
+                weights[part] = _from_result(q, scale_dtype)
+        blocks.advance()
+        if progress is not None:
+            progress(i + 1, cfg.num_layers)
+    return weights, norms
+
+
+def _fold(layer, fused: str, s: torch.Tensor, cfg, norms: dict, i: int, dtype: torch.dtype) -> None:
+    """Divide the producer of a linear's input by s (see the module docstring)."""
+    if fused == "self_attn.qkv_proj":
+        norm, name = layer.input_layernorm, f"model.layers.{i}.input_layernorm.weight"
+    elif fused == "mlp.gate_up_proj":
+        norm, name = layer.post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm.weight"
+    else:
+        if bool((s == 1).all()):
+            return
+        if fused == "mlp.down_proj":  # up rows are the second half of gate_up
+            producer, start = layer.mlp.gate_up_proj, cfg.intermediate_size
+        else:  # o_proj without grouped-query attention: v rows follow q and k
+            producer, start = layer.self_attn.qkv_proj, 2 * cfg.num_kv_heads * cfg.head_dim
+        producer.weight[start : start + s.numel()] /= s[:, None]
+        if producer.bias is not None:
+            producer.bias[start : start + s.numel()] /= s
+        return
+    value = (norm.weight.float() / s).to(dtype)
+    norm.weight.copy_(value.to(norm.weight.dtype))
+    norms[name] = value
+
+
+def _from_result(q: QuantResult, scale_dtype: torch.dtype) -> QuantizedWeight:
+    return QuantizedWeight(
+        q.qweight, q.scales.to(scale_dtype), q.zeros, q.bits, q.group_size if q.group_size > 0 else 0
+    )
 
 
 def _rows(model, cfg, checkpoint_name: str) -> int:
