@@ -360,3 +360,64 @@ def test_cli_quantize(stories_dir, tmp_path):
         app, ["quant", "quantize", str(stories_dir), "--output", str(tmp_path / "g"), "--method", "fp8"]
     )
     assert bad.exit_code == 1 and "not implemented yet" in bad.output
+
+
+@pytest.fixture(scope="module")
+def tiny_mha_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with as many key/value heads as query heads (AWQ folds o_proj's scales into
+    v_proj only then) and biases everywhere (the folds must scale them too)."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import TOKENIZER_FILES, randomize_
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=16, num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize_(model, 0)
+    out = tmp_path_factory.mktemp("tiny_mha")
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        if (smollm2_dir / f).exists():
+            shutil.copy(smollm2_dir / f, out / f)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_awq_folds_keep_the_model_function(tiny_mha_dir):
+    """Scaling each linear's input columns by s and dividing its producer (norm, up rows, v rows) by s
+    leaves the logits as they were: the algebra AWQ's saved checkpoints rely on."""
+    from shoal.quant.sequential import BLOCK_LINEARS, _fold
+
+    model, cfg = load_model(tiny_mha_dir, torch.float32, CPU, pack=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model.logits(forward_windows(model, ids))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for fused in BLOCK_LINEARS:
+                linear = model.get_submodule(f"layers.{i}.{fused}")
+                s = torch.rand(linear.in_features, generator=g) * 3 + 0.25
+                _fold(layer, fused, s, cfg, {}, i, torch.float32)
+                linear.weight.mul_(s)
+    with torch.inference_mode():
+        after = model.logits(forward_windows(model, ids))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_awq_on_tiny_mha_model_loads_and_matches_compressed_tensors(tiny_mha_dir, tmp_path):
+    calibration = Calibration(None, num_samples=4, seq_len=64, seed=0)
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    text = tmp_path / "calib.txt"
+    from shoal.model.tokenizer import Tokenizer
+
+    text.write_text(Tokenizer(tiny_mha_dir).decode(ids.flatten().tolist()))
+    calibration.text_file = text
+    result = quantize_model(tiny_mha_dir, tmp_path / "awq", "awq", 4, "auto", False, calibration)
+    model, cfg = load_model(result.output, torch.float32, CPU)
+    ours, theirs = _shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(result.output)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], w) for n, w in theirs.items())
+    raw = json.loads((result.output / "config.json").read_text())
+    assert raw["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
