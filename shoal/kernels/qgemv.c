@@ -52,9 +52,13 @@ static inline v16f load16(const float *p) {
 }
 
 static inline float hsum(v16f v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
     float s = 0.0f;
     for (int i = 0; i < 16; i++) s += v[i];
     return s;
+#endif
 }
 
 int shoal_qgemv_bf16_native(void) { return HAVE_AVX512_BF16; }
@@ -69,10 +73,18 @@ static inline float scale_at(const void *scale, int scale_bf16, int64_t i) {
 
 /* 16 consecutive weights of a row (from column k) as floats of their unsigned codes u. */
 static inline v16f codes4(const int32_t *words, int k) {
+#ifdef __AVX512F__
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadl_epi64((const __m128i *)(words + k / 8))); /* a b a b ... */
+    v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), v);
+    __m512i u = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(15));
+    return (v16f)_mm512_cvtepi32_ps(u);
+#else
     const v16u shifts = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
     uint32_t a = (uint32_t)words[k / 8], b = (uint32_t)words[k / 8 + 1];
     v16u u = ((v16u){a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b} >> shifts) & 15u;
     return __builtin_convertvector((v16i)u, v16f);
+#endif
 }
 
 static inline v16f codes8(const uint8_t *bytes, int k) {
@@ -104,6 +116,29 @@ static inline __attribute__((always_inline)) void group4_bf16(const uint8_t *byt
     }
     for (int m = 0; m < M; m++) tot[m] += (v16f)acc[m] * s;
 }
+
+/* As group4_bf16, 64 columns a step, for x permuted per 64 columns into its 32 even then its 32 odd
+ * columns (xp, built once per call): zero-extending the 32 bytes to words gives byte j's two nibbles in
+ * word j, the low one (column 2j) masked, the high one (column 2j + 1) shifted down, each ORed with 0x4300;
+ * two vdpbf16ps then pair word j with xp's even / odd halves. 6 instructions per 64 columns, not 12. */
+static inline __attribute__((always_inline)) void group4_bf16_64(const uint8_t *bytes, const uint16_t *xp,
+                                                                 int M, int K, int k0, int group, float s,
+                                                                 v16f *tot) {
+    const __m512i lo = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
+    __m512 acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + group; k += 64) {
+        __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(bytes + k / 2)));
+        __m512i even = _mm512_ternarylogic_epi32(w, lo, base, 0xEA); /* (w & lo) | base */
+        __m512i odd = _mm512_or_si512(_mm512_srli_epi16(w, 4), base);
+        for (int m = 0; m < M; m++) {
+            const uint16_t *xr = xp + (int64_t)m * K + k;
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)even, (__m512bh)_mm512_loadu_si512((const void *)xr));
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)odd, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+        }
+    }
+    for (int m = 0; m < M; m++) tot[m] += (v16f)acc[m] * s;
+}
 #endif
 
 /* One output row: vector accumulators per group, scaled into one total per row of x (one reduction a row);
@@ -123,6 +158,10 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
         float zu = offset + (zero ? (float)zero[n * G + g] : 0.0f);
         for (int m = 0; m < M; m++) zterm[m] += s * zu * xsum[(int64_t)m * G + g];
 #if HAVE_AVX512_BF16
+        if (x_bf16 == 2) {
+            group4_bf16_64((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
+            continue;
+        }
         if (x_bf16) {
             group4_bf16((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
             continue;
@@ -174,13 +213,24 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
             }
             xsum[m * G + g] = acc;
         }
-    const void *xk = dot ? x : (const void *)xf;
+    const int dot64 = dot && group % 64 == 0;
+    uint16_t xperm[dot64 ? M * K : 1];
+    if (dot64)
+        for (int m = 0; m < M; m++)
+            for (int k = 0; k < K; k += 64)
+                for (int j = 0; j < 32; j++) {
+                    const uint16_t *xr = (const uint16_t *)x + (int64_t)m * K + k;
+                    xperm[m * K + k + j] = xr[2 * j];
+                    xperm[m * K + k + 32 + j] = xr[2 * j + 1];
+                }
+    const void *xk = dot64 ? (const void *)xperm : dot ? x : (const void *)xf;
+    const int path = dot64 ? 2 : dot;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int n = 0; n < N; n++) {
         float out[MAX_ROWS];
         const int32_t *wr = wq + (int64_t)n * words;
-        if (M == 1) row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, 1, K, group, bits, out);
-        else row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, M, K, group, bits, out);
+        if (M == 1) row(xk, path, xsum, wr, scale, scale_bf16, zero, n, 1, K, group, bits, out);
+        else row(xk, path, xsum, wr, scale, scale_bf16, zero, n, M, K, group, bits, out);
         for (int m = 0; m < M; m++) {
             int64_t i = (int64_t)m * N + n;
             if (x_bf16) {

@@ -7,10 +7,10 @@ for devices, shapes and strides. x, bias and the result share one dtype, float32
 and the per-group sums of x happen in C, so a call costs one check and one allocation in Python (it runs
 about 120 times per SmolLM2 decode step).
 
-Measured on the 2-core AMD EPYC (AVX512-BF16; shared, load ~4), 1 row, bf16 x, 1 thread, weights in
-cache, per call: 3072x576 int4 g64 106-131 us (vdpbf16ps path), int8 g64 123 us, against shoal's bf16
-gemv at 36-38 us: in cache the unpacking costs more than the bytes it saves. Whole-model numbers are in
-shoal/quant/linear.py.
+Measured on the 2-core AMD EPYC (AVX512-BF16; shared, load ~4), 1 row, 1 thread, weights in cache, per
+call, 3072x576 g64: int4 x bf16 86 us (vdpbf16ps, 64 columns a step), int8 x bf16 80 us, int4 x fp32
+125 us, against shoal's bf16 gemv at 37 us: in cache, unpacking and the per-group scale work cost more than
+the bytes saved (9 groups a row at g64). Whole-model numbers are in shoal/quant/linear.py.
 """
 
 from __future__ import annotations
