@@ -26,7 +26,11 @@ from shoal.model.packed_linear import pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
 from shoal.quant.format import TENSOR_SUFFIXES, decompress
+from shoal.quant.fp8 import FP8Linear
 from shoal.quant.linear import QuantizedLinear, fuse
+from shoal.quant.naive_format import NAIVE_SUFFIXES, decompress_naive
+from shoal.quant.scheme import PACK_QUANTIZED
+from shoal.quant.w8a8 import W8A8Linear
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +178,23 @@ def _swap_quantized(
             continue
         if any(s is None for s in schemes):
             raise WeightLoadError(f"{parts}: fused into {path!r}, but only some are quantized")
-        quantized = []
+        if len(set(schemes)) > 1:
+            raise WeightLoadError(f"{parts}: fused into {path!r}, but quantized with different schemes")
+        naive = cfg.quantization.format != PACK_QUANTIZED
+        quantized, input_scales = [], []
         for part, scheme in zip(parts, schemes, strict=True):
-            tensors = {k: source.get(f"{part}.{k}") for k in TENSOR_SUFFIXES if f"{part}.{k}" in source.where}
+            suffixes = NAIVE_SUFFIXES if naive else TENSOR_SUFFIXES
+            tensors = {k: source.get(f"{part}.{k}") for k in suffixes if f"{part}.{k}" in source.where}
             used.update(f"{part}.{k}" for k in tensors)
             try:
-                quantized.append(decompress(tensors, scheme.bits, scheme.group_size, scheme.symmetric, part))
+                if naive:
+                    qw, input_scale = decompress_naive(tensors, scheme, part)
+                    quantized.append(qw)
+                    input_scales.append(input_scale)
+                else:
+                    quantized.append(
+                        decompress(tensors, scheme.bits, scheme.group_size, scheme.symmetric, part)
+                    )
             except ValueError as e:
                 raise WeightLoadError(str(e)) from None
         try:
@@ -191,10 +206,26 @@ def _swap_quantized(
                 f"{parts[0]!r}: quantized weight has shape {tuple(qw.qweight.shape)}, "
                 f"config.json implies {(linear.out_features, linear.in_features)}"
             )
-        module = QuantizedLinear(qw, bias=None).to(device)
+        module = _quantized_module(qw, schemes[0], input_scales).to(device)
         module.bias = linear.bias
         _set_module(model, path, module)
     return used
+
+
+def _quantized_module(qw, scheme, input_scales: list) -> nn.Module:
+    """The layer serving one (fused) quantized weight: W8A8Linear for int8 activations (a fused layer's
+    static input scale is the largest of its parts', as vLLM takes it), FP8Linear for float8 weights,
+    QuantizedLinear for integer weight-only layers (W4A16, W8A16)."""
+    if scheme.type == "float":
+        return FP8Linear(qw, dynamic_activations=scheme.activations is not None)
+    if scheme.activations is not None:
+        static = (
+            None
+            if scheme.activations.dynamic
+            else torch.stack([s.float().reshape(()) for s in input_scales]).max()
+        )
+        return W8A8Linear(qw, static)
+    return QuantizedLinear(qw)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

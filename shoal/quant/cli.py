@@ -24,7 +24,10 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", help="Directory to write the quantized model to.")],
     method: Annotated[
         str,
-        typer.Option(help="rtn, gptq or awq (awq: asymmetric); w8a8, fp8 planned (a clear error for now)."),
+        typer.Option(
+            help="rtn, gptq or awq (awq: asymmetric); w8a8 (int8 weights and activations) or fp8 (E4M3 "
+            "weights, dynamic per-token fp8 activations; emulated on CPU)."
+        ),
     ] = "rtn",
     bits: Annotated[int, typer.Option(help="4, or 8 for W8A16.")] = 4,
     group_size: Annotated[
@@ -48,10 +51,18 @@ def quantize(
     seed: Annotated[
         int, typer.Option(help="gptq, awq: seed drawing the windows (same seed, same result).")
     ] = 0,
+    weight_method: Annotated[str, typer.Option(help="w8a8: int8 weights by rtn or gptq.")] = "rtn",
+    smoothquant_alpha: Annotated[
+        float | None, typer.Option(help="w8a8: SmoothQuant migration strength in [0, 1] (off unless given).")
+    ] = None,
+    activation_scales: Annotated[
+        str, typer.Option(help="w8a8: dynamic (per token) or static (per tensor, calibrated min/max).")
+    ] = "dynamic",
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress
 
+    from shoal.quant.activation_recipe import ActivationOptions
     from shoal.quant.groups import parse_group_size
     from shoal.quant.quantize import Calibration, quantize_model
 
@@ -68,6 +79,7 @@ def quantize(
                 symmetric,
                 calibration,
                 lambda done, total: bar.update(task, completed=done, total=total),
+                ActivationOptions(weight_method, smoothquant_alpha, activation_scales),
             )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)

@@ -10,9 +10,10 @@ generation config) copied unchanged.
 Methods: rtn rounds each weight tensor on its own (`rtn.quantize_rtn(weight, None, bits, group_size)`,
 no model forward); gptq and awq need each layer's inputs, so they run over the model block by block on
 calibration windows of a text file (sequential.py, calibration.py, gptq.py, awq.py; awq is asymmetric
-whatever --symmetric says, as in the paper, and also changes the norm weights). w8a8 and fp8 are not wired in yet:
-asking for them is a ValueError listing what exists. Both paths return one `QuantizedWeight` per
-checkpoint linear, and the checkpoint is written the same way.
+whatever --symmetric says, as in the paper, and also changes the norm weights). w8a8 and fp8
+(activation_recipe.py) quantize every decoder linear per channel to 8 bits with input activations, and
+are written in compressed-tensors' unpacked `int-quantized` / `float-quantized` layouts (naive_format.py).
+Every path returns one `QuantizedWeight` per checkpoint linear.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shoal.quant.activation_recipe import ACTIVATION_METHODS, ActivationOptions, quantize_activation_method
 from shoal.quant.calibration import load_calibration_tokens
 from shoal.quant.format import compress
-from shoal.quant.groups import plan_groups
+from shoal.quant.groups import GroupPlan, plan_groups
+from shoal.quant.naive_format import compress_naive
 from shoal.quant.rtn import quantize_rtn
-from shoal.quant.scheme import LayerScheme, build_quantization_config
+from shoal.quant.scheme import PACK_QUANTIZED, LayerScheme, build_quantization_config
 from shoal.quant.sequential import awq_model, gptq_model
 
-IMPLEMENTED = ("rtn", "gptq", "awq")
+IMPLEMENTED = ("rtn", "gptq", "awq", "w8a8", "fp8")
 ISSUE_METHODS = ("rtn", "gptq", "awq", "w8a8", "fp8")
 DEFAULT_CALIB_TEXT = Path(__file__).resolve().parents[3] / "shared" / "eval" / "wikitext2-valid.txt"
 DECODER_LINEAR = re.compile(
@@ -110,11 +113,14 @@ def quantize_model(
     symmetric: bool = True,
     calibration: Calibration | None = None,
     progress: Callable[[int, int], None] | None = None,
+    activation_options: ActivationOptions | None = None,
 ) -> QuantizeResult:
     """Quantize model_dir's decoder linears with method and write a servable model directory to output.
 
     calibration: gptq's calibration data (default: Calibration()); progress(done, total) is called after
-    each block of a calibrated method.
+    each block of a calibrated method. activation_options: w8a8's weight method, SmoothQuant alpha and
+    activation scales (default: rtn, off, dynamic); bits and group_size are ignored by w8a8 and fp8
+    (8-bit per channel).
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
@@ -134,6 +140,7 @@ def quantize_model(
             symmetric,
             calibration or Calibration(),
             progress,
+            activation_options or ActivationOptions(),
         )
     finally:
         torch.set_num_threads(threads)
@@ -148,6 +155,7 @@ def _quantize_model(
     symmetric: bool,
     calibration: Calibration,
     progress: Callable[[int, int], None] | None,
+    activation_options: ActivationOptions,
 ) -> QuantizeResult:
     start = time.perf_counter()
     check_method(method)
@@ -158,10 +166,20 @@ def _quantize_model(
         raise ValueError(f"{src}: the model is already quantized (config.json has quantization_config)")
     tensors = _read_all(src)
     linears = {n.removesuffix(".weight"): t for n, t in tensors.items() if DECODER_LINEAR.match(n)}
-    plan = plan_groups({n: t.shape[1] for n, t in linears.items()}, group_size, bits)
+    if method in ACTIVATION_METHODS:
+        bits, plan = 8, GroupPlan(dict.fromkeys(linears, 0), [])
+    else:
+        plan = plan_groups({n: t.shape[1] for n, t in linears.items()}, group_size, bits)
     result = QuantizeResult(out, plan.group_sizes, plan.ignored)
     scale_dtype = next(iter(linears.values())).dtype
-    if method == "gptq":
+    fmt, naive = PACK_QUANTIZED, None
+    if method in ACTIVATION_METHODS:
+        naive = quantize_activation_method(
+            src, tensors, list(linears), method, activation_options,
+            lambda: _calibration_ids(src, calibration), progress,
+        )  # fmt: skip
+        quantized, fmt = naive.weights, naive.format
+    elif method == "gptq":
         ids = _calibration_ids(src, calibration)
         quantized = gptq_model(src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress)
     elif method == "awq":
@@ -175,10 +193,14 @@ def _quantize_model(
             qw = quantize_rtn(weight, None, bits, size, symmetric=symmetric)
         else:
             qw = quantized[name]
-        packed = compress(qw)
+        if naive is None:
+            packed = compress(qw)
+            schemes[name] = LayerScheme(bits, size, qw.symmetric)
+        else:
+            packed = compress_naive(qw, naive.input_scales.get(name))
+            schemes[name] = naive.scheme
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t
-        schemes[name] = LayerScheme(bits, size, qw.symmetric)
         result.quantized_bytes += sum(t.numel() * t.element_size() for t in packed.values())
         result.dense_bytes_16bit += weight.numel() * 2
     ignore = ["lm_head", *plan.ignored]
@@ -191,7 +213,7 @@ def _quantize_model(
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), {"format": "pt"}
     )
-    raw_config["quantization_config"] = build_quantization_config(schemes, ignore)
+    raw_config["quantization_config"] = build_quantization_config(schemes, ignore, fmt)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
     result.seconds = time.perf_counter() - start
     return result

@@ -12,8 +12,14 @@ A target is an exact module name, `re:<regex>` (matched from the start of the na
 `match_name` does), or the class name `Linear`. shoal writes one group per group size, targeting layers by
 exact name, so the per-layer choice of `--group-size auto` is recorded in the config.
 
-shoal serves the weight-only `pack-quantized` format with 4- or 8-bit integer weights, per group or per
-channel; anything else is a ValueError naming the field (the W8A8 and FP8 formats come later in issue 18).
+shoal serves three formats (compressed-tensors' `CompressionFormat` names):
+- `pack-quantized`: weight-only, 4- or 8-bit integer weights, per group or per channel;
+- `int-quantized` (W8A8): int8 symmetric per-channel weights stored unpacked, with `input_activations`
+  int8 symmetric, either dynamic per token (`"dynamic": true, "strategy": "token"`) or static per tensor
+  (`"dynamic": false, "strategy": "tensor"`, an `input_scale` tensor a layer);
+- `float-quantized` (FP8): float8_e4m3fn per-channel weights (`"type": "float"`), activations none or
+  float8 dynamic per token.
+Anything else is a ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -23,18 +29,37 @@ from dataclasses import dataclass, field
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
-SUPPORTED_FORMATS = (PACK_QUANTIZED,)
+INT_QUANTIZED = "int-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+SUPPORTED_FORMATS = (PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED)
+WEIGHT_TYPE = {PACK_QUANTIZED: "int", INT_QUANTIZED: "int", FLOAT_QUANTIZED: "float"}
 SUPPORTED_BITS = (4, 8)
 LINEAR_CLASS_TARGET = "Linear"
 
 
 @dataclass(frozen=True)
+class ActivationScheme:
+    """How a linear's input is quantized at run time: 8-bit `type` ("int" or "float"), dynamic per token
+    (a scale a row, computed on the fly) or static per tensor (the checkpoint's `input_scale`)."""
+
+    type: str = "int"
+    dynamic: bool = True
+
+    @property
+    def strategy(self) -> str:
+        return "token" if self.dynamic else "tensor"
+
+
+@dataclass(frozen=True)
 class LayerScheme:
-    """How one linear's weight is stored: bits, group size (0: per channel) and symmetry."""
+    """How one linear's weight is stored: bits, group size (0: per channel), symmetry, the weight's type
+    ("int", or "float" for FP8 E4M3) and its input activations' scheme (None: weight-only)."""
 
     bits: int
     group_size: int
     symmetric: bool
+    type: str = "int"
+    activations: ActivationScheme | None = None
 
 
 @dataclass
@@ -68,14 +93,21 @@ def _need(raw: dict, key: str, path: str):
     return raw[key]
 
 
-def _weights(raw, path: str) -> LayerScheme:
+def _weights(raw, path: str, fmt: str = PACK_QUANTIZED) -> LayerScheme:
     if not isinstance(raw, dict):
         raise ValueError(f"quantization_config.{path} must be an object, got {raw!r}")
     bits = _need(raw, "num_bits", f"{path}.")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"quantization_config.{path}.num_bits={bits!r} is not supported (supported: 4, 8)")
-    if raw.get("type", "int") != "int":
-        raise ValueError(f"quantization_config.{path}.type={raw.get('type')!r}: only int weights are served")
+    allowed_bits = SUPPORTED_BITS if fmt == PACK_QUANTIZED else (8,)
+    if bits not in allowed_bits:
+        raise ValueError(
+            f"quantization_config.{path}.num_bits={bits!r} is not supported by format {fmt!r} "
+            f"(supported: {', '.join(map(str, allowed_bits))})"
+        )
+    wtype = raw.get("type", "int")
+    if wtype != WEIGHT_TYPE[fmt]:
+        raise ValueError(
+            f"quantization_config.{path}.type={wtype!r}: format {fmt!r} stores {WEIGHT_TYPE[fmt]} weights"
+        )
     if raw.get("dynamic", False):
         raise ValueError(f"quantization_config.{path}.dynamic must be false for weights")
     strategy = raw.get("strategy")
@@ -98,7 +130,42 @@ def _weights(raw, path: str) -> LayerScheme:
     symmetric = raw.get("symmetric", True)
     if not isinstance(symmetric, bool):
         raise ValueError(f"quantization_config.{path}.symmetric must be true or false, got {symmetric!r}")
-    return LayerScheme(bits, group_size, symmetric)
+    if fmt != PACK_QUANTIZED and (group_size != 0 or not symmetric):
+        raise ValueError(
+            f"quantization_config.{path}: format {fmt!r} is served with symmetric per-channel weights "
+            f"(strategy 'channel', symmetric true)"
+        )
+    return LayerScheme(bits, group_size, symmetric, wtype)
+
+
+def _activations(raw, path: str, fmt: str) -> ActivationScheme | None:
+    """The input_activations of a group: None, or 8-bit symmetric dynamic-per-token / static-per-tensor of
+    the format's type. ValueError naming the field otherwise."""
+    if not raw:
+        return None
+    if fmt == PACK_QUANTIZED:
+        raise ValueError(
+            f"quantization_config.{path}: activation quantization needs format 'int-quantized' or "
+            f"'float-quantized' (format {fmt!r} is weight-only)"
+        )
+    if not isinstance(raw, dict):
+        raise ValueError(f"quantization_config.{path} must be an object, got {raw!r}")
+    if raw.get("num_bits") != 8:
+        raise ValueError(f"quantization_config.{path}.num_bits={raw.get('num_bits')!r}: only 8 is served")
+    atype = raw.get("type", "int")
+    if atype != WEIGHT_TYPE[fmt]:
+        raise ValueError(
+            f"quantization_config.{path}.type={atype!r}: format {fmt!r} needs {WEIGHT_TYPE[fmt]!r}"
+        )
+    if raw.get("symmetric", True) is not True:
+        raise ValueError(f"quantization_config.{path}.symmetric must be true (no activation zero points)")
+    dynamic, strategy = raw.get("dynamic", False), raw.get("strategy")
+    if (dynamic, strategy) not in ((True, "token"), (False, "tensor")):
+        raise ValueError(
+            f"quantization_config.{path}.strategy={strategy!r} with dynamic={dynamic!r} is not supported "
+            f"(supported: dynamic true with 'token', dynamic false with 'tensor')"
+        )
+    return ActivationScheme(atype, bool(dynamic))
 
 
 def parse_quantization_config(raw) -> QuantizationSpec:
@@ -131,25 +198,27 @@ def parse_quantization_config(raw) -> QuantizationSpec:
         targets = group.get("targets")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"quantization_config.{path}.targets must be a non-empty list of names")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise ValueError(
-                f"quantization_config.{path}.input_activations: activation quantization is not served yet "
-                f"(format {fmt!r} is weight-only)"
-            )
+        if group.get("output_activations"):
+            raise ValueError(f"quantization_config.{path}.output_activations: not served (must be null)")
+        acts = _activations(group.get("input_activations"), f"{path}.input_activations", fmt)
         if group.get("format") not in (None, fmt):
             raise ValueError(
                 f"quantization_config.{path}.format={group['format']!r} differs from format={fmt!r}"
             )
-        groups.append((list(targets), _weights(_need(group, "weights", f"{path}."), f"{path}.weights")))
+        weights = _weights(_need(group, "weights", f"{path}."), f"{path}.weights", fmt)
+        groups.append((list(targets), LayerScheme(**{**weights.__dict__, "activations": acts})))
     ignore = raw.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ValueError("quantization_config.ignore must be a list of module names")
     return QuantizationSpec(groups, list(ignore), fmt)
 
 
-def build_quantization_config(schemes: dict[str, LayerScheme], ignore: list[str]) -> dict:
+def build_quantization_config(
+    schemes: dict[str, LayerScheme], ignore: list[str], fmt: str = PACK_QUANTIZED
+) -> dict:
     """The quantization_config for layers quantized by shoal: one group per distinct scheme, targets by exact
-    module name (checkpoint names, e.g. model.layers.0.self_attn.q_proj), in compressed-tensors' layout."""
+    module name (checkpoint names, e.g. model.layers.0.self_attn.q_proj), in compressed-tensors' layout.
+    fmt: the format of every group (pack-quantized, int-quantized or float-quantized)."""
     by_scheme: dict[LayerScheme, list[str]] = {}
     for module, scheme in schemes.items():
         by_scheme.setdefault(scheme, []).append(module)
@@ -157,7 +226,7 @@ def build_quantization_config(schemes: dict[str, LayerScheme], ignore: list[str]
     for i, (scheme, targets) in enumerate(sorted(by_scheme.items(), key=lambda kv: -kv[0].group_size)):
         weights = {
             "num_bits": scheme.bits,
-            "type": "int",
+            "type": scheme.type,
             "symmetric": scheme.symmetric,
             "group_size": scheme.group_size or None,
             "strategy": "group" if scheme.group_size else "channel",
@@ -166,16 +235,30 @@ def build_quantization_config(schemes: dict[str, LayerScheme], ignore: list[str]
         groups[f"group_{i}"] = {
             "targets": targets,
             "weights": weights,
-            "input_activations": None,
+            "input_activations": _activation_config(scheme.activations),
             "output_activations": None,
-            "format": PACK_QUANTIZED,
+            "format": fmt,
         }
     return {
         "config_groups": groups,
         "quant_method": QUANT_METHOD,
         "kv_cache_scheme": None,
-        "format": PACK_QUANTIZED,
+        "format": fmt,
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": list(ignore),
+    }
+
+
+def _activation_config(acts: ActivationScheme | None) -> dict | None:
+    """compressed-tensors' QuantizationArgs for 8-bit symmetric input activations, or None."""
+    if acts is None:
+        return None
+    return {
+        "num_bits": 8,
+        "type": acts.type,
+        "symmetric": True,
+        "group_size": None,
+        "strategy": acts.strategy,
+        "dynamic": acts.dynamic,
     }

@@ -1,0 +1,139 @@
+"""The w8a8 and fp8 methods over a whole checkpoint: which weights, which activation scales, which format.
+
+- w8a8 (compressed-tensors `int-quantized`, as llm-compressor's W8A8 recipe): optional SmoothQuant
+  (smoothquant.py) first, then int8 symmetric per-channel weights by round to nearest (rtn.py) or GPTQ
+  (sequential.py over the smoothed model), then activations int8 either dynamic per token (nothing stored)
+  or static per tensor: input_scale = max|x| / 127 observed on calibration windows (min/max observer;
+  symmetric, so min/max is max|x|), after smoothing (max_j |x_j| / s_j).
+- fp8 (`float-quantized`, the FP8_DYNAMIC preset): float8_e4m3fn per-channel weights (fp8.py), activations
+  dynamic per token; no calibration.
+Every decoder linear is quantized per channel (no packing constraint, so nothing is kept 16-bit here).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from shoal.model.loader import load_model
+from shoal.quant.fp8 import quantize_fp8_weight
+from shoal.quant.rtn import QuantizedWeight, quantize_rtn
+from shoal.quant.scheme import FLOAT_QUANTIZED, INT_QUANTIZED, ActivationScheme, LayerScheme
+from shoal.quant.sequential import BLOCK_LINEARS, gptq_model
+from shoal.quant.smoothquant import activation_absmax, smooth_checkpoint
+from shoal.quant.w8a8 import INT8_MAX
+
+ACTIVATION_METHODS = ("w8a8", "fp8")
+
+
+@dataclass
+class ActivationOptions:
+    """w8a8's options: weight_method rtn|gptq, smoothquant_alpha (None: off), activation_scales
+    dynamic|static."""
+
+    weight_method: str = "rtn"
+    smoothquant_alpha: float | None = None
+    activation_scales: str = "dynamic"
+
+    def check(self, method: str) -> None:
+        """ValueError naming the option that is unknown or does not apply to method."""
+        if self.weight_method not in ("rtn", "gptq"):
+            raise ValueError(f"--weight-method {self.weight_method!r}: choose rtn or gptq")
+        if self.activation_scales not in ("dynamic", "static"):
+            raise ValueError(f"--activation-scales {self.activation_scales!r}: choose dynamic or static")
+        if method == "fp8" and (
+            self.weight_method != "rtn"
+            or self.smoothquant_alpha is not None
+            or self.activation_scales != "dynamic"
+        ):
+            raise ValueError("fp8 takes no --weight-method, --smoothquant-alpha or --activation-scales")
+
+
+@dataclass
+class ActivationResult:
+    """Quantized weights and static input scales by checkpoint linear name, the scheme of every layer and
+    the format. Smoothing's changes to norm weights are made in the caller's tensors dict."""
+
+    weights: dict[str, QuantizedWeight]
+    input_scales: dict[str, torch.Tensor]
+    scheme: LayerScheme
+    format: str
+
+
+def _fused_of(name: str) -> str:
+    """model.layers.3.mlp.up_proj -> layers.3.mlp.gate_up_proj."""
+    head, _, rest = name.removeprefix("model.").partition(".")
+    index, _, leaf = rest.partition(".")
+    fused = next(f for f, parts in BLOCK_LINEARS.items() if leaf in parts)
+    return f"{head}.{index}.{fused}"
+
+
+def quantize_activation_method(
+    src: Path,
+    tensors: dict[str, torch.Tensor],
+    names: list[str],
+    method: str,
+    options: ActivationOptions,
+    calib_ids: Callable[[], torch.Tensor],
+    progress: Callable[[int, int], None] | None = None,
+) -> ActivationResult:
+    """Quantize the linears `names` (checkpoint names, without .weight) of the checkpoint `tensors` (all
+    of src's tensors; smoothing rewrites some in place). calib_ids() gives [samples, seq_len] windows, called
+    only when calibration is needed (SmoothQuant, static scales, GPTQ). ValueError for bad options."""
+    options.check(method)
+    if method == "fp8":
+        weights = {n: quantize_fp8_weight(tensors[f"{n}.weight"]) for n in names}
+        return ActivationResult(
+            weights, {}, LayerScheme(8, 0, True, "float", ActivationScheme("float")), FLOAT_QUANTIZED
+        )
+    static = options.activation_scales == "static"
+    ids = (
+        calib_ids()
+        if (static or options.smoothquant_alpha is not None or options.weight_method == "gptq")
+        else None
+    )
+    absmax: dict[str, torch.Tensor] = {}
+    factors: dict[str, torch.Tensor] = {}
+    if static or options.smoothquant_alpha is not None:
+        model, cfg = load_model(src, torch.float32, torch.device("cpu"), pack=False)
+        absmax = activation_absmax(model, ids)
+        del model
+        if options.smoothquant_alpha is not None:
+            gqa = cfg.num_heads != cfg.num_kv_heads
+            factors = smooth_checkpoint(tensors, absmax, options.smoothquant_alpha, cfg.num_layers, gqa)
+    if options.weight_method == "gptq":
+        weights = _gptq_weights(src, tensors, names, ids, progress)
+    else:
+        weights = {n: quantize_rtn(tensors[f"{n}.weight"], None, 8, 0) for n in names}
+    input_scales = {}
+    if static:
+        for n in names:
+            fused = _fused_of(n)
+            m = absmax[fused] / factors[fused] if fused in factors else absmax[fused]
+            input_scales[n] = (m.max() / INT8_MAX).clamp(min=1e-8).reshape(1).float()
+    acts = ActivationScheme("int", dynamic=not static)
+    return ActivationResult(weights, input_scales, LayerScheme(8, 0, True, "int", acts), INT_QUANTIZED)
+
+
+def _gptq_weights(
+    src: Path, tensors: dict[str, torch.Tensor], names: list[str], ids: torch.Tensor, progress
+) -> dict[str, QuantizedWeight]:
+    """GPTQ int8 per-channel weights of the (possibly smoothed) tensors: written to a scratch model
+    directory beside src's config and tokenizer, then sequential.gptq_model over it."""
+    scale_dtype = tensors[f"{names[0]}.weight"].dtype
+    with tempfile.TemporaryDirectory(prefix="shoal-w8a8-") as tmp:
+        for f in src.iterdir():
+            if (
+                f.is_file()
+                and not f.name.endswith(".safetensors")
+                and f.name != "model.safetensors.index.json"
+            ):
+                shutil.copy2(f, Path(tmp) / f.name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
+        return gptq_model(Path(tmp), dict.fromkeys(names, 0), 8, True, ids, scale_dtype, progress)

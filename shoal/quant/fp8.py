@@ -1,0 +1,80 @@
+"""FP8 (E4M3) weights per output channel, activations FP8 dynamic per token: compressed-tensors'
+`float-quantized` format (compressors/naive_quantized/base.py `FloatQuantizationCompressor`, read in 0.20;
+the FP8_DYNAMIC preset of quantization/quant_scheme.py).
+
+- weights: scale = max|w_row| / 448 (448 = the largest finite float8_e4m3fn), stored in the weight's dtype,
+  rounded up where the cast rounded it down (rtn._store_scale) so that w / scale stays within +-448;
+  q = float8_e4m3fn(w / scale), w ~ q * scale;
+- activations: per token, s_x = max|x_row| / 448, x ~ float8(x / s_x) * s_x, computed at run time.
+On CPU there is no FP8 matmul: FP8Linear emulates it (dequantize weight and activations to float32, then
+matmul). It is for correctness only: its speed belongs on a GPU (issue 18's GPU follow-up).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.quant.rtn import QuantizedWeight, _store_scale
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_fp8_weight(weight: torch.Tensor) -> QuantizedWeight:
+    """weight [out, in] float -> QuantizedWeight(qweight float8_e4m3fn [out, in], scale [out, 1] in the
+    weight's dtype, no zero point, bits 8, per channel)."""
+    w = weight.detach().float()
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    scale = _store_scale(w.abs().amax(dim=1, keepdim=True) / FP8_MAX, dtype)
+    q = (w / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return QuantizedWeight(q, scale, None, 8, 0)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] float -> (float8_e4m3fn [rows, in], float32 scale [rows, 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+class FP8Linear(nn.Module):
+    """y = float8(x) @ float8(W)^T, emulated in float32 on CPU.
+
+    Buffers: weight_fp8 float8_e4m3fn [out, in]; weight_scale [out, 1] (the checkpoint's dtype).
+    dynamic_activations: quantize each input row to FP8 (the checkpoint's input_activations); False for
+    weight-only FP8. Input [..., in] float; output [..., out] in the input's dtype."""
+
+    def __init__(self, qw: QuantizedWeight, dynamic_activations: bool = True, bias=None):
+        super().__init__()
+        if qw.qweight.dtype != FP8_DTYPE or qw.group_size != 0:
+            raise ValueError("FP8Linear needs float8_e4m3fn per-channel weights")
+        self.out_features, self.in_features = qw.qweight.shape
+        self.register_buffer("weight_fp8", qw.qweight.contiguous())
+        self.register_buffer("weight_scale", qw.scale.reshape(-1, 1).contiguous())
+        self.dynamic_activations = dynamic_activations
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """w_hat [out, in] = q * scale, computed in float32 (exact: 4-bit times 8-bit mantissas), in dtype."""
+        return (self.weight_fp8.float() * self.weight_scale.float()).to(dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight_fp8, self.weight_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.dynamic_activations:
+            xq, xs = quantize_fp8_per_token(x2)
+            x2 = xq.float() * xs
+        bias = None if self.bias is None else self.bias.float()
+        out = F.linear(x2.float(), self.dequantized_weight(torch.float32), bias)
+        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        acts = "fp8 dynamic per token" if self.dynamic_activations else "16-bit"
+        return (
+            f"in={self.in_features}, out={self.out_features}, fp8 e4m3 weights (emulated), activations {acts}"
+        )

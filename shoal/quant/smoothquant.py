@@ -1,0 +1,108 @@
+"""SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): move activation outliers into the weights before
+8-bit quantization, with per-input-channel factors s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
+
+The linear then sees x / s and computes with W * s (columns), the same product; 1/s is folded into what
+produces x, so the served model costs nothing extra. Folded here, on the checkpoint's tensors:
+- qkv (q/k/v_proj share their input): 1/s into `input_layernorm.weight` (RMSNorm: y = norm(x) * g);
+- gate/up: into `post_attention_layernorm.weight`;
+- down_proj: into the rows of up_proj (down's input is act(gate) * up, linear in up's rows);
+- o_proj: into the rows of v_proj only without grouped-query attention (o's input channel j is v's row j
+  only when every head has its own v); with GQA (SmolLM2: 9 heads, 3 KV heads) o_proj is not smoothed.
+max|X_j| comes from one pass of the 16-bit model in float32 over calibration windows (llm-compressor's
+SmoothQuantModifier also calibrates on the unquantized model); max|W_j| is over the rows of every linear
+that shares the input. s is clamped to >= 1e-5, as in the reference implementation (smoothquant/smooth.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shoal.quant.calibration import forward_windows
+
+# our fused linear -> (the checkpoint linears it reads, the producer of its input, fold kind)
+SMOOTH_TARGETS = {
+    "self_attn.qkv_proj": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    "mlp.down_proj": (("mlp.down_proj",), "mlp.up_proj"),
+    "self_attn.o_proj": (("self_attn.o_proj",), "self_attn.v_proj"),
+}
+
+
+def activation_absmax(
+    model: nn.Module, token_ids: torch.Tensor, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
+    """Fused linear name (e.g. layers.0.self_attn.qkv_proj) -> float32 [in] max |x_j| over every input row
+    the model's decoder linears see on token_ids [samples, seq_len]."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module, args, output) -> None:
+            m = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
+        return record
+
+    handles = [
+        model.get_submodule(f"layers.{i}.{fused}").register_forward_hook(hook(f"layers.{i}.{fused}"))
+        for i in range(len(model.layers))
+        for fused in SMOOTH_TARGETS
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in token_ids.split(batch_size):
+                forward_windows(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s [in] float32 = max|X_j|^alpha / max|W_j|^(1-alpha), W_j over all weights' column j; >= 1e-5.
+    act_absmax float [in]; weights [out_i, in] each. ValueError for alpha outside [0, 1]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--smoothquant-alpha={alpha}: must lie in [0, 1]")
+    w_max = torch.cat([w.float().abs() for w in weights]).amax(0).clamp(min=1e-5)
+    s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def smooth_checkpoint(
+    tensors: dict[str, torch.Tensor],
+    act_absmax: dict[str, torch.Tensor],
+    alpha: float,
+    num_layers: int,
+    gqa: bool,
+    skip: set[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors into checkpoint tensors (names as in the safetensors file), in place, each
+    tensor kept in its dtype. act_absmax: as activation_absmax gives it. gqa: o_proj is then left alone.
+    skip: checkpoint linear names not to smooth (e.g. layers kept 16-bit).
+    Returns fused linear name -> the s it used (float32 [in]), to rescale static activation ranges."""
+    used: dict[str, torch.Tensor] = {}
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        for fused, (parts, producer) in SMOOTH_TARGETS.items():
+            if fused == "self_attn.o_proj" and gqa:
+                continue
+            if any(prefix + p in skip for p in parts):
+                continue
+            names = [f"{prefix}{p}.weight" for p in parts]
+            s = smoothing_factors(act_absmax[f"layers.{i}.{fused}"], [tensors[n] for n in names], alpha)
+            for n in names:
+                tensors[n] = (tensors[n].float() * s).to(tensors[n].dtype)
+            _divide_producer(tensors, prefix + producer, s)
+            used[f"layers.{i}.{fused}"] = s
+    return used
+
+
+def _divide_producer(tensors: dict[str, torch.Tensor], producer: str, s: torch.Tensor) -> None:
+    """Norm weight [in] / s, or a linear's rows (and bias) / s for up_proj / v_proj."""
+    for suffix in ("weight", "bias"):
+        name = f"{producer}.{suffix}"
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        divisor = s if t.dim() == 1 else s[:, None]
+        tensors[name] = (t.float() / divisor).to(t.dtype)

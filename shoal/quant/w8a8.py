@@ -1,0 +1,105 @@
+"""W8A8: int8 weights times int8 activations, accumulated in int32, rescaled to float.
+
+The scheme is SmoothQuant's W8A8 (Xiao et al. 2022, arXiv:2211.10438, "O1/O2" per-token / per-tensor) as
+compressed-tensors 0.20 stores it (`int-quantized` format, compressors/naive_quantized/base.py
+`IntQuantizationCompressor`) and vLLM serves it (`CompressedTensorsW8A8Int8`):
+- weights: int8 symmetric per output channel, w ~ q_w * s_w, s_w [out, 1] (rtn.py or gptq.py);
+- activations: symmetric int8, either dynamic per token, s_x = max|x_row| / 127 computed for each row at
+  run time, or static per tensor, s_x = the checkpoint's `input_scale` from calibration;
+- y = (q_x @ q_w^T) * s_x * s_w^T + bias, the integer product exact in int32 (|q| <= 128, so no
+  overflow below 131,072 input features).
+torch._int_mm (int8 x int8 -> int32) does the product where it runs; otherwise an int64 reference matmul,
+which is exact too. Both are checked against int64 in tests/test_quant_w8a8_fp8.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.quant.rtn import QuantizedWeight, dequantize
+
+INT8_MAX = 127.0
+_SCALE_EPS = 1e-8  # an all-zero row gets this scale (q = 0), not a division by zero
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] float -> (q int8 [rows, in], scale float32 [rows, 1]), x ~ q * scale, |x - q*s| <= s/2."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=_SCALE_EPS)
+    return torch.round(xf / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] float, scale float [1] (static) -> q int8 [rows, in]; values past 127 * scale clip."""
+    return torch.round(x.float() / scale.float()).clamp(-128, 127).to(torch.int8)
+
+
+def int8_matmul_reference(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq int8 [m, k] @ wq int8 [n, k]^T -> int32 [m, n], exact (computed in int64)."""
+    return (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.int32)
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq int8 [m, k] @ wq int8 [n, k]^T -> int32 [m, n] with torch._int_mm, else the exact reference."""
+    try:
+        return torch._int_mm(xq, wq.t())
+    except RuntimeError:  # a shape or device _int_mm does not take
+        return int8_matmul_reference(xq, wq)
+
+
+class W8A8Linear(nn.Module):
+    """y = dequant(int8(x) @ int8(W)^T) + bias.
+
+    Buffers: weight_int8 int8 [out, in]; weight_scale [out, 1] (the checkpoint's dtype); input_scale
+    float32 [1] for static activation scales, else None (dynamic per token). bias: [out] or None.
+    Input [..., in] float32/bfloat16/float16; output [..., out] in the input's dtype."""
+
+    def __init__(self, qw: QuantizedWeight, input_scale: torch.Tensor | None = None, bias=None):
+        super().__init__()
+        if qw.bits != 8 or not qw.symmetric or qw.group_size != 0 or qw.qweight.dtype != torch.int8:
+            raise ValueError("W8A8Linear needs int8 symmetric per-channel weights")
+        self.out_features, self.in_features = qw.qweight.shape
+        self.register_buffer("weight_int8", qw.qweight.contiguous())
+        self.register_buffer("weight_scale", qw.scale.reshape(-1, 1).contiguous())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """w_hat [out, in] = q * scale in dtype, as compressed-tensors decompresses it."""
+        return dequantize(self.weight_int8, self.weight_scale, None, dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored int8 weight and its scales, bias excluded."""
+        tensors = (self.weight_int8, self.weight_scale, self.input_scale)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [rows, in] -> (int8 [rows, in], float32 scale [rows, 1] or [1, 1])."""
+        if self.input_scale is None:
+            return quantize_per_token(x2)
+        return quantize_per_tensor(x2, self.input_scale), self.input_scale.view(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq, xs = self.quantize_input(x.reshape(-1, shape[-1]))
+        acc = int8_matmul(xq, self.weight_int8)
+        out = acc.float() * xs * self.weight_scale.float().view(1, -1)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        acts = "dynamic per token" if self.input_scale is None else "static per tensor"
+        return f"in={self.in_features}, out={self.out_features}, int8 weights, int8 activations ({acts})"
+
+
+def reference_forward(module: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The float reference of W8A8Linear: x through the same activation quantization, times the
+    dequantized weight, in float32 (no integer product). [..., in] -> [..., out] float32."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = module.quantize_input(x2)
+    bias = None if module.bias is None else module.bias.float()
+    out = F.linear(xq.float() * xs, module.dequantized_weight(torch.float32), bias)
+    return out.view(*x.shape[:-1], module.out_features)
