@@ -1,4 +1,4 @@
-"""`shoal quant`: the quantization commands (issue 18). `quantize` is here; `eval` and `recommend` come next.
+"""`shoal quant`: the quantization commands (issue 18): `quantize`, `eval` (eval.py) and `recommend` (recommend.py).
 
 Only typer is imported at module level, so registering the group costs `shoal serve` nothing; the command
 imports the toolkit (torch, safetensors) when it runs.
@@ -90,3 +90,97 @@ def quantize(
         f"{len(result.ignored)} kept 16-bit; quantized layers {result.quantized_bytes / 1e6:.1f} MB "
         f"({result.ratio_to_16bit:.3f}x of 16-bit) in {result.seconds:.1f} s -> {result.output}"
     )
+
+
+@quant_app.command("eval")
+def eval_command(
+    model_dir: Annotated[Path, typer.Argument(help="The 16-bit Hugging Face model directory.")],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: rtn,gptq,awq,w8a8,fp8; name:bits for other bits (rtn:8 is W8A16)."
+        ),
+    ] = "rtn,gptq,awq",
+    eval_text: Annotated[
+        Path | None, typer.Option(help="Held-out text (default ../shared/eval/wikitext2-test.txt).")
+    ] = None,
+    calib_text: Annotated[Path | None, typer.Option(help="Calibration text for gptq, awq, w8a8.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    eval_tokens: Annotated[int, typer.Option(help="Perplexity on the first N tokens of --eval-text.")] = 8192,
+    group_size: Annotated[str, typer.Option(help="auto, channel or N (as for quantize).")] = "auto",
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric")] = True,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens per decode-speed run.")] = 32,
+    decode_iters: Annotated[int, typer.Option(help="Timed decode-speed runs per model (alternating).")] = 3,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Where quant_eval.json/.png go (default: MODEL_DIR).")
+    ] = None,
+    keep_models: Annotated[
+        bool, typer.Option(help="Keep the quantized models under <output-dir>/quantized/<method>.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for calibration windows and prompts.")] = 0,
+) -> None:
+    """Quantize MODEL_DIR with each method and print bits, memory, speed, perplexity, agreement, time."""
+    from shoal.quant.eval import DEFAULT_EVAL_TEXT, EvalSettings, markdown_table, run_eval
+    from shoal.quant.groups import parse_group_size
+    from shoal.quant.quantize import Calibration
+
+    settings = EvalSettings(
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        eval_text=eval_text or DEFAULT_EVAL_TEXT,
+        eval_tokens=eval_tokens,
+        calibration=Calibration(calib_text, num_samples, seq_len, seed),
+        group_size=parse_group_size(group_size),
+        symmetric=symmetric,
+        decode_tokens=decode_tokens,
+        decode_iters=decode_iters,
+        seed=seed,
+    )
+    try:
+        result = run_eval(model_dir, settings, output_dir, keep_models, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, OSError) as e:
+        typer.echo(f"shoal quant eval: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(markdown_table(result))
+    typer.echo(f"\nwrote {(output_dir or model_dir) / 'quant_eval.json'} and quant_eval.png")
+
+
+@quant_app.command()
+def recommend(
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(help="The model; its quant_eval.json (from `quant eval`) is used if present."),
+    ] = None,
+    memory_budget: Annotated[int | None, typer.Option(help="Bytes the weights may take, as stored.")] = None,
+    quality_floor: Annotated[
+        float, typer.Option(help="Largest acceptable perplexity ratio to 16-bit (1.05: at most 5% worse).")
+    ] = 1.05,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the hardware and the choice as JSON.")
+    ] = False,
+) -> None:
+    """Recommend a quantization method for this hardware, budget and quality floor, with the reasons."""
+    import json
+
+    from shoal.quant.hardware import detect
+    from shoal.quant.recommend import recommend as choose
+
+    hw = detect()
+    try:
+        rec = choose(hw, model_dir, memory_budget, quality_floor)
+    except (ValueError, OSError, KeyError) as e:
+        typer.echo(f"shoal quant recommend: error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"hardware": hw.to_json(), "recommendation": rec.to_json()}, indent=2))
+        return
+    gpus = ", ".join(f"{g.name} ({g.memory_bytes / 2**30:.0f} GiB, fp8: {g.fp8})" for g in hw.gpus) or "none"
+    ram = f"{hw.ram_bytes / 2**30:.1f} GiB" if hw.ram_bytes else "?"
+    typer.echo(
+        f"hardware: {hw.cpu}, {hw.cores} cores, {ram} RAM, flags {' '.join(hw.cpu_flags)}; GPU: {gpus}"
+    )
+    typer.echo(f"method: {rec.method} ({rec.bits}-bit, {rec.source})")
+    for r in rec.reasons:
+        typer.echo(f"  - {r}")
+    if rec.command:
+        typer.echo(f"command: {rec.command}")
