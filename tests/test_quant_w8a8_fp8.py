@@ -279,3 +279,71 @@ def test_smollm2_w8a8_dynamic_perplexity_and_weight_memory(smollm2_dir, tmp_path
     assert not result.ignored and result.ratio_to_16bit <= 0.55, result.ratio_to_16bit
     base, quant = _engine_perplexity(smollm2_dir), _engine_perplexity(result.output)
     assert quant / base <= 1.03, (base, quant)
+
+
+def _edited(model_dir: Path, tmp_path: Path, edit) -> Path:
+    dst = tmp_path / "edited"
+    dst.mkdir()
+    for f in model_dir.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((dst / "config.json").read_text())
+    edit(raw["quantization_config"]["config_groups"]["group_0"])
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+MALFORMED = {
+    "strategy": (
+        "w8a8",
+        lambda g: g["input_activations"].update(strategy="group"),
+        r"input_activations\.strategy",
+    ),
+    "act_type": (
+        "w8a8",
+        lambda g: g["input_activations"].update(type="float"),
+        r"input_activations\.type='float'",
+    ),
+    "weight_type": ("fp8", lambda g: g["weights"].update(type="int"), r"weights\.type='int'"),
+    "weight_group": (
+        "w8a8",
+        lambda g: g["weights"].update(strategy="group", group_size=32),
+        r"group_0\.weights",
+    ),
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("field", sorted(MALFORMED))
+def test_malformed_8bit_config_names_the_field(stories_8bit, tmp_path, field):
+    from shoal.model.config import ModelConfigError, load_config
+
+    variant, edit, message = MALFORMED[field]
+    with pytest.raises(ModelConfigError, match=message):
+        load_config(_edited(stories_8bit[variant], tmp_path, edit))
+
+
+@pytest.mark.timeout(30)
+def test_static_scales_missing_input_scale_is_named(stories_8bit, tmp_path):
+    from shoal.model.loader import WeightLoadError
+
+    src = stories_8bit["w8a8"]  # dynamic: no input_scale tensors; claim static scales
+    edit = _edited(src, tmp_path, lambda g: g["input_activations"].update(dynamic=False, strategy="tensor"))
+    with pytest.raises(WeightLoadError, match=r"input_scale is missing"):
+        load_model(edit, torch.float32, CPU)
+
+
+@pytest.mark.timeout(30)
+def test_cli_quantize_w8a8_options(stories_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+
+    runner = CliRunner()
+    args = ["quant", "quantize", str(stories_dir), "--method", "w8a8", "--smoothquant-alpha", "0.5"]
+    args += ["--activation-scales", "static", "--calib-text", str(EVAL / "wikitext2-valid.txt")]
+    ok = runner.invoke(app, [*args, "--num-samples", "4", "--seq-len", "64", "--output", str(tmp_path / "q")])
+    assert ok.exit_code == 0, ok.output
+    acts = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert acts["group_0"]["input_activations"]["strategy"] == "tensor"
+    bad = runner.invoke(app, [*args[:5], "--activation-scales", "weird", "--output", str(tmp_path / "b")])
+    assert bad.exit_code == 1 and "--activation-scales 'weird'" in bad.output
