@@ -32,6 +32,19 @@ def _check_common(result: dict, benchmark: str) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_latency_profile_writes_a_trace(stories_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    result = run_latency(
+        str(stories_dir), dtype="float32", input_len=8, output_len=4, iters=1, skip_hf=True, profile=trace,
+        log=_quiet,
+    )  # fmt: skip
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::argmax" for e in events)  # the sampler's greedy pick is traced
+    top = result["profile"]["top_self_cpu"]
+    assert top and all(t["calls"] > 0 and t["self_cpu_ms"] >= 0 for t in top)
+
+
+@pytest.mark.timeout(60)
 def test_latency_smoke(stories_dir, tmp_path, capsys):
     result = run_latency(
         str(stories_dir), dtype="float32", input_len=8, output_len=6, iters=2, warmup_iters=1, log=_quiet

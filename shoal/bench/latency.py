@@ -119,9 +119,12 @@ def run_latency(
     max_model_len: int | None = None,
     threads: int | None = None,
     compile: bool = False,
+    profile: Path | None = None,
     log=print,
 ) -> dict:
-    """Run the benchmark and return its result (also what --output-json writes)."""
+    """Run the benchmark and return its result (also what --output-json writes). With profile, one more
+    shoal run (untimed) goes through torch.profiler: a Chrome trace is written there (open it in
+    chrome://tracing or ui.perfetto.dev) and the top ops by self CPU time go into the result."""
     workload.set_threads(threads)
     if input_len < 1 or output_len < 2 or iters < 1 or warmup_iters < 0:
         raise ValueError("need input_len >= 1, output_len >= 2, iters >= 1 and warmup_iters >= 0")
@@ -139,6 +142,7 @@ def run_latency(
     rng = random.Random(seed)
     warm_prompts = [source.take(rng, input_len) for _ in range(warmup_iters)]
     prompts = [source.take(rng, input_len) for _ in range(iters)]
+    profile_prompt = source.take(rng, input_len) if profile else None  # a cold prompt of its own
 
     hf_model = pad_id = None
     if not skip_hf:
@@ -181,6 +185,7 @@ def run_latency(
             agreement.append(_common_prefix(got["shoal"].token_ids, got["hf"].token_ids))
         log(msg)
 
+    profile_top = _profile(engine, profile_prompt, output_len, profile, log) if profile else None
     s = _side(shoal_runs)
     h = _side(hf_runs) if hf_runs else None
     if h is not None:
@@ -217,7 +222,30 @@ def run_latency(
         # Greedy tokens shoal and HF agree on before the first difference, per iteration (bf16 rounding
         # differs between the two implementations, so a near-tie can flip a token and the rest with it).
         "greedy_agreement_tokens": agreement,
+        "profile": None if profile is None else {"trace": str(profile), "top_self_cpu": profile_top},
     }
+
+
+def _profile(engine, prompt: list[int], output_len: int, path: Path, log, top: int = 25) -> list[dict]:
+    """One shoal run under torch.profiler (CPU activity, shapes): Chrome trace at path, top ops returned."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    log(f"profiling one shoal run -> {path}")
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        shoal_once(engine, prompt, output_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1000,
+            "cpu_total_ms": e.cpu_time_total / 1000,
+        }
+        for e in events
+    ]
 
 
 def print_latency(result: dict, console=None) -> None:
