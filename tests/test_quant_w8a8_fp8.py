@@ -360,3 +360,28 @@ def test_cli_quantize_w8a8_options(stories_dir, tmp_path):
     assert acts["group_0"]["input_activations"]["strategy"] == "tensor"
     bad = runner.invoke(app, [*args[:5], "--activation-scales", "weird", "--output", str(tmp_path / "b")])
     assert bad.exit_code == 1 and "--activation-scales 'weird'" in bad.output
+
+
+@pytest.mark.timeout(30)
+def test_percentile_observer_clips_below_minmax(stories_dir, tmp_path):
+    """Static per-tensor scales: the percentile observer (99.99th of |x|) never exceeds min/max's max|x|,
+    and clips somewhere; the checkpoint loads and runs."""
+    calibration = Calibration(EVAL / "wikitext2-valid.txt", 8, 128, 0)
+
+    def scales(observer: str) -> dict[str, torch.Tensor]:
+        options = ActivationOptions(activation_scales="static", observer=observer)
+        out = quantize_model(
+            stories_dir, tmp_path / observer, "w8a8", calibration=calibration, activation_options=options
+        )
+        with safe_open(str(out.output / "model.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.endswith(".input_scale")}
+
+    minmax, pct = scales("minmax"), scales("percentile")
+    assert sorted(minmax) == sorted(pct) and len(pct) == 35
+    assert all(bool(pct[k] <= minmax[k]) for k in pct) and any(bool(pct[k] < minmax[k]) for k in pct)
+    model, _ = load_model(tmp_path / "percentile", torch.float32, CPU)
+    ids = load_calibration_tokens(stories_dir, EVAL / "tinystories-sample.txt", 1, 32, 0)
+    with torch.inference_mode():
+        assert torch.isfinite(model.logits(forward_windows(model, ids))).all()
+    with pytest.raises(ValueError, match="--observer 'p99'"):
+        ActivationOptions(activation_scales="static", observer="p99").check("w8a8")

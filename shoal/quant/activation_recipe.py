@@ -3,8 +3,9 @@
 - w8a8 (compressed-tensors `int-quantized`, as llm-compressor's W8A8 recipe): optional SmoothQuant
   (smoothquant.py) first, then int8 symmetric per-channel weights by round to nearest (rtn.py) or GPTQ
   (sequential.py over the smoothed model), then activations int8 either dynamic per token (nothing stored)
-  or static per tensor: input_scale = max|x| / 127 observed on calibration windows (min/max observer;
-  symmetric, so min/max is max|x|), after smoothing (max_j |x_j| / s_j).
+  or static per tensor: input_scale = r / 127 with r observed on calibration windows after smoothing,
+  either max|x| (`minmax` observer; symmetric, so min/max is max|x|: max_j |x_j| / s_j) or the
+  99.99th percentile of |x| over 512 sampled input rows (`percentile`, clipping rare outliers).
 - fp8 (`float-quantized`, the FP8_DYNAMIC preset): float8_e4m3fn per-channel weights (fp8.py), activations
   dynamic per token; no calibration.
 Every decoder linear is quantized per channel (no packing constraint, so nothing is kept 16-bit here).
@@ -30,16 +31,18 @@ from shoal.quant.smoothquant import activation_absmax, smooth_checkpoint
 from shoal.quant.w8a8 import INT8_MAX
 
 ACTIVATION_METHODS = ("w8a8", "fp8")
+PERCENTILE = 99.99  # the percentile observer's clipping point of |x|
 
 
 @dataclass
 class ActivationOptions:
     """w8a8's options: weight_method rtn|gptq, smoothquant_alpha (None: off), activation_scales
-    dynamic|static."""
+    dynamic|static, observer minmax|percentile (static scales only)."""
 
     weight_method: str = "rtn"
     smoothquant_alpha: float | None = None
     activation_scales: str = "dynamic"
+    observer: str = "minmax"
 
     def check(self, method: str) -> None:
         """ValueError naming the option that is unknown or does not apply to method."""
@@ -47,6 +50,8 @@ class ActivationOptions:
             raise ValueError(f"--weight-method {self.weight_method!r}: choose rtn or gptq")
         if self.activation_scales not in ("dynamic", "static"):
             raise ValueError(f"--activation-scales {self.activation_scales!r}: choose dynamic or static")
+        if self.observer not in ("minmax", "percentile"):
+            raise ValueError(f"--observer {self.observer!r}: choose minmax or percentile")
         if method == "fp8" and (
             self.weight_method != "rtn"
             or self.smoothquant_alpha is not None
@@ -100,9 +105,10 @@ def quantize_activation_method(
     )
     absmax: dict[str, torch.Tensor] = {}
     factors: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] | None = {} if static and options.observer == "percentile" else None
     if static or options.smoothquant_alpha is not None:
         model, cfg = load_model(src, torch.float32, torch.device("cpu"), pack=False)
-        absmax = activation_absmax(model, ids)
+        absmax = activation_absmax(model, ids, samples=samples)
         del model
         if options.smoothquant_alpha is not None:
             gqa = cfg.num_heads != cfg.num_kv_heads
@@ -115,8 +121,13 @@ def quantize_activation_method(
     if static:
         for n in names:
             fused = _fused_of(n)
-            m = absmax[fused] / factors[fused] if fused in factors else absmax[fused]
-            input_scales[n] = (m.max() / INT8_MAX).clamp(min=1e-8).reshape(1).float()
+            s = factors.get(fused, torch.ones_like(absmax[fused]))
+            if samples is None:
+                r = (absmax[fused] / s).max()
+            else:
+                flat = (samples[fused] / s).abs().flatten()
+                r = flat.kthvalue(max(1, round(flat.numel() * PERCENTILE / 100))).values
+            input_scales[n] = (r / INT8_MAX).clamp(min=1e-8).reshape(1).float()
     acts = ActivationScheme("int", dynamic=not static)
     return ActivationResult(weights, input_scales, LayerScheme(8, 0, True, "int", acts), INT_QUANTIZED)
 

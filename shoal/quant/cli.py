@@ -56,8 +56,11 @@ def quantize(
         float | None, typer.Option(help="w8a8: SmoothQuant migration strength in [0, 1] (off unless given).")
     ] = None,
     activation_scales: Annotated[
-        str, typer.Option(help="w8a8: dynamic (per token) or static (per tensor, calibrated min/max).")
+        str, typer.Option(help="w8a8: dynamic (per token) or static (per tensor, calibrated).")
     ] = "dynamic",
+    observer: Annotated[
+        str, typer.Option(help="w8a8 static scales: minmax (max|x|) or percentile (99.99th of |x|).")
+    ] = "minmax",
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress
@@ -79,7 +82,7 @@ def quantize(
                 symmetric,
                 calibration,
                 lambda done, total: bar.update(task, completed=done, total=total),
-                ActivationOptions(weight_method, smoothquant_alpha, activation_scales),
+                ActivationOptions(weight_method, smoothquant_alpha, activation_scales, observer),
             )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)

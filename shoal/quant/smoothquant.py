@@ -30,16 +30,30 @@ SMOOTH_TARGETS = {
 
 
 def activation_absmax(
-    model: nn.Module, token_ids: torch.Tensor, batch_size: int = 4
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    batch_size: int = 4,
+    samples: dict[str, torch.Tensor] | None = None,
+    max_rows: int = 512,
 ) -> dict[str, torch.Tensor]:
     """Fused linear name (e.g. layers.0.self_attn.qkv_proj) -> float32 [in] max |x_j| over every input row
-    the model's decoder linears see on token_ids [samples, seq_len]."""
+    the model's decoder linears see on token_ids [samples, seq_len].
+    samples: if given, filled with name -> float32 [<= max_rows, in], input rows spread evenly over the
+    batches, drawn with a fixed seed (for a percentile observer)."""
     stats: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(0)
+    batches = token_ids.split(batch_size)
+    rows_per_batch = max(1, max_rows // len(batches))
 
     def hook(name: str):
         def record(module, args, output) -> None:
-            m = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            m = x.abs().amax(0).float()
             stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+            if samples is not None:
+                rows = torch.randperm(x.shape[0], generator=generator)[:rows_per_batch]
+                kept.setdefault(name, []).append(x[rows].float())
 
         return record
 
@@ -50,11 +64,13 @@ def activation_absmax(
     ]
     try:
         with torch.inference_mode():
-            for batch in token_ids.split(batch_size):
+            for batch in batches:
                 forward_windows(model, batch)
     finally:
         for h in handles:
             h.remove()
+    if samples is not None:
+        samples.update({name: torch.cat(rows) for name, rows in kept.items()})
     return stats
 
 
