@@ -116,6 +116,16 @@ def test_recommend_from_measured(budget, floor, method):
     assert rec.method == method and rec.source == "measured" and rec.reasons
 
 
+def test_recommend_measured_skips_emulated_fp8():
+    measured = {"rows": MEASURED["rows"] + [_row("fp8", 8, 500, 1.005), _row("rtn:8", 8, 560, 1.002)]}
+    gpu = Hardware(gpus=[Gpu("NVIDIA H100", 80 << 30, (9, 0))])
+    assert from_measured(measured, None, 1.02, hw=gpu).method == "fp8"
+    rec = from_measured(measured, None, 1.02, hw=CPU)
+    assert rec.method == "w8a8" and "fp8 left out" in rec.reasons[0]
+    rec = from_measured(measured, None, 1.003, Path("m"), hw=CPU)
+    assert rec.method == "rtn:8" and "--method rtn --bits 8" in rec.command
+
+
 def test_recommend_command_reads_quant_eval_json(tmp_path):
     (tmp_path / "quant_eval.json").write_text(json.dumps(MEASURED))
     out = CliRunner().invoke(app, ["quant", "recommend", str(tmp_path), "--quality-floor", "1.02"])

@@ -2,6 +2,7 @@
 
 Two sources, measured numbers first:
 1. Where MODEL_DIR/quant_eval.json exists (written by `shoal quant eval`), the answer is the measured row
+   (fp8 only with a native-FP8 GPU: on a CPU it is emulated, for correctness only)
    with the least weight memory (all tensors as stored) whose perplexity ratio to the base model is at most
    the quality floor and whose weights fit the memory budget; ties go to the better perplexity. If no
    method meets both, the base model when it fits, else the best-perplexity method that fits, each said
@@ -53,7 +54,8 @@ def load_eval(model_dir: Path | None) -> dict | None:
     return json.loads((Path(model_dir) / "quant_eval.json").read_text())
 
 
-def _command(model_dir: Path | None, method: str, bits: int) -> str:
+def _command(model_dir: Path | str | None, method: str, bits: int) -> str:
+    method = method.partition(":")[0]  # eval's "rtn:8" is rtn at 8 bits
     if method == "none":
         return f"shoal serve --model {model_dir or 'MODEL_DIR'}"
     src = model_dir or "MODEL_DIR"
@@ -61,14 +63,20 @@ def _command(model_dir: Path | None, method: str, bits: int) -> str:
 
 
 def from_measured(
-    result: dict, budget: int | None, floor: float, model_dir: Path | None = None
+    result: dict, budget: int | None, floor: float, model_dir: Path | None = None, hw: Hardware | None = None
 ) -> Recommendation:
-    """The smallest measured method within floor and budget (see the module docstring)."""
-    rows = result["rows"]
+    """The smallest measured method within floor and budget (see the module docstring). fp8 rows count
+    only where hw has a GPU with native FP8: elsewhere FP8 runs emulated, for correctness only."""
+    model_dir = result.get("model", model_dir)
+    native_fp8 = hw is None or any(g.fp8 for g in hw.gpus)
+    rows = [r for r in result["rows"] if native_fp8 or r["method"].partition(":")[0] != "fp8"]
     base = next(r for r in rows if r["method"] == "base")
     fits = [r for r in rows if r["method"] != "base" and (budget is None or r["total_bytes"] <= budget)]
     good = [r for r in fits if r["ppl_ratio"] <= floor]
-    reasons = [
+    reasons = (
+        [] if len(rows) == len(result["rows"]) else ["fp8 left out: no GPU with native FP8 here (emulated)"]
+    )
+    reasons += [
         f"measured by `shoal quant eval` ({len(rows) - 1} methods; perplexity on "
         f"{result.get('eval_tokens', '?')} tokens, ratio to the base model)"
     ]
@@ -183,7 +191,7 @@ def recommend(
     """Measured numbers where MODEL_DIR has a quant_eval.json, else the framework."""
     result = load_eval(model_dir)
     if result is not None:
-        return from_measured(result, budget, floor, model_dir)
+        return from_measured(result, budget, floor, model_dir, hw)
     from shoal.quant.quantize import IMPLEMENTED
 
     bytes_16bit = None
