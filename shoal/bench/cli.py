@@ -1,4 +1,5 @@
-"""`shoal bench latency` and `shoal bench throughput`: shoal against transformers' generate, same process."""
+"""`shoal bench latency` and `shoal bench throughput` (shoal against transformers' generate, same process), and
+`shoal bench serve-compare` (shoal over HTTP and in process against llama.cpp's llama-server)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ bench_app = typer.Typer(
     help=(
         "Benchmarks with vLLM's names: shoal against Hugging Face transformers' generate, in one process, on "
         "the same weights, dtype and token ids, EOS ignored on both sides. Reports tokens/s per side and the "
-        "shoal/HF ratio (quote the ratio: it holds under other load on the machine)."
+        "shoal/HF ratio (quote the ratio: it holds under other load on the machine). serve-compare: shoal over "
+        "HTTP and in process against llama.cpp's llama-server, one run, same machine."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -164,6 +166,148 @@ def throughput(
         dataset=dataset,
         threads=threads,
         compile=compile,
+    )
+
+
+@bench_app.command("serve-compare")
+def serve_compare(
+    model: ModelOpt = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto, bfloat16 or float32, on every side. auto: bfloat16 where the CPU has AVX512-BF16 or AMX "
+            "(with a bf16 GGUF for llama.cpp), else float32 (an f32 GGUF)."
+        ),
+    ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads a side: torch's in process, OMP_NUM_THREADS for shoal serve, -t/-tb for llama-server "
+            "(default: the usable cores)."
+        ),
+    ] = None,
+    single_output_len: Annotated[
+        int, typer.Option(help="single stream: tokens to generate (0: skip).")
+    ] = 128,
+    concurrency: Annotated[
+        str, typer.Option(help="Concurrent streams per load, comma-separated (empty: none).")
+    ] = "32,64",
+    stream_output_len: Annotated[int, typer.Option(help="Tokens per stream in the concurrent loads.")] = 64,
+    short_prompt_len: Annotated[
+        int, typer.Option(help="Prompt tokens in the single-stream and concurrent loads.")
+    ] = 32,
+    mixed_num_prompts: Annotated[
+        int, typer.Option(help="Requests in the mixed workload (prompts 64-512, outputs 32-256; 0: skip).")
+    ] = 64,
+    seed: SeedOpt = 0,
+    iters: Annotated[
+        int, typer.Option(help="Rounds of every load (fresh prompts each); figures are medians.")
+    ] = 1,
+    sides: Annotated[
+        str,
+        typer.Option(
+            help="Sides to run, comma-separated: inproc (the engine's step loop on the main thread), "
+            "inproc_thread (the same loop on a thread of its own, as shoal serve drove it at the baseline), "
+            "http, llama."
+        ),
+    ] = "inproc,http,llama",
+    llama_server: Annotated[
+        Path | None,
+        typer.Option(
+            help="llama-server binary (default: $LLAMA_SERVER, else where ../shared/tools/build-llama-server.sh "
+            "builds it). Its side is skipped, with the reason, when absent.",
+            show_default=False,
+        ),
+    ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model as GGUF for llama-server (default: the build script's <model dir>-<bf16|f32>.gguf).",
+            show_default=False,
+        ),
+    ] = None,
+    llama_parallel: Annotated[int, typer.Option(help="llama-server -np (slots).")] = 32,
+    llama_ctx: Annotated[int, typer.Option(help="llama-server -c (context, shared by the slots).")] = 32768,
+    kv_cache_memory: Annotated[
+        int, typer.Option(help="Bytes of KV cache for both shoal sides (the same on both).")
+    ] = 2 << 30,
+    wait_idle: Annotated[
+        float,
+        typer.Option(
+            help="Before each side's run, wait up to this many seconds until other processes use less than "
+            "--idle-threshold cores (0: do not wait). For a shared machine."
+        ),
+    ] = 0.0,
+    idle_threshold: Annotated[
+        float, typer.Option(help="Cores other processes may use for --wait-idle.")
+    ] = 0.3,
+    max_run_s: Annotated[
+        float,
+        typer.Option(
+            help="Time limit of one side's run of one load: streams still going are cut and count the tokens "
+            "they had (flagged in the table)."
+        ),
+    ] = 300.0,
+    retries_if_busy: Annotated[
+        int,
+        typer.Option(
+            help="Repeat a side's run (same lengths, fresh prompts) up to this many times when other processes "
+            "used more than --idle-threshold cores during it; the least disturbed run stands."
+        ),
+    ] = 1,
+    llama_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra llama-server argument (repeat it), e.g. --llama-arg=--poll --llama-arg=0."),
+    ] = None,
+    dataset: DatasetOpt = workload.DEFAULT_DATASET,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Where the servers' logs go (default: a temporary folder).")
+    ] = None,
+    markdown: Annotated[
+        bool,
+        typer.Option("--markdown", help="Also print the result as a markdown table (docs/benchmarks.md)."),
+    ] = False,
+    output_json: JsonOpt = None,
+) -> None:
+    """Serving on CPU: shoal over HTTP vs shoal in process vs llama.cpp's llama-server, in one run.
+
+    Loads: a single stream, N concurrent streams (--concurrency), the mixed workload; output tokens/s and
+    TTFT P50/P99 per load and side, and the ratios HTTP / in process and HTTP / llama-server.
+    """
+    from shoal.bench import serve_compare as sc
+
+    def printer(result: dict) -> None:
+        sc.print_serve_compare(result)
+        if markdown:
+            typer.echo("\n" + sc.markdown(result))
+
+    _run(
+        sc.run_serve_compare,
+        printer,
+        output_json,
+        model=model,
+        dtype=dtype,
+        threads=threads,
+        single_output_len=single_output_len,
+        concurrency=[int(n) for n in concurrency.split(",") if n.strip()],
+        stream_output_len=stream_output_len,
+        short_prompt_len=short_prompt_len,
+        mixed_num_prompts=mixed_num_prompts,
+        seed=seed,
+        iters=iters,
+        sides=[s.strip() for s in sides.split(",") if s.strip()],
+        llama_server_path=llama_server,
+        gguf=gguf,
+        llama_parallel=llama_parallel,
+        llama_ctx=llama_ctx,
+        kv_cache_memory=kv_cache_memory,
+        wait_idle_s=wait_idle,
+        idle_threshold=idle_threshold,
+        max_run_s=max_run_s,
+        retries_if_busy=retries_if_busy,
+        llama_extra=llama_arg or [],
+        dataset=dataset,
+        log_dir=log_dir,
     )
 
 
