@@ -88,6 +88,13 @@ def latency(
     threads: ThreadsOpt = None,
     compile: CompileOpt = False,
     output_json: JsonOpt = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also run one shoal request under torch.profiler: write its Chrome trace here (open it in "
+            "ui.perfetto.dev) and put the top ops by self CPU time in the result."
+        ),
+    ] = None,
 ) -> None:
     """Single-stream decode: one prompt, --output-len new tokens; decode tokens/s, time to first token."""
     from shoal.bench.latency import print_latency, run_latency
@@ -109,6 +116,7 @@ def latency(
         max_model_len=max_model_len,
         threads=threads,
         compile=compile,
+        profile=profile,
     )
 
 
