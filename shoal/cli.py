@@ -196,7 +196,9 @@ def _register_bench() -> None:
     from shoal.bench.cli import bench_app
 
     app.add_typer(
-        bench_app, name="bench", help="Benchmarks against a peer in the same run (latency, throughput)."
+        bench_app,
+        name="bench",
+        help="Benchmarks against a peer in the same run (latency, throughput, serve-compare).",
     )
 
 
