@@ -117,15 +117,8 @@ class AsyncEngine:
             self.engine.refresh_stats()
 
     def _fail_in_flight(self, error: Exception) -> None:
-        """Abort every request in the engine and hand each waiter the error (a failed step may have
-        left any of them half-updated)."""
-        log.error(
-            "engine step failed; failing %d request(s) in flight", len(self.engine.requests), exc_info=error
-        )
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+        for request_id in self.engine.abort_all(error):
             self._deliver(request_id, EngineStepError(f"engine step failed: {error}"))
-        self.engine.refresh_stats()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._take_target(request_id, item)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import asdict
 
 import msgspec
@@ -123,14 +122,9 @@ class EngineCore:
             update.step = asdict(self._step)
 
     def _fail_in_flight(self, error: Exception, update: StepUpdate) -> None:
-        log.error(
-            "engine step failed; failing %d request(s) in flight", len(self.engine.requests), exc_info=error
-        )
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+        for request_id in self.engine.abort_all(error):
             self._sent.pop(request_id, None)
             update.errors.append(RequestError(request_id, "step", f"engine step failed: {error}"))
-        self.engine.refresh_stats()
 
     def _delta(self, out: RequestOutput) -> RequestDelta:
         sent = self._sent[out.request_id]
@@ -205,5 +199,3 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgs
         if update.deltas or update.errors or update.replies or update.step:
             update.stats = core.stats()
             outbox.send(encoder.encode(update))
-        elif not busy:
-            time.sleep(0)  # yield between idle polls

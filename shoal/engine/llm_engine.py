@@ -166,6 +166,15 @@ class LLMEngine:
                 self._finish(seq, "abort")
         return self._request_output(seqs)
 
+    def abort_all(self, error: Exception) -> list[str]:
+        """After a failed step: abort every request (any may be half-updated) and return their ids."""
+        request_ids = list(self.requests)
+        log.error("engine step failed; failing %d request(s) in flight", len(request_ids), exc_info=error)
+        for request_id in request_ids:
+            self.abort_request(request_id)
+        self.refresh_stats()
+        return request_ids
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
