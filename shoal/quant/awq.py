@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.quant.gptq import QuantResult, grid_params, round_to_grid
+from shoal.quant.gptq import QuantResult, grid_params, round_to_grid, rtn_quantize
 
 ALPHA_GRID = 20  # alphas 0, 1/20, ..., 19/20, as the reference
 CLIP_GRID = 20  # shrink steps of 1/20 ...
@@ -161,24 +161,11 @@ def _quantize_groups(
     w: torch.Tensor, bits: int, group_size: int, max_val: torch.Tensor | None, scale_dtype: torch.dtype
 ) -> QuantResult:
     """Asymmetric round-to-nearest of w [out, in] per group, after clamping groups to [-max_val, max_val]."""
-    out_features, in_features = w.shape
-    groups = w.reshape(-1, group_size)
     if max_val is not None:
         limit = max_val.reshape(-1, 1)
-        groups = torch.maximum(torch.minimum(groups, limit), -limit)
-    scale, zero = grid_params(groups, bits, False, scale_dtype)
-    q = round_to_grid(groups, scale, zero, bits)
-    deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
-    return QuantResult(
-        qweight=q.reshape(out_features, in_features).to(torch.int8),
-        scales=scale.reshape(out_features, -1),
-        zeros=zero.reshape(out_features, -1).to(torch.int8),
-        g_idx=(torch.arange(in_features) // group_size).to(torch.int32),
-        dequantized=deq,
-        bits=bits,
-        group_size=group_size,
-        symmetric=False,
-    )
+        groups = w.reshape(-1, group_size)
+        w = torch.maximum(torch.minimum(groups, limit), -limit).reshape(w.shape)
+    return rtn_quantize(w, bits, group_size, False, scale_dtype)
 
 
 def _starts(sizes: list[int]) -> list[int]:
