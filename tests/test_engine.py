@@ -12,6 +12,7 @@ Tiny random checkpoints (tests/tiny_models.py) and stories260K keep all of this 
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -427,3 +428,26 @@ def test_sampled_logprobs_match_transformers(tiny_model_dirs, test_prompts):
     assert len(plp) == len(prompt)
     diff = max(abs(v - float(want[pos - 1, t])) for pos in range(1, len(prompt)) for t, v in plp[pos].items())
     assert diff < 1e-4
+
+
+@pytest.mark.timeout(30)
+def test_request_timestamps_are_ordered_and_per_token(stories, story_prompt):
+    """RequestOutput.metrics carries the engine's own times (metrics and traces are built from them):
+    arrival <= first scheduled <= first token <= finished, one sampling time per output token, in order,
+    and a share of step time for every choice."""
+    arrival = time.monotonic() - 0.25  # the HTTP request arrived a while before the engine saw it
+    stories.add_request("timed", story_prompt, SamplingParams(n=2, max_tokens=6, ignore_eos=True), arrival)
+    outs = []
+    while stories.has_unfinished():
+        outs.extend(stories.step())
+    last = outs[-1]
+    m = last.metrics
+    assert last.finished and m["arrival_time"] == arrival
+    assert arrival < m["first_scheduled_time"] <= m["first_token_time"] <= m["finished_time"]
+    for choice in last.outputs:
+        assert len(choice.token_times) == len(choice.token_ids) == 6
+        assert choice.token_times == sorted(choice.token_times)
+        assert m["first_token_time"] <= choice.token_times[0] and choice.token_times[-1] <= m["finished_time"]
+    assert 0 < m["busy_seconds"] <= m["finished_time"] - m["first_scheduled_time"]
+    first_output = outs[0]
+    assert first_output.metrics["finished_time"] is None

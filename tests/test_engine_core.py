@@ -72,7 +72,11 @@ def test_deltas_reassemble_to_the_in_process_outputs(config, monkeypatch):
         client = EngineCoreClient(config)
         await client.start()
         try:
-            return [_summary(out) for out in await _collect(client, PROMPTS, PARAMS)], client.stats
+            outs = await _collect(client, PROMPTS, PARAMS)
+            for out in outs:  # the engine's timestamps cross the boundary with the deltas
+                assert all(len(o.token_times) == len(o.token_ids) for o in out.outputs)
+                assert out.metrics["first_token_time"] <= out.metrics["finished_time"]
+            return [_summary(out) for out in outs], client.stats
         finally:
             await client.shutdown()
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from shoal.engine.config import EngineConfig
@@ -106,9 +107,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                prompt, params = payload
+                prompt, params, arrival = payload
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, arrival)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                     self._deliver(request_id, e)
             else:
@@ -147,15 +148,21 @@ class AsyncEngine:
 
     # ---- the asyncio side ---------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError."""
+        """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError.
+        arrival_time: time.monotonic() when the HTTP request arrived (default: now)."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
         self.engine.check_prompt(prompt_token_ids, params)
         queue = RequestQueue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._inbox.put(("add", request_id, (list(prompt_token_ids), params)))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._inbox.put(("add", request_id, (list(prompt_token_ids), params, arrival)))
         self._wakeup.set()
         async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
             yield item

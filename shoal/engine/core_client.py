@@ -16,6 +16,7 @@ import itertools
 import logging
 import multiprocessing
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
@@ -168,10 +169,13 @@ class EngineCoreClient:
             o = out.outputs[seq.index]
             o.text += seq.text
             o.token_ids.extend(seq.token_ids)
+            o.token_times.extend(seq.token_times)
             if seq.logprobs is not None and o.logprobs is not None:
                 o.logprobs.extend(seq.logprobs)
             o.finish_reason, o.stop_reason = seq.finish_reason, seq.stop_reason
         out.finished = delta.finished
+        if delta.metrics is not None:
+            out.metrics = delta.metrics
         if out.finished:
             del self._outputs[delta.request_id]
         queue.put(out)
@@ -183,9 +187,14 @@ class EngineCoreClient:
 
     # ---- requests -----------------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError."""
+        """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError.
+        arrival_time: time.monotonic() when the HTTP request arrived (default: now)."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
         check_request(prompt_token_ids, params, self.config.max_model_len, self.vocab_size)
@@ -197,7 +206,8 @@ class EngineCoreClient:
         out = RequestOutput(request_id, list(prompt_token_ids), outputs)
         queue = RequestQueue()
         self._outputs[request_id] = (out, queue)
-        self._send(AddRequest(request_id, list(prompt_token_ids), asdict(params)))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._send(AddRequest(request_id, list(prompt_token_ids), asdict(params), arrival))
         async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
             yield item
 

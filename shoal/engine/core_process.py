@@ -82,7 +82,9 @@ class EngineCore:
     def _add(self, message: AddRequest, update: StepUpdate) -> None:
         try:
             params = SamplingParams(**message.params)
-            self.engine.add_request(message.request_id, message.prompt_token_ids, params)
+            self.engine.add_request(
+                message.request_id, message.prompt_token_ids, params, message.arrival_time
+            )
         except (TypeError, ValueError) as e:
             update.errors.append(RequestError(message.request_id, "invalid", str(e)))
             return
@@ -132,7 +134,7 @@ class EngineCore:
         seqs = [self._seq_delta(o, sent[o.index]) for o in out.outputs]
         if out.finished:
             self._sent.pop(out.request_id, None)
-        delta = RequestDelta(out.request_id, seqs, out.finished, first=first)
+        delta = RequestDelta(out.request_id, seqs, out.finished, out.metrics, first=first)
         if first:
             delta.prompt_token_ids = out.prompt_token_ids
             delta.prompt_logprobs = out.prompt_logprobs
@@ -143,8 +145,9 @@ class EngineCore:
     def _seq_delta(o, sent: _Sent) -> SeqDelta:
         text, ids = o.text[sent.text :], o.token_ids[sent.tokens :]
         logprobs = o.logprobs[sent.tokens :] if o.logprobs is not None else None
+        times = o.token_times[sent.tokens :]
         sent.text, sent.tokens = len(o.text), len(o.token_ids)
-        return SeqDelta(o.index, text, ids, logprobs, o.finish_reason, o.stop_reason)
+        return SeqDelta(o.index, text, ids, logprobs, o.finish_reason, o.stop_reason, times)
 
     def stats(self) -> dict:
         return asdict(self.engine.stats)

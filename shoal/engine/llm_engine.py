@@ -142,13 +142,21 @@ class LLMEngine:
         """Raise ValueError for a request that cannot run here (see admission.check_request)."""
         check_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request (ValueError if it cannot run). arrival_time (time.monotonic() seconds) is when
+        it reached the server, so queue time and TTFT include what happened before the engine saw it."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_prompt(prompt_token_ids, params)
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, prompt_token_ids, params)
+            seq = Sequence(request_id, i, prompt_token_ids, params, arrival_time)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
@@ -184,6 +192,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = t0
         logits = self.runner.run(self._step_input(batch))
         sample_seqs, sample_logits = [], []
         for seq, n, seq_logits in zip(batch.seqs, batch.num_tokens, logits, strict=True):
@@ -196,7 +207,9 @@ class LLMEngine:
                 sample_logits.append(seq_logits[-1])
         if sample_seqs:
             self._sample_and_append(sample_seqs, torch.stack(sample_logits))
-        self._record_stats(batch, time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        self._share_busy_time(batch, seconds)
+        self._record_stats(batch, seconds)
         touched = dict.fromkeys(seq.request_id for seq in batch.seqs)
         return [self._pop_if_finished(rid) for rid in touched if rid in self.requests]
 
@@ -239,6 +252,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
             seq.token_ids.append(token)
+            seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq.logprobs is not None:
@@ -275,8 +289,16 @@ class LLMEngine:
         return None
 
     @staticmethod
+    def _share_busy_time(batch: ScheduledBatch, seconds: float) -> None:
+        """Split a step's time over its sequences by tokens computed (what cost-per-request is built on)."""
+        total = sum(batch.num_tokens)
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.busy_seconds += seconds * n / total
+
+    @staticmethod
     def _finish(seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.status = Status.FINISHED
+        seq.finished_time = time.monotonic()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def refresh_stats(self) -> None:
@@ -325,22 +347,19 @@ class LLMEngine:
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
+                token_times=list(s.token_times),
             )
             for s in seqs
         ]
+        finished = all(s.finished for s in seqs)
         return RequestOutput(
             request_id=first.request_id,
             prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
             outputs=outputs,
             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_prompt_tokens,
-            finished=all(s.finished for s in seqs),
-            metrics={
-                "arrival_time": first.arrival_time,
-                "first_token_time": min(
-                    (s.first_token_time for s in seqs if s.first_token_time), default=None
-                ),
-            },
+            finished=finished,
+            metrics=_request_metrics(seqs, finished),
         )
 
     # ---- offline helpers ----------------------------------------------------------------------------
@@ -387,3 +406,17 @@ class LLMEngine:
         if self.config.compile:
             log.info("warm-up with the compiled decode forward took %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+
+
+def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:
+    """RequestOutput.metrics of a request's sequences (see outputs.METRIC_KEYS): the earliest first
+    schedule and first token of any choice, the last finish, and the sum of their busy time."""
+    return {
+        "arrival_time": seqs[0].arrival_time,
+        "first_scheduled_time": min(
+            (s.first_scheduled_time for s in seqs if s.first_scheduled_time), default=None
+        ),
+        "first_token_time": min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+        "finished_time": max(s.finished_time for s in seqs) if finished else None,
+        "busy_seconds": sum(s.busy_seconds for s in seqs),
+    }

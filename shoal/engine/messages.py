@@ -20,6 +20,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     request_id: str
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams fields
+    arrival_time: float | None = None  # time.monotonic() when the HTTP request arrived
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):
@@ -46,12 +47,14 @@ class SeqDelta(msgspec.Struct, array_like=True):
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_times: list[float] = []  # time.monotonic() of each new token's sampling
 
 
 class RequestDelta(msgspec.Struct, array_like=True):
     request_id: str
     outputs: list[SeqDelta]
     finished: bool
+    metrics: dict[str, Any] | None = None  # RequestOutput.metrics, whole (a handful of timestamps)
     # Sent once, with a request's first delta:
     first: bool = False
     prompt_token_ids: list[int] | None = None

@@ -18,6 +18,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() of each token's sampling
 
     @property
     def finished(self) -> bool:
@@ -32,4 +33,10 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first entry None, as vLLM
     num_cached_tokens: int = 0
     finished: bool = False
+    # Engine timestamps, time.monotonic() seconds (None until reached): arrival_time (the HTTP request's
+    # arrival when the server passes it), first_scheduled_time, first_token_time, finished_time; and
+    # busy_seconds, the request's share of engine step time. See request_metrics().
     metrics: dict = field(default_factory=dict)
+
+
+METRIC_KEYS = ("arrival_time", "first_scheduled_time", "first_token_time", "finished_time", "busy_seconds")

@@ -21,7 +21,14 @@ class Status(Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # choice index within the request
@@ -41,8 +48,14 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.detokenizer = None  # set by the engine
-        self.arrival_time = time.monotonic()
+        # Timestamps (time.monotonic() seconds, comparable across processes of one host): the server's
+        # metrics and traces are built from these, not from when a consumer happened to read an output.
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        self.token_times: list[float] = []  # when each output token was sampled
+        self.busy_seconds = 0.0  # this sequence's share of engine step time (by tokens computed)
 
     def __len__(self) -> int:
         return len(self.token_ids)
