@@ -569,7 +569,7 @@ class _StubEngine:
 
     def abort(self, request_id: str) -> None: ...
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, arrival_time=None):
         from shoal.engine.outputs import CompletionOutput, RequestOutput
 
         if self.mode == "fail_at_once":

@@ -20,6 +20,7 @@ from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from shoal.server.logprobs import TokenTexts
 from shoal.server.metrics import ServerMetrics
+from shoal.server.request_context import RequestContextMiddleware
 from shoal.server.settings import ServerSettings
 from shoal.server.state import ServerState
 
@@ -43,9 +44,8 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     )
     metrics = ServerMetrics(engine, settings.served_model_name)
     engine.add_step_listener(metrics.on_step)
-    app.state.shoal = ServerState(
-        engine=engine, settings=settings, metrics=metrics, texts=TokenTexts(engine.tokenizer)
-    )
+    state = ServerState(engine=engine, settings=settings, metrics=metrics, texts=TokenTexts(engine.tokenizer))
+    app.state.shoal = state
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)
@@ -55,6 +55,8 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    # Outermost: the context exists before anything else runs, and sees every response, 401/413 included.
+    app.add_middleware(RequestContextMiddleware, listeners=state.end_listeners)
     _document_400_not_422(app)
     return app
 

@@ -24,6 +24,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import Usage
+from shoal.server.request_context import RequestContext, request_context
 
 logger = logging.getLogger("shoal.server")
 T = TypeVar("T")
@@ -42,14 +43,19 @@ class EngineFailure(Exception):
     """A ValueError from the engine after it accepted the request: too late for a 400, so a 500."""
 
 
-async def _tracked(engine: Any, metrics: ServerMetrics, job: EngineJob) -> AsyncIterator[RequestOutput]:
-    """engine.generate with metrics, and an abort whenever it ends before the last snapshot."""
+async def _tracked(
+    engine: Any, metrics: ServerMetrics, job: EngineJob, ctx: RequestContext
+) -> AsyncIterator[RequestOutput]:
+    """engine.generate with metrics, and an abort whenever it ends before the last snapshot. The last
+    output seen, however the request ended, goes to ctx.outputs (for metrics, logs and traces)."""
     tracker = metrics.track()
-    agen = engine.generate(job.request_id, job.prompt_ids, job.params)
+    agen = engine.generate(job.request_id, job.prompt_ids, job.params, ctx.arrival_time)
     started = finished = rejected = False
+    last: RequestOutput | None = None
     try:
         async for out in agen:
             started = True
+            last = out
             tracker.observe(out)
             finished = out.finished
             yield out
@@ -59,6 +65,8 @@ async def _tracked(engine: Any, metrics: ServerMetrics, job: EngineJob) -> Async
         rejected = not started  # an invalid request, not an aborted one
         raise
     finally:
+        if last is not None:
+            ctx.outputs.append(last)
         if not finished:
             if not rejected:
                 tracker.aborted(job.params.n)
@@ -91,9 +99,11 @@ class Stream:
             await self._agen.aclose()
 
 
-async def start(engine: Any, metrics: ServerMetrics, jobs: list[EngineJob]) -> list[Stream]:
+async def start(
+    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob], ctx: RequestContext
+) -> list[Stream]:
     """Submit all jobs and wait until each is accepted. ValueError -> 400; every job aborted on failure."""
-    agens = [_tracked(engine, metrics, job) for job in jobs]
+    agens = [_tracked(engine, metrics, job, ctx) for job in jobs]
 
     async def prime(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
         try:
@@ -283,11 +293,13 @@ async def run_jobs(
     """The one way an endpoint runs its engine requests: with stream_events, answer with their SSE stream;
     otherwise return the final snapshots. A client gone is a 499 (its requests aborted), an invalid request
     stays an APIError, any other engine failure becomes a 500."""
+    ctx = request_context(request)
     try:
         if stream_events is not None:
-            streams = await unless_disconnected(request, lambda: start(engine, metrics, jobs))
+            ctx.streamed = True
+            streams = await unless_disconnected(request, lambda: start(engine, metrics, jobs, ctx))
             return StreamingResponse(stream_events(streams), media_type="text/event-stream")
-        return await unless_disconnected(request, lambda: _start_and_collect(engine, metrics, jobs))
+        return await unless_disconnected(request, lambda: _start_and_collect(engine, metrics, jobs, ctx))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; the engine requests are aborted
     except APIError:
@@ -297,6 +309,6 @@ async def run_jobs(
 
 
 async def _start_and_collect(
-    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob]
+    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob], ctx: RequestContext
 ) -> list[RequestOutput]:
-    return await collect(await start(engine, metrics, jobs))
+    return await collect(await start(engine, metrics, jobs, ctx))

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from shoal.server.errors import SERVER_ERROR, APIError
 from shoal.server.logprobs import TokenTexts
 from shoal.server.metrics import ServerMetrics
+from shoal.server.request_context import EndListener
 from shoal.server.settings import ServerSettings
 
 
@@ -21,6 +22,8 @@ class ServerState:
     metrics: ServerMetrics
     texts: TokenTexts
     created: int = field(default_factory=lambda: int(time.time()))
+    # Called with each RequestContext once its response is sent (metrics, access log, traces).
+    end_listeners: list[EndListener] = field(default_factory=list)
 
     @property
     def model_name(self) -> str:
