@@ -313,6 +313,7 @@ class LLMEngine:
         s = self.stats
         s.last_batch_size = len(batch.seqs)
         s.num_steps += 1
+        s.last_step_unix = time.time()
         if self.step_listeners:
             decode = sum(1 for n in batch.num_tokens if n == 1)
             step = StepStats(

@@ -29,3 +29,4 @@ class EngineStats:
     num_preemptions: int = 0
     last_batch_size: int = 0
     num_steps: int = 0
+    last_step_unix: float = 0.0  # time.time() at the end of the last step (0: none yet)

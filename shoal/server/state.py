@@ -37,6 +37,16 @@ class ServerState:
     def vocab_size(self) -> int:
         return int(self.engine.tokenizer.vocab_size)
 
+    @property
+    def ready(self) -> bool:
+        """Readiness (/ready, shoal:ready): loaded, warmed up, not draining, engine healthy."""
+        return bool(self.engine.ready)
+
+    @property
+    def engine_healthy(self) -> bool:
+        """Liveness of the engine (/health, shoal:engine_healthy): false once it is dead or hung."""
+        return getattr(self.engine, "error", None) is None
+
     def check_model(self, name: str | None) -> None:
         """404 for a model this server does not serve (a missing name means the served one)."""
         if name is not None and name != self.model_name:
