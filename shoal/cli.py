@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from shoal.engine.health import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, HealthPolicy
 from shoal.server.settings import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -106,10 +107,40 @@ def serve(
         bool,
         typer.Option(
             "--enable-fault-injection",
-            help="Allow POST /debug/faults to make engine steps fail or hang and loads slow (tests and "
-            "drills only; the start-up plan can be given as JSON in SHOAL_FAULTS).",
+            help="Allow POST /debug/faults to make engine steps fail, hang or die and loads slow (tests "
+            "and drills only; the start-up plan can be given as JSON in SHOAL_FAULTS).",
         ),
     ] = False,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            "--shutdown-timeout",
+            help="On SIGTERM: seconds running requests get to finish (new ones get 503); the rest then end "
+            "with their partial output and finish_reason 'abort'. --shutdown-timeout is vLLM's name.",
+        ),
+    ] = 30.0,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may take from arrival; then it ends with its partial output and "
+            "finish_reason 'abort'. A request may set its own with the X-Request-Timeout header.",
+        ),
+    ] = None,
+    engine_hang_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Liveness: /health fails when no engine step has finished for this many seconds while "
+            "requests are pending (a hung kernel or device). 0 disables it.",
+        ),
+    ] = DEFAULT_HANG_TIMEOUT_S,
+    max_consecutive_step_failures: Annotated[
+        int,
+        typer.Option(
+            help="A failed engine step fails only its requests; after this many failures in a row the "
+            "engine counts as broken: every request gets an error and /health fails.",
+        ),
+    ] = DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
@@ -139,11 +170,22 @@ def serve(
             api_key=api_key or os.environ.get("SHOAL_API_KEY") or None,
             max_request_bytes=max_request_bytes,
             enable_fault_injection=enable_fault_injection,
+            drain_timeout_s=drain_timeout,
+            request_timeout_s=request_timeout,
         )
+        health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     try:
-        run_server(config, settings, host=host, port=port, log_level=log_level, engine_mode=engine_mode)
+        code = run_server(
+            config,
+            settings,
+            host=host,
+            port=port,
+            log_level=log_level,
+            engine_mode=engine_mode,
+            health=health,
+        )
     except (
         ValueError,
         OSError,
@@ -151,6 +193,7 @@ def serve(
     ) as e:  # a bad model path, a config the model cannot take: no traceback
         typer.echo(f"shoal serve: error: {e}", err=True)
         raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 @app.command()

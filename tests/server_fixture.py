@@ -67,16 +67,19 @@ def _die_with_parent() -> None:
 
 
 _servers: dict[str, LiveServer] = {}
+_own_servers: list[LiveServer] = []
 _ready: set[str] = set()
 _tmp = Path(tempfile.mkdtemp(prefix="shoal-test-server-"))
 
 
-def _launch(name: str, extra: list[str], headers: dict[str, str], model: str) -> LiveServer:
+def _launch(
+    name: str, extra: list[str], headers: dict[str, str], model: str, env_extra: dict | None = None
+) -> LiveServer:
     port = _free_port()
     log_path = _tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "shoal.cli", "serve", "--model", str(TINY_MODEL), "--dtype", "float32",
            "--device", "cpu", "--port", str(port), "--log-level", "warning", *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("SHOAL_API_KEY", None)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -113,6 +116,21 @@ def _wait_ready(server: LiveServer) -> None:
     )
 
 
+def launch_own_server(name: str, extra: list[str], env: dict | None = None) -> LiveServer:
+    """A stories260K server of a test's own (one it may drain, hang or kill), without an API key; it is
+    not waited for (see wait_ready) and is stopped at exit if still running."""
+    if not TINY_MODEL.exists():
+        pytest.skip(f"{TINY_MODEL} missing: run `python ../shared/models/prepare.py models`")
+    server = _launch(name, extra, {}, str(TINY_MODEL), env)
+    _own_servers.append(server)
+    return server
+
+
+def wait_ready(server: LiveServer) -> None:
+    """Until /ready answers 200 (RuntimeError with the log if the server exits or takes too long)."""
+    _wait_ready(server)
+
+
 def get_server(name: str) -> LiveServer:
     if not TINY_MODEL.exists():
         pytest.skip(
@@ -128,10 +146,11 @@ def get_server(name: str) -> LiveServer:
 
 @atexit.register
 def _stop_all() -> None:
-    for server in _servers.values():
+    servers = [*_servers.values(), *_own_servers]
+    for server in servers:
         if server.proc.poll() is None:
             server.proc.terminate()
-    for server in _servers.values():
+    for server in servers:
         try:
             server.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

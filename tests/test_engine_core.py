@@ -125,8 +125,10 @@ def test_core_process_death_fails_every_waiting_request(config):
 def test_bad_model_fails_at_start_with_the_reason(tmp_path):
     from shoal.engine.core_client import EngineCoreClient
 
+    client = EngineCoreClient(EngineConfig(model=str(tmp_path), device="cpu"))
     with pytest.raises(RuntimeError, match="failed to start"):
-        EngineCoreClient(EngineConfig(model=str(tmp_path), device="cpu"))
+        asyncio.run(client.start())
+    assert client.phase == "failed"
 
 
 def test_http_process_imports_no_torch():

@@ -7,8 +7,12 @@ streams that is 64 loop wake-ups a step). A consumer that stops iterating (clien
 request, which frees its KV blocks at the next step.
 
 A step that raises fails every request in flight (each waiting client gets the error, none hangs) and
-the engine goes on with the next requests; only an error that is not an Exception stops the thread.
-With a FaultInjector (`--enable-fault-injection`) steps can be made to raise or hang on purpose.
+the engine goes on with the next requests; only an error that is not an Exception stops the thread, or a
+run of failed steps (HealthPolicy), after which every request, waiting or new, gets EngineDeadError.
+With a FaultInjector (`--enable-fault-injection`) steps can be made to raise, hang or die on purpose.
+
+`AsyncEngine.deferred(config)` loads the model in `start()`, off the event loop, so that the server can
+listen and answer probes while it loads (`phase`: "loading" -> "warming_up" -> "ready").
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from shoal.engine.config import EngineConfig
 from shoal.engine.errors import EngineDeadError, EngineStepError
 from shoal.engine.faults import FaultInjector
+from shoal.engine.health import EngineHealth, HealthPolicy
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.request_queue import RequestQueue
@@ -33,12 +38,23 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str | None = None, faults: FaultInjector | None = None):
-        self.engine = engine
-        self.config: EngineConfig = engine.config
-        self.tokenizer = engine.tokenizer
-        self.generation_config = engine.generation_config
-        self.model_name = model_name or engine.config.model
+    def __init__(
+        self,
+        engine: LLMEngine | None,
+        model_name: str | None = None,
+        faults: FaultInjector | None = None,
+        health: HealthPolicy | None = None,
+        config: EngineConfig | None = None,
+    ):
+        """engine: a loaded LLMEngine, or None to load one from config in start()."""
+        self.engine: LLMEngine | None = None
+        self.config: EngineConfig = engine.config if engine is not None else config
+        self.model_name = model_name or self.config.model
+        self.phase = "loading"
+        self._listeners: list[Callable[[StepStats], None]] = []
+        if engine is not None:
+            self._bind(engine)
+        self.health = EngineHealth(health)
         self.ready = False
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestQueue]] = {}
@@ -50,27 +66,61 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, faults: FaultInjector | None = None) -> AsyncEngine:
-        if faults is not None:
-            faults.before_load()
-        engine = LLMEngine(config)
+        """Load now (blocking) and return the front, not yet started."""
+        front = cls(None, faults=faults, config=config)
+        front._load()
+        return front
+
+    @classmethod
+    def deferred(
+        cls, config: EngineConfig, faults: FaultInjector | None = None, health: HealthPolicy | None = None
+    ) -> AsyncEngine:
+        """A front whose start() loads the model (in a worker thread, so the event loop keeps serving)."""
+        return cls(None, faults=faults, health=health, config=config)
+
+    def _load(self) -> None:
+        if self.faults is not None:
+            self.faults.before_load()
+        engine = LLMEngine(self.config)
+        self.phase = "warming_up"
+        if self.faults is not None:
+            self.faults.before_warmup()
         engine.warm_up()
-        return cls(engine, faults=faults)
+        self._bind(engine)
+
+    def _bind(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.generation_config = engine.generation_config
+        engine.step_listeners.extend(self._listeners)
 
     @property
     def stats(self) -> EngineStats:
-        return self.engine.stats
+        return self.engine.stats if self.engine is not None else EngineStats()
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
-        self.engine.step_listeners.append(fn)
+        self._listeners.append(fn)
+        if self.engine is not None:
+            self.engine.step_listeners.append(fn)
 
     async def start(self) -> None:
+        """Load the model if it is not loaded yet (its errors propagate), then run the engine thread."""
+        if self.engine is None:
+            try:
+                await asyncio.to_thread(self._load)
+            except BaseException:
+                self.phase = "failed"
+                raise
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
             self._thread.start()
         self.ready = True
+        self.phase = "ready"
 
     async def shutdown(self) -> None:
         self.ready = False
+        self.phase = "stopped"
         self._stopping.set()
         self._wakeup.set()
         if self._thread is not None:
@@ -91,14 +141,23 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 except Exception as e:  # noqa: BLE001 - the requests fail, the engine survives
                     self._fail_in_flight(e)
+                    if self.health.step_failed():
+                        raise EngineDeadError(
+                            f"{self.health.consecutive_failures} engine steps failed in a row (last: {e})"
+                        ) from e
                     continue
+                self.health.step_succeeded()
                 self._deliver_all(outputs)
         except BaseException as e:  # noqa: BLE001 - every waiter must learn the engine died
             log.exception("engine thread failed")
             self.error = e
             self.ready = False
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"engine failed: {e}"))
+            self.phase = "failed"
+            self._fail_all_waiters()
+
+    def _fail_all_waiters(self) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError(f"engine failed: {self.error}"))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -112,6 +171,10 @@ class AsyncEngine:
                     self.engine.add_request(request_id, prompt, params, arrival)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                     self._deliver(request_id, e)
+            elif kind == "finish":  # end it with its output so far, and hand that to its consumer
+                out = self.engine.abort_request(request_id)
+                if out is not None:
+                    self._deliver(request_id, out)
             else:
                 self.engine.abort_request(request_id)
                 self._streams.pop(request_id, None)
@@ -160,10 +223,13 @@ class AsyncEngine:
             raise EngineDeadError(f"engine failed: {self.error}")
         self.engine.check_prompt(prompt_token_ids, params)
         queue = RequestQueue()
+        self.health.work_arrived(was_idle=not self._streams)
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._inbox.put(("add", request_id, (list(prompt_token_ids), params, arrival)))
         self._wakeup.set()
+        if self.error is not None:  # the thread died between the check above and now
+            self._deliver(request_id, EngineDeadError(f"engine failed: {self.error}"))
         async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
             yield item
 
@@ -178,8 +244,35 @@ class AsyncEngine:
         return self.faults.current()
 
     def abort(self, request_id: str) -> None:
+        """Drop a request whose consumer is gone (no more outputs); its KV blocks are freed."""
         self._inbox.put(("abort", request_id, None))
         self._wakeup.set()
+
+    def finish(self, request_ids: list[str]) -> list[str]:
+        """End requests now with what they have generated: each consumer gets a last output with
+        finish_reason "abort" (timeouts, the end of a drain). Returns the ids that were still running."""
+        ids = [r for r in request_ids if r in self._streams]
+        for request_id in ids:
+            self._inbox.put(("finish", request_id, None))
+        self._wakeup.set()
+        return ids
+
+    def finish_all(self) -> list[str]:
+        return self.finish(list(self._streams))
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._streams)
+
+    def health_problem(self) -> str | None:
+        """Why liveness should fail (dead, broken or hung engine), or None while it is alive."""
+        if self.error is not None:
+            return f"engine failed: {self.error}"
+        if self.phase == "ready":
+            stalled = self.health.hung_for(pending=bool(self._streams))
+            if stalled is not None:
+                return f"no engine step has finished for {stalled:.0f} s with requests pending (hung)"
+        return None
 
 
 def _put_all(items: list[tuple[RequestQueue, RequestOutput]]) -> None:

@@ -1,8 +1,12 @@
 """The server's handle on an engine core running in another process (shoal/engine/core_process.py).
 
-It has the AsyncEngine surface the server uses (config, tokenizer, generation_config, model_name, ready,
-stats, start, shutdown, generate, abort, add_step_listener, set_faults, get_faults), so routes do not
-know which one they talk to. It imports no torch: this process tokenizes, streams and encodes JSON.
+It has the AsyncEngine surface the server uses (config, tokenizer, generation_config, model_name, phase,
+ready, stats, start, shutdown, generate, abort, finish, finish_all, health_problem, add_step_listener,
+set_faults, get_faults), so routes do not know which one they talk to. It imports no torch: this process
+tokenizes, streams and encodes JSON.
+
+The constructor only spawns the core; `start()` waits for it to load and warm up (`phase` goes
+"loading" -> "warming_up" -> "ready"), so the HTTP server can listen and answer probes meanwhile.
 
 Each request's output is kept here as one RequestOutput that the core's deltas extend in place, and
 handed to the request's queue after each update; consumers read it as a cumulative snapshot. If the
@@ -27,11 +31,13 @@ import zmq.asyncio
 from shoal.engine.admission import check_request
 from shoal.engine.config import EngineConfig
 from shoal.engine.errors import EngineDeadError, EngineStepError
+from shoal.engine.health import EngineHealth, HealthPolicy
 from shoal.engine.messages import (
     AbortRequests,
     AddRequest,
     Control,
     CoreMessage,
+    Loaded,
     Ready,
     RequestDelta,
     StartupFailed,
@@ -47,8 +53,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineCoreClient:
-    def __init__(self, config: EngineConfig, fault_plan: dict | None = None, model_name: str | None = None):
-        """Start the core process and wait until it has loaded the model (RuntimeError if it cannot)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        fault_plan: dict | None = None,
+        model_name: str | None = None,
+        health: HealthPolicy | None = None,
+    ):
+        """Spawn the core process; `await start()` waits until it has loaded the model."""
         self._ipc_dir = tempfile.mkdtemp(prefix="shoal-core-")
         self._context = zmq.Context()
         self._requests = self._context.socket(zmq.PUSH)
@@ -63,16 +75,12 @@ class EngineCoreClient:
             daemon=True,
         )
         self._process.start()
-        ready = self._wait_ready()
-        self.config = EngineConfig(**ready.config)
-        self.generation_config = ready.generation_config
-        self.vocab_size = ready.vocab_size
-        self.description = ready.describe
-        template = open(config.chat_template).read() if config.chat_template else None  # noqa: SIM115
-        self.tokenizer = Tokenizer(self.description["model"], chat_template=template)
+        self.config = config  # replaced by the core's resolved configuration once it is ready
         self.model_name = model_name or config.model
+        self.phase = "loading"
         self.ready = False
         self.error: BaseException | None = None
+        self.health = EngineHealth(health)
         self.stats = EngineStats()
         self._listeners: list[Callable[[StepStats], None]] = []
         self._outputs: dict[str, tuple[RequestOutput, RequestQueue]] = {}
@@ -81,33 +89,56 @@ class EngineCoreClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._reader: asyncio.Task | None = None
 
-    def _wait_ready(self) -> Ready:
+    async def _wait_ready(self) -> None:
+        """Follow the core's start-up messages until Ready (RuntimeError if it fails or exits)."""
+        socket = zmq.asyncio.Socket.shadow(self._updates.underlying)
         decoder = msgspec.msgpack.Decoder(CoreMessage)
-        while not self._updates.poll(200):
-            if not self._process.is_alive():
-                raise RuntimeError(
-                    f"the engine core process exited with {self._process.exitcode} while loading"
-                )
-        message = decoder.decode(self._updates.recv())
-        if isinstance(message, StartupFailed):
-            self._process.join(10)
-            raise RuntimeError(f"the engine core failed to start: {message.message}")
-        assert isinstance(message, Ready), message
-        return message
+        while True:
+            while not await socket.poll(200):
+                if not self._process.is_alive():
+                    raise RuntimeError(
+                        f"the engine core process exited with {self._process.exitcode} while loading"
+                    )
+            message = decoder.decode(await socket.recv())
+            if isinstance(message, StartupFailed):
+                await asyncio.to_thread(self._process.join, 10)
+                raise RuntimeError(f"the engine core failed to start: {message.message}")
+            if isinstance(message, Loaded):
+                self.phase = "warming_up"
+            elif isinstance(message, Ready):
+                self._bind(message)
+                return
+
+    def _bind(self, ready: Ready) -> None:
+        self.config = EngineConfig(**ready.config)
+        self.generation_config = ready.generation_config
+        self.vocab_size = ready.vocab_size
+        self.description = ready.describe
+        path = self.config.chat_template
+        template = open(path).read() if path else None  # noqa: SIM115
+        self.tokenizer = Tokenizer(self.description["model"], chat_template=template)
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Wait for the core to load and warm up, then follow its updates (RuntimeError if it fails)."""
         if self._reader is None:
+            try:
+                await self._wait_ready()
+            except BaseException:
+                self.phase = "failed"
+                raise
             loop = asyncio.get_running_loop()
             loop.add_reader(self._process.sentinel, self._core_died)
             self._reader = asyncio.ensure_future(self._read_updates())
         self.ready = self.error is None
+        self.phase = "ready" if self.ready else "failed"
 
     async def shutdown(self) -> None:
         self.ready = False
+        self.phase = "stopped"
         if self._process.is_alive():
             self._send(Control(next(self._call_ids), "shutdown"))
             await asyncio.to_thread(self._process.join, 10)
@@ -122,9 +153,18 @@ class EngineCoreClient:
         asyncio.get_running_loop().remove_reader(self._process.sentinel)
         if self.error is None and self.ready:
             self._process.join(1)  # reap it, for its exit code
-            self.error = EngineDeadError(f"the engine core process exited with {self._process.exitcode}")
-            log.error("%s", self.error)
+            self._mark_dead(f"the engine core process exited with {self._process.exitcode}")
         self.ready = False
+        self._fail_all_waiters()
+
+    def _mark_dead(self, reason: str) -> None:
+        """From now on every request, waiting or new, gets EngineDeadError; liveness fails."""
+        self.error = EngineDeadError(reason)
+        self.ready = False
+        self.phase = "failed"
+        log.error("engine dead: %s", reason)
+
+    def _fail_all_waiters(self) -> None:
         for request_id in list(self._outputs):
             self._finish_with(request_id, EngineDeadError(f"engine failed: {self.error}"))
         for future in self._calls.values():
@@ -152,10 +192,32 @@ class EngineCoreClient:
                 future.set_result(reply)
         if update.stats is not None:
             self.stats = EngineStats(**update.stats)
+        self._track_health(update)
         if update.step is not None:
             step = StepStats(**update.step)
             for listener in self._listeners:
                 listener(step)
+
+    def _track_health(self, update: StepUpdate) -> None:
+        if update.failed_step is not None:
+            if self.health.step_failed() and self.error is None:
+                self._mark_dead(
+                    f"{self.health.consecutive_failures} engine steps failed in a row "
+                    f"(last: {update.failed_step})"
+                )
+                self._fail_all_waiters()
+        elif update.step is not None:
+            self.health.step_succeeded()
+
+    def health_problem(self) -> str | None:
+        """Why liveness should fail (dead, broken or hung engine), or None while it is alive."""
+        if self.error is not None:
+            return str(self.error)
+        if self.phase == "ready":
+            stalled = self.health.hung_for(pending=bool(self._outputs))
+            if stalled is not None:
+                return f"no engine step has finished for {stalled:.0f} s with requests pending (hung)"
+        return None
 
     def _extend(self, delta: RequestDelta) -> None:
         entry = self._outputs.get(delta.request_id)
@@ -205,6 +267,7 @@ class EngineCoreClient:
         ]
         out = RequestOutput(request_id, list(prompt_token_ids), outputs)
         queue = RequestQueue()
+        self.health.work_arrived(was_idle=not self._outputs)
         self._outputs[request_id] = (out, queue)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._send(AddRequest(request_id, list(prompt_token_ids), asdict(params), arrival))
@@ -212,9 +275,26 @@ class EngineCoreClient:
             yield item
 
     def abort(self, request_id: str) -> None:
+        """Drop a request whose consumer is gone (no more outputs); its KV blocks are freed."""
         self._outputs.pop(request_id, None)
         if self._process.is_alive():
             self._send(AbortRequests([request_id]))
+
+    def finish(self, request_ids: list[str]) -> list[str]:
+        """End requests now with what they have generated: each consumer gets a last output with
+        finish_reason "abort" (timeouts, the end of a drain). Returns the ids that were still running."""
+        ids = [r for r in request_ids if r in self._outputs]
+        if ids and self._process.is_alive():
+            self._send(AbortRequests(ids, keep_output=True))
+        return ids
+
+    def finish_all(self) -> list[str]:
+        return self.finish(list(self._outputs))
+
+    @property
+    def num_pending(self) -> int:
+        """Requests added and not yet finished (as far as this side knows)."""
+        return len(self._outputs)
 
     def _send(self, message: AddRequest | AbortRequests | Control) -> None:
         self._requests.send(self._encoder.encode(message), copy=False)

@@ -29,6 +29,7 @@ from shoal.engine.messages import (
     ClientMessage,
     Control,
     ControlReply,
+    Loaded,
     Ready,
     RequestDelta,
     RequestError,
@@ -74,8 +75,7 @@ class EngineCore:
             self._add(message, update)
         elif isinstance(message, AbortRequests):
             for request_id in message.request_ids:
-                self.engine.abort_request(request_id)
-                self._sent.pop(request_id, None)
+                self._abort(request_id, message.keep_output, update)
         elif isinstance(message, Control):
             update.replies.append(self._control(message))
 
@@ -89,6 +89,12 @@ class EngineCore:
             update.errors.append(RequestError(message.request_id, "invalid", str(e)))
             return
         self._sent[message.request_id] = [_Sent() for _ in range(params.n)]
+
+    def _abort(self, request_id: str, keep_output: bool, update: StepUpdate) -> None:
+        out = self.engine.abort_request(request_id)
+        if out is not None and keep_output and request_id in self._sent:
+            update.deltas.append(self._delta(out))  # its last delta: the rest of its text, "abort"
+        self._sent.pop(request_id, None)
 
     def _control(self, call: Control) -> ControlReply:
         try:
@@ -124,6 +130,7 @@ class EngineCore:
             update.step = asdict(self._step)
 
     def _fail_in_flight(self, error: Exception, update: StepUpdate) -> None:
+        update.failed_step = f"{type(error).__name__}: {error}"
         for request_id in self.engine.abort_all(error):
             self._sent.pop(request_id, None)
             update.errors.append(RequestError(request_id, "step", f"engine step failed: {error}"))
@@ -150,6 +157,7 @@ class EngineCore:
         return SeqDelta(o.index, text, ids, logprobs, o.finish_reason, o.stop_reason, times)
 
     def stats(self) -> dict:
+        self.engine.refresh_stats()  # adds and aborts change the counts between steps
         return asdict(self.engine.stats)
 
 
@@ -167,6 +175,9 @@ def run_core(config: EngineConfig, input_address: str, output_address: str, faul
         if faults is not None:
             faults.before_load()
         engine = LLMEngine(config)
+        outbox.send(encoder.encode(Loaded()))
+        if faults is not None:
+            faults.before_warmup()
         engine.warm_up()
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
         log.exception("engine core failed to start")
@@ -195,10 +206,13 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgs
         if busy or inbox.poll(IDLE_POLL_MS):
             while inbox.poll(0):
                 core.apply(decoder.decode(inbox.recv()), update)
+            if update.replies:  # answered before the step: a step told to hang or die must not hold them
+                outbox.send(encoder.encode(StepUpdate(replies=update.replies)))
+                update.replies = []
         elif os.getppid() != parent:
             return  # the server died without a shutdown call: do not outlive it
         if core.running and core.engine.has_unfinished():
             core.step(update)
-        if update.deltas or update.errors or update.replies or update.step:
+        if update.deltas or update.errors or update.replies or update.step or update.failed_step:
             update.stats = core.stats()
             outbox.send(encoder.encode(update))

@@ -25,6 +25,9 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):
     request_ids: list[str]
+    # True: end them with what they generated so far (finish_reason "abort"), sent back as their last
+    # delta (timeouts, drain); False: drop them silently (the client is gone).
+    keep_output: bool = False
 
 
 class Control(msgspec.Struct, tag=True, array_like=True):
@@ -83,7 +86,12 @@ class StepUpdate(msgspec.Struct, tag=True, array_like=True):
     errors: list[RequestError] = []
     replies: list[ControlReply] = []
     step: dict[str, Any] | None = None  # StepStats fields, when a step ran
+    failed_step: str | None = None  # the error, when a step raised (its requests are in errors)
     stats: dict[str, Any] | None = None  # EngineStats fields
+
+
+class Loaded(msgspec.Struct, tag=True, array_like=True):
+    """The core loaded the weights and is warming up (readiness says "warming up")."""
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):
@@ -99,4 +107,4 @@ class StartupFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-CoreMessage = StepUpdate | Ready | StartupFailed
+CoreMessage = StepUpdate | Loaded | Ready | StartupFailed

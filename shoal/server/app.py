@@ -7,6 +7,7 @@ abort, stats, add_step_listener).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,22 +19,30 @@ from shoal.server import chat, completions, debug, info, tokens
 from shoal.server.auth import APIKeyMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
-from shoal.server.logprobs import TokenTexts
+from shoal.server.lifecycle import AdmissionGate, Lifecycle
 from shoal.server.metrics import ServerMetrics
 from shoal.server.request_context import RequestContextMiddleware
 from shoal.server.settings import ServerSettings
 from shoal.server.state import ServerState
 
 
-def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
-    """The FastAPI app serving `engine`; its lifespan starts the engine loop and shuts it down."""
+def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = False) -> FastAPI:
+    """The FastAPI app serving `engine`; its lifespan starts the engine and shuts it down.
+
+    load_in_background: the server listens while the engine loads and warms up (probes answer, /v1/*
+    is 503 + Retry-After); otherwise the app starts only once the engine has."""
+    lifecycle = Lifecycle(engine, settings.drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        loading = asyncio.ensure_future(lifecycle.start_engine()) if load_in_background else None
+        if loading is None:
+            await engine.start()
         try:
             yield
         finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
             await engine.shutdown()
 
     app = FastAPI(
@@ -44,7 +53,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     )
     metrics = ServerMetrics(engine, settings.served_model_name)
     engine.add_step_listener(metrics.on_step)
-    state = ServerState(engine=engine, settings=settings, metrics=metrics, texts=TokenTexts(engine.tokenizer))
+    state = ServerState(engine=engine, settings=settings, metrics=metrics, lifecycle=lifecycle)
     app.state.shoal = state
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
@@ -52,6 +61,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     # Starlette wraps the last one added outermost: the key check runs before the body is read, and
     # unexpected errors are answered innermost, inside every other middleware.
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -294,6 +295,7 @@ async def run_jobs(
     otherwise return the final snapshots. A client gone is a 499 (its requests aborted), an invalid request
     stays an APIError, any other engine failure becomes a 500."""
     ctx = request_context(request)
+    _arm_timeout(request, ctx, engine, [job.request_id for job in jobs])
     try:
         if stream_events is not None:
             ctx.streamed = True
@@ -306,6 +308,50 @@ async def run_jobs(
         raise
     except Exception as e:  # EngineFailure, EngineDeadError, ...
         raise engine_failure(e) from e
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+MAX_TIMEOUT_S = 24 * 3600.0
+TIMEOUT_RECHECK_S = 0.1
+
+
+def request_timeout(request: Request) -> float | None:
+    """Seconds this request may take from its arrival: the X-Request-Timeout header (a positive number
+    of seconds; a 400 otherwise), else --request-timeout, else None (no limit)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return request.app.state.shoal.settings.request_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_TIMEOUT_S:  # also false for NaN
+        raise APIError(
+            f"X-Request-Timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {raw!r}",
+            param="X-Request-Timeout",
+            code="invalid_timeout",
+        )
+    return value
+
+
+def _arm_timeout(request: Request, ctx: RequestContext, engine: Any, request_ids: list[str]) -> None:
+    """At the deadline, end the requests that are still running with their partial output and
+    finish_reason "abort": the response (or stream) then completes normally, marked as timed out."""
+    timeout = request_timeout(request)
+    if timeout is None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        if ctx.end_time is not None:
+            return
+        if engine.finish(request_ids):
+            ctx.timed_out = True
+        # Again shortly: a request may not have reached the engine yet (it is sent on run_jobs' first
+        # await), and the response is not over until its last byte is sent.
+        loop.call_later(TIMEOUT_RECHECK_S, expire)
+
+    loop.call_later(max(ctx.arrival_time + timeout - time.monotonic(), 0.0), expire)
 
 
 async def _start_and_collect(

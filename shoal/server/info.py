@@ -36,18 +36,29 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     return _card(state)
 
 
-@router.get("/health")
-async def health() -> Response:
-    """200 while the process serves HTTP (liveness)."""
-    return Response(status_code=200)
+@router.get("/health", responses={503: ERROR_RESPONSES[503]})
+async def health(request: Request) -> Response:
+    """Liveness: 200 unless the process is broken (the load failed; the engine died, failed
+    --max-consecutive-step-failures steps in a row, or made no progress for --engine-hang-timeout s with
+    work pending). 200 while loading and draining: a restart would not help then."""
+    problem = get_state(request).lifecycle.liveness_problem()
+    if problem is None:
+        return Response(status_code=200)
+    return JSONResponse(error_body(problem, SERVER_ERROR, code="engine_unhealthy"), 503)
 
 
 @router.get("/ready", responses={503: ERROR_RESPONSES[503]})
 async def ready(request: Request) -> Response:
-    """200 once the engine is loaded, warmed up and stepping; 503 otherwise (readiness)."""
-    if get_state(request).engine.ready:
+    """Readiness: 200 {"status": "ready"} once loaded, warmed up and healthy; otherwise 503 whose
+    `status` says why: "loading", "warming up", "draining" or "failed"."""
+    lifecycle = get_state(request).lifecycle
+    if lifecycle.ready:
         return JSONResponse({"status": "ready"})
-    return JSONResponse(error_body("the engine is not ready", SERVER_ERROR, code="engine_not_ready"), 503)
+    phase = lifecycle.phase()
+    if phase == "ready":  # alive by its phase, but hung
+        phase = "failed"
+    body = error_body(f"the server is {phase}", SERVER_ERROR, code="engine_not_ready")
+    return JSONResponse({"status": phase, **body}, 503)
 
 
 @router.get("/version")

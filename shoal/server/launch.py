@@ -1,14 +1,26 @@
-"""Start serving: load the engine (before the port opens, so /health only answers a loaded server), build
-the app, run uvicorn until SIGINT/SIGTERM."""
+"""Start serving: open the port at once, load the engine behind it, drain on SIGTERM, exit.
+
+The HTTP server listens while the model loads, so that probes answer from the first second (`/health`
+200, `/ready` 503 "loading" / "warming up"). SIGTERM and SIGINT start the drain (server/lifecycle.py)
+instead of uvicorn's default, which stops accepting at once; a second SIGINT stops without draining.
+The process exits 0 after a drain, 1 if the engine cannot start.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import sys
+from collections.abc import Iterator
 
 import uvicorn
 
 from shoal.engine.config import EngineConfig
+from shoal.engine.health import HealthPolicy
 from shoal.server.app import build_app
+from shoal.server.lifecycle import Lifecycle
 from shoal.server.settings import ServerSettings
 
 logger = logging.getLogger("shoal.server")
@@ -18,6 +30,54 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT drain the lifecycle before stopping, and which does not
+    re-raise the signal afterwards (uvicorn does, which would make the exit code 143, not 0)."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.exit_code = 0
+        self._drain: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGTERM, signal.SIGINT)
+        original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame) -> None:
+        if self._drain is not None or self._loop is None:
+            if sig == signal.SIGINT:  # a second Ctrl-C: stop now
+                self.should_exit = self.force_exit = True
+            return
+        logger.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.lifecycle.drain()
+        finally:
+            self.should_exit = True
+
+    def fatal(self) -> None:
+        """The engine could not start: stop serving, exit 1."""
+        self.exit_code = 1
+        self.should_exit = True
+
+
 def serve(
     engine_config: EngineConfig,
     settings: ServerSettings,
@@ -25,28 +85,41 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     engine_mode: str = "process",
-) -> None:
-    """Blocking: load the model, warm up, then serve HTTP on host:port.
+    health: HealthPolicy | None = None,
+) -> int:
+    """Blocking: listen on host:port, load and warm up the model behind it, serve until drained.
+    Returns the process exit code (0 after a drain, 1 if the engine could not start).
 
     engine_mode "process" runs the engine core in its own process (shoal/engine/core_process.py);
     "thread" runs it on a thread of this one (shoal/engine/async_engine.py)."""
     configure_logging(log_level)
-    logger.info("loading %s", engine_config.model)
-    engine = _start_engine(engine_config, settings, engine_mode)
-    app = build_app(engine, settings)
+    logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
+    engine = _start_engine(engine_config, settings, engine_mode, health)
+    app = build_app(engine, settings, load_in_background=True)
+    lifecycle = app.state.shoal.lifecycle
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10
+    )
+    server = DrainingServer(config, lifecycle)
+    lifecycle.on_fatal = server.fatal
     logger.info(
-        "serving %s as '%s' on http://%s:%d (max_model_len=%s, engine in a %s)",
-        engine.model_name,
+        "serving '%s' on http://%s:%d (engine in a %s, drain timeout %.0f s)",
         settings.served_model_name,
         host,
         port,
-        engine.config.max_model_len,
         engine_mode,
+        settings.drain_timeout_s,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+    server.run()
+    if lifecycle.load_error is not None:
+        print(f"shoal serve: error: {lifecycle.load_error}", file=sys.stderr)
+    return server.exit_code
 
 
-def _start_engine(engine_config: EngineConfig, settings: ServerSettings, engine_mode: str):
+def _start_engine(
+    engine_config: EngineConfig, settings: ServerSettings, engine_mode: str, health: HealthPolicy | None
+):
+    """The engine front, not loaded yet: its start() loads the model."""
     from shoal.engine.faults import FaultInjector, plan_from_env
 
     plan = plan_from_env() if settings.enable_fault_injection else None
@@ -55,11 +128,10 @@ def _start_engine(engine_config: EngineConfig, settings: ServerSettings, engine_
     if engine_mode == "process":
         from shoal.engine.core_client import EngineCoreClient
 
-        return EngineCoreClient(engine_config, plan, model_name=engine_config.model)
+        return EngineCoreClient(engine_config, plan, model_name=engine_config.model, health=health)
     if engine_mode != "thread":
         raise ValueError(f"engine_mode must be process or thread, got {engine_mode!r}")
     from shoal.engine.async_engine import AsyncEngine  # torch import deferred until we actually serve
 
-    return AsyncEngine.from_config(
-        engine_config, faults=FaultInjector.from_env() if plan is not None else None
-    )
+    faults = FaultInjector.from_env() if plan is not None else None
+    return AsyncEngine.deferred(engine_config, faults=faults, health=health)

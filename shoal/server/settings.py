@@ -18,11 +18,20 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # POST /debug/faults makes engine steps fail or hang (shoal/engine/faults.py): tests and drills only.
     enable_fault_injection: bool = False
+    # SIGTERM: running requests get this long to finish; the rest end with their partial output.
+    drain_timeout_s: float = 30.0
+    # Every request ends (partial output, finish_reason "abort") this long after it arrived; a request may
+    # ask for less or more with the X-Request-Timeout header. None: no limit.
+    request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
         if self.api_key == "":
             self.api_key = None

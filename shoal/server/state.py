@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from starlette.requests import Request
 
 from shoal.server.errors import SERVER_ERROR, APIError
+from shoal.server.lifecycle import RETRY_AFTER_S, Lifecycle
 from shoal.server.logprobs import TokenTexts
 from shoal.server.metrics import ServerMetrics
 from shoal.server.request_context import EndListener
@@ -20,7 +22,7 @@ class ServerState:
     engine: Any  # shoal.engine.async_engine.AsyncEngine (duck-typed so tests can pass a stand-in)
     settings: ServerSettings
     metrics: ServerMetrics
-    texts: TokenTexts
+    lifecycle: Lifecycle
     created: int = field(default_factory=lambda: int(time.time()))
     # Called with each RequestContext once its response is sent (metrics, access log, traces).
     end_listeners: list[EndListener] = field(default_factory=list)
@@ -40,12 +42,17 @@ class ServerState:
     @property
     def ready(self) -> bool:
         """Readiness (/ready, shoal:ready): loaded, warmed up, not draining, engine healthy."""
-        return bool(self.engine.ready)
+        return self.lifecycle.ready
 
     @property
     def engine_healthy(self) -> bool:
-        """Liveness of the engine (/health, shoal:engine_healthy): false once it is dead or hung."""
-        return getattr(self.engine, "error", None) is None
+        """Liveness of the engine (/health, shoal:engine_healthy): false once it is dead, broken or hung."""
+        return self.lifecycle.liveness_problem() is None
+
+    @cached_property
+    def texts(self) -> TokenTexts:
+        """Token strings for logprobs; built on first use, since the tokenizer exists only once loaded."""
+        return TokenTexts(self.engine.tokenizer)
 
     def check_model(self, name: str | None) -> None:
         """404 for a model this server does not serve (a missing name means the served one)."""
@@ -58,9 +65,15 @@ class ServerState:
             )
 
     def check_ready(self) -> None:
-        """503 while the engine is not ready (still starting, shutting down, or its thread died)."""
+        """503 while the engine is not ready (still starting, shutting down, or dead)."""
         if not self.engine.ready:
-            raise APIError("the engine is not ready", 503, type=SERVER_ERROR, code="engine_not_ready")
+            raise APIError(
+                "the engine is not ready",
+                503,
+                type=SERVER_ERROR,
+                code="engine_not_ready",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
 
 
 def get_state(request: Request) -> ServerState:
