@@ -266,13 +266,7 @@ class AsyncEngine:
 
     def health_problem(self) -> str | None:
         """Why liveness should fail (dead, broken or hung engine), or None while it is alive."""
-        if self.error is not None:
-            return f"engine failed: {self.error}"
-        if self.phase == "ready":
-            stalled = self.health.hung_for(pending=bool(self._streams))
-            if stalled is not None:
-                return f"no engine step has finished for {stalled:.0f} s with requests pending (hung)"
-        return None
+        return self.health.problem(self.error, self.phase == "ready", pending=bool(self._streams))
 
 
 def _put_all(items: list[tuple[RequestQueue, RequestOutput]]) -> None:

@@ -211,13 +211,7 @@ class EngineCoreClient:
 
     def health_problem(self) -> str | None:
         """Why liveness should fail (dead, broken or hung engine), or None while it is alive."""
-        if self.error is not None:
-            return str(self.error)
-        if self.phase == "ready":
-            stalled = self.health.hung_for(pending=bool(self._outputs))
-            if stalled is not None:
-                return f"no engine step has finished for {stalled:.0f} s with requests pending (hung)"
-        return None
+        return self.health.problem(self.error, self.phase == "ready", pending=bool(self._outputs))
 
     def _extend(self, delta: RequestDelta) -> None:
         entry = self._outputs.get(delta.request_id)

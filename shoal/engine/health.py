@@ -64,6 +64,16 @@ class EngineHealth:
     def broken(self) -> bool:
         return self.consecutive_failures >= self.policy.max_consecutive_step_failures
 
+    def problem(self, error: BaseException | None, serving: bool, pending: bool) -> str | None:
+        """Why liveness should fail, or None. error: what killed the engine (None while alive);
+        serving: loaded and started (a load is not a hang); pending: requests are waiting on it."""
+        if error is not None:
+            return f"engine failed: {error}"
+        stalled = self.hung_for(pending) if serving else None
+        if stalled is not None:
+            return f"no engine step has finished for {stalled:.0f} s with requests pending (hung)"
+        return None
+
     def hung_for(self, pending: bool) -> float | None:
         """Seconds without progress while work is pending, once past the hang timeout; else None."""
         timeout = self.policy.hang_timeout_s
