@@ -451,3 +451,40 @@ def test_request_timestamps_are_ordered_and_per_token(stories, story_prompt):
     assert 0 < m["busy_seconds"] <= m["finished_time"] - m["first_scheduled_time"]
     first_output = outs[0]
     assert first_output.metrics["finished_time"] is None
+
+
+@pytest.mark.timeout(30)
+def test_cache_salt_isolates_prefix_cache_blocks(stories, story_prompt):
+    """Requests share prefix-cache blocks only with requests of the same cache_salt (vLLM's field)."""
+    prompt = list(range(100, 140))  # two full blocks of 16 and a rest, used by no other test
+    params = SamplingParams(max_tokens=2, temperature=0)
+
+    def cached(salt: str | None) -> int:
+        rid = f"salt-{salt}-{time.monotonic_ns()}"
+        stories.add_request(rid, prompt, params, cache_salt=salt)
+        while stories.has_unfinished():
+            for out in stories.step():
+                if out.request_id == rid and out.finished:
+                    return out.num_cached_tokens
+        raise AssertionError("the request did not finish")
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") == 32  # the same tenant reuses its own blocks
+    assert cached("tenant-b") == 0  # another tenant: same tokens, no shared blocks
+    assert cached(None) == 0 and cached(None) == 32
+
+
+def test_prefix_block_hashes_are_sha256_chained_from_the_salt():
+    from shoal.engine.block_manager import chain_hash, root_hash
+
+    block = tuple(range(16))
+    h = chain_hash(root_hash(None), block)
+    assert len(h) == 32 and h == chain_hash(b"", block)
+    assert h != chain_hash(root_hash("a"), block) != chain_hash(root_hash("b"), block)
+    assert chain_hash(h, block) != h
+
+
+@pytest.mark.timeout(30)
+def test_fcfs_refuses_a_priority_it_would_ignore(stories, story_prompt):
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        stories.add_request("prio", story_prompt, SamplingParams(max_tokens=2), priority=-1)

@@ -125,7 +125,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
         check_batch(scheduler, batch)
     victims = running_before[-batch.num_preempted :]
     # Each victim went to the front in turn, the newest first: the queue now starts with them, oldest first.
-    assert list(scheduler.waiting.values())[: len(victims)] == victims
+    assert list(scheduler.waiting)[: len(victims)] == victims
     for victim in victims:
         assert victim.status == Status.WAITING and victim.block_table == [] and victim.num_computed == 0
         assert victim not in batch.seqs
@@ -134,3 +134,99 @@ def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
         check_batch(scheduler, run_step(scheduler))
     assert all(s.finished and s.num_output_tokens == 12 for s in seqs)
     assert scheduler.blocks.num_free == scheduler.blocks.num_blocks
+
+
+# ---- --scheduling-policy priority -------------------------------------------------------------------
+def _classed(prefix: str, n: int, priority: int, first_token: int, max_tokens: int = 3) -> list[Sequence]:
+    return [
+        Sequence(
+            f"{prefix}{i}",
+            0,
+            [first_token + i] + [7] * 5,
+            SamplingParams(max_tokens=max_tokens),
+            None,
+            priority,
+        )
+        for i in range(n)
+    ]
+
+
+def _premium_after_a_low_backlog(policy: str) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """max_num_seqs 2 and 40 low-priority requests queued; then 10 premium ones arrive, one a step.
+    Returns each request's place in the order of first admission (two may be admitted in one step),
+    and for each premium request the low-priority requests still waiting when it arrived."""
+    scheduler = Scheduler(BlockManager(512, BLOCK), max_num_seqs=2, max_num_batched_tokens=64, policy=policy)
+    for seq in _classed("low", 40, priority=1, first_token=100):
+        scheduler.add(seq)
+    premium = _classed("premium", 10, priority=0, first_token=300)
+    admitted: dict[str, int] = {}
+    waiting_at_arrival: dict[str, set[str]] = {}
+    pop = scheduler.waiting.pop
+
+    def admit() -> Sequence:
+        seq = pop()
+        admitted.setdefault(seq.request_id, len(admitted))
+        return seq
+
+    scheduler.waiting.pop = admit
+    step = 0
+    while scheduler.has_work() or premium:
+        if premium and step >= 3:
+            seq = premium.pop(0)
+            waiting_at_arrival[seq.request_id] = {s.request_id for s in scheduler.waiting if s.priority == 1}
+            scheduler.add(seq)
+        run_step(scheduler)
+        step += 1
+    return admitted, waiting_at_arrival
+
+
+def test_priority_policy_schedules_premium_before_every_low_request_waiting_at_its_arrival() -> None:
+    admitted, waiting_at_arrival = _premium_after_a_low_backlog("priority")
+    assert len(waiting_at_arrival) == 10 and all(len(w) > 20 for w in waiting_at_arrival.values())
+    for premium, waiting in waiting_at_arrival.items():
+        assert all(admitted[premium] < admitted[low] for low in waiting), premium
+    # The same arrivals under fcfs: every premium request waits behind the whole backlog.
+    admitted, waiting_at_arrival = _premium_after_a_low_backlog("fcfs")
+    for premium, waiting in waiting_at_arrival.items():
+        assert all(admitted[premium] > admitted[low] for low in waiting), premium
+
+
+def test_priority_policy_preempts_the_lowest_priority_newest_first() -> None:
+    """KV pressure with both classes running: every victim is low priority, the newest low one first."""
+    scheduler = Scheduler(
+        BlockManager(24, BLOCK), max_num_seqs=16, max_num_batched_tokens=64, policy="priority"
+    )
+    low = _classed("low", 6, priority=5, first_token=100, max_tokens=12)
+    high = _classed("high", 2, priority=0, first_token=300, max_tokens=12)
+    for seq in [low[0], high[0], *low[1:], high[1]]:  # a premium request arrives first and last
+        scheduler.add(seq)
+    victims: list[Sequence] = []
+    while scheduler.has_work():
+        batch = run_step(scheduler)
+        running_lows = [s for s in scheduler.running.values() if s.priority == 5]
+        for victim in batch.preempted:
+            assert victim.priority == 5, victim.request_id
+            newer = [s for s in running_lows if s.arrival_time > victim.arrival_time]
+            assert not newer, f"{victim.request_id} preempted while newer low-priority ones ran: {newer}"
+        victims += batch.preempted
+    assert victims, "the cache was meant to run out"
+    assert all(s.finished for s in low + high)
+
+
+def test_waiting_queues_remove_and_readd_at_scale() -> None:
+    """Removal (aborts) from the middle of the priority heap, and re-adding (preemption), keep the order."""
+    from shoal.engine.waiting_queue import PriorityQueue
+
+    queue = PriorityQueue()
+    seqs = _classed("s", 3000, priority=0, first_token=10) + _classed("t", 3000, priority=-1, first_token=10)
+    random.Random(0).shuffle(seqs)
+    for seq in seqs:
+        queue.add(seq)
+    removed = set(range(0, 6000, 3))
+    for i in removed:
+        queue.remove(seqs[i])
+    queue.readd_preempted(seqs[1])
+    queue.readd_preempted(seqs[1])  # twice: still one entry
+    popped = [queue.pop() for _ in range(len(queue))]
+    kept = [s for i, s in enumerate(seqs) if i not in removed]
+    assert popped == sorted(kept, key=lambda s: (s.priority, s.arrival_time, s.seq_id))

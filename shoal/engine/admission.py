@@ -7,10 +7,21 @@ from shoal.engine.sampling_params import SamplingParams
 
 
 def check_request(
-    prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    max_model_len: int,
+    vocab_size: int,
+    priority: int = 0,
+    scheduling_policy: str = "fcfs",
 ) -> None:
     """Raise ValueError (naming the field, with the lengths) for a request that cannot run."""
     params.validate(vocab_size)
+    if priority != 0 and scheduling_policy != "priority":
+        # vLLM's rule: a priority the scheduler would ignore is an error, not a silent no-op.
+        raise ValueError(
+            f"priority is {priority}, but the server schedules first come, first served: start it with "
+            "--scheduling-policy priority to use request priorities"
+        )
     n = len(prompt_token_ids)
     if n == 0:
         raise ValueError("the prompt is empty")

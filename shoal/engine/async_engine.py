@@ -166,9 +166,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                prompt, params, arrival = payload
                 try:
-                    self.engine.add_request(request_id, prompt, params, arrival)
+                    self.engine.add_request(request_id, *payload)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                     self._deliver(request_id, e)
             elif kind == "finish":  # end it with its output so far, and hand that to its consumer
@@ -216,17 +215,20 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError.
-        arrival_time: time.monotonic() when the HTTP request arrived (default: now)."""
+        arrival_time: time.monotonic() when the HTTP request arrived (default: now); priority and
+        cache_salt: see LLMEngine.add_request."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
-        self.engine.check_prompt(prompt_token_ids, params)
+        self.engine.check_prompt(prompt_token_ids, params, priority)
         queue = RequestQueue()
         self.health.work_arrived(was_idle=not self._streams)
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._inbox.put(("add", request_id, (list(prompt_token_ids), params, arrival)))
+        self._inbox.put(("add", request_id, (list(prompt_token_ids), params, arrival, priority, cache_salt)))
         self._wakeup.set()
         if self.error is not None:  # the thread died between the check above and now
             self._deliver(request_id, EngineDeadError(f"engine failed: {self.error}"))

@@ -1,7 +1,10 @@
 """Paged KV cache bookkeeping: fixed-size blocks, per-sequence block tables, automatic prefix caching.
 
-A full block is identified by the hash of its tokens chained with the hash of the block before it, so
-equal hashes mean equal prefixes. Blocks are refcounted; a block whose count drops to zero goes to the
+A full block is identified by the SHA-256 of its tokens chained with the hash of the block before it,
+so equal hashes mean equal prefixes; the chain starts from the request's `cache_salt` (vLLM's field),
+so that requests with different salts (tenants) never share blocks. A collision-resistant hash, not
+Python's `hash` of a tuple: a crafted prompt must not be able to collide with another tenant's prefix
+and read its KV (vLLM CVE-2025-25183, fixed there by the same change). Blocks are refcounted; a block whose count drops to zero goes to the
 back of the free queue but keeps its hash, so a later request with the same prefix can take it back
 (a hit) until the allocator reuses it for something else (LRU eviction: reuse takes from the front).
 A block is registered in the prefix cache only once its K/V have been computed.
@@ -9,6 +12,8 @@ A block is registered in the prefix cache only once its K/V have been computed.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from shoal.engine.sequence import Sequence
@@ -20,12 +25,18 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev, token_ids))
+def root_hash(cache_salt: str | None) -> bytes:
+    """The parent hash of a sequence's first block: empty, or the SHA-256 of its cache salt."""
+    return hashlib.sha256(b"salt:" + cache_salt.encode()).digest() if cache_salt else b""
+
+
+def chain_hash(prev: bytes, token_ids: tuple[int, ...]) -> bytes:
+    """SHA-256 over the parent block's hash and this block's token ids (int64, native byte order), 32 bytes."""
+    return hashlib.sha256(prev + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
@@ -35,7 +46,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found
 
@@ -80,7 +91,7 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = (len(seq) - 1) // bs
-        prev = None
+        prev = root_hash(seq.cache_salt)
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(prev, tokens)
@@ -116,7 +127,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue
-            prev = self.blocks[seq.block_table[i - 1]].hash if i else None
+            prev = self.blocks[seq.block_table[i - 1]].hash if i else root_hash(seq.cache_salt)
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block.hash, block.token_ids = chain_hash(prev, tokens), tokens
             self.cached.setdefault(block.hash, block.block_id)

@@ -23,6 +23,8 @@ class EngineConfig:
     chat_template: str | None = None  # path of a jinja file overriding the model's template
     seed: int = 0
     compile: bool = False  # torch.compile the decode forward (minutes of compiling at start, faster steps)
+    scheduling_policy: str = "fcfs"  # fcfs | priority (vLLM's --scheduling-policy)
+    record_schedule: bool = False  # StepStats.scheduled: who ran in each step (tests, GET /debug/schedule)
 
     def validate(self) -> None:
         checks = {
@@ -39,5 +41,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

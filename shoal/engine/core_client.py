@@ -248,12 +248,22 @@ class EngineCoreClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative snapshots until the request finishes; invalid requests raise ValueError.
-        arrival_time: time.monotonic() when the HTTP request arrived (default: now)."""
+        arrival_time: time.monotonic() when the HTTP request arrived (default: now); priority and
+        cache_salt: see LLMEngine.add_request."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
-        check_request(prompt_token_ids, params, self.config.max_model_len, self.vocab_size)
+        check_request(
+            prompt_token_ids,
+            params,
+            self.config.max_model_len,
+            self.vocab_size,
+            priority,
+            self.config.scheduling_policy,
+        )
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already running")
         outputs = [
@@ -264,7 +274,9 @@ class EngineCoreClient:
         self.health.work_arrived(was_idle=not self._outputs)
         self._outputs[request_id] = (out, queue)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._send(AddRequest(request_id, list(prompt_token_ids), asdict(params), arrival))
+        self._send(
+            AddRequest(request_id, list(prompt_token_ids), asdict(params), arrival, priority, cache_salt)
+        )
         async for item in queue.drain(on_early_exit=lambda: self.abort(request_id)):
             yield item
 

@@ -83,7 +83,12 @@ class EngineCore:
         try:
             params = SamplingParams(**message.params)
             self.engine.add_request(
-                message.request_id, message.prompt_token_ids, params, message.arrival_time
+                message.request_id,
+                message.prompt_token_ids,
+                params,
+                message.arrival_time,
+                message.priority,
+                message.cache_salt,
             )
         except (TypeError, ValueError) as e:
             update.errors.append(RequestError(message.request_id, "invalid", str(e)))

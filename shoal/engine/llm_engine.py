@@ -59,6 +59,7 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
+            config.scheduling_policy,
         )
         self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
@@ -138,9 +139,16 @@ class LLMEngine:
         }
 
     # ---- requests -----------------------------------------------------------------------------------
-    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError for a request that cannot run here (see admission.check_request)."""
-        check_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
+        check_request(
+            prompt_token_ids,
+            params,
+            self.config.max_model_len,
+            self.model_config.vocab_size,
+            priority,
+            self.config.scheduling_policy,
+        )
 
     def add_request(
         self,
@@ -148,15 +156,19 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         """Queue a request (ValueError if it cannot run). arrival_time (time.monotonic() seconds) is when
-        it reached the server, so queue time and TTFT include what happened before the engine saw it."""
+        it reached the server, so queue time and TTFT include what happened before the engine saw it.
+        priority: lower is served earlier (only under scheduling_policy "priority"; otherwise it must be
+        0). cache_salt: requests share prefix-cache blocks only with requests of the same salt."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.check_prompt(prompt_token_ids, params)
+        self.check_prompt(prompt_token_ids, params, priority)
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, prompt_token_ids, params, arrival_time)
+            seq = Sequence(request_id, i, prompt_token_ids, params, arrival_time, priority, cache_salt)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
@@ -326,6 +338,9 @@ class LLMEngine:
                 step_seconds=seconds,
                 num_preempted=batch.num_preempted,
             )
+            if self.config.record_schedule:
+                step.scheduled = [[s.request_id, s.arrival_time, s.priority] for s in batch.seqs]
+                step.preempted = [s.request_id for s in batch.preempted]
             for listener in self.step_listeners:
                 listener(step)
 

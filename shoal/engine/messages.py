@@ -21,6 +21,8 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams fields
     arrival_time: float | None = None  # time.monotonic() when the HTTP request arrived
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

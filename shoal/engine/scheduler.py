@@ -3,24 +3,30 @@
 One token budget per step (max_num_batched_tokens) shared by everything: running decodes first (one
 token each), then unfinished prompt chunks, then new requests from the waiting queue (chunked prefill:
 a long prompt takes what budget is left and continues next step, so decodes never stall behind it).
-When KV blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back
-to the front of the waiting queue to be recomputed later (its full blocks usually come back as prefix hits).
+When KV blocks run out, a running sequence is preempted: its blocks are freed and it goes back to the
+waiting queue to be recomputed later (its full blocks usually come back as prefix hits). Under `fcfs`
+the newest running sequence is the victim, and it goes back to the front; under `priority` the least
+urgent (highest priority value), newest first within a class (vLLM's policy; engine/waiting_queue.py).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.sequence import Sequence, Status
+from shoal.engine.waiting_queue import make_waiting_queue, priority_key
 
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]  # decodes (1 token) first, then prefill chunks
     num_tokens: list[int]  # tokens each computes this step
-    num_preempted: int = 0
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to the waiting queue this step
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted)
 
     @property
     def empty(self) -> bool:
@@ -37,46 +43,53 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
     ):
         self.blocks = block_manager
+        self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: OrderedDict[int, Sequence] = OrderedDict()  # front first
+        self.waiting = make_waiting_queue(policy)
         self.running: dict[int, Sequence] = {}  # oldest first
         self.num_preemptions = 0
         # Keep a little room when admitting new prompts so running decodes are not preempted at once.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting[seq.seq_id] = seq
+        self.waiting.add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
         if self.running.pop(seq.seq_id, None) is None:
-            self.waiting.pop(seq.seq_id, None)
+            self.waiting.remove(seq)
         self.blocks.free_sequence(seq)
 
-    def _preempt_newest(self) -> Sequence:
-        """Free the newest running sequence's blocks and put it at the front of the queue to recompute."""
-        _, seq = self.running.popitem()  # a dict pops its last-inserted item
+    def _victim(self) -> Sequence:
+        if self.policy == "priority":
+            return max(self.running.values(), key=priority_key)  # O(running), only when blocks run out
+        return next(reversed(self.running.values()))  # the newest: a dict keeps insertion order
+
+    def _preempt(self) -> Sequence:
+        """Free the victim's blocks and put it back in the waiting queue, to be recomputed."""
+        seq = self._victim()
+        del self.running[seq.seq_id]
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
         if seq.prompt_logprobs is not None:  # recomputed from scratch: collect them afresh
             seq.prompt_logprobs = [None]
         if seq.captured_logits is not None:
             seq.captured_logits = []
-        self.waiting[seq.seq_id] = seq
-        self.waiting.move_to_end(seq.seq_id, last=False)
+        self.waiting.readd_preempted(seq)
         self.num_preemptions += 1
         return seq
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step), in order
-        num_preempted = 0
+        preempted: list[Sequence] = []
         # Running sequences, oldest first; decodes before unfinished prompt chunks.
         decodes = [seq for seq in self.running.values() if seq.num_uncomputed <= 1]
         chunks = [seq for seq in self.running.values() if seq.num_uncomputed > 1]
@@ -85,8 +98,8 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.allocate(seq, n):
-                victim = self._preempt_newest()
-                num_preempted += 1
+                victim = self._preempt()
+                preempted.append(victim)
                 if victim.seq_id in scheduled:  # already scheduled this step: give its tokens back
                     budget += scheduled.pop(victim.seq_id)[1]
                 if victim is seq:
@@ -95,9 +108,9 @@ class Scheduler:
                 continue
             scheduled[seq.seq_id] = (seq, n)
             budget -= n
-        # New sequences, in arrival order.
+        # New sequences, in the waiting queue's order.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = next(iter(self.waiting.values()))
+            seq = self.waiting.peek()
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             n = seq.num_uncomputed
@@ -114,16 +127,16 @@ class Scheduler:
                     )
                 self.blocks.free_sequence(seq)  # do not hold cached blocks while waiting
                 break
-            self.waiting.popitem(last=False)
+            self.waiting.pop()
             self.blocks.count_admission(seq)
             seq.status = Status.RUNNING
             self.running[seq.seq_id] = seq
             scheduled[seq.seq_id] = (seq, n)
             budget -= n
-        return _decodes_first(list(scheduled.values()), num_preempted)
+        return _decodes_first(list(scheduled.values()), preempted)
 
 
-def _decodes_first(scheduled: list[tuple[Sequence, int]], num_preempted: int) -> ScheduledBatch:
+def _decodes_first(scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]) -> ScheduledBatch:
     """The batch with decodes first, sorted by context length so the runner can batch similar lengths."""
     pairs = sorted(scheduled, key=lambda p: (p[1] > 1, len(p[0])))
-    return ScheduledBatch([p[0] for p in pairs], [p[1] for p in pairs], num_preempted)
+    return ScheduledBatch([p[0] for p in pairs], [p[1] for p in pairs], preempted)

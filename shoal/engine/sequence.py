@@ -28,6 +28,8 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id
@@ -35,6 +37,10 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.priority = (
+            priority  # lower is served earlier (vLLM's request field; --scheduling-policy priority)
+        )
+        self.cache_salt = cache_salt  # mixed into the prefix-cache hash of the first block
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,6 +17,10 @@ class StepStats:
     kv_cache_usage: float
     step_seconds: float
     num_preempted: int = 0
+    # With EngineConfig.record_schedule: [request_id, arrival_time, priority] of each sequence computed in
+    # this step, in batch order, and the request ids preempted in it. Empty otherwise (it costs a list a step).
+    scheduled: list = field(default_factory=list)
+    preempted: list = field(default_factory=list)
 
 
 @dataclass
