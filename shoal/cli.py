@@ -111,6 +111,22 @@ def serve(
             "and drills only; the start-up plan can be given as JSON in SHOAL_FAULTS).",
         ),
     ] = False,
+    scheduling_policy: Annotated[
+        str,
+        typer.Option(
+            help="fcfs: first come, first served (a request's non-zero priority is a 400); priority: the "
+            "waiting queue is ordered by (priority, arrival), lower first, and KV pressure preempts the "
+            "least urgent request, newest first. vLLM's flag.",
+        ),
+    ] = "fcfs",
+    record_schedule: Annotated[
+        bool,
+        typer.Option(
+            "--record-schedule",
+            help="Record which requests each engine step runs and preempts, at GET /debug/schedule "
+            "(tests and tuning).",
+        ),
+    ] = False,
     drain_timeout: Annotated[
         float,
         typer.Option(
@@ -160,6 +176,8 @@ def serve(
         enable_prefix_caching=not no_prefix_caching,
         chat_template=str(chat_template) if chat_template else None,
         compile=compile,
+        scheduling_policy=scheduling_policy,
+        record_schedule=record_schedule,
     )
     try:
         config.validate()
@@ -171,6 +189,7 @@ def serve(
             max_request_bytes=max_request_bytes,
             enable_fault_injection=enable_fault_injection,
             drain_timeout_s=drain_timeout,
+            record_schedule=record_schedule,
             request_timeout_s=request_timeout,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)

@@ -450,7 +450,6 @@ REFUSED = [
     ({"structured_outputs": {"regex": "a"}}, "structured_outputs", ROUTES),
     ({"logits_processors": ["x"]}, "logits_processors", ROUTES),
     ({"priority": 1}, "priority", ROUTES),
-    ({"cache_salt": "tenant-a"}, "cache_salt", ROUTES),
     ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message", ROUTES[1:]),
     ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs", ROUTES[1:]),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", ROUTES),

@@ -161,21 +161,14 @@ def _premium_after_a_low_backlog(policy: str) -> tuple[dict[str, int], dict[str,
     premium = _classed("premium", 10, priority=0, first_token=300)
     admitted: dict[str, int] = {}
     waiting_at_arrival: dict[str, set[str]] = {}
-    pop = scheduler.waiting.pop
-
-    def admit() -> Sequence:
-        seq = pop()
-        admitted.setdefault(seq.request_id, len(admitted))
-        return seq
-
-    scheduler.waiting.pop = admit
     step = 0
     while scheduler.has_work() or premium:
         if premium and step >= 3:
             seq = premium.pop(0)
             waiting_at_arrival[seq.request_id] = {s.request_id for s in scheduler.waiting if s.priority == 1}
             scheduler.add(seq)
-        run_step(scheduler)
+        for seq in run_step(scheduler).admitted:
+            admitted.setdefault(seq.request_id, len(admitted))
         step += 1
     return admitted, waiting_at_arrival
 

@@ -569,7 +569,9 @@ class _StubEngine:
 
     def abort(self, request_id: str) -> None: ...
 
-    async def generate(self, request_id, prompt_token_ids, params, arrival_time=None):
+    async def generate(
+        self, request_id, prompt_token_ids, params, arrival_time=None, priority=0, cache_salt=None
+    ):
         from shoal.engine.outputs import CompletionOutput, RequestOutput
 
         if self.mode == "fail_at_once":

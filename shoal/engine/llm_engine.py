@@ -65,6 +65,7 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
         self.step_listeners: list = []
+        self._added_since_step: list[str] = []  # with config.record_schedule
         log.info("shoal engine: %s", self.describe())
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -175,6 +176,8 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
+        if self.config.record_schedule:
+            self._added_since_step.append(request_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seqs = self.requests.pop(request_id, None)
@@ -339,7 +342,8 @@ class LLMEngine:
                 num_preempted=batch.num_preempted,
             )
             if self.config.record_schedule:
-                step.scheduled = [[s.request_id, s.arrival_time, s.priority] for s in batch.seqs]
+                step.admitted = [[s.request_id, s.arrival_time, s.priority] for s in batch.admitted]
+                step.added, self._added_since_step = self._added_since_step, []
                 step.preempted = [s.request_id for s in batch.preempted]
             for listener in self.step_listeners:
                 listener(step)

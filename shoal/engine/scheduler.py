@@ -23,6 +23,7 @@ class ScheduledBatch:
     seqs: list[Sequence]  # decodes (1 token) first, then prefill chunks
     num_tokens: list[int]  # tokens each computes this step
     preempted: list[Sequence] = field(default_factory=list)  # sent back to the waiting queue this step
+    admitted: list[Sequence] = field(default_factory=list)  # taken from the waiting queue, in that order
 
     @property
     def num_preempted(self) -> int:
@@ -90,6 +91,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step), in order
         preempted: list[Sequence] = []
+        admitted: list[Sequence] = []
         # Running sequences, oldest first; decodes before unfinished prompt chunks.
         decodes = [seq for seq in self.running.values() if seq.num_uncomputed <= 1]
         chunks = [seq for seq in self.running.values() if seq.num_uncomputed > 1]
@@ -128,15 +130,18 @@ class Scheduler:
                 self.blocks.free_sequence(seq)  # do not hold cached blocks while waiting
                 break
             self.waiting.pop()
+            admitted.append(seq)
             self.blocks.count_admission(seq)
             seq.status = Status.RUNNING
             self.running[seq.seq_id] = seq
             scheduled[seq.seq_id] = (seq, n)
             budget -= n
-        return _decodes_first(list(scheduled.values()), preempted)
+        batch = _decodes_first(list(scheduled.values()))
+        batch.preempted, batch.admitted = preempted, admitted
+        return batch
 
 
-def _decodes_first(scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]) -> ScheduledBatch:
+def _decodes_first(scheduled: list[tuple[Sequence, int]]) -> ScheduledBatch:
     """The batch with decodes first, sorted by context length so the runner can batch similar lengths."""
     pairs = sorted(scheduled, key=lambda p: (p[1] > 1, len(p[0])))
-    return ScheduledBatch([p[0] for p in pairs], [p[1] for p in pairs], preempted)
+    return ScheduledBatch([p[0] for p in pairs], [p[1] for p in pairs])

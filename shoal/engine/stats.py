@@ -17,10 +17,12 @@ class StepStats:
     kv_cache_usage: float
     step_seconds: float
     num_preempted: int = 0
-    # With EngineConfig.record_schedule: [request_id, arrival_time, priority] of each sequence computed in
-    # this step, in batch order, and the request ids preempted in it. Empty otherwise (it costs a list a step).
-    scheduled: list = field(default_factory=list)
+    # With EngineConfig.record_schedule: [request_id, arrival_time, priority] of each sequence taken from
+    # the waiting queue in this step, in the order taken, and the request ids preempted in it. Empty
+    # otherwise (it costs lists every step).
+    admitted: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
+    added: list = field(default_factory=list)  # request ids added to the engine since the previous step
 
 
 @dataclass

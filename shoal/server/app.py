@@ -55,6 +55,9 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
     engine.add_step_listener(metrics.on_step)
     state = ServerState(engine=engine, settings=settings, metrics=metrics, lifecycle=lifecycle)
     app.state.shoal = state
+    if settings.record_schedule:
+        state.schedule_record = debug.ScheduleRecord()
+        engine.add_step_listener(state.schedule_record.on_step)
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)

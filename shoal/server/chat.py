@@ -124,7 +124,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     check_context_length(len(prompt_ids), max_tokens, state.max_model_len, param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     logger.debug("%s: %d prompt tokens x n=%d, user=%s", request_id, len(prompt_ids), body.n, body.user)
-    jobs = [EngineJob(request_id, prompt_ids, params)]
+    jobs = [EngineJob(request_id, prompt_ids, params, body.priority, body.cache_salt)]
     created = int(time.time())
     events = (
         (lambda streams: _stream(body, state, request_id, created, prompt_ids, streams))

@@ -194,7 +194,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         check_context_length(len(p.ids), params.max_tokens, state.max_model_len)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     logger.debug("%s: %d prompt(s) x n=%d, user=%s", request_id, len(prompts), body.n, body.user)
-    jobs = [EngineJob(f"{request_id}-{i}", p.ids, params) for i, p in enumerate(prompts)]
+    jobs = [
+        EngineJob(f"{request_id}-{i}", p.ids, params, body.priority, body.cache_salt)
+        for i, p in enumerate(prompts)
+    ]
     builders = [_ChoiceBuilder(body, state, p, drop_generated=max_tokens == 0) for p in prompts]
     created = int(time.time())
     events = (

@@ -1,11 +1,16 @@
-"""POST /debug/faults and GET /debug/faults: the engine's fault injection, for tests and drills.
+"""Debug routes, each refused (403) unless the server was started with its flag.
 
-Refused (403) unless the server was started with --enable-fault-injection: a production server must
-not let a client make it fail. The plan itself is the engine's (shoal/engine/faults.py).
+- POST/GET /debug/faults: the engine's fault injection, for tests and drills (--enable-fault-injection):
+  a production server must not let a client make it fail. The plan itself is the engine's
+  (shoal/engine/faults.py).
+- GET /debug/schedule: which requests each recent engine step ran and preempted, with their arrival
+  times and priorities (--record-schedule), so that tests and tools can check scheduling order.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
@@ -43,3 +48,40 @@ async def set_faults(request: Request, plan: dict[str, Any] = Body(...)) -> dict
         return await engine.set_faults(plan)
     except ValueError as e:
         raise APIError(str(e), param="faults") from e
+
+
+class ScheduleRecord:
+    """StepStats.admitted/preempted of the last `max_steps` steps that had any (a step listener)."""
+
+    def __init__(self, max_steps: int = 20_000):
+        self.steps: deque[dict] = deque(maxlen=max_steps)
+        self._count = 0
+
+    def on_step(self, step: Any) -> None:
+        self._count += 1
+        if step.admitted or step.preempted or step.added:
+            self.steps.append(
+                {
+                    "step": self._count,
+                    "time": time.monotonic(),
+                    "added": step.added,
+                    "admitted": step.admitted,
+                    "preempted": step.preempted,
+                }
+            )
+
+
+@router.get("/debug/schedule", responses=ERROR_RESPONSES)
+async def get_schedule(request: Request) -> dict:
+    """{"steps": [{"step": n, "time": t, "added": [request_id, ...], "admitted": [[request_id,
+    arrival_time, priority], ...], "preempted": [request_id, ...]}, ...]}: the recent steps that took
+    requests into the engine ("added" since the previous step), from the waiting queue ("admitted", in
+    the order taken) or preempted some, oldest first; times are the server's time.monotonic()."""
+    record = get_state(request).schedule_record
+    if record is None:
+        raise APIError(
+            "the schedule record is off: start the server with --record-schedule",
+            403,
+            code="schedule_record_disabled",
+        )
+    return {"steps": list(record.steps)}

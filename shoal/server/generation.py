@@ -38,6 +38,8 @@ class EngineJob:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 class EngineFailure(Exception):
@@ -50,7 +52,9 @@ async def _tracked(
     """engine.generate with metrics, and an abort whenever it ends before the last snapshot. The last
     output seen, however the request ended, goes to ctx.outputs (for metrics, logs and traces)."""
     tracker = metrics.track()
-    agen = engine.generate(job.request_id, job.prompt_ids, job.params, ctx.arrival_time)
+    agen = engine.generate(
+        job.request_id, job.prompt_ids, job.params, ctx.arrival_time, job.priority, job.cache_salt
+    )
     started = finished = rejected = False
     last: RequestOutput | None = None
     try:
@@ -295,6 +299,7 @@ async def run_jobs(
     otherwise return the final snapshots. A client gone is a 499 (its requests aborted), an invalid request
     stays an APIError, any other engine failure becomes a 500."""
     ctx = request_context(request)
+    _check_priority(engine, jobs)
     _arm_timeout(request, ctx, engine, [job.request_id for job in jobs])
     try:
         if stream_events is not None:
@@ -308,6 +313,17 @@ async def run_jobs(
         raise
     except Exception as e:  # EngineFailure, EngineDeadError, ...
         raise engine_failure(e) from e
+
+
+def _check_priority(engine: Any, jobs: list[EngineJob]) -> None:
+    """A priority the scheduler would ignore is a 400 naming the field (vLLM's rule)."""
+    policy = getattr(engine.config, "scheduling_policy", "fcfs")
+    if policy != "priority" and any(job.priority for job in jobs):
+        raise APIError(
+            "priority is only honoured with --scheduling-policy priority; this server schedules fcfs",
+            param="priority",
+            code="priority_not_enabled",
+        )
 
 
 TIMEOUT_HEADER = "x-request-timeout"

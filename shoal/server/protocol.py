@@ -110,8 +110,6 @@ _COMMON_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "guided_decoding_backend": (lambda v: v is None, "guided decoding is not supported"),
     "guided_whitespace_pattern": (lambda v: v is None, "guided decoding is not supported"),
     "logits_processors": (lambda v: not v, "custom logits processors are not supported"),
-    "priority": (lambda v: v in (None, 0), "priority scheduling is not implemented yet: only 0"),
-    "cache_salt": (lambda v: v is None, "prefix-cache isolation is not implemented yet"),
 }
 
 
@@ -142,6 +140,18 @@ class CommonRequest(_Strict):
     prompt_cache_key: str | None = Field(None, description="Accepted; prefix caching is automatic.")
     safety_identifier: str | None = Field(None, description="Accepted for compatibility; not used.")
     # vLLM extras
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="Lower is served earlier; needs --scheduling-policy priority (otherwise only 0), as vLLM.",
+    )
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Prefix-cache blocks are shared only between requests with the same salt (vLLM).",
+    )
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -18,6 +18,8 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # POST /debug/faults makes engine steps fail or hang (shoal/engine/faults.py): tests and drills only.
     enable_fault_injection: bool = False
+    # GET /debug/schedule: who ran in each recent step (the engine records it: EngineConfig.record_schedule).
+    record_schedule: bool = False
     # SIGTERM: running requests get this long to finish; the rest end with their partial output.
     drain_timeout_s: float = 30.0
     # Every request ends (partial output, finish_reason "abort") this long after it arrived; a request may

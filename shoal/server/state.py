@@ -26,6 +26,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     # Called with each RequestContext once its response is sent (metrics, access log, traces).
     end_listeners: list[EndListener] = field(default_factory=list)
+    schedule_record: Any = None  # debug.ScheduleRecord with --record-schedule
 
     @property
     def model_name(self) -> str:
