@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from shoal.engine.health import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, HealthPolicy
+from shoal.policy.config import load_policy
 from shoal.server.settings import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -127,6 +128,16 @@ def serve(
             "(tests and tuning).",
         ),
     ] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="YAML policy file: API keys and JWT, rate limits, priority classes, caches, shedding, "
+            "limits (docs/security.md). Validated at start; a bad field stops the server with its path.",
+        ),
+    ] = None,
     drain_timeout: Annotated[
         float,
         typer.Option(
@@ -190,6 +201,7 @@ def serve(
             enable_fault_injection=enable_fault_injection,
             drain_timeout_s=drain_timeout,
             record_schedule=record_schedule,
+            policy=load_policy(policy) if policy else None,
             request_timeout_s=request_timeout,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)

@@ -19,3 +19,15 @@ def test_engine_and_model_import_no_server_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"engine/model pulled in: {out.stdout}"
+
+
+@pytest.mark.timeout(60)
+def test_engine_never_imports_server_policy_or_gateway():
+    """Policies decide before the engine; what it needs (priority, cache salt) arrives as plain fields."""
+    code = (
+        "import sys, pkgutil, importlib, shoal.engine\n"
+        "for m in pkgutil.iter_modules(shoal.engine.__path__): importlib.import_module('shoal.engine.' + m.name)\n"
+        "print(sorted({n.split('.')[1] for n in sys.modules if n.startswith('shoal.')} & {'server', 'policy', 'gateway'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal.engine imports {out.stdout}"

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +49,7 @@ class RequestContext:
     error_kind: str | None = None  # set by error handlers: "invalid_request_error", "timeout", ...
     timed_out: bool = False
     streamed: bool = False
+    identity: Any = None  # who is calling, once authenticated (shoal/policy): key id, tenant, class
 
     @property
     def latency(self) -> float | None:

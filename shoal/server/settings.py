@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shoal.policy.config import PolicyConfig
+
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
@@ -20,6 +22,8 @@ class ServerSettings:
     enable_fault_injection: bool = False
     # GET /debug/schedule: who ran in each recent step (the engine records it: EngineConfig.record_schedule).
     record_schedule: bool = False
+    # --policy: keys, limits, priority classes, ... (shoal/policy); None: only the built-in input limits.
+    policy: PolicyConfig | None = None
     # SIGTERM: running requests get this long to finish; the rest end with their partial output.
     drain_timeout_s: float = 30.0
     # Every request ends (partial output, finish_reason "abort") this long after it arrived; a request may

@@ -1,0 +1,74 @@
+"""The policy file (`shoal serve --policy policy.yaml`): one YAML document, validated at start.
+
+Every section is optional and off when absent (input limits have defaults of their own). An invalid
+file fails at start with the path of the bad field, e.g. `classes.premium.priority: Input should be a
+valid integer`. The complete schema, with an example, is in docs/security.md.
+
+Top level:
+- `classes`: priority classes, name -> {priority}; a lower priority value is served earlier (vLLM's
+  `priority` field). A request's class sets its default priority and a floor it cannot go above.
+- `default_class`: the class of requests whose identity names none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PolicyError(ValueError):
+    """An invalid policy file; the message names the file and the path of each bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PriorityClass(_Section):
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower is served earlier.")
+
+
+class PolicyConfig(_Section):
+    classes: dict[str, PriorityClass] = Field(default_factory=dict)
+    default_class: str | None = None
+
+    @model_validator(mode="after")
+    def _default_class_exists(self) -> PolicyConfig:
+        if self.default_class is not None and self.default_class not in self.classes:
+            raise ValueError(
+                f"default_class {self.default_class!r} is not one of classes: {sorted(self.classes)}"
+            )
+        return self
+
+    def priority_of(self, class_name: str | None) -> int:
+        """The priority value of a class (the default class, or 0, when the name is None)."""
+        name = class_name or self.default_class
+        if name is None:
+            return 0
+        if name not in self.classes:
+            raise KeyError(f"unknown priority class {name!r}")
+        return self.classes[name].priority
+
+
+def load_policy(path: str | Path) -> PolicyConfig:
+    """Read and validate a policy file. Raises PolicyError naming the file and each bad field's path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read the policy file: {e}") from e
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{path}: the policy must be a mapping at the top level")
+    try:
+        return PolicyConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{_dotted(err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
+        raise PolicyError(f"{path}: {problems}") from None
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
