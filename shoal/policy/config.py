@@ -8,6 +8,7 @@ Top level:
 - `classes`: priority classes, name -> {priority}; a lower priority value is served earlier (vLLM's
   `priority` field). A request's class sets its default priority and a floor it cannot go above.
 - `default_class`: the class of requests whose identity names none.
+- `response_cache`: answers to repeated deterministic requests (response_cache.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoal.policy.response_cache import ResponseCachePolicy
 
 
 class PolicyError(ValueError):
@@ -33,6 +36,7 @@ class PriorityClass(_Section):
 class PolicyConfig(_Section):
     classes: dict[str, PriorityClass] = Field(default_factory=dict)
     default_class: str | None = None
+    response_cache: ResponseCachePolicy | None = None
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> PolicyConfig:

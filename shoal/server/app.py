@@ -15,9 +15,11 @@ from typing import Any
 from fastapi import FastAPI
 
 import shoal
+from shoal.policy.response_cache import ResponseCache
 from shoal.server import chat, completions, debug, info, tokens
 from shoal.server.auth import APIKeyMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
+from shoal.server.cached_responses import ResponseCacheMiddleware
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from shoal.server.lifecycle import AdmissionGate, Lifecycle
 from shoal.server.metrics import ServerMetrics
@@ -64,6 +66,10 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
     # Starlette wraps the last one added outermost: the key check runs before the body is read, and
     # unexpected errors are answered innermost, inside every other middleware.
     app.add_middleware(UnexpectedErrorMiddleware)
+    policy = settings.policy
+    if policy is not None and policy.response_cache is not None:
+        cache = ResponseCache(policy.response_cache)
+        app.add_middleware(ResponseCacheMiddleware, cache=cache, served_model_name=settings.served_model_name)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:

@@ -50,6 +50,7 @@ class RequestContext:
     timed_out: bool = False
     streamed: bool = False
     identity: Any = None  # who is calling, once authenticated (shoal/policy): key id, tenant, class
+    cache_hit: bool = False  # answered from the response cache, without the engine
 
     @property
     def latency(self) -> float | None:
