@@ -9,6 +9,7 @@ Top level:
   `priority` field). A request's class sets its default priority and a floor it cannot go above.
 - `default_class`: the class of requests whose identity names none.
 - `response_cache`: answers to repeated deterministic requests (response_cache.py).
+- `content_filter`: keyword/regex rules and plug-ins on prompts and outputs (content_filter.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shoal.policy.content_filter import ContentFilterPolicy
 from shoal.policy.response_cache import ResponseCachePolicy
 
 
@@ -37,6 +39,7 @@ class PolicyConfig(_Section):
     classes: dict[str, PriorityClass] = Field(default_factory=dict)
     default_class: str | None = None
     response_cache: ResponseCachePolicy | None = None
+    content_filter: ContentFilterPolicy | None = None
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> PolicyConfig:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import shoal
+from shoal.policy.content_filter import ContentFilter
 from shoal.policy.response_cache import ResponseCache
 from shoal.server import chat, completions, debug, info, tokens
 from shoal.server.auth import APIKeyMiddleware
@@ -57,6 +58,8 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
     engine.add_step_listener(metrics.on_step)
     state = ServerState(engine=engine, settings=settings, metrics=metrics, lifecycle=lifecycle)
     app.state.shoal = state
+    if settings.policy is not None and settings.policy.content_filter is not None:
+        state.content_filter = ContentFilter(settings.policy.content_filter)
     if settings.record_schedule:
         state.schedule_record = debug.ScheduleRecord()
         engine.add_step_listener(state.schedule_record.on_step)

@@ -22,6 +22,8 @@ from starlette.responses import Response, StreamingResponse
 
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
+from shoal.policy.content_filter import ContentFilter
+from shoal.server.content_guard import check_prompts, guarded
 from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import Usage
@@ -105,10 +107,17 @@ class Stream:
 
 
 async def start(
-    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob], ctx: RequestContext
+    engine: Any,
+    metrics: ServerMetrics,
+    jobs: list[EngineJob],
+    ctx: RequestContext,
+    content_filter: ContentFilter | None = None,
 ) -> list[Stream]:
-    """Submit all jobs and wait until each is accepted. ValueError -> 400; every job aborted on failure."""
+    """Submit all jobs and wait until each is accepted. ValueError -> 400; every job aborted on failure.
+    With a content filter that checks outputs, every job's outputs pass through it."""
     agens = [_tracked(engine, metrics, job, ctx) for job in jobs]
+    if content_filter is not None and content_filter.policy.output:
+        agens = [guarded(agen, content_filter) for agen in agens]
 
     async def prime(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
         try:
@@ -300,13 +309,25 @@ async def run_jobs(
     stays an APIError, any other engine failure becomes a 500."""
     ctx = request_context(request)
     _check_priority(engine, jobs)
+    content_filter = getattr(request.app.state.shoal, "content_filter", None)
+    if content_filter is not None:
+        wants_logprobs = any(
+            j.params.logprobs is not None or j.params.prompt_logprobs is not None for j in jobs
+        )
+        await check_prompts(
+            request, engine.tokenizer, [j.prompt_ids for j in jobs], content_filter, wants_logprobs
+        )
     _arm_timeout(request, ctx, engine, [job.request_id for job in jobs])
     try:
         if stream_events is not None:
             ctx.streamed = True
-            streams = await unless_disconnected(request, lambda: start(engine, metrics, jobs, ctx))
+            streams = await unless_disconnected(
+                request, lambda: start(engine, metrics, jobs, ctx, content_filter)
+            )
             return StreamingResponse(stream_events(streams), media_type="text/event-stream")
-        return await unless_disconnected(request, lambda: _start_and_collect(engine, metrics, jobs, ctx))
+        return await unless_disconnected(
+            request, lambda: _start_and_collect(engine, metrics, jobs, ctx, content_filter)
+        )
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; the engine requests are aborted
     except APIError:
@@ -371,6 +392,10 @@ def _arm_timeout(request: Request, ctx: RequestContext, engine: Any, request_ids
 
 
 async def _start_and_collect(
-    engine: Any, metrics: ServerMetrics, jobs: list[EngineJob], ctx: RequestContext
+    engine: Any,
+    metrics: ServerMetrics,
+    jobs: list[EngineJob],
+    ctx: RequestContext,
+    content_filter: ContentFilter | None,
 ) -> list[RequestOutput]:
-    return await collect(await start(engine, metrics, jobs, ctx))
+    return await collect(await start(engine, metrics, jobs, ctx, content_filter))

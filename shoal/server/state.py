@@ -27,6 +27,7 @@ class ServerState:
     # Called with each RequestContext once its response is sent (metrics, access log, traces).
     end_listeners: list[EndListener] = field(default_factory=list)
     schedule_record: Any = None  # debug.ScheduleRecord with --record-schedule
+    content_filter: Any = None  # policy.content_filter.ContentFilter with a content_filter policy
 
     @property
     def model_name(self) -> str:
