@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.model.tokenizer import ChatTemplateError
-from shoal.server.errors import ERROR_RESPONSES, APIError
+from shoal.server.errors import APIError, generation_responses
 from shoal.server.generation import (
     EngineJob,
     Stream,
@@ -95,10 +95,7 @@ def _logprobs(
 @router.post(
     "/v1/chat/completions",
     response_model=None,
-    responses={
-        200: {"model": ChatCompletionResponse, "description": "JSON, or server-sent events with stream"}
-    }
-    | ERROR_RESPONSES,
+    responses=generation_responses(ChatCompletionResponse),
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI's chat completions (text only: no tools, no structured output), with vLLM's sampling extras."""

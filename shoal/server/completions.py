@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from shoal.engine.outputs import CompletionOutput, RequestOutput
-from shoal.server.errors import ERROR_RESPONSES, APIError
+from shoal.server.errors import APIError, generation_responses
 from shoal.server.generation import (
     EngineJob,
     StreamChunks,
@@ -162,8 +162,7 @@ def _usage(prompts: list[_Prompt], builders: list[_ChoiceBuilder], finals: dict[
 @router.post(
     "/v1/completions",
     response_model=None,
-    responses={200: {"model": CompletionResponse, "description": "JSON, or server-sent events with stream"}}
-    | ERROR_RESPONSES,
+    responses=generation_responses(CompletionResponse),
 )
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """OpenAI's legacy completions, with vLLM's sampling extras."""

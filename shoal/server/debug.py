@@ -3,6 +3,7 @@
 - POST/GET /debug/faults: the engine's fault injection, for tests and drills (--enable-fault-injection):
   a production server must not let a client make it fail. The plan itself is the engine's
   (shoal/engine/faults.py).
+Debug routes are left out of the OpenAPI schema: they are not part of the API clients build on.
 - GET /debug/schedule: which requests each recent engine step ran and preempted, with their arrival
   times and priorities (--record-schedule), so that tests and tools can check scheduling order.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Request
 
-from shoal.server.errors import ERROR_RESPONSES, APIError
+from shoal.server.errors import APIError
 from shoal.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -33,13 +34,13 @@ def _engine(state: ServerState) -> Any:
     return state.engine
 
 
-@router.get("/debug/faults", responses=ERROR_RESPONSES)
+@router.get("/debug/faults", include_in_schema=False)
 async def get_faults(request: Request) -> dict:
     """The fault plan in force."""
     return await _engine(get_state(request)).get_faults()
 
 
-@router.post("/debug/faults", responses=ERROR_RESPONSES)
+@router.post("/debug/faults", include_in_schema=False)
 async def set_faults(request: Request, plan: dict[str, Any] = Body(...)) -> dict:
     """Replace the plan: {"step_raise": N}, {"step_raise_rate": p}, {"step_hang_s": s},
     {"load_delay_s": s}, or {} to clear. Returns the plan now in force."""
@@ -71,7 +72,7 @@ class ScheduleRecord:
             )
 
 
-@router.get("/debug/schedule", responses=ERROR_RESPONSES)
+@router.get("/debug/schedule", include_in_schema=False)
 async def get_schedule(request: Request) -> dict:
     """{"steps": [{"step": n, "time": t, "added": [request_id, ...], "admitted": [[request_id,
     arrival_time, priority], ...], "preempted": [request_id, ...]}, ...]}: the recent steps that took

@@ -84,9 +84,38 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
+    429: {
+        "model": ErrorResponse,
+        "description": "Rate limit exceeded (with Retry-After and x-ratelimit-* headers)",
+    },
     500: {"model": ErrorResponse, "description": "Engine failure"},
-    503: {"model": ErrorResponse, "description": "Engine not ready"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Not ready: loading, warming up, draining, overloaded or unhealthy (with Retry-After)",
+    },
 }
+
+
+def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of a generation route: its JSON body, or server-sent events with `stream`,
+    every error above, and the 499 logged (never sent) when the client disconnects first."""
+    events = {
+        "schema": {
+            "type": "string",
+            "description": "Server-sent events: `data: <chunk JSON>` lines, an error object in-band if the "
+            "engine fails after the 200, then `data: [DONE]`.",
+        }
+    }
+    return {
+        200: {
+            "model": model,
+            "description": "JSON, or server-sent events with stream",
+            "content": {"text/event-stream": events},
+        },
+        **ERROR_RESPONSES,
+        499: {"description": "The client closed the connection before the answer (nothing is sent)"},
+    }
+
 
 # Pydantic error types raised by our own validators, mapped to OpenAI error codes.
 _CODES = {

@@ -36,7 +36,11 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     return _card(state)
 
 
-@router.get("/health", responses={503: ERROR_RESPONSES[503]})
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={200: {"description": "Alive (an empty body)", "content": {}}, 503: ERROR_RESPONSES[503]},
+)
 async def health(request: Request) -> Response:
     """Liveness: 200 unless the process is broken (the load failed; the engine died, failed
     --max-consecutive-step-failures steps in a row, or made no progress for --engine-hang-timeout s with
