@@ -161,6 +161,23 @@ def serve(
             "requests are pending (a hung kernel or device). 0 disables it.",
         ),
     ] = DEFAULT_HANG_TIMEOUT_S,
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Serve HTTPS with this certificate (PEM)."),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="The certificate's private key (PEM).")
+    ] = None,
+    ssl_ca_certs: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="CA certificates that client certificates must chain to."
+        ),
+    ] = None,
+    ssl_cert_reqs: Annotated[
+        int,
+        typer.Option(help="Client certificates (mTLS): 0 none, 1 optional, 2 required (vLLM's flag)."),
+    ] = 0,
     max_consecutive_step_failures: Annotated[
         int,
         typer.Option(
@@ -171,6 +188,7 @@ def serve(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
+    from shoal.server.launch import TLSOptions
     from shoal.server.launch import serve as run_server
     from shoal.server.settings import ServerSettings
 
@@ -205,6 +223,10 @@ def serve(
             request_timeout_s=request_timeout,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
+        _check_policy_fits(settings.policy, scheduling_policy)
+        tls = TLSOptions(
+            *(str(p) if p else None for p in (ssl_certfile, ssl_keyfile, ssl_ca_certs)), ssl_cert_reqs
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     try:
@@ -216,6 +238,7 @@ def serve(
             log_level=log_level,
             engine_mode=engine_mode,
             health=health,
+            tls=tls,
         )
     except (
         ValueError,
@@ -225,6 +248,12 @@ def serve(
         typer.echo(f"shoal serve: error: {e}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+def _check_policy_fits(policy, scheduling_policy: str) -> None:
+    """Priority classes only mean something to the priority scheduler (fcfs refuses priorities)."""
+    if policy is not None and policy.classes and scheduling_policy != "priority":
+        raise ValueError("the policy's priority classes need --scheduling-policy priority")
 
 
 @app.command()
@@ -282,8 +311,16 @@ def _register_quant() -> None:
     app.add_typer(quant_app, name="quant", help="Quantize models (rtn, gptq, awq now; w8a8, fp8 to come).")
 
 
+def _register_policy_tools() -> None:
+    from shoal.policy.cli import audit_app, keys_app  # imports only typer and pydantic
+
+    app.add_typer(keys_app, name="keys", help="Manage API keys in a key file (stored hashed).")
+    app.add_typer(audit_app, name="audit", help="Check the HMAC chain of an audit log.")
+
+
 _register_bench()
 _register_quant()
+_register_policy_tools()
 
 if __name__ == "__main__":
     app()

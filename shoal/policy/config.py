@@ -10,6 +10,9 @@ Top level:
 - `default_class`: the class of requests whose identity names none.
 - `response_cache`: answers to repeated deterministic requests (response_cache.py).
 - `content_filter`: keyword/regex rules and plug-ins on prompts and outputs (content_filter.py).
+- `auth`: API keys (a key file) and JWT bearer tokens (auth.py, keys.py, jwt_auth.py).
+- `audit`: the HMAC-chained audit log (audit.py).
+- `tenants`: prefix-cache isolation between tenants (tenancy.py); on by default.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shoal.policy.audit import AuditPolicy
+from shoal.policy.auth import AuthPolicy
 from shoal.policy.content_filter import ContentFilterPolicy
 from shoal.policy.response_cache import ResponseCachePolicy
+from shoal.policy.tenancy import TenantsPolicy
 
 
 class PolicyError(ValueError):
@@ -40,6 +46,9 @@ class PolicyConfig(_Section):
     default_class: str | None = None
     response_cache: ResponseCachePolicy | None = None
     content_filter: ContentFilterPolicy | None = None
+    auth: AuthPolicy | None = None
+    audit: AuditPolicy | None = None
+    tenants: TenantsPolicy = Field(default_factory=TenantsPolicy)
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> PolicyConfig:
@@ -57,6 +66,14 @@ class PolicyConfig(_Section):
         if name not in self.classes:
             raise KeyError(f"unknown priority class {name!r}")
         return self.classes[name].priority
+
+    def job_priority(self, class_name: str | None, requested: int | None) -> int:
+        """A request's priority: its class's value by default; a client may ask for a larger (less
+        urgent) value, never a smaller one (the class is a floor)."""
+        if not self.classes:
+            return requested or 0
+        floor = self.priority_of(class_name)
+        return floor if requested is None else max(requested, floor)
 
 
 def load_policy(path: str | Path) -> PolicyConfig:

@@ -8,23 +8,25 @@ abort, stats, add_step_listener).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
 import shoal
+from shoal.policy.audit import AuditLog, AuditPolicy, request_record
+from shoal.policy.auth import Authenticator, needs_auth
 from shoal.policy.content_filter import ContentFilter
 from shoal.policy.response_cache import ResponseCache
 from shoal.server import chat, completions, debug, info, tokens
-from shoal.server.auth import APIKeyMiddleware
+from shoal.server.auth import AuthMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.cached_responses import ResponseCacheMiddleware
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from shoal.server.lifecycle import AdmissionGate, Lifecycle
 from shoal.server.metrics import ServerMetrics
-from shoal.server.request_context import RequestContextMiddleware
+from shoal.server.request_context import RequestContext, RequestContextMiddleware
 from shoal.server.settings import ServerSettings
 from shoal.server.state import ServerState
 
@@ -75,12 +77,31 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
         app.add_middleware(ResponseCacheMiddleware, cache=cache, served_model_name=settings.served_model_name)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.api_key or (policy and policy.auth):
+        classes = set(policy.classes) if policy else None
+        authenticator = Authenticator(policy.auth if policy else None, settings.api_key, classes)
+        app.add_middleware(AuthMiddleware, authenticator=authenticator)
+    if policy and policy.audit:
+        state.end_listeners.append(_audit_listener(policy.audit, engine))
     # Outermost: the context exists before anything else runs, and sees every response, 401/413 included.
     app.add_middleware(RequestContextMiddleware, listeners=state.end_listeners)
     _document_400_not_422(app)
     return app
+
+
+def _audit_listener(policy: AuditPolicy, engine: Any) -> Callable[[RequestContext], None]:
+    """One chained line per request (probes and unprotected /metrics scrapes aside), failed
+    authentications included. Opened here, so that a missing key stops the server at start."""
+    log = AuditLog.from_policy(policy)
+
+    def decode(ids: list[int]) -> str:
+        return engine.tokenizer.decode(ids)
+
+    def on_end(ctx: RequestContext) -> None:
+        if needs_auth(ctx.path, protect_metrics=False):
+            log.append(request_record(ctx, decode if policy.include_text else None))
+
+    return on_end
 
 
 def _document_400_not_422(app: FastAPI) -> None:

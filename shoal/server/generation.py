@@ -22,7 +22,9 @@ from starlette.responses import Response, StreamingResponse
 
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
+from shoal.policy.config import PolicyConfig
 from shoal.policy.content_filter import ContentFilter
+from shoal.policy.identity import ANONYMOUS, Identity
 from shoal.server.content_guard import check_prompts, guarded
 from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
@@ -40,7 +42,7 @@ class EngineJob:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    priority: int = 0
+    priority: int | None = None  # None: the caller's class's priority (resolved by run_jobs), or 0
     cache_salt: str | None = None
 
 
@@ -308,6 +310,9 @@ async def run_jobs(
     otherwise return the final snapshots. A client gone is a 499 (its requests aborted), an invalid request
     stays an APIError, any other engine failure becomes a 500."""
     ctx = request_context(request)
+    settings = request.app.state.shoal.settings
+    ctx.model = settings.served_model_name
+    _apply_identity(settings.policy, ctx.identity or ANONYMOUS, jobs)
     _check_priority(engine, jobs)
     content_filter = getattr(request.app.state.shoal, "content_filter", None)
     if content_filter is not None:
@@ -334,6 +339,17 @@ async def run_jobs(
         raise
     except Exception as e:  # EngineFailure, EngineDeadError, ...
         raise engine_failure(e) from e
+
+
+def _apply_identity(policy: PolicyConfig | None, identity: Identity, jobs: list[EngineJob]) -> None:
+    """The caller's class sets each job's default priority and a floor it cannot go below; its tenant
+    sets the cache salt, so tenants never share prefix-cache blocks (shoal/policy/tenancy.py)."""
+    for job in jobs:
+        if policy is None:
+            job.priority = job.priority or 0
+            continue
+        job.priority = policy.job_priority(identity.priority_class, job.priority)
+        job.cache_salt = policy.tenants.cache_salt(identity.tenant, job.cache_salt)
 
 
 def _check_priority(engine: Any, jobs: list[EngineJob]) -> None:

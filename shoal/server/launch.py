@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
@@ -28,6 +31,39 @@ logger = logging.getLogger("shoal.server")
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """HTTPS, and mutual TLS (vLLM's flags): cert_reqs 0 asks no client certificate, 1 verifies one if
+    sent, 2 requires one signed by a CA in ca_certs (ssl.CERT_NONE/OPTIONAL/REQUIRED)."""
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: int = ssl.CERT_NONE
+
+    def __post_init__(self) -> None:
+        if self.certfile is None and (self.keyfile or self.ca_certs or self.cert_reqs):
+            raise ValueError("--ssl-keyfile, --ssl-ca-certs and --ssl-cert-reqs need --ssl-certfile")
+        if self.cert_reqs not in (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):
+            raise ValueError(f"--ssl-cert-reqs must be 0, 1 or 2, got {self.cert_reqs}")
+        if self.cert_reqs != ssl.CERT_NONE and not self.ca_certs:
+            raise ValueError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs to verify client certificates")
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        return {
+            "ssl_certfile": self.certfile,
+            "ssl_keyfile": self.keyfile,
+            "ssl_ca_certs": self.ca_certs,
+            "ssl_cert_reqs": self.cert_reqs,
+        }
 
 
 class DrainingServer(uvicorn.Server):
@@ -86,6 +122,7 @@ def serve(
     log_level: str = "info",
     engine_mode: str = "process",
     health: HealthPolicy | None = None,
+    tls: TLSOptions | None = None,
 ) -> int:
     """Blocking: listen on host:port, load and warm up the model behind it, serve until drained.
     Returns the process exit code (0 after a drain, 1 if the engine could not start).
@@ -97,14 +134,21 @@ def serve(
     engine = _start_engine(engine_config, settings, engine_mode, health)
     app = build_app(engine, settings, load_in_background=True)
     lifecycle = app.state.shoal.lifecycle
+    tls = tls or TLSOptions()
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=10,
+        **tls.uvicorn_kwargs(),
     )
     server = DrainingServer(config, lifecycle)
     lifecycle.on_fatal = server.fatal
     logger.info(
-        "serving '%s' on http://%s:%d (engine in a %s, drain timeout %.0f s)",
+        "serving '%s' on %s://%s:%d (engine in a %s, drain timeout %.0f s)",
         settings.served_model_name,
+        "https" if tls.enabled else "http",
         host,
         port,
         engine_mode,

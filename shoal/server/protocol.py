@@ -140,11 +140,12 @@ class CommonRequest(_Strict):
     prompt_cache_key: str | None = Field(None, description="Accepted; prefix caching is automatic.")
     safety_identifier: str | None = Field(None, description="Accepted for compatibility; not used.")
     # vLLM extras
-    priority: int = Field(
-        0,
+    priority: int | None = Field(
+        None,
         ge=-(2**31),
         le=2**31 - 1,
-        description="Lower is served earlier; needs --scheduling-policy priority (otherwise only 0), as vLLM.",
+        description="Lower is served earlier; needs --scheduling-policy priority (otherwise only 0), as vLLM. "
+        "Omitted: the caller's priority class's value (or 0); a class is also a floor no request goes below.",
     )
     cache_salt: str | None = Field(
         None,

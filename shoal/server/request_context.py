@@ -51,6 +51,7 @@ class RequestContext:
     streamed: bool = False
     identity: Any = None  # who is calling, once authenticated (shoal/policy): key id, tenant, class
     cache_hit: bool = False  # answered from the response cache, without the engine
+    auth_failure: str | None = None  # why the credential was refused (never the credential itself)
 
     @property
     def latency(self) -> float | None:
