@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shoal.engine.health import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, HealthPolicy
-from shoal.policy.config import load_policy
+from shoal.policy.config import PolicyConfig, check_runtime, load_policy
 from shoal.server.settings import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -250,10 +250,14 @@ def serve(
     raise typer.Exit(code)
 
 
-def _check_policy_fits(policy, scheduling_policy: str) -> None:
-    """Priority classes only mean something to the priority scheduler (fcfs refuses priorities)."""
-    if policy is not None and policy.classes and scheduling_policy != "priority":
+def _check_policy_fits(policy: PolicyConfig | None, scheduling_policy: str) -> None:
+    """Before the engine starts: priority classes only mean something to the priority scheduler (fcfs
+    refuses priorities), and the policy's keys and files must be there."""
+    if policy is None:
+        return
+    if policy.classes and scheduling_policy != "priority":
         raise ValueError("the policy's priority classes need --scheduling-policy priority")
+    check_runtime(policy)
 
 
 @app.command()

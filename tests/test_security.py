@@ -11,7 +11,10 @@ import datetime
 import http.server
 import ipaddress
 import json
+import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from shoal.cli import app as shoal_cli
+from shoal.policy.config import PolicyError, load_policy
 from shoal.policy.jwt_auth import JWTPolicy, JWTVerifier, TokenRejected
 
 try:
@@ -444,7 +448,46 @@ def test_the_servers_audit_log_verifies_and_records_hashes_not_text(secure):
     assert record["prompt_tokens"] > 0 and record["completion_tokens"] == 3 and record["latency_s"] > 0
     assert len(record["prompt_sha256"]) == 64 and len(record["output_sha256"]) == 64
     assert "secret plan" not in secure.audit_file.read_text()
+    with secure.client(secure.key("b")) as c:
+        exported = metric_samples(c.get("/metrics").text, "shoal:audit_log_lines")
+    assert sum(exported.values()) >= record["seq"], "the head is exported for an off-box record"
     out = CliRunner().invoke(
         shoal_cli, ["audit", "verify", str(secure.audit_file)], env={"SHOAL_AUDIT_KEY": AUDIT_KEY}
     )
     assert out.exit_code == 0, out.output
+
+
+# --- the policy sections: validated at start ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("auth: {jwt: {issuer: i, audience: a, algorithms: [none], jwks_url: u}}", "auth.jwt.algorithms"),
+        ("auth: {jwt: {issuer: i, audience: a}}", "set exactly one of jwks_file and jwks_url"),
+        ("auth: {keys: k.json}", "auth.keys"),
+        ("audit: {encrypt: true}", "audit.file"),
+        ("tenants: {share_groups: [a, b]}", "tenants.share_groups"),
+    ],
+)
+def test_a_bad_security_section_names_its_field(tmp_path, text, field):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match="p.yaml") as err:
+        load_policy(path)
+    assert field in str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_serve_stops_before_loading_without_the_audit_key(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"audit: {{file: {tmp_path / 'audit.log'}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "SHOAL_AUDIT_KEY"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "serve", "--model", str(tmp_path), "--policy", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode != 0 and "SHOAL_AUDIT_KEY" in out.stderr, out.stderr[-2000:]

@@ -450,7 +450,10 @@ def test_api_key(live_server):
     assert_error(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(httpx.post(f"{live_server.url}/v1/completions", json={"prompt": "x"}), 401)
     assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-    assert httpx.get(f"{live_server.url}/health").status_code == 200  # outside /v1: open
+    assert httpx.get(f"{live_server.url}/health").status_code == 200  # a probe: open
+    for path in ("/docs", "/openapi.json"):  # everything else follows the /v1 rule
+        assert_error(httpx.get(f"{live_server.url}{path}"), 401)
+    assert_error(httpx.post(f"{live_server.url}/tokenize", json={"prompt": "x"}), 401)
 
 
 def test_body_over_limit_is_413(http):

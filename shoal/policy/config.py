@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jwt
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shoal.policy.audit import AuditPolicy
-from shoal.policy.auth import AuthPolicy
+from shoal.policy.audit import AuditPolicy, LineCipher, hmac_key_from_env
+from shoal.policy.auth import Authenticator, AuthPolicy
 from shoal.policy.content_filter import ContentFilterPolicy
 from shoal.policy.response_cache import ResponseCachePolicy
 from shoal.policy.tenancy import TenantsPolicy
@@ -74,6 +75,20 @@ class PolicyConfig(_Section):
             return requested or 0
         floor = self.priority_of(class_name)
         return floor if requested is None else max(requested, floor)
+
+
+def check_runtime(policy: PolicyConfig) -> None:
+    """What the file cannot show by itself, checked before the engine starts: the audit keys are in the
+    environment, and the key file and JWKS file (when configured) are readable and valid."""
+    try:
+        if policy.audit is not None:
+            hmac_key_from_env(policy.audit.key_env)
+            if policy.audit.encrypt:
+                LineCipher.from_env(policy.audit.encryption_key_env)
+        if policy.auth is not None:
+            Authenticator(policy.auth, None, set(policy.classes))
+    except (OSError, ValueError, jwt.PyJWTError) as e:
+        raise PolicyError(f"policy: {e}") from None
 
 
 def load_policy(path: str | Path) -> PolicyConfig:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 
 import shoal
 from shoal.policy.audit import AuditLog, AuditPolicy, request_record
@@ -82,17 +83,23 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
         authenticator = Authenticator(policy.auth if policy else None, settings.api_key, classes)
         app.add_middleware(AuthMiddleware, authenticator=authenticator)
     if policy and policy.audit:
-        state.end_listeners.append(_audit_listener(policy.audit, engine))
+        state.end_listeners.append(_audit_listener(policy.audit, engine, metrics))
     # Outermost: the context exists before anything else runs, and sees every response, 401/413 included.
     app.add_middleware(RequestContextMiddleware, listeners=state.end_listeners)
     _document_400_not_422(app)
     return app
 
 
-def _audit_listener(policy: AuditPolicy, engine: Any) -> Callable[[RequestContext], None]:
+def _audit_listener(
+    policy: AuditPolicy, engine: Any, metrics: ServerMetrics
+) -> Callable[[RequestContext], None]:
     """One chained line per request (probes and unprotected /metrics scrapes aside), failed
-    authentications included. Opened here, so that a missing key stops the server at start."""
+    authentications included. The line count is exported (shoal:audit_log_lines) so that a scraper
+    keeps an off-box record of the head: a log cut shorter than a scraped count was truncated."""
     log = AuditLog.from_policy(policy)
+    Gauge(
+        "shoal:audit_log_lines", "Lines in the audit log (its head).", registry=metrics.registry
+    ).set_function(lambda: log.seq)
 
     def decode(ids: list[int]) -> str:
         return engine.tokenizer.decode(ids)
