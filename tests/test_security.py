@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from shoal.cli import app as shoal_cli
 from shoal.policy.config import PolicyError, load_policy
 from shoal.policy.jwt_auth import JWTPolicy, JWTVerifier, TokenRejected
+from shoal.policy.tenancy import TenantsPolicy
 
 try:
     from server_fixture import launch_own_server, metric_samples
@@ -127,12 +128,12 @@ class JWKSServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-def make_jwt(key, **overrides) -> str:
+def make_jwt(key, kid: str = "k1", **overrides) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "tenant": "jwt-co", "exp": now + 300}
     claims.update(overrides)
     claims = {k: v for k, v in claims.items() if v is not None}
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
 
 
 def unsigned_jwt() -> str:
@@ -360,6 +361,35 @@ def test_jwt_alg_must_be_its_keys_so_an_rsa_public_key_is_no_hmac_secret(tmp_pat
     forged = _hs256(claims, pem)
     with pytest.raises(TokenRejected, match="not its key's"):
         verifier.verify(forged)
+
+
+def test_a_jwks_url_is_cached_and_refetched_for_unknown_kids_at_most_once_per_interval():
+    signing = _rsa()
+    idp = JWKSServer(signing.public_key())
+    try:
+        policy = JWTPolicy(issuer=ISSUER, audience=AUDIENCE, jwks_url=idp.url, jwks_refresh_min_s=30)
+        verifier = JWTVerifier(policy)
+        for _ in range(3):
+            assert verifier.verify(make_jwt(signing)).key_id == "user-1"
+        for _ in range(3):  # made-up kids: one early refetch at most per interval
+            with pytest.raises(TokenRejected, match="no key with kid 'k9'"):
+                verifier.verify(make_jwt(signing, kid="k9"))
+        assert idp.fetches == 1
+        policy.jwks_refresh_min_s = 0  # the interval has passed: a rotation is looked for once more
+        with pytest.raises(TokenRejected):
+            verifier.verify(make_jwt(signing, kid="k9"))
+        assert idp.fetches == 2
+    finally:
+        idp.httpd.shutdown()
+
+
+def test_tenant_salts_isolate_unless_grouped():
+    tenants = TenantsPolicy(share_groups={"eu": "acme", "us": "acme"})
+    assert tenants.cache_salt("eu", None) == tenants.cache_salt("us", None)
+    assert tenants.cache_salt("a", None) != tenants.cache_salt("b", None)
+    assert tenants.cache_salt("a", None) != tenants.cache_salt(None, None)
+    assert tenants.cache_salt("a", "x") != tenants.cache_salt("a", None)
+    assert TenantsPolicy(isolate_prefix_cache=False).cache_salt("a", "x") == "x"
 
 
 def _hs256(claims: dict, secret: bytes) -> str:
