@@ -234,6 +234,7 @@ def request_record(ctx: Any, decode: Callable[[list[int]], str] | None = None) -
         "prompt_tokens": sum(len(p) for p in prompts),
         "completion_tokens": sum(len(c.token_ids) for out in ctx.outputs for c in out.outputs),
         "latency_s": round(ctx.latency, 6) if ctx.latency is not None else None,
+        "cache_hit": bool(getattr(ctx, "cache_hit", False)),  # answered by the response cache
         "prompt_sha256": sha256_hex(json.dumps(prompts)) if prompts else None,
         "output_sha256": sha256_hex(json.dumps(texts, ensure_ascii=False)) if texts else None,
     }
