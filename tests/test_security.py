@@ -392,6 +392,17 @@ def test_tenant_salts_isolate_unless_grouped():
     assert TenantsPolicy(isolate_prefix_cache=False).cache_salt("a", "x") == "x"
 
 
+def test_a_jwt_class_claim_must_name_a_configured_class(tmp_path):
+    signing = _rsa()
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(signing.public_key(), as_dict=True)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+    policy = JWTPolicy(issuer=ISSUER, audience=AUDIENCE, jwks_file=tmp_path / "jwks.json", class_claim="tier")
+    verifier = JWTVerifier(policy, classes={"premium", "standard"})
+    assert verifier.verify(make_jwt(signing, tier="premium")).priority_class == "premium"
+    with pytest.raises(TokenRejected, match="names no priority class"):
+        verifier.verify(make_jwt(signing, tier="platinum"))
+
+
 def _hs256(claims: dict, secret: bytes) -> str:
     """pyjwt refuses to sign with a PEM as HMAC secret, so sign by hand (RFC 7515 section 3.3)."""
     import base64
