@@ -8,13 +8,13 @@ must accept the config shoal writes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from quant_helpers import serve_completion, shoal_dequantized
 from safetensors import safe_open
 
 from shoal.model.config import ModelConfigError, load_config
@@ -22,12 +22,10 @@ from shoal.model.loader import WeightLoadError, load_model
 from shoal.quant.calibration import forward_windows
 from shoal.quant.format import pack_int32, unpack_int32
 from shoal.quant.groups import PER_CHANNEL, plan_groups
-from shoal.quant.linear import QuantizedLinear
 from shoal.quant.quantize import Calibration, check_method, quantize_model
 from shoal.quant.rtn import quantize_rtn
 
 CPU = torch.device("cpu")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _activation_like_weight(out: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -118,34 +116,12 @@ def _ct_decompressed(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _shoal_dequantized(model: torch.nn.Module, cfg, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """checkpoint module name -> weight shoal dequantizes, split back out of the fused linears."""
-    weights = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear):
-            continue
-        head, _, leaf = path.rpartition(".")
-        parts = FUSED.get(leaf, (leaf,))
-        w = module.dequantized_weight(dtype)
-        if leaf == "qkv_proj":
-            sizes = [
-                cfg.num_heads * cfg.head_dim,
-                cfg.num_kv_heads * cfg.head_dim,
-                cfg.num_kv_heads * cfg.head_dim,
-            ]
-        else:
-            sizes = [w.shape[0] // len(parts)] * len(parts)
-        for part, chunk in zip(parts, w.split(sizes), strict=True):
-            weights[f"model.{head}.{part}"] = chunk
-    return weights
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("variant", ["w4", "w4a", "w8"])
 def test_stories_checkpoint_loads_and_matches_compressed_tensors(quantized_stories, variant):
     model_dir = quantized_stories[variant]
     model, cfg = load_model(model_dir, torch.float32, CPU)
-    ours = _shoal_dequantized(model, cfg, torch.float32)
+    ours = shoal_dequantized(model, cfg, torch.float32)
     theirs = _ct_decompressed(model_dir)
     assert sorted(ours) == sorted(theirs) and len(ours) == (30 if variant != "w8" else 35)
     for name, w in theirs.items():
@@ -177,36 +153,7 @@ def test_stories_quantized_greedy_generation(quantized_stories, stories_dir, var
 
 @pytest.mark.timeout(90)
 def test_serve_quantized_stories_over_openai_api(quantized_stories):
-    import httpx
-
-    from shoal.engine.async_engine import AsyncEngine
-    from shoal.engine.config import EngineConfig
-    from shoal.server.app import build_app
-    from shoal.server.settings import ServerSettings
-
-    engine = AsyncEngine.from_config(
-        EngineConfig(model=str(quantized_stories["w4"]), dtype="float32", kv_cache_memory=4 << 20)
-    )
-    app = build_app(engine, ServerSettings(served_model_name="stories-w4"))
-
-    async def run() -> httpx.Response:
-        await engine.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-                body = {
-                    "model": "stories-w4",
-                    "prompt": "Once upon a time",
-                    "max_tokens": 8,
-                    "temperature": 0,
-                }
-                return await client.post("/v1/completions", json=body)
-        finally:
-            await engine.shutdown()
-
-    r = asyncio.run(run())
-    assert r.status_code == 200, r.text
-    out = r.json()
+    out = serve_completion(quantized_stories["w4"], "Once upon a time")
     assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"]
 
 
@@ -245,7 +192,7 @@ def test_stories_gptq_and_awq_checkpoints_match_compressed_tensors_and_beat_rtn(
         )
         assert method == "rtn" or done[-1] == (5, 5)
         model, cfg = load_model(out, torch.float32, CPU)
-        ours, theirs = _shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(out)
+        ours, theirs = shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(out)
         assert sorted(ours) == sorted(theirs) == sorted(result.group_sizes)
         assert all(torch.equal(ours[n], w) for n, w in theirs.items())
         scores[f"{method}{bits}"] = _perplexity(out, text)
@@ -267,7 +214,7 @@ def _group0(qc: dict) -> dict:
 
 
 MALFORMED = {
-    "quant_method": (lambda qc: qc.update(quant_method="gptq"), r"quant_method='gptq'"),
+    "quant_method": (lambda qc: qc.update(quant_method="exl2"), r"quant_method='exl2'"),
     "format": (lambda qc: qc.update(format="marlin-24"), r"format='marlin-24'"),
     "num_bits": (lambda qc: _group0(qc)["weights"].update(num_bits=3), r"group_0\.weights\.num_bits=3"),
     "group_size": (
@@ -338,7 +285,7 @@ def test_smollm2_rtn_weight_memory(smollm2_dir, tmp_path):
         }
     model, cfg = load_model(tmp_path / "w4", torch.bfloat16, CPU)
     layer0 = {k: v for k, v in _ct_decompressed(tmp_path / "w4").items() if ".layers.0." in k}
-    ours = _shoal_dequantized(model, cfg, torch.bfloat16)
+    ours = shoal_dequantized(model, cfg, torch.bfloat16)
     for name, w in layer0.items():
         assert w.dtype == torch.bfloat16 and torch.equal(ours[name], w), name
 
@@ -416,7 +363,7 @@ def test_awq_on_tiny_mha_model_loads_and_matches_compressed_tensors(tiny_mha_dir
     calibration.text_file = text
     result = quantize_model(tiny_mha_dir, tmp_path / "awq", "awq", 4, "auto", False, calibration)
     model, cfg = load_model(result.output, torch.float32, CPU)
-    ours, theirs = _shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(result.output)
+    ours, theirs = shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(result.output)
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], w) for n, w in theirs.items())
     raw = json.loads((result.output / "config.json").read_text())
     assert raw["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False

@@ -3,7 +3,7 @@
 Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (qkv bias, q/k norm, sliding window,
 rope scaling); everything else is shared. Both config spellings seen in the wild are accepted:
 `rope_theta`/`rope_scaling` at the top level and transformers 5's `rope_parameters`; `torch_dtype` and `dtype`.
-A `quantization_config` (compressed-tensors' layout) is validated here by shoal.quant.scheme, so a bad one
+A `quantization_config` (compressed-tensors' layout, or GPTQ's and AWQ's) is validated here by shoal.quant.scheme, so a bad one
 fails at start-up with the field named.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.quant.scheme import QuantizationSpec, parse_quantization_config
+from shoal.quant.upstream_config import UpstreamQuantization
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -46,7 +47,8 @@ class ModelConfig:
     dtype: str = "float32"  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    quantization: QuantizationSpec | None = None  # from quantization_config; None for a 16-bit model
+    # from quantization_config (compressed-tensors', or a GPTQ/AWQ layout); None for a 16-bit model
+    quantization: QuantizationSpec | UpstreamQuantization | None = None
 
     @property
     def sliding_window(self) -> int | None:

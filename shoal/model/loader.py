@@ -7,6 +7,8 @@ QuantizedLinear for every linear its config quantizes. Fused linears are fused q
 runs along the input dimension and every row has its own scales, so concatenating packed rows, scales and
 zero points along the output dimension is exact and the Transformer keeps one qkv/gate_up matmul. Parts
 quantized differently (bits, group size, symmetry) are an error, as in vLLM.
+GPTQ (AutoGPTQ/GPTQModel) and AWQ (AutoAWQ GEMM) checkpoints are converted at load into the same
+QuantizedLinear (shoal/quant/upstream_format.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from shoal.quant.fp8 import FP8Linear
 from shoal.quant.linear import QuantizedLinear, fuse
 from shoal.quant.naive_format import NAIVE_SUFFIXES, decompress_naive
 from shoal.quant.scheme import PACK_QUANTIZED
+from shoal.quant.upstream_config import UpstreamQuantization
+from shoal.quant.upstream_format import UPSTREAM_SUFFIXES, read_upstream_linear
 from shoal.quant.w8a8 import W8A8Linear
 
 log = logging.getLogger(__name__)
@@ -131,7 +135,9 @@ def load_model(
         model = Transformer(cfg, max_positions)
     source = _TensorSource(_safetensors_files(model_dir))
     used: set[str] = set()
-    if cfg.quantization is not None:
+    if isinstance(cfg.quantization, UpstreamQuantization):
+        used |= _swap_upstream(model, cfg.quantization, cfg, source, device)
+    elif cfg.quantization is not None:
         used |= _swap_quantized(model, cfg, source, device)
     for name, param in list(model.named_parameters()):
         names = _hf_names(name)
@@ -168,11 +174,7 @@ def _swap_quantized(
     """Replace each linear the quantization config targets by a QuantizedLinear; the checkpoint names read.
     Its bias stays a meta parameter, filled by the main loop like any other."""
     used: set[str] = set()
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    for path, linear in linears:
-        if path == "lm_head" and cfg.tie_word_embeddings:
-            continue
-        parts = [n.removesuffix(".weight") for n in _hf_names(f"{path}.weight")]
+    for path, linear, parts in _linear_parts(model, cfg):
         schemes = [cfg.quantization.scheme_for(p) for p in parts]
         if all(s is None for s in schemes):
             continue
@@ -201,14 +203,52 @@ def _swap_quantized(
             qw = fuse(quantized, path)
         except ValueError as e:
             raise WeightLoadError(str(e)) from None
-        if tuple(qw.qweight.shape) != (linear.out_features, linear.in_features):
-            raise WeightLoadError(
-                f"{parts[0]!r}: quantized weight has shape {tuple(qw.qweight.shape)}, "
-                f"config.json implies {(linear.out_features, linear.in_features)}"
-            )
-        module = _quantized_module(qw, schemes[0], input_scales).to(device)
-        module.bias = linear.bias
-        _set_module(model, path, module)
+        _install(model, path, linear, parts, qw, _quantized_module(qw, schemes[0], input_scales), device)
+    return used
+
+
+def _linear_parts(model: nn.Module, cfg: ModelConfig):
+    """(path, linear, checkpoint module names fused into it) for every nn.Linear but a tied lm_head."""
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    for path, linear in linears:
+        if path == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        yield path, linear, [n.removesuffix(".weight") for n in _hf_names(f"{path}.weight")]
+
+
+def _install(model, path: str, linear: nn.Linear, parts: list[str], qw, module: nn.Module, device) -> None:
+    """Put a quantized module in place of linear, after checking its weight's shape against config.json.
+    Its bias stays linear's meta parameter, filled by load_model's main loop like any other."""
+    if tuple(qw.qweight.shape) != (linear.out_features, linear.in_features):
+        raise WeightLoadError(
+            f"{parts[0]!r}: quantized weight has shape {tuple(qw.qweight.shape)}, "
+            f"config.json implies {(linear.out_features, linear.in_features)}"
+        )
+    module = module.to(device)
+    module.bias = linear.bias
+    _set_module(model, path, module)
+
+
+def _swap_upstream(
+    model: nn.Module, spec: UpstreamQuantization, cfg: ModelConfig, source: _TensorSource, device
+) -> set[str]:
+    """GPTQ / AWQ checkpoints (shoal/quant/upstream_format.py): every linear whose checkpoint parts have a
+    `qweight` becomes a QuantizedLinear; the checkpoint names read."""
+    used: set[str] = set()
+    for path, linear, parts in _linear_parts(model, cfg):
+        present = [f"{p}.qweight" in source.where for p in parts]
+        if not any(present):
+            continue
+        if not all(present):
+            raise WeightLoadError(f"{parts}: fused into {path!r}, but only some are quantized")
+        names = [[f"{p}.{k}" for k in UPSTREAM_SUFFIXES if f"{p}.{k}" in source.where] for p in parts]
+        tensors = [{n.rsplit(".", 1)[1]: source.get(n) for n in part} for part in names]
+        used.update(n for part in names for n in part)
+        try:
+            qw, perm = read_upstream_linear(tensors, spec, parts, path)
+        except ValueError as e:
+            raise WeightLoadError(str(e)) from None
+        _install(model, path, linear, parts, qw, QuantizedLinear(qw, input_perm=perm), device)
     return used
 
 

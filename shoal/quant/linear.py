@@ -33,12 +33,17 @@ class QuantizedLinear(nn.Module):
       weight_int8: int8 [out, in];
     - weight_scale: [out, groups], the checkpoint's scale dtype;
     - weight_zero_point: int8 [out, groups], or None (symmetric).
+    - input_perm: int64 [in] or None: the weight's columns are stored in this order of the input's
+      (GPTQ act-order, see shoal/quant/upstream_format.py), so the input is permuted the same way first.
     bias: [out] in the model dtype, or None. Inputs: [..., in] float32/bfloat16/float16; output: [..., out],
     the input's dtype.
     """
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(
+        self, qw: QuantizedWeight, bias: torch.Tensor | None = None, input_perm: torch.Tensor | None = None
+    ):
         super().__init__()
+        self.register_buffer("input_perm", input_perm)
         self.out_features, self.in_features = qw.qweight.shape
         self.bits, self.group_size = qw.bits, qw.group_size
         self.int8_route = qw.bits == 8 and qw.symmetric and qw.group_size == PER_CHANNEL
@@ -62,7 +67,8 @@ class QuantizedLinear(nn.Module):
         return unpack_int32(self.weight_packed, self.bits, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """w_hat [out, in] in dtype: the reference every faster path is checked against."""
+        """w_hat [out, in] in dtype, columns in stored order (input_perm's): the reference every faster path
+        is checked against."""
         return dequantize(self.integer_weight(), self.weight_scale, self.weight_zero_point, dtype)
 
     def weight_bytes(self) -> int:
@@ -71,6 +77,8 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.use_qgemv and x2.shape[0] <= qgemv.MAX_ROWS and x.device.type == "cpu":

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from shoal.quant.upstream_config import UPSTREAM_METHODS, UpstreamQuantization, parse_upstream_config
+
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
@@ -168,14 +170,19 @@ def _activations(raw, path: str, fmt: str) -> ActivationScheme | None:
     return ActivationScheme(atype, bool(dynamic))
 
 
-def parse_quantization_config(raw) -> QuantizationSpec:
-    """Validate a quantization_config dict; ValueError naming the field (quantization_config.<path>)."""
+def parse_quantization_config(raw) -> QuantizationSpec | UpstreamQuantization:
+    """Validate a quantization_config dict; ValueError naming the field (quantization_config.<path>).
+    GPTQ and AWQ checkpoints of other tools (quant_method gptq, awq) give an UpstreamQuantization
+    (shoal/quant/upstream_config.py)."""
     if not isinstance(raw, dict):
         raise ValueError(f"quantization_config must be an object, got {type(raw).__name__}")
     method = raw.get("quant_method")
+    if method in UPSTREAM_METHODS:
+        return parse_upstream_config(raw)
     if method != QUANT_METHOD:
+        supported = ", ".join(repr(m) for m in (QUANT_METHOD, *UPSTREAM_METHODS))
         raise ValueError(
-            f"quantization_config.quant_method={method!r} is not supported (supported: {QUANT_METHOD!r})"
+            f"quantization_config.quant_method={method!r} is not supported (supported: {supported})"
         )
     fmt = raw.get("format")
     if fmt not in SUPPORTED_FORMATS:
