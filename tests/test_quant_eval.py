@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from shoal.cli import app
 from shoal.quant.eval import EvalSettings, run_eval
 from shoal.quant.hardware import Gpu, Hardware, detect
-from shoal.quant.perplexity import eval_tokens, perplexity, windows
+from shoal.quant.perplexity import eval_tokens, perplexity, window_size, windows
 from shoal.quant.quantize import Calibration
 from shoal.quant.recommend import from_framework, from_measured, recommend
 
@@ -34,15 +34,20 @@ def _need_text(path: Path) -> Path:
 
 @pytest.mark.timeout(60)
 def test_perplexity_matches_transformers(stories_dir):
-    """shoal's windows through prompt_logits give transformers' exp(mean NLL) within 1e-3 relative."""
+    """shoal's windows through prompt_logits give transformers' exp(mean NLL) within 1e-3 relative; each
+    window fills the engine's whole context (max_model_len 256), as the issue's protocol wants."""
     from transformers import AutoModelForCausalLM
 
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(stories_dir), dtype="float32", kv_cache_memory=64 << 20))
+    config = EngineConfig(
+        model=str(stories_dir), dtype="float32", kv_cache_memory=64 << 20, max_model_len=256
+    )
+    engine = LLMEngine(config)
     tokens = eval_tokens(engine.tokenizer, _need_text(EVAL_TEXT), 600)
-    size = 256  # 600 tokens: windows of 256, 256 and 88
+    size = window_size(engine.config.max_model_len)
+    assert size == 256  # 600 tokens: windows of 256, 256 and 88
     ours = perplexity(engine, tokens, size)
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
@@ -55,6 +60,22 @@ def test_perplexity_matches_transformers(stories_dir):
             count += len(w) - 1
     assert count == 597
     assert ours == pytest.approx(math.exp(nll / count), rel=1e-3)
+
+
+@pytest.mark.timeout(30)
+def test_prompt_logits_fills_the_whole_context(stories_dir):
+    """A prompt of max_model_len tokens is scored (even with a KV cache of exactly one such sequence), as
+    an engine with room to spare scores it; one token more is refused."""
+    from tiny_models import make_engine
+
+    ids = list(range(5, 69))
+    full = make_engine(stories_dir, kv_tokens=64, max_model_len=64, max_num_batched_tokens=32)
+    roomy = make_engine(stories_dir, kv_tokens=1024, max_model_len=128, max_num_batched_tokens=32)
+    logits = full.prompt_logits(ids)
+    assert logits.shape == (64, 512)
+    assert torch.equal(logits, roomy.prompt_logits(ids))
+    with pytest.raises(ValueError, match="65 tokens, more than max_model_len"):
+        full.prompt_logits(ids + [5])
 
 
 @pytest.mark.timeout(60)

@@ -13,8 +13,10 @@ def check_request(
     vocab_size: int,
     priority: int = 0,
     scheduling_policy: str = "fcfs",
+    generates: bool = True,
 ) -> None:
-    """Raise ValueError (naming the field, with the lengths) for a request that cannot run."""
+    """Raise ValueError (naming the field, with the lengths) for a request that cannot run.
+    generates=False (scoring a prompt: LLMEngine.prompt_logits) lets the prompt fill the whole context."""
     params.validate(vocab_size)
     if priority != 0 and scheduling_policy != "priority":
         # vLLM's rule: a priority the scheduler would ignore is an error, not a silent no-op.
@@ -28,6 +30,10 @@ def check_request(
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
+    if not generates:
+        if n > max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, more than max_model_len ({max_model_len})")
+        return
     if n >= max_model_len:
         raise ValueError(
             f"the prompt has {n} tokens, but max_model_len is {max_model_len}: it leaves no room to generate"

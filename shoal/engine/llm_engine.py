@@ -164,9 +164,21 @@ class LLMEngine:
         it reached the server, so queue time and TTFT include what happened before the engine saw it.
         priority: lower is served earlier (only under scheduling_policy "priority"; otherwise it must be
         0). cache_salt: requests share prefix-cache blocks only with requests of the same salt."""
+        self.check_prompt(prompt_token_ids, params, priority)
+        self._queue(request_id, prompt_token_ids, params, arrival_time, priority, cache_salt)
+
+    def _queue(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        """add_request after its checks (prompt_logits checks differently)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.check_prompt(prompt_token_ids, params, priority)
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, i, prompt_token_ids, params, arrival_time, priority, cache_salt)
@@ -408,9 +420,14 @@ class LLMEngine:
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Teacher-forced float32 logits [len, vocab] computed through the real paged, chunked path."""
+        """Teacher-forced float32 logits [len, vocab] computed through the real paged, chunked path.
+        The prompt may fill the whole context (len == max_model_len): scoring generates nothing (the one
+        token sampled after the prompt is dropped). ValueError for a longer or invalid prompt."""
         request_id = f"score-{time.monotonic_ns()}"
-        self.add_request(request_id, token_ids, SamplingParams(max_tokens=1, temperature=0.0))
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        vocab = self.model_config.vocab_size
+        check_request(token_ids, params, self.config.max_model_len, vocab, generates=False)
+        self._queue(request_id, token_ids, params)
         seq = self.requests[request_id][0]
         seq.captured_logits = []
         while request_id in self.requests:

@@ -7,8 +7,8 @@ nothing); score every token of a window after its first; report exp(mean NLL) ov
 The logits come from `LLMEngine.prompt_logits`, the engine's real paged, chunked forward, so a quantized
 model is scored through the same layers that serve it.
 
-The window is min(1024, max_model_len - 1): the engine's admission keeps one position free to generate,
-and prompt_logits goes through it, so a window cannot fill the whole context yet (issue 18 wants it to).
+The window is min(1024, max_model_len): scoring generates nothing, so prompt_logits lets a window fill
+the whole context.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def eval_tokens(tokenizer, text_file: Path, n_tokens: int) -> list[int]:
 
 
 def window_size(max_model_len: int, cap: int = 1024) -> int:
-    """Tokens per scoring window: min(cap, max_model_len - 1) (see the module docstring)."""
-    return max(2, min(cap, max_model_len - 1))
+    """Tokens per scoring window: min(cap, max_model_len) (see the module docstring)."""
+    return max(2, min(cap, max_model_len))
 
 
 def windows(token_ids: list[int], size: int) -> list[list[int]]:
