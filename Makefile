@@ -13,7 +13,7 @@ else
 MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 endif
 
-.PHONY: venv models serve test lint format bench clean
+.PHONY: venv models serve test lint format bench bench-quant clean
 
 venv: $(BIN)/.installed
 
@@ -46,6 +46,10 @@ test: models lint
 
 bench: models
 	$(BIN)/python bench/run_all.py --model $(MODEL)
+
+# Issue 18's quantization benchmark (full protocol; ARGS="--num-tokens 4096 --num-samples 16 --seq-len 256" for a quick run)
+bench-quant: models
+	$(BIN)/python bench/quant.py --model $(MODEL) $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR)

@@ -1,5 +1,6 @@
 """`shoal bench latency` and `shoal bench throughput` (shoal against transformers' generate, same process), and
-`shoal bench serve-compare` (shoal over HTTP and in process against llama.cpp's llama-server)."""
+`shoal bench serve-compare` (shoal over HTTP and in process against llama.cpp's llama-server), and
+`shoal bench quant` (issue 18's quantization benchmark, shoal/bench/quant.py)."""
 
 from __future__ import annotations
 
@@ -317,6 +318,47 @@ def serve_compare(
         dataset=dataset,
         log_dir=log_dir,
     )
+
+
+@bench_app.command("quant")
+def quant(
+    model: ModelOpt = None,
+    rows: Annotated[
+        str,
+        typer.Option(help="Comma-separated rows: rtn-g64, gptq-g64, awq-g64, gptq-auto, w8a8-sq-gptq, fp8."),
+    ] = "rtn-g64,gptq-g64,awq-g64,gptq-auto,w8a8-sq-gptq,fp8",
+    num_tokens: Annotated[
+        int, typer.Option(help="Perplexity over the first N tokens of ../shared/eval/wikitext2-test.txt.")
+    ] = 65536,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows of wikitext2-valid.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens per decode-speed run.")] = 32,
+    decode_iters: Annotated[int, typer.Option(help="Timed decode-speed runs per model (alternating).")] = 3,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where quant_eval.json and quant_eval.png go.")
+    ] = workload.REPO / "bench" / "results" / "quant",
+    seed: SeedOpt = 0,
+) -> None:
+    """Issue 18's quantization benchmark (shoal/bench/quant.py): perplexity, memory, decode speed and
+    calibration time of each row against the 16-bit model, beside llm-compressor 0.14's ratios."""
+    from shoal.bench import quant as bench_quant
+
+    try:
+        s = bench_quant.settings(
+            [r.strip() for r in rows.split(",") if r.strip()],
+            num_tokens,
+            num_samples,
+            seq_len,
+            decode_tokens,
+            decode_iters,
+            seed,
+        )
+        result = bench_quant.run(Path(model or workload.default_model()), s, output_dir, log=typer.echo)
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(bench_quant.markdown(result))
+    typer.echo(f"wrote {output_dir / 'quant_eval.json'} and quant_eval.png")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from shoal.bench import workload
 from shoal.bench.latency import shoal_once
+from shoal.quant.activation_recipe import ActivationOptions
 from shoal.quant.perplexity import eval_tokens, perplexity, window_size
 from shoal.quant.quantize import Calibration, quantize_model
 
@@ -45,8 +46,23 @@ KV_CACHE_BYTES = 256 << 20  # per engine: several engines are alive at once for 
 
 
 @dataclass
+class MethodSpec:
+    """One quantized row: its label, the method and bits, and settings of its own where they differ from
+    the run's (group_size, symmetric: None takes EvalSettings'; activation: w8a8's options)."""
+
+    label: str
+    method: str
+    bits: int
+    group_size: str | int | None = None
+    symmetric: bool | None = None
+    activation: ActivationOptions | None = None
+
+
+@dataclass
 class EvalSettings:
-    """What one `quant eval` run measures, and with how much: tokens, iterations, prompts."""
+    """What one `quant eval` run measures, and with how much: tokens, iterations, prompts.
+    methods: `name` or `name:bits` each, with the run's group size and symmetry; specs, when given,
+    replace them with rows of their own settings (the benchmark's)."""
 
     methods: list[str]
     eval_text: Path = DEFAULT_EVAL_TEXT
@@ -59,6 +75,10 @@ class EvalSettings:
     agreement_prompts: int = 4
     agreement_tokens: int = 16
     seed: int = 0
+    specs: list[MethodSpec] = field(default_factory=list)
+
+    def method_specs(self) -> list[MethodSpec]:
+        return self.specs or [MethodSpec(m, *parse_method(m)) for m in self.methods]
 
 
 @dataclass
@@ -163,27 +183,28 @@ def parse_method(spec: str) -> tuple[str, int]:
 
 
 def quantize_all(model_dir: Path, s: EvalSettings, out_root: Path, log) -> tuple[list, list[dict]]:
-    """Quantize model_dir with each method into out_root/<method>: ([(method, dir, seconds)], skipped)."""
+    """Quantize model_dir with each method into out_root/<label>: ([(label, dir, seconds, bits)], skipped)."""
     done, skipped = [], []
-    for method in s.methods:
-        name, bits = parse_method(method)
-        log(f"quantizing with {name}, {bits}-bit")
+    for spec in s.method_specs():
+        log(f"quantizing {spec.label}: {spec.method}, {spec.bits}-bit")
+        out = out_root / spec.label.replace(":", "-w")
         t0 = time.perf_counter()
         try:
             quantize_model(
                 model_dir,
-                out_root / method.replace(":", "-w"),
-                name,
-                bits,
-                s.group_size,
-                s.symmetric,
+                out,
+                spec.method,
+                spec.bits,
+                s.group_size if spec.group_size is None else spec.group_size,
+                s.symmetric if spec.symmetric is None else spec.symmetric,
                 s.calibration,
+                activation_options=spec.activation,
             )
         except (ValueError, NotImplementedError, RuntimeError, OSError) as e:
-            skipped.append({"method": method, "reason": str(e)})
-            log(f"  skipped {method}: {e}")
+            skipped.append({"method": spec.label, "reason": str(e)})
+            log(f"  skipped {spec.label}: {e}")
             continue
-        done.append((method, out_root / method.replace(":", "-w"), time.perf_counter() - t0))
+        done.append((spec.label, out, time.perf_counter() - t0, spec.bits))
     return done, skipped
 
 
@@ -206,9 +227,9 @@ def run_eval(
 
 def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
     """Load the base and each quantized model, and measure all rows (see the module docstring)."""
-    dirs = [("base", model_dir, None)] + done
+    dirs = [("base", model_dir, None, None)] + done
     log(f"loading {len(dirs)} engines")
-    engines = [_engine(d) for _, d, _ in dirs]
+    engines = [_engine(d) for _, d, _, _ in dirs]
     base = engines[0]
     tokens = eval_tokens(base.tokenizer, s.eval_text, s.eval_tokens)
     size = window_size(base.config.max_model_len)
@@ -219,10 +240,10 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
     speeds = decode_speeds(engines, speed_prompts, s.decode_tokens)
     lin16, tot16 = (n * 2 for n in weight_bytes(model_dir)[2:])
     rows = []
-    for (method, d, secs), engine, (tok_s, best) in zip(dirs, engines, speeds, strict=True):
+    for (method, d, secs, bits), engine, (tok_s, best) in zip(dirs, engines, speeds, strict=True):
         log(f"perplexity: {method}")
         lin, tot, _, _ = weight_bytes(d)
-        bits = engine.dtype.itemsize * 8 if method == "base" else parse_method(method)[1]
+        bits = engine.dtype.itemsize * 8 if method == "base" else bits
         if method == "base":
             lin, tot = lin16, tot16
         rows.append(

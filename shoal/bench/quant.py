@@ -1,0 +1,122 @@
+"""`make bench-quant` (`shoal bench quant`, bench/quant.py): issue 18's quantization benchmark, run with
+`shoal quant eval`'s machinery (shoal/quant/eval.py) on rows of the issue's schemes.
+
+Protocol (the issue's): perplexity over the first `num_tokens` (65,536) tokens of
+../shared/eval/wikitext2-test.txt in non-overlapping windows of min(1024, max_model_len), every token after a
+window's first scored through `LLMEngine.prompt_logits`; calibration `num_samples` x `seq_len` (128 x 512)
+tokens of ../shared/eval/wikitext2-valid.txt. Every engine runs with `--dtype auto`; the base row is the
+16-bit model. Smaller `--num-tokens/--num-samples/--seq-len` give a quick run of the same protocol.
+
+Rows (ROWS): round to nearest, GPTQ and AWQ at 4 bits with an explicit group size of 64 (the scheme
+llm-compressor's comparison rows use), GPTQ with `auto` groups, W8A8 as llm-compressor's recipe
+(SmoothQuant 0.8, GPTQ int8 weights, dynamic per-token int8 activations) and FP8 dynamic. Each row's
+perplexity ratio is set beside llm-compressor 0.14's on the same protocol (LLMCOMPRESSOR, measured by the
+issue's author on this machine) and the issue's goal (GOALS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shoal.quant.activation_recipe import ActivationOptions
+from shoal.quant.eval import DEFAULT_EVAL_TEXT, EvalSettings, MethodSpec, markdown_table, run_eval
+from shoal.quant.hardware import detect
+from shoal.quant.quantize import DEFAULT_CALIB_TEXT, Calibration
+
+GROUP_SIZE = 64
+ROWS = {
+    "rtn-g64": MethodSpec("rtn-g64", "rtn", 4, GROUP_SIZE),
+    "gptq-g64": MethodSpec("gptq-g64", "gptq", 4, GROUP_SIZE),
+    "awq-g64": MethodSpec("awq-g64", "awq", 4, GROUP_SIZE),
+    "gptq-auto": MethodSpec("gptq-auto", "gptq", 4, "auto"),
+    "w8a8-sq-gptq": MethodSpec(
+        "w8a8-sq-gptq", "w8a8", 8, activation=ActivationOptions(weight_method="gptq", smoothquant_alpha=0.8)
+    ),
+    "fp8": MethodSpec("fp8", "fp8", 8),
+}
+# llm-compressor 0.14 on the issue's full protocol (SmolLM2-135M-Instruct; the issue's table): perplexity ratio
+# to 16-bit, and calibration seconds on 2 cores where measured
+LLMCOMPRESSOR = {
+    "rtn-g64": (1.39, None),
+    "gptq-g64": (1.21, 367.0),
+    "awq-g64": (1.30, None),
+    "w8a8-sq-gptq": (1.013, None),
+    "fp8": (1.03, None),
+}
+# the issue's goals: perplexity ratio at most, decode speed ratio to the 16-bit model at least
+GOALS = {
+    "gptq-g64": (1.20, 1.3),
+    "awq-g64": (1.20, 1.3),
+    "gptq-auto": (None, 1.3),
+    "rtn-g64": (None, 1.3),
+    "w8a8-sq-gptq": (1.013, None),
+    "fp8": (1.03, None),
+}
+
+
+def settings(
+    rows: list[str],
+    num_tokens: int = 65536,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    decode_tokens: int = 32,
+    decode_iters: int = 3,
+    seed: int = 0,
+) -> EvalSettings:
+    """The EvalSettings of a benchmark run over rows (names of ROWS); ValueError naming an unknown row."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    return EvalSettings(
+        methods=list(rows),
+        specs=[ROWS[r] for r in rows],
+        eval_text=DEFAULT_EVAL_TEXT,
+        eval_tokens=num_tokens,
+        calibration=Calibration(DEFAULT_CALIB_TEXT, num_samples, seq_len, seed),
+        decode_tokens=decode_tokens,
+        decode_iters=decode_iters,
+        seed=seed,
+    )
+
+
+def run(model_dir: Path, s: EvalSettings, output_dir: Path, log=print) -> dict:
+    """Quantize and measure every row (quant_eval.json/.png into output_dir), with the references added."""
+    result = run_eval(model_dir, s, output_dir, keep_models=False, log=log)
+    result["cpu_flags"] = detect().cpu_flags
+    result["llmcompressor_reference"] = {
+        k: {"ppl_ratio": v[0], "calibration_s": v[1]} for k, v in LLMCOMPRESSOR.items()
+    }
+    result["goals"] = {k: {"max_ppl_ratio": v[0], "min_speed_ratio": v[1]} for k, v in GOALS.items()}
+    return result
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def comparison_table(result: dict) -> str:
+    """One line a row: shoal's perplexity ratio, llm-compressor's, the goal and whether shoal meets it."""
+    lines = [
+        "| row | shoal ppl / 16-bit | llm-compressor 0.14 (issue) | goal | met | speed / 16-bit | speed goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"][1:]:
+        ref = LLMCOMPRESSOR.get(r["method"], (None, None))[0]
+        max_ppl, min_speed = GOALS.get(r["method"], (None, None))
+        met = "" if max_ppl is None else ("yes" if r["ppl_ratio"] <= max_ppl else "no")
+        lines.append(
+            f"| {r['method']} | {r['ppl_ratio']:.3f} | {_cell(ref, '.3f')} | {_cell(max_ppl, '.3f')} | {met} "
+            f"| {r['speed_ratio']:.2f} | {_cell(min_speed, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """eval's table, the comparison table, and the run's settings and machine."""
+    m, calib = result["machine"], result["settings"]["calibration"]
+    return (
+        f"{markdown_table(result)}\n\n{comparison_table(result)}\n\n"
+        f"{result['eval_tokens']} tokens in windows of {result['window']}, dtype {result['dtype']}, "
+        f"calibration {calib['num_samples']} x {calib['seq_len']}; {m['cpu']}, {m['cpu_cores_usable']} cores, "
+        f"flags {' '.join(result.get('cpu_flags', []))}, {m['torch_threads']} torch threads, torch {m['torch']}"
+    )
