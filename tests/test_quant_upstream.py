@@ -123,28 +123,28 @@ def test_serve_gptq_act_order_checkpoint_over_openai_api(stories_dir, tmp_path):
     assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"]
 
 
-@pytest.mark.timeout(30)
-def test_fused_parts_with_different_g_idx_are_refused(tmp_path):
-    variant = "gptq_v2_asym_actorder_g32"
+def _with_tensor_changed(variant: str, key: str, change, tmp_path: Path) -> Path:
+    """A copy of the fixture whose tensor key is replaced by change(tensor)."""
     out = tmp_path / variant
     shutil.copytree(FIXTURES / variant, out)
     tensors = load_file(str(out / "model.safetensors"))
-    key = "model.layers.1.self_attn.k_proj.g_idx"
-    tensors[key] = tensors[key].roll(1)
+    tensors[key] = change(tensors[key]).contiguous()
     save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_fused_parts_with_different_g_idx_are_refused(tmp_path):
+    key = "model.layers.1.self_attn.k_proj.g_idx"
+    out = _with_tensor_changed("gptq_v2_asym_actorder_g32", key, lambda t: t.roll(1), tmp_path)
     with pytest.raises(WeightLoadError, match=r"k_proj\.g_idx differs from .*q_proj\.g_idx"):
         load_model(out, torch.float32, CPU)
 
 
 @pytest.mark.timeout(30)
 def test_tensor_of_the_wrong_shape_names_the_tensor(tmp_path):
-    variant = "awq_gemm_g32"
-    out = tmp_path / variant
-    shutil.copytree(FIXTURES / variant, out)
-    tensors = load_file(str(out / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.scales"
-    tensors[key] = tensors[key][:, :-8].contiguous()
-    save_file(tensors, str(out / "model.safetensors"))
+    out = _with_tensor_changed("awq_gemm_g32", key, lambda t: t[:, :-8], tmp_path)
     with pytest.raises(WeightLoadError, match=r"down_proj\.scales has .*\(4, 56\), expected \(4, 64\)"):
         load_model(out, torch.float32, CPU)
 
