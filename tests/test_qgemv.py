@@ -36,12 +36,13 @@ def _layer(out: int, cols: int, bits: int, group: int, symmetric: bool, dtype: t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("portable", [False, True])
-def test_qgemv_matches_float64_reference(bits, symmetric, dtype, rows, portable):
-    qw = _layer(200, 576, bits, 64, symmetric, dtype)
+@pytest.mark.parametrize("cols,group", [(576, 64), (1184, 32)])  # 9 groups; 37 (the zero-point sums' tail)
+def test_qgemv_matches_float64_reference(bits, symmetric, dtype, rows, portable, cols, group):
+    qw = _layer(200, cols, bits, group, symmetric, dtype)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, 576, generator=g).to(dtype)
+    x = torch.randn(rows, cols, generator=g).to(dtype)
     bias = torch.randn(200, generator=g).to(dtype)
-    y = qgemv.qgemv(x, pack_int32(qw.qweight, bits), qw.scale, qw.zero_point, bias, bits, 64, portable)
+    y = qgemv.qgemv(x, pack_int32(qw.qweight, bits), qw.scale, qw.zero_point, bias, bits, group, portable)
     w = qw.dequantize(torch.float32).double()
     ref = x.double() @ w.T + bias.double()
     scale = (x.double().abs() @ w.abs().T + bias.double().abs()).max()

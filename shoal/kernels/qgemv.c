@@ -141,8 +141,38 @@ static inline __attribute__((always_inline)) void group4_bf16_64(const uint8_t *
 }
 #endif
 
-/* One output row: vector accumulators per group, scaled into one total per row of x (one reduction a row);
- * the zero-point term sum_g s_g * zu_g * xsum[m, g] is scalar. */
+/* The zero-point term of output row n for each row m of x: sum_g s[n, g] * zu[n, g] * xsum[m, g], with
+ * zu = offset + z. Vectorized over 16 groups a step (masked loads for the tail): done per group in scalar
+ * code it took about a third of a g64 row's time (measured, 3072x576). */
+static inline void zero_terms(const void *scale, int scale_bf16, const int8_t *zero, int64_t n, int G,
+                              float offset, const float *xsum, int M, float *zterm) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    __m512 acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g += 16) {
+        const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
+        const int64_t i = n * G + g;
+        __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
+                              : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
+        __m512 zu = _mm512_set1_ps(offset);
+        if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
+        const __m512 sz = _mm512_mul_ps(s, zu);
+        for (int m = 0; m < M; m++)
+            acc[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), acc[m]);
+    }
+    for (int m = 0; m < M; m++) zterm[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+    for (int m = 0; m < M; m++) zterm[m] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        float sz = scale_at(scale, scale_bf16, n * G + g) * (offset + (zero ? (float)zero[n * G + g] : 0.0f));
+        for (int m = 0; m < M; m++) zterm[m] += sz * xsum[(int64_t)m * G + g];
+    }
+#endif
+}
+
+/* One output row: vector accumulators per group, scaled into one total per row of x (one reduction a row),
+ * minus the zero-point term (zero_terms). */
 static inline __attribute__((always_inline)) void row(const void *x, int x_bf16, const float *xsum,
                                                       const int32_t *wr, const void *scale, int scale_bf16,
                                                       const int8_t *zero, int64_t n, int M, int K, int group,
@@ -152,11 +182,10 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
     const float offset = (float)(1 << (bits - 1)) + (x_bf16 ? 128.0f : 0.0f);
     v16f tot[MAX_ROWS];
     float zterm[MAX_ROWS];
-    for (int m = 0; m < M; m++) tot[m] = (v16f){0}, zterm[m] = 0.0f;
+    zero_terms(scale, scale_bf16, zero, n, G, offset, xsum, M, zterm);
+    for (int m = 0; m < M; m++) tot[m] = (v16f){0};
     for (int g = 0; g < G; g++) {
         float s = scale_at(scale, scale_bf16, n * G + g);
-        float zu = offset + (zero ? (float)zero[n * G + g] : 0.0f);
-        for (int m = 0; m < M; m++) zterm[m] += s * zu * xsum[(int64_t)m * G + g];
 #if HAVE_AVX512_BF16
         if (x_bf16 == 2) {
             group4_bf16_64((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
