@@ -142,10 +142,11 @@ static inline __attribute__((always_inline)) void group4_bf16_64(const uint8_t *
 #endif
 
 /* The zero-point term of output row n for each row m of x: sum_g s[n, g] * zu[n, g] * xsum[m, g], with
- * zu = offset + z. Vectorized over 16 groups a step (masked loads for the tail): done per group in scalar
- * code it took about a third of a g64 row's time (measured, 3072x576). */
+ * zu = offset + z, as a vector whose lanes sum to it (the row subtracts it before its one reduction).
+ * Vectorized over 16 groups a step (masked loads for the tail): done per group in scalar code it took
+ * about a third of a g64 row's time (measured, 3072x576). */
 static inline void zero_terms(const void *scale, int scale_bf16, const int8_t *zero, int64_t n, int G,
-                              float offset, const float *xsum, int M, float *zterm) {
+                              float offset, const float *xsum, int M, v16f *zterm) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
@@ -161,12 +162,12 @@ static inline void zero_terms(const void *scale, int scale_bf16, const int8_t *z
         for (int m = 0; m < M; m++)
             acc[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), acc[m]);
     }
-    for (int m = 0; m < M; m++) zterm[m] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < M; m++) zterm[m] = (v16f)acc[m];
 #else
-    for (int m = 0; m < M; m++) zterm[m] = 0.0f;
+    for (int m = 0; m < M; m++) zterm[m] = (v16f){0};
     for (int g = 0; g < G; g++) {
         float sz = scale_at(scale, scale_bf16, n * G + g) * (offset + (zero ? (float)zero[n * G + g] : 0.0f));
-        for (int m = 0; m < M; m++) zterm[m] += sz * xsum[(int64_t)m * G + g];
+        for (int m = 0; m < M; m++) zterm[m][0] += sz * xsum[(int64_t)m * G + g];
     }
 #endif
 }
@@ -181,7 +182,7 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
     /* the code offset 2^(bits-1), plus the 128 the bf16 path adds to every code */
     const float offset = (float)(1 << (bits - 1)) + (x_bf16 ? 128.0f : 0.0f);
     v16f tot[MAX_ROWS];
-    float zterm[MAX_ROWS];
+    v16f zterm[MAX_ROWS];
     zero_terms(scale, scale_bf16, zero, n, G, offset, xsum, M, zterm);
     for (int m = 0; m < M; m++) tot[m] = (v16f){0};
     for (int g = 0; g < G; g++) {
@@ -205,7 +206,7 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
         }
         for (int m = 0; m < M; m++) tot[m] += acc[m] * s;
     }
-    for (int m = 0; m < M; m++) out[m] = hsum(tot[m]) - zterm[m];
+    for (int m = 0; m < M; m++) out[m] = hsum(tot[m] - zterm[m]);
 }
 
 static inline float bf16_to_f32(uint16_t h) {
