@@ -31,7 +31,7 @@ def shoal_dequantized(model: torch.nn.Module, cfg, dtype: torch.dtype) -> dict[s
         else:
             sizes = [w.shape[0] // len(parts)] * len(parts)
         for part, chunk in zip(parts, w.split(sizes), strict=True):
-            weights[f"model.{head}.{part}"] = chunk
+            weights[f"model.{head}.{part}" if head else part] = chunk  # lm_head has no "model." prefix
     return weights
 
 

@@ -22,6 +22,7 @@ from shoal.model.loader import WeightLoadError, load_model
 from shoal.quant.calibration import forward_windows
 from shoal.quant.format import pack_int32, unpack_int32
 from shoal.quant.groups import PER_CHANNEL, plan_groups
+from shoal.quant.linear import QuantizedLinear
 from shoal.quant.quantize import Calibration, check_method, quantize_model
 from shoal.quant.rtn import quantize_rtn
 
@@ -229,6 +230,26 @@ MALFORMED = {
         r"group_0\.input_activations",
     ),
 }
+
+
+@pytest.mark.timeout(60)
+def test_quantize_lm_head_unties_and_matches_compressed_tensors(stories_dir, tmp_path):
+    """--quantize-lm-head: lm_head (tied to the embeddings in stories260K) becomes int8 per channel, within
+    half a scale of the embedding matrix, decompressed alike by compressed-tensors; the embeddings stay."""
+    out = quantize_model(stories_dir, tmp_path / "w4lm", "rtn", 4, "auto", True, quantize_lm_head=True).output
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["tie_word_embeddings"] is False and "lm_head" not in raw["quantization_config"]["ignore"]
+    model, cfg = load_model(out, torch.float32, CPU)
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.int8_route
+    ours, theirs = shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(out)
+    assert torch.equal(ours["lm_head"], theirs["lm_head"])
+    base, _ = load_model(stories_dir, torch.float32, CPU)
+    emb = base.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, emb)
+    assert bool(((ours["lm_head"] - emb).abs() <= model.lm_head.weight_scale.float() / 2 + 1e-7).all())
+    assert serve_completion(out, "Once upon a time")["usage"]["completion_tokens"] == 8
+    with pytest.raises(ValueError, match="--quantize-lm-head goes with rtn, gptq or awq"):
+        quantize_model(stories_dir, tmp_path / "fp8", "fp8", quantize_lm_head=True)
 
 
 @pytest.mark.timeout(30)

@@ -61,6 +61,13 @@ def quantize(
     observer: Annotated[
         str, typer.Option(help="w8a8 static scales: minmax (max|x|) or percentile (99.99th of |x|).")
     ] = "minmax",
+    quantize_lm_head: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-lm-head",
+            help="Also lm_head: int8 per channel, round to nearest (rtn, gptq, awq; unties tied embeddings).",
+        ),
+    ] = False,
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress
@@ -83,6 +90,7 @@ def quantize(
                 calibration,
                 lambda done, total: bar.update(task, completed=done, total=total),
                 ActivationOptions(weight_method, smoothquant_alpha, activation_scales, observer),
+                quantize_lm_head,
             )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from shoal.quant.activation_recipe import ACTIVATION_METHODS, ActivationOptions, quantize_activation_method
 from shoal.quant.calibration import load_calibration_tokens
 from shoal.quant.format import compress
-from shoal.quant.groups import GroupPlan, plan_groups
+from shoal.quant.groups import PER_CHANNEL, GroupPlan, plan_groups
 from shoal.quant.naive_format import compress_naive
 from shoal.quant.rtn import quantize_rtn
 from shoal.quant.scheme import PACK_QUANTIZED, LayerScheme, build_quantization_config
@@ -104,6 +104,25 @@ def _read_all(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def quantize_lm_head_weight(tensors: dict[str, torch.Tensor], raw_config: dict, result: QuantizeResult):
+    """Replace lm_head's weight in tensors by int8 symmetric per-channel pack-quantized tensors (round to
+    nearest, whatever the method: the decoder's calibration does not reach lm_head) and return its scheme.
+    int8 per channel, not 4-bit groups, because QuantizedLinear then runs it on torch's _weight_int8pack_mm
+    for any number of rows (a batch's logits too), and SmolLM2's lm_head is a third of its weight bytes.
+    A tied lm_head is untied (the embeddings stay 16-bit): config.json's tie_word_embeddings becomes false."""
+    weight = tensors.pop("lm_head.weight", None)
+    if weight is None:  # tied: lm_head reads the embedding matrix
+        weight = tensors["model.embed_tokens.weight"]
+        raw_config["tie_word_embeddings"] = False
+    qw = quantize_rtn(weight, None, 8, PER_CHANNEL, symmetric=True)
+    packed = compress(qw)
+    tensors.update({f"lm_head.{suffix}": t for suffix, t in packed.items()})
+    result.group_sizes["lm_head"] = PER_CHANNEL
+    result.quantized_bytes += sum(t.numel() * t.element_size() for t in packed.values())
+    result.dense_bytes_16bit += weight.numel() * 2
+    return LayerScheme(8, PER_CHANNEL, True)
+
+
 def quantize_model(
     model_dir: str | Path,
     output: str | Path,
@@ -114,13 +133,14 @@ def quantize_model(
     calibration: Calibration | None = None,
     progress: Callable[[int, int], None] | None = None,
     activation_options: ActivationOptions | None = None,
+    quantize_lm_head: bool = False,
 ) -> QuantizeResult:
     """Quantize model_dir's decoder linears with method and write a servable model directory to output.
 
     calibration: gptq's calibration data (default: Calibration()); progress(done, total) is called after
     each block of a calibrated method. activation_options: w8a8's weight method, SmoothQuant alpha and
     activation scales (default: rtn, off, dynamic); bits and group_size are ignored by w8a8 and fp8
-    (8-bit per channel).
+    (8-bit per channel). quantize_lm_head: also lm_head (see quantize_lm_head_weight; rtn/gptq/awq only).
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
@@ -141,6 +161,7 @@ def quantize_model(
             calibration or Calibration(),
             progress,
             activation_options or ActivationOptions(),
+            quantize_lm_head,
         )
     finally:
         torch.set_num_threads(threads)
@@ -156,9 +177,12 @@ def _quantize_model(
     calibration: Calibration,
     progress: Callable[[int, int], None] | None,
     activation_options: ActivationOptions,
+    quantize_lm_head: bool = False,
 ) -> QuantizeResult:
     start = time.perf_counter()
     check_method(method)
+    if quantize_lm_head and method in ACTIVATION_METHODS:
+        raise ValueError(f"--quantize-lm-head goes with rtn, gptq or awq (pack-quantized), not {method}")
     if out.resolve() == src.resolve():
         raise ValueError(f"--output {out} is the input directory; choose a new one")
     raw_config = json.loads((src / "config.json").read_text())
@@ -204,6 +228,9 @@ def _quantize_model(
         result.quantized_bytes += sum(t.numel() * t.element_size() for t in packed.values())
         result.dense_bytes_16bit += weight.numel() * 2
     ignore = ["lm_head", *plan.ignored]
+    if quantize_lm_head:
+        ignore.remove("lm_head")
+        schemes["lm_head"] = quantize_lm_head_weight(tensors, raw_config, result)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a previous output's shards would be loaded beside the new one
