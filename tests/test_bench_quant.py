@@ -40,3 +40,17 @@ def test_bench_quant_rows_and_errors():
     assert s.calibration.text_file.name == "wikitext2-valid.txt" and s.eval_text.name == "wikitext2-test.txt"
     with pytest.raises(ValueError, match="unknown row 'gptq-g128'"):
         settings(["gptq-g128"])
+
+
+@pytest.mark.timeout(60)
+def test_quant_profile_splits_decode_time_by_linear_kind(stories_dir, tmp_path):
+    from shoal.quant.quantize import quantize_model
+
+    w8 = quantize_model(stories_dir, tmp_path / "w8", "rtn", 8, "auto").output
+    args = ["quant-profile", f"base={stories_dir}", f"w8={w8}", "--tokens", "8", "--iters", "1"]
+    out = CliRunner().invoke(bench_app, args)
+    assert out.exit_code == 0, out.output
+    lines = {line.split(":")[0]: line for line in out.output.splitlines() if "tok/s," in line}
+    assert set(lines) == {"base", "w8"}
+    assert "quantized linears" in lines["w8"] and "quantized linears" not in lines["base"]
+    assert "linears" in lines["base"] and "lm_head" in lines["base"]

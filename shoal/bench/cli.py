@@ -361,5 +361,33 @@ def quant(
     typer.echo(f"wrote {output_dir / 'quant_eval.json'} and quant_eval.png")
 
 
+@bench_app.command("quant-profile")
+def quant_profile(
+    models: Annotated[
+        list[str], typer.Argument(help="LABEL=DIR for each model (e.g. bf16=models/SmolLM2-135M-Instruct).")
+    ],
+    tokens: Annotated[int, typer.Option(help="Tokens per greedy decode run.")] = 64,
+    iters: Annotated[int, typer.Option(help="Rounds alternating between the models (best kept).")] = 3,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Where single-stream decode time goes per model: tok/s, and ms per token in lm_head, quantized and
+    16-bit linears (shoal/bench/quant.py decode_profile)."""
+    import torch
+
+    from shoal.bench.quant import decode_profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        pairs = dict(m.split("=", 1) for m in models)
+    except ValueError:
+        typer.echo("error: give each model as LABEL=DIR", err=True)
+        raise typer.Exit(2) from None
+    result = decode_profile({k: Path(v) for k, v in pairs.items()}, tokens, iters, log=typer.echo)
+    for label, r in result.items():
+        parts = ", ".join(f"{kind} {v:.2f}" for kind, v in sorted(r["ms"].items()))
+        typer.echo(f"{label}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.2f} ms/token ({parts} ms)")
+
+
 if __name__ == "__main__":
     bench_app()

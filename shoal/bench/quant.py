@@ -120,3 +120,71 @@ def markdown(result: dict) -> str:
         f"calibration {calib['num_samples']} x {calib['seq_len']}; {m['cpu']}, {m['cpu_cores_usable']} cores, "
         f"flags {' '.join(result.get('cpu_flags', []))}, {m['torch_threads']} torch threads, torch {m['torch']}"
     )
+
+
+def _linear_kind(name: str, module) -> str | None:
+    from torch import nn
+
+    from shoal.model.packed_linear import PackedLinear
+    from shoal.quant.linear import QuantizedLinear
+
+    if name == "lm_head":
+        return "lm_head"
+    if isinstance(module, QuantizedLinear):
+        return "quantized linears"
+    return "linears" if isinstance(module, (PackedLinear, nn.Linear)) else None
+
+
+def _time_decode_linears(model) -> dict[str, float]:
+    """Forward hooks that add each linear's wall time on decode rows (one row) to the returned dict, by kind
+    (lm_head, quantized linears, linears). The hooks stay: use a model made for the measurement."""
+    import time
+
+    totals: dict[str, float] = {}
+    for name, module in model.named_modules():
+        kind = _linear_kind(name, module)
+        if kind is None:
+            continue
+
+        def pre(mod, args):
+            x = args[0]
+            mod._decode_t0 = time.perf_counter() if x.numel() == x.shape[-1] else None
+
+        def post(mod, args, out, kind=kind):
+            if mod._decode_t0 is not None:
+                totals[kind] = totals.get(kind, 0.0) + time.perf_counter() - mod._decode_t0
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+    return totals
+
+
+def decode_profile(models: dict[str, Path], tokens: int = 64, iters: int = 3, log=print) -> dict:
+    """Single-stream greedy decode of each model (label -> directory; `--dtype auto` engines, one process),
+    iters rounds alternating between them on fresh 32-token prompts: per model, the best round's tok/s and
+    its ms per generated token spent in lm_head, quantized linears and 16-bit linears (decode rows only);
+    the rest of a step is attention, norms and the engine. Shows where the bytes saved go (issue 18)."""
+    from shoal.bench import workload
+    from shoal.bench.latency import shoal_once
+
+    engines = {k: workload.build_engine(str(d), "auto", kv_cache_memory=256 << 20) for k, d in models.items()}
+    vocab = min(e.model_config.vocab_size for e in engines.values())
+
+    def prompt(r: int) -> list[int]:  # a fresh prompt each round: the prefix cache must not serve it
+        return [(1000 + 37 * r + j) % vocab for j in range(32)]
+
+    for e in engines.values():
+        e.warm_up()
+        shoal_once(e, prompt(0), tokens)
+    totals = {k: _time_decode_linears(e.runner.model) for k, e in engines.items()}
+    best: dict[str, dict] = {}
+    for i in range(iters):
+        for k, e in engines.items():
+            totals[k].clear()
+            run = shoal_once(e, prompt(i + 1), tokens)
+            tok_s = run.decode_tokens_per_s
+            if tok_s > best.get(k, {}).get("tok_s", 0.0):
+                ms = {kind: 1e3 * v / (tokens - 1) for kind, v in totals[k].items()}
+                best[k] = {"tok_s": tok_s, "ms_per_token": 1e3 / tok_s, "ms": ms}
+        log(f"round {i + 1}: " + ", ".join(f"{k} {v['tok_s']:.1f}" for k, v in best.items()))
+    return best

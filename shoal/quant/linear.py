@@ -7,10 +7,7 @@ Routes, by the number of rows (as PackedLinear routes its float weights):
   through torch's `_weight_int8pack_mm` (1 row, 3072x576: 14-45 us, as fast as shoal's bf16 gemv);
 - everything else (prompt chunks, fp16, other layouts): the reference path, dequantize to the input's dtype
   (w_hat = (q - zero_point) * scale) and F.linear; every faster path is tested against it.
-Measured, SmolLM2-135M-Instruct, bfloat16, one stream of 64 greedy tokens, 1 thread, on the 2-core AMD EPYC
-(AVX512-BF16, shared), one run each, same process: bf16 88.6 tok/s, int8 g64/128 82.3, int4 g64/128 77.2
-(an earlier, busier run: 54.3 / 54.5 / 52.9; the reference path alone: int8 9.3, int4 6.6). Slower than
-bf16, not yet the issue's 1.3x faster: the kernel is compute bound on unpacking (see qgemv.py).
+Measured decode speeds (SmolLM2-135M-Instruct, bfloat16, against bf16) are in docs/quantization.md.
 """
 
 from __future__ import annotations
