@@ -81,7 +81,7 @@ def _symmetric_if_centred(qw: QuantizedWeight) -> QuantizedWeight:
 
 def decode_gptq(tensors: dict[str, torch.Tensor], spec: UpstreamQuantization, name: str):
     """One GPTQ linear's tensors (keys: UPSTREAM_SUFFIXES) -> (QuantizedWeight [out, in] with its columns
-    in g_idx order, g_idx int64 [in] or None when absent). Columns are not permuted here (see contiguous)."""
+    in g_idx order, g_idx int64 [in] or None when absent). Columns are not permuted here (see contiguous_groups)."""
     bits = spec.bits
     if "qweight" not in tensors or tensors["qweight"].dim() != 2:
         raise ValueError(f"tensor {name}.qweight is missing or not 2-D")
