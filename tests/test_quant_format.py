@@ -252,6 +252,25 @@ def test_quantize_lm_head_unties_and_matches_compressed_tensors(stories_dir, tmp
         quantize_model(stories_dir, tmp_path / "fp8", "fp8", quantize_lm_head=True)
 
 
+@pytest.mark.timeout(60)
+def test_float32_scales_for_a_bf16_model(smollm2_dir, stories_dir, tmp_path):
+    """--scale-dtype float32: SmolLM2's (bf16) group scales stored in float32, the ones round to nearest
+    computes from the weight in float32; the layer still takes qgemv."""
+    out = quantize_model(smollm2_dir, tmp_path / "f32s", "rtn", 4, 64, True, scale_dtype="float32").output
+    name = "model.layers.0.self_attn.q_proj"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        scale = f.get_tensor(f"{name}.weight_scale")
+    with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor(f"{name}.weight")
+    assert weight.dtype == torch.bfloat16 and scale.dtype == torch.float32
+    assert torch.equal(scale, quantize_rtn(weight.float(), None, 4, 64).scale)
+    model, _ = load_model(out, torch.bfloat16, CPU)
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert qkv.weight_scale.dtype == torch.float32 and qkv.use_qgemv
+    with pytest.raises(ValueError, match="--scale-dtype goes with rtn, gptq or awq"):
+        quantize_model(stories_dir, tmp_path / "fp8", "fp8", scale_dtype="float32")
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("field", sorted(MALFORMED))
 def test_malformed_quantization_config_names_the_field(quantized_stories, tmp_path, field):

@@ -338,6 +338,9 @@ def quant(
         Path, typer.Option(help="Where quant_eval.json and quant_eval.png go.")
     ] = workload.REPO / "bench" / "results" / "quant",
     seed: SeedOpt = 0,
+    scale_dtype: Annotated[
+        str, typer.Option(help="4-bit rows: group scales in the weights' dtype (auto) or float32.")
+    ] = "auto",
 ) -> None:
     """Issue 18's quantization benchmark (shoal/bench/quant.py): perplexity, memory, decode speed and
     calibration time of each row against the 16-bit model, beside llm-compressor 0.14's ratios."""
@@ -352,6 +355,7 @@ def quant(
             decode_tokens,
             decode_iters,
             seed,
+            scale_dtype,
         )
         result = bench_quant.run(Path(model or workload.default_model()), s, output_dir, log=typer.echo)
     except (ValueError, OSError) as e:

@@ -16,6 +16,7 @@ issue's author on this machine) and the issue's goal (GOALS).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from shoal.quant.activation_recipe import ActivationOptions
@@ -62,14 +63,17 @@ def settings(
     decode_tokens: int = 32,
     decode_iters: int = 3,
     seed: int = 0,
+    scale_dtype: str = "auto",
 ) -> EvalSettings:
-    """The EvalSettings of a benchmark run over rows (names of ROWS); ValueError naming an unknown row."""
+    """The EvalSettings of a benchmark run over rows (names of ROWS); ValueError naming an unknown row.
+    scale_dtype (auto or float32) applies to the 4-bit rows (quantize_model's)."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    specs = [ROWS[r] for r in rows]
     return EvalSettings(
         methods=list(rows),
-        specs=[ROWS[r] for r in rows],
+        specs=[replace(m, scale_dtype=scale_dtype) if m.bits == 4 else m for m in specs],
         eval_text=DEFAULT_EVAL_TEXT,
         eval_tokens=num_tokens,
         calibration=Calibration(DEFAULT_CALIB_TEXT, num_samples, seq_len, seed),

@@ -68,6 +68,10 @@ def quantize(
             help="Also lm_head: int8 per channel, round to nearest (rtn, gptq, awq; unties tied embeddings).",
         ),
     ] = False,
+    scale_dtype: Annotated[
+        str,
+        typer.Option(help="rtn, gptq, awq: group scales in the weights' dtype (auto) or float32."),
+    ] = "auto",
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress
@@ -91,6 +95,7 @@ def quantize(
                 lambda done, total: bar.update(task, completed=done, total=total),
                 ActivationOptions(weight_method, smoothquant_alpha, activation_scales, observer),
                 quantize_lm_head,
+                scale_dtype,
             )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)

@@ -48,7 +48,8 @@ KV_CACHE_BYTES = 256 << 20  # per engine: several engines are alive at once for 
 @dataclass
 class MethodSpec:
     """One quantized row: its label, the method and bits, and settings of its own where they differ from
-    the run's (group_size, symmetric: None takes EvalSettings'; activation: w8a8's options)."""
+    the run's (group_size, symmetric: None takes EvalSettings'; activation: w8a8's options; scale_dtype:
+    quantize_model's, auto or float32)."""
 
     label: str
     method: str
@@ -56,6 +57,7 @@ class MethodSpec:
     group_size: str | int | None = None
     symmetric: bool | None = None
     activation: ActivationOptions | None = None
+    scale_dtype: str = "auto"
 
 
 @dataclass
@@ -199,6 +201,7 @@ def quantize_all(model_dir: Path, s: EvalSettings, out_root: Path, log) -> tuple
                 s.symmetric if spec.symmetric is None else spec.symmetric,
                 s.calibration,
                 activation_options=spec.activation,
+                scale_dtype=spec.scale_dtype,
             )
         except (ValueError, NotImplementedError, RuntimeError, OSError) as e:
             skipped.append({"method": spec.label, "reason": str(e)})
