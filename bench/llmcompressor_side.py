@@ -1,0 +1,118 @@
+"""llm-compressor's side of `make bench-quant`: the same rows, calibration windows and perplexity protocol,
+quantized by llm-compressor 0.14 and scored by transformers (float32), for a same-machine comparison.
+
+Never a dependency of shoal (llmcompressor pins compressed-tensors 0.19 and transformers <= 5.17): run it in a
+throwaway venv, with torch pinned first so that pip keeps the CPU build:
+
+    python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 && \\
+        /tmp/llmc/bin/pip install llmcompressor==0.14.0.1
+    /tmp/llmc/bin/python bench/llmcompressor_side.py --model models/SmolLM2-135M-Instruct \\
+        --num-tokens 4096 --num-samples 16 --seq-len 256 [--rows rtn-g64,gptq-g64,w8a8-sq-gptq,fp8]
+
+Calibration: num_samples windows of seq_len tokens of ../shared/eval/wikitext2-valid.txt at offsets drawn as
+shoal's `calibration_windows` draws them (torch.Generator(seed), randint), so both sides see the same tokens.
+Perplexity: the first num_tokens tokens of ../shared/eval/wikitext2-test.txt (`tokenizer(text)`), windows
+of 1024, exp(mean NLL) of every token after a window's first. Rows (shoal/bench/quant.py's names):
+rtn-g64 and gptq-g64 (4-bit symmetric, groups of 64: QuantizationModifier / GPTQModifier), w8a8-sq-gptq
+(SmoothQuantModifier 0.8 then GPTQModifier W8A8) and fp8 (QuantizationModifier FP8_DYNAMIC); lm_head is
+ignored, as in shoal. AWQ is left out: llm-compressor's AWQ needs an accelerator (the issue patched it).
+Prints a Markdown table: perplexity, ratio to the float32 base, calibration seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
+W4_G64 = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
+    }
+}
+
+
+def recipe(row: str):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    if row == "rtn-g64":
+        return QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"])
+    if row == "gptq-g64":
+        return GPTQModifier(config_groups=W4_G64, ignore=["lm_head"])
+    if row == "w8a8-sq-gptq":
+        return [
+            SmoothQuantModifier(smoothing_strength=0.8),
+            GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+        ]
+    if row == "fp8":
+        return QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+    raise ValueError(f"unknown row {row!r}")
+
+
+def windows(ids: list[int], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """shoal.quant.calibration.calibration_windows' draw (that module needs shoal's venv)."""
+    t = torch.tensor(ids, dtype=torch.int64)
+    starts = torch.randint(
+        0, len(ids) - seq_len + 1, (num_samples,), generator=torch.Generator().manual_seed(seed)
+    )
+    return torch.stack([t[s : s + seq_len] for s in starts.tolist()])
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], size: int = 1024) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, len(ids), size):
+        w = ids[i : i + size]
+        if len(w) < 2:
+            continue
+        x = torch.tensor([w])
+        nll += float(model(x, labels=x).loss) * (len(w) - 1)
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--rows", default="rtn-g64,gptq-g64,w8a8-sq-gptq,fp8")
+    p.add_argument("--num-tokens", type=int, default=65536)
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    tok = AutoTokenizer.from_pretrained(a.model)
+    eval_ids = tok((EVAL / "wikitext2-test.txt").read_text())["input_ids"][: a.num_tokens]
+    calib = windows(
+        tok((EVAL / "wikitext2-valid.txt").read_text())["input_ids"], a.num_samples, a.seq_len, a.seed
+    )
+    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+
+    base = perplexity(load(), eval_ids)
+    print("| row | perplexity | ratio to float32 base | calibration s |\n|---|---|---|---|")
+    print(f"| base | {base:.3f} | 1.000 | |", flush=True)
+    for row in a.rows.split(","):
+        model = load()
+        t0 = time.perf_counter()
+        oneshot(model=model, dataset=data, recipe=recipe(row), max_seq_length=a.seq_len,
+                num_calibration_samples=a.num_samples)  # fmt: skip
+        secs = time.perf_counter() - t0
+        ppl = perplexity(model, eval_ids)
+        print(f"| {row} | {ppl:.3f} | {ppl / base:.3f} | {secs:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
