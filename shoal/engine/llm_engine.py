@@ -167,21 +167,14 @@ class LLMEngine:
         self.check_prompt(prompt_token_ids, params, priority)
         self._queue(request_id, prompt_token_ids, params, arrival_time, priority, cache_salt)
 
-    def _queue(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        arrival_time: float | None = None,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> None:
-        """add_request after its checks (prompt_logits checks differently)."""
+    def _queue(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *seq_args) -> None:
+        """add_request after its checks (prompt_logits checks differently); seq_args: Sequence's
+        arrival_time, priority and cache_salt."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, prompt_token_ids, params, arrival_time, priority, cache_salt)
+            seq = Sequence(request_id, i, prompt_token_ids, params, *seq_args)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
