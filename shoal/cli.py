@@ -138,6 +138,21 @@ def serve(
             "limits (docs/security.md). Validated at start; a bad field stops the server with its path.",
         ),
     ] = None,
+    max_tokens_cap: Annotated[
+        int | None,
+        typer.Option(help="Most tokens one choice may ask for (max_tokens); more is a 400 naming this flag."),
+    ] = None,
+    max_n: Annotated[
+        int | None,
+        typer.Option(help="Most choices (n) one request may ask for; more is a 400 (at most 128)."),
+    ] = None,
+    max_waiting_requests: Annotated[
+        int | None,
+        typer.Option(
+            help="Load shedding: past this many requests waiting for the engine, new ones get 503 with "
+            "Retry-After, the lowest priority first (docs/security.md). Default: unbounded.",
+        ),
+    ] = None,
     drain_timeout: Annotated[
         float,
         typer.Option(
@@ -221,6 +236,9 @@ def serve(
             record_schedule=record_schedule,
             policy=load_policy(policy) if policy else None,
             request_timeout_s=request_timeout,
+            max_tokens_cap=max_tokens_cap,
+            max_n=max_n,
+            max_waiting_requests=max_waiting_requests,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
         _check_policy_fits(settings.policy, scheduling_policy)

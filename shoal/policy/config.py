@@ -13,6 +13,10 @@ Top level:
 - `auth`: API keys (a key file) and JWT bearer tokens (auth.py, keys.py, jwt_auth.py).
 - `audit`: the HMAC-chained audit log (audit.py).
 - `tenants`: prefix-cache isolation between tenants (tenancy.py); on by default.
+- `rate_limits`: requests and tokens per window, per key, per tenant and global (ratelimit.py).
+- `limits`: input validation and cost caps, on by default (caps.py).
+- `shedding`: load shedding and degraded mode (shedding.py).
+- `breaker`: the circuit breaker in front of the engine (breaker.py).
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shoal.policy.audit import AuditPolicy, LineCipher, hmac_key_from_env
 from shoal.policy.auth import Authenticator, AuthPolicy
+from shoal.policy.breaker import BreakerPolicy
+from shoal.policy.caps import InputLimits
 from shoal.policy.content_filter import ContentFilterPolicy
+from shoal.policy.ratelimit import RateLimitPolicy
 from shoal.policy.response_cache import ResponseCachePolicy
+from shoal.policy.shedding import SheddingPolicy
 from shoal.policy.tenancy import TenantsPolicy
 
 
@@ -50,6 +58,10 @@ class PolicyConfig(_Section):
     auth: AuthPolicy | None = None
     audit: AuditPolicy | None = None
     tenants: TenantsPolicy = Field(default_factory=TenantsPolicy)
+    rate_limits: RateLimitPolicy | None = None
+    limits: InputLimits = Field(default_factory=InputLimits)
+    shedding: SheddingPolicy | None = None
+    breaker: BreakerPolicy | None = None
 
     @model_validator(mode="after")
     def _default_class_exists(self) -> PolicyConfig:

@@ -18,6 +18,7 @@ from prometheus_client import Gauge
 import shoal
 from shoal.policy.audit import AuditLog, AuditPolicy, request_record
 from shoal.policy.auth import Authenticator, needs_auth
+from shoal.policy.config import PolicyConfig
 from shoal.policy.content_filter import ContentFilter
 from shoal.policy.response_cache import ResponseCache
 from shoal.server import chat, completions, debug, info, tokens
@@ -30,6 +31,7 @@ from shoal.server.metrics import ServerMetrics
 from shoal.server.request_context import RequestContext, RequestContextMiddleware
 from shoal.server.settings import ServerSettings
 from shoal.server.state import ServerState
+from shoal.server.traffic import TrafficGuard, TrafficMiddleware, caps_of
 
 
 def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = False) -> FastAPI:
@@ -50,6 +52,8 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
             if loading is not None and not loading.done():
                 loading.cancel()
             await engine.shutdown()
+            if state.traffic is not None:
+                await state.traffic.close()
 
     app = FastAPI(
         title="shoal",
@@ -66,6 +70,8 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
     if settings.record_schedule:
         state.schedule_record = debug.ScheduleRecord()
         engine.add_step_listener(state.schedule_record.on_step)
+    state.caps = caps_of(settings.policy, settings.max_tokens_cap, settings.max_n)
+    state.traffic = _traffic_guard(engine, settings, lifecycle, metrics)
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)
@@ -78,6 +84,8 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
         app.add_middleware(ResponseCacheMiddleware, cache=cache, served_model_name=settings.served_model_name)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if state.traffic is not None:  # inside authentication (it needs the identity), before the body is read
+        app.add_middleware(TrafficMiddleware, guard=state.traffic)
     if settings.api_key or (policy and policy.auth):
         classes = set(policy.classes) if policy else None
         authenticator = Authenticator(policy.auth if policy else None, settings.api_key, classes)
@@ -109,6 +117,19 @@ def _audit_listener(
             log.append(request_record(ctx, decode if policy.include_text else None))
 
     return on_end
+
+
+def _traffic_guard(
+    engine: Any, settings: ServerSettings, lifecycle: Lifecycle, metrics: ServerMetrics
+) -> TrafficGuard | None:
+    """The rate limits, shedding and breaker, or None when none is configured (all are off by default)."""
+    policy = settings.policy or PolicyConfig()
+    parts = (policy.rate_limits, policy.shedding, policy.breaker, settings.max_waiting_requests)
+    if all(part is None for part in parts):
+        return None
+    guard = TrafficGuard(engine, policy, settings.max_waiting_requests, lifecycle.liveness_problem)
+    guard.register_metrics(metrics.registry)
+    return guard
 
 
 def _document_400_not_422(app: FastAPI) -> None:

@@ -45,6 +45,7 @@ from shoal.server.protocol import (
     Usage,
 )
 from shoal.server.state import ServerState, get_state
+from shoal.server.traffic import apply_caps, capped_default
 
 router = APIRouter()
 logger = logging.getLogger("shoal.server")
@@ -104,11 +105,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_ready()
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_max_tokens(body.requested_max_tokens, echo=False, param=param)
+    apply_caps(state.caps, body)
     prompt_ids = await anyio.to_thread.run_sync(render_chat, state, body)
     prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.max_model_len)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
-        max_tokens = max(state.max_model_len - len(prompt_ids), 1)
+        max_tokens = capped_default(state.caps, max(state.max_model_len - len(prompt_ids), 1))
     params = build_sampling_params(
         body,
         max_tokens=max_tokens,

@@ -46,6 +46,7 @@ from shoal.server.protocol import (
     Usage,
 )
 from shoal.server.state import ServerState, get_state
+from shoal.server.traffic import apply_caps, capped_default
 
 router = APIRouter()
 logger = logging.getLogger("shoal.server")
@@ -170,7 +171,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state.check_model(body.model)
     state.check_ready()
     check_max_tokens(body.max_tokens, echo=body.echo, param="max_tokens")
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    apply_caps(state.caps, body)
+    explicit = body.max_tokens is not None and "max_tokens" in body.model_fields_set
+    max_tokens = body.max_tokens if explicit else capped_default(state.caps, 16)
     prompt_logprobs = body.prompt_logprobs
     if body.echo and body.logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)

@@ -30,6 +30,7 @@ from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import Usage
 from shoal.server.request_context import RequestContext, request_context
+from shoal.server.traffic import admit_jobs
 
 logger = logging.getLogger("shoal.server")
 T = TypeVar("T")
@@ -322,6 +323,7 @@ async def run_jobs(
         await check_prompts(
             request, engine.tokenizer, [j.prompt_ids for j in jobs], content_filter, wants_logprobs
         )
+    await admit_jobs(request, jobs)  # caps on the prompt's tokens, shedding, token rate limits
     _arm_timeout(request, ctx, engine, [job.request_id for job in jobs])
     try:
         if stream_events is not None:

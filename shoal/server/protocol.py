@@ -45,13 +45,14 @@ def _check_unsupported(data: Any, rules: dict[str, tuple[Any, str]]) -> Any:
 
 def _lone_surrogate_at(value: Any, path: str) -> str | None:
     """The path ("messages.0.content") of the first string (or key) under value that is not valid
-    Unicode: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 encoder accepts."""
+    Unicode: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 encoder accepts; or
+    that holds a NUL character, which C libraries, logs and tokenizers take for the string's end."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             return path or None
-        return None
+        return (path or None) if "\x00" in value else None
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -81,8 +82,8 @@ class _Strict(BaseModel):
         if where is not None:
             raise PydanticCustomError(
                 "shoal_invalid_unicode",
-                "{param}: invalid Unicode: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
-                "which cannot be encoded as UTF-8",
+                "{param}: invalid text: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                "which cannot be encoded as UTF-8, or a NUL character (U+0000)",
                 {"param": where},
             )
         return data

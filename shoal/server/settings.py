@@ -29,6 +29,11 @@ class ServerSettings:
     # Every request ends (partial output, finish_reason "abort") this long after it arrived; a request may
     # ask for less or more with the X-Request-Timeout header. None: no limit.
     request_timeout_s: float | None = None
+    # Cost caps that win over the policy's `limits` (shoal/policy/caps.py): max_tokens per choice, and n.
+    max_tokens_cap: int | None = None
+    max_n: int | None = None
+    # Load shedding (shoal/policy/shedding.py): requests waiting for the engine past which new ones get 503.
+    max_waiting_requests: int | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -39,5 +44,12 @@ class ServerSettings:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
+        for name in ("max_tokens_cap", "max_n"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_n is not None and self.max_n > 128:
+            raise ValueError(f"--max-n must be at most 128, got {self.max_n}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
         if self.api_key == "":
             self.api_key = None

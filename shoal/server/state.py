@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from shoal.policy.caps import Caps, InputLimits
 from shoal.server.errors import SERVER_ERROR, APIError
 from shoal.server.lifecycle import RETRY_AFTER_S, Lifecycle
 from shoal.server.logprobs import TokenTexts
@@ -28,6 +29,8 @@ class ServerState:
     end_listeners: list[EndListener] = field(default_factory=list)
     schedule_record: Any = None  # debug.ScheduleRecord with --record-schedule
     content_filter: Any = None  # policy.content_filter.ContentFilter with a content_filter policy
+    caps: Caps = field(default_factory=lambda: Caps(InputLimits()))  # input limits: always on
+    traffic: Any = None  # traffic.TrafficGuard when a rate limit, shedding or the breaker is configured
 
     @property
     def model_name(self) -> str:
