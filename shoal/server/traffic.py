@@ -202,6 +202,14 @@ class TrafficGuard:
 
     # ---- before the body: breaker and request rate --------------------------------------------------
     async def enter(self, ctx: RequestContext) -> tuple[Ticket | None, APIError | None]:
+        ticket = Ticket(scopes_of(self.policy.rate_limits, ctx.identity) if self.requests else [])
+        if self.requests is not None:
+            decision = await self.requests.hit(ticket.scopes)
+            if not decision.allowed:
+                self._count("rate_limit_requests")
+                return None, too_many("requests", decision, self.window_s, {})
+            ticket.headers.update(ratelimit_headers("requests", decision.quota))
+        # After the rate limit: a half-open breaker's probe must be a request that reaches the engine.
         if self.breaker is not None:
             wait = self.breaker.allow()
             if wait is not None:
@@ -211,13 +219,6 @@ class TrafficGuard:
                     "circuit_open",
                     wait,
                 )
-        ticket = Ticket(scopes_of(self.policy.rate_limits, ctx.identity) if self.requests else [])
-        if self.requests is not None:
-            decision = await self.requests.hit(ticket.scopes)
-            if not decision.allowed:
-                self._count("rate_limit_requests")
-                return None, too_many("requests", decision, self.window_s, {})
-            ticket.headers.update(ratelimit_headers("requests", decision.quota))
         return ticket, None
 
     # ---- once tokenized: shedding, degradation, token rate ------------------------------------------
@@ -225,6 +226,9 @@ class TrafficGuard:
         """Shed, degrade or admit the request's engine requests; raise APIError (503/429) to refuse."""
         if self.shedding is not None:
             self._shed_or_degrade(ticket, jobs)
+        # Counted before the first await, so that a burst of arrivals sees each other (leave() uncounts).
+        ticket.engine_requests = len(jobs)
+        self.inflight += len(jobs)
         if self.tokens is not None:
             prompt = sum(len(job.prompt_ids) for job in jobs)
             decision = await self.tokens.admit(ticket.scopes, prompt)
@@ -232,8 +236,6 @@ class TrafficGuard:
                 self._count("rate_limit_tokens")
                 raise too_many("tokens", decision, self.window_s, ticket.headers)
             ticket.headers.update(ratelimit_headers("tokens", decision.quota))
-        ticket.engine_requests = len(jobs)
-        self.inflight += len(jobs)
 
     def load(self) -> Load:
         """Waiting requests: the engine's count, or (between its steps) what this server has sent beyond
