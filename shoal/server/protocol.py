@@ -43,16 +43,29 @@ def _check_unsupported(data: Any, rules: dict[str, tuple[Any, str]]) -> Any:
     return data
 
 
-def _lone_surrogate_at(value: Any, path: str) -> str | None:
-    """The path ("messages.0.content") of the first string (or key) under value that is not valid
-    Unicode: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 encoder accepts; or
-    that holds a NUL character, which C libraries, logs and tokenizers take for the string's end."""
+_LONE_SURROGATE = (
+    "invalid Unicode: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which cannot be "
+    "encoded as UTF-8"
+)
+_NUL = "the NUL character (U+0000) is not allowed"
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot go on: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8
+    encoder accepts; a NUL is taken for the end of the string by C libraries, logs and tokenizers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE
+    return _NUL if "\x00" in text else None
+
+
+def _bad_text_at(value: Any, path: str) -> tuple[str | None, str] | None:
+    """(path, problem) of the first string (or key) under value that is not acceptable text, e.g.
+    ("messages.0.content", ...)."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or None
-        return (path or None) if "\x00" in value else None
+        problem = _text_problem(value)
+        return None if problem is None else (path or None, problem)
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -61,9 +74,10 @@ def _lone_surrogate_at(value: Any, path: str) -> str | None:
         return None
     for key, item in items:
         where = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and _lone_surrogate_at(key, "key") is not None:
-            return where.encode("utf-8", errors="backslashreplace").decode()
-        found = _lone_surrogate_at(item, where)
+        bad_key = _text_problem(key) if isinstance(key, str) else None
+        if bad_key is not None:
+            return where.encode("utf-8", errors="backslashreplace").decode(), bad_key
+        found = _bad_text_at(item, where)
         if found is not None:
             return found
     return None
@@ -78,13 +92,11 @@ class _Strict(BaseModel):
     def _valid_unicode(cls, data: Any) -> Any:
         """Every string of a request must be encodable: it reaches the tokenizer, the chat template, the
         stop-string matcher or an error message. The outermost model names the full path."""
-        where = _lone_surrogate_at(data, "")
-        if where is not None:
+        found = _bad_text_at(data, "")
+        if found is not None:
+            where, problem = found
             raise PydanticCustomError(
-                "shoal_invalid_unicode",
-                "{param}: invalid text: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
-                "which cannot be encoded as UTF-8, or a NUL character (U+0000)",
-                {"param": where},
+                "shoal_invalid_unicode", "{param}: {problem}", {"param": where, "problem": problem}
             )
         return data
 
