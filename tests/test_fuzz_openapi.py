@@ -29,7 +29,7 @@ def test_schemathesis_finds_nothing():
     cli = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     if not Path(cli).exists():
         pytest.skip("schemathesis is not installed (a dev dependency: pip install -e '.[dev]')")
-    server = launch_own_server("fuzz", [])
+    server = launch_own_server("fuzz", ["--max-tokens-cap", "8", "--max-n", "2"])
     try:
         wait_ready(server)
         run = subprocess.run(
