@@ -173,3 +173,13 @@ def test_the_policy_sections_validate_with_their_paths():
         PolicyConfig.model_validate({"rate_limits": {"per_key": {"requests": 0}}})
     policy = PolicyConfig.model_validate({"rate_limits": {"global": {"requests": 5}}})
     assert policy.rate_limits.global_.requests == 5 and policy.limits.max_n == 128
+
+
+def test_a_keys_own_limits_win_over_the_policys_per_key_limit():
+    from types import SimpleNamespace
+
+    policy = RateLimitPolicy(per_key={"requests": 100})
+    own = SimpleNamespace(requests_per_minute=5, tokens_per_minute=None)
+    keyed = scopes_of(policy, SimpleNamespace(key_id="k1", tenant=None, limits=own))
+    assert keyed[0].limit.requests == 5
+    assert scopes_of(policy, None)[0].name == "anonymous" and scopes_of(policy, None)[0].limit.requests == 100

@@ -77,7 +77,7 @@ def scopes_of(policy: RateLimitPolicy, identity: Identity | None) -> list[Scope]
     who = identity or ANONYMOUS
     key = who.key_id or ANONYMOUS_KEY
     out = []
-    key_limit = policy.keys.get(key, policy.per_key)
+    key_limit = _own_limit(who) or policy.keys.get(key, policy.per_key)
     if key_limit is not None:
         out.append(Scope("key", key, key_limit))
     if who.tenant is not None:
@@ -87,6 +87,14 @@ def scopes_of(policy: RateLimitPolicy, identity: Identity | None) -> list[Scope]
     if policy.global_ is not None:
         out.append(Scope("global", "all", policy.global_))
     return out
+
+
+def _own_limit(who: Identity) -> Limit | None:
+    """The limits stored with the key itself (`shoal keys create --rpm --tpm`), read as per window."""
+    own = getattr(who, "limits", None)  # Identity.limits, where authentication provides it
+    requests = getattr(own, "requests_per_minute", None)
+    tokens = getattr(own, "tokens_per_minute", None)
+    return Limit(requests=requests, tokens=tokens) if requests or tokens else None
 
 
 @dataclass(frozen=True)
