@@ -13,7 +13,14 @@ from shoal.policy.breaker import BreakerPolicy, CircuitBreaker, State
 from shoal.policy.caps import CapExceeded, Caps, InputLimits
 from shoal.policy.config import PolicyConfig
 from shoal.policy.identity import Identity
-from shoal.policy.ratelimit import Buckets, RateLimitPolicy, TokenCounter, scopes_of, seconds_until_room
+from shoal.policy.ratelimit import (
+    Buckets,
+    RateLimitPolicy,
+    RequestLimiter,
+    TokenCounter,
+    scopes_of,
+    seconds_until_room,
+)
 from shoal.policy.shedding import Load, SheddingPolicy, verdict
 from shoal.server.protocol import ChatCompletionRequest
 
@@ -80,6 +87,19 @@ def test_token_usage_is_recorded_even_past_the_limit(backend):
             delete_prefix(prefix)
 
 
+def test_exactly_n_requests_per_window_in_memory():
+    policy = RateLimitPolicy(window_seconds=60, per_key={"requests": 3})
+    limiter = RequestLimiter(policy)
+
+    async def run() -> list:
+        return [await limiter.hit(scopes_of(policy, None)) for _ in range(5)]
+
+    decisions = asyncio.run(run())
+    assert [d.allowed for d in decisions] == [True, True, True, False, False]
+    assert [d.quota.remaining for d in decisions[:3]] == [2, 1, 0]
+    assert 59 < decisions[3].quota.retry_after_s <= 60
+
+
 def test_a_refusal_in_one_scope_records_nothing_in_the_others():
     policy = RateLimitPolicy(per_key={"tokens": 1000}, per_tenant={"tokens": 50})
     scopes = scopes_of(policy, Identity("k1", "acme"))
@@ -104,6 +124,8 @@ def test_the_breaker_opens_on_failures_and_probes_close_it():
     now[0] = 6
     assert breaker.allow() is None and breaker.state == State.HALF_OPEN
     assert breaker.allow() is not None  # one probe at a time
+    breaker.abstain()  # the probe was a bad request: its place goes to the next one
+    assert breaker.allow() is None
     breaker.failed()  # the probe fails: open again
     assert breaker.state == State.OPEN
     now[0] = 12

@@ -96,6 +96,12 @@ class CircuitBreaker:
         ):
             self._open(f"{timeouts} of the last {len(self.recent)} requests timed out")
 
+    def abstain(self) -> None:
+        """A request that was let through never reached the engine (invalid, shed): no verdict, but a
+        probe's place is given back."""
+        if self.state == State.HALF_OPEN and self.probes > 0:
+            self.probes -= 1
+
     def failed(self) -> None:
         """A request failed in the engine (a failed step, a dead engine)."""
         self.failures += 1

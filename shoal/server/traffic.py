@@ -5,8 +5,8 @@ Two hooks, because what they need is known at different times:
   breaker (503 while open) and the request-rate limits (429). When the response has been sent in full it
   records the request's completion tokens, its outcome for the breaker and its latency for the queue-wait
   estimate, and it adds the `x-ratelimit-*` and `x-shoal-degraded` headers to every answer.
-- `TrafficGuard.admit_jobs`, called by `generation.run_jobs` once the prompt is tokenized: the prompt-token
-  cap, shedding and degraded mode, and the token-rate limits.
+- `admit_jobs`, called by `generation.run_jobs` once the prompt is tokenized: the prompt-token cap, then
+  (`TrafficGuard.admit_jobs`) shedding and degraded mode, and the token-rate limits.
 
 The policies themselves are in `shoal/policy` (caps, ratelimit, shedding, breaker); this module turns
 their verdicts into HTTP answers in OpenAI's error shape.
@@ -266,7 +266,9 @@ class TrafficGuard:
             latency = time.monotonic() - ctx.arrival_time
             self.mean_latency_s += LATENCY_EWMA_ALPHA * (latency - self.mean_latency_s)
         if self.breaker is not None:
-            if ctx.status is None or (ctx.status >= 500 and ctx.status != 503):
+            if not ticket.engine_requests:  # refused before the engine: says nothing of its health
+                self.breaker.abstain()
+            elif ctx.status is None or (ctx.status >= 500 and ctx.status != 503):
                 self.breaker.failed()
             else:
                 self.breaker.succeeded(timed_out=ctx.timed_out)
