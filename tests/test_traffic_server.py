@@ -123,6 +123,7 @@ def test_token_limit_counts_real_usage_until_it_ages_out(servers):
     assert refused.headers["x-ratelimit-limit-tokens"] == str(TOKENS_PER_WINDOW)
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
     assert int(refused.headers["Retry-After"]) >= 1 and "x-ratelimit-reset-tokens" in refused.headers
+    assert len(refused.headers.get_list("x-ratelimit-limit-requests")) == 1  # each header once
     start = time.monotonic()
     while (answer := complete(servers["b"])).status_code == 429:
         assert time.monotonic() - start < 2 * WINDOW_S + 2, "the usage never aged out"

@@ -153,8 +153,9 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest_s}" if minutes else rest_s
 
 
-def too_many(kind: str, decision: Decision, window_s: int, headers: dict[str, str]) -> APIError:
-    """The 429 of a refused request, with Retry-After and every x-ratelimit-* header known."""
+def too_many(kind: str, decision: Decision, window_s: int) -> APIError:
+    """The 429 of a refused request, with Retry-After and the refusing limit's x-ratelimit-* headers (the
+    middleware adds those of the other kind)."""
     quota, scope = decision.quota, decision.scope
     retry = max(1, math.ceil(quota.retry_after_s))
     return APIError(
@@ -162,7 +163,7 @@ def too_many(kind: str, decision: Decision, window_s: int, headers: dict[str, st
         f"limit {quota.limit}, remaining {quota.remaining}. Please try again in {retry} s.",
         429,
         code=RATE_LIMIT_CODE,
-        headers={**headers, **ratelimit_headers(kind, quota), "Retry-After": str(retry)},
+        headers={**ratelimit_headers(kind, quota), "Retry-After": str(retry)},
     )
 
 
@@ -207,7 +208,7 @@ class TrafficGuard:
             decision = await self.requests.hit(ticket.scopes)
             if not decision.allowed:
                 self._count("rate_limit_requests")
-                return None, too_many("requests", decision, self.window_s, {})
+                return None, too_many("requests", decision, self.window_s)
             ticket.headers.update(ratelimit_headers("requests", decision.quota))
         # After the rate limit: a half-open breaker's probe must be a request that reaches the engine.
         if self.breaker is not None:
@@ -234,7 +235,7 @@ class TrafficGuard:
             decision = await self.tokens.admit(ticket.scopes, prompt)
             if not decision.allowed:
                 self._count("rate_limit_tokens")
-                raise too_many("tokens", decision, self.window_s, ticket.headers)
+                raise too_many("tokens", decision, self.window_s)
             ticket.headers.update(ratelimit_headers("tokens", decision.quota))
 
     def load(self) -> Load:
@@ -335,8 +336,10 @@ class TrafficMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
                 extra = [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
-                message["headers"] = [*message.get("headers", []), *extra]
+                message["headers"] = headers + [h for h in extra if h[0] not in present]
             await send(message)
 
         try:
