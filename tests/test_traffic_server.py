@@ -1,8 +1,8 @@
 """Rate limits, caps, shedding and the circuit breaker, against real `shoal serve` processes.
 
-Three stories260K servers, started together: two replicas sharing one Redis rate limit (a unique key
-prefix, deleted at the end), and one with the caps, shedding and the breaker (and fault injection, to
-slow and break engine steps).
+Three stories260K servers, started together: two replicas with one key file sharing one Redis rate limit
+(a unique key prefix, deleted at the end), and one with the caps, shedding and the breaker (and fault
+injection, to slow and break engine steps).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import uuid
 import httpx
 import pytest
 from server_fixture import CHAT_TEMPLATE, LiveServer, launch_own_server, metric_samples, wait_ready
+from test_security import create_key
 from test_traffic_policies import REDIS_URL, delete_prefix, redis_or_skip
 
 WINDOW_S = 2
@@ -21,15 +22,21 @@ TOKENS_PER_WINDOW = 300
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> dict[str, LiveServer]:
+def servers(tmp_path_factory) -> dict:
     redis_or_skip()
     tmp = tmp_path_factory.mktemp("traffic")
     prefix = f"shoal-test-{uuid.uuid4().hex}"
+    keys_file = tmp / "keys.json"
+    # Keys made with `shoal keys create`: their limits are per window (window_seconds).
+    keys = {
+        "ten": create_key(keys_file, "--tenant", "t", "--rpm", "10")[1],
+        "tok": create_key(keys_file, "--tenant", "t", "--tpm", str(TOKENS_PER_WINDOW))[1],
+    }
     rate = tmp / "rate.yaml"
     rate.write_text(
+        f"auth: {{keys_file: {keys_file}}}\n"
         f"rate_limits:\n  backend: redis\n  redis_url: {REDIS_URL}\n  redis_prefix: {prefix}\n"
-        f"  window_seconds: {WINDOW_S}\n  per_key: {{requests: 10}}\n"
-        f"  global: {{tokens: {TOKENS_PER_WINDOW}}}\n"
+        f"  window_seconds: {WINDOW_S}\n  per_tenant: {{requests: 1000}}\n"
     )
     guard = tmp / "guard.yaml"
     guard.write_text(
@@ -69,7 +76,7 @@ def servers(tmp_path_factory) -> dict[str, LiveServer]:
     try:
         for server in started.values():
             wait_ready(server)
-        yield started
+        yield {**started, "keys": keys}
     finally:
         for server in started.values():
             server.proc.terminate()
@@ -78,9 +85,10 @@ def servers(tmp_path_factory) -> dict[str, LiveServer]:
         delete_prefix(prefix)
 
 
-def complete(server: LiveServer, **body) -> httpx.Response:
+def complete(server: LiveServer, key: str | None = None, **body) -> httpx.Response:
     payload = {"prompt": "Once upon a time", "max_tokens": 1, **body}
-    return httpx.post(f"{server.url}/v1/completions", json=payload, timeout=60)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}/v1/completions", json=payload, headers=headers, timeout=60)
 
 
 def chat(server: LiveServer, **body) -> httpx.Response:
@@ -93,9 +101,9 @@ def chat(server: LiveServer, **body) -> httpx.Response:
 
 @pytest.mark.timeout(60)
 def test_two_replicas_share_one_request_limit(servers):
-    """10 requests per window for the key, alternating between two processes: exactly 10 succeed,
+    """A key with 10 requests per window, alternating between two processes: exactly 10 succeed,
     counted down together, then both answer 429 with Retry-After and OpenAI's headers."""
-    answers = [complete(servers["ab"[i % 2]]) for i in range(12)]
+    answers = [complete(servers["ab"[i % 2]], servers["keys"]["ten"]) for i in range(12)]
     assert [r.status_code for r in answers] == [200] * 10 + [429] * 2, [r.text for r in answers]
     remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in answers[:10]]
     assert remaining == list(range(9, -1, -1))
@@ -109,23 +117,23 @@ def test_two_replicas_share_one_request_limit(servers):
 
 @pytest.mark.timeout(60)
 def test_token_limit_counts_real_usage_until_it_ages_out(servers):
-    """A request admitted with room for its prompt overshoots the token limit with its completion; the
-    next request (on the other replica) gets 429 until that usage slides out of the window."""
-    time.sleep(WINDOW_S + 0.2)  # the request limit of the previous test has moved on
-    big = complete(servers["a"], max_tokens=TOKENS_PER_WINDOW + 50, ignore_eos=True)
+    """A key's request admitted with room for its prompt overshoots the token limit with its completion;
+    the key's next request (on the other replica) gets 429 until that usage slides out of the window."""
+    key = servers["keys"]["tok"]
+    big = complete(servers["a"], key, max_tokens=TOKENS_PER_WINDOW + 50, ignore_eos=True)
     assert big.status_code == 200, big.text
     assert big.json()["usage"]["completion_tokens"] == TOKENS_PER_WINDOW + 50
     assert "x-ratelimit-remaining-tokens" in big.headers
     time.sleep(0.1)  # the completion is recorded once the answer has been sent
-    refused = complete(servers["b"])
+    refused = complete(servers["b"], key)
     assert refused.status_code == 429, refused.text
     assert "tokens" in refused.json()["error"]["message"]
     assert refused.headers["x-ratelimit-limit-tokens"] == str(TOKENS_PER_WINDOW)
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
     assert int(refused.headers["Retry-After"]) >= 1 and "x-ratelimit-reset-tokens" in refused.headers
-    assert len(refused.headers.get_list("x-ratelimit-limit-requests")) == 1  # each header once
+    assert len(refused.headers.get_list("x-ratelimit-limit-requests")) == 1  # the tenant's, once
     start = time.monotonic()
-    while (answer := complete(servers["b"])).status_code == 429:
+    while (answer := complete(servers["b"], key)).status_code == 429:
         assert time.monotonic() - start < 2 * WINDOW_S + 2, "the usage never aged out"
         time.sleep(0.2)
     assert answer.status_code == 200, answer.text
