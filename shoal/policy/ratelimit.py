@@ -258,6 +258,7 @@ class _MemoryBuckets:
     def __init__(self, window_s: int):
         self.window_s = window_s
         self.counts: dict[tuple[str, int], int] = {}
+        self.pruned_at = -1
 
     def _read(self, scope_id: str, now: float) -> Buckets:
         index = int(now // self.window_s)
@@ -279,9 +280,10 @@ class _MemoryBuckets:
         index = int((time.time() if now is None else now) // self.window_s)
         for scope_id in ids:
             self.counts[(scope_id, index)] = self.counts.get((scope_id, index), 0) + tokens
-        # Buckets older than the previous one can never count again.
-        for key in [k for k in self.counts if k[1] < index - 1]:
-            del self.counts[key]
+        if index != self.pruned_at:  # once a bucket: those older than the previous one never count again
+            self.pruned_at = index
+            for key in [k for k in self.counts if k[1] < index - 1]:
+                del self.counts[key]
 
     async def close(self) -> None:
         pass
