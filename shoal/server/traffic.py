@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,14 @@ def too_many(kind: str, decision: Decision, window_s: int) -> APIError:
 class TrafficGuard:
     """The policies of one server, with the state they share (in-flight requests, latency, breaker)."""
 
-    def __init__(self, engine: Any, policy: PolicyConfig, max_waiting: int | None, liveness: Any):
+    def __init__(
+        self,
+        engine: Any,
+        policy: PolicyConfig,
+        max_waiting: int | None,
+        liveness: Callable[[], str | None],
+    ):
+        """liveness: why the engine is unhealthy, or None (Lifecycle.liveness_problem), for the breaker."""
         self.engine = engine
         self.policy = policy
         rate = policy.rate_limits
