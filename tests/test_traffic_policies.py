@@ -158,6 +158,11 @@ def test_shedding_sheds_low_priority_first_and_degrades_before():
 
     assert [at(w, 10) for w in (1, 2, 4)] == ["admit", "degrade", "shed"]
     assert [at(w, 0) for w in (4, 7, 8)] == ["admit", "admit", "shed"]
+    # Classes 0, 10 and 20: the least urgent is shed first (at 4 of 8), the middle one at 6, premium at 8.
+    graded = [
+        [verdict(policy, 8, Load(w, 0.0), p, least_urgent=20)[0] for w in (4, 6, 8)] for p in (20, 10, 0)
+    ]
+    assert graded == [["shed"] * 3, ["degrade", "shed", "shed"], ["admit", "admit", "shed"]]
     timed = SheddingPolicy(max_queue_wait_s=10)
     assert (
         verdict(timed, None, Load(0, 6.0), 5)[0] == "shed"

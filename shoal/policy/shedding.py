@@ -7,8 +7,10 @@ would wait (`shedding.max_queue_wait_s`). The estimate is the waiting requests, 
 
 The lowest priority is shed first: a request whose priority value is above `shedding.protected_priority`
 (a larger value is less urgent, as vLLM's `priority`) is shed at `low_priority_share` of either
-threshold; every request is shed past the full threshold. Shed requests get 503 with `Retry-After`
-(Google SRE book, "Handling Overload": shed early, cheaply, and by criticality).
+threshold; every request is shed past the full threshold. With priority classes, the share is graded
+between them: the least urgent class is shed at `low_priority_share`, classes between it and
+`protected_priority` proportionally later. Shed requests get 503 with `Retry-After` (Google SRE book,
+"Handling Overload": shed early, cheaply, and by criticality).
 
 Degraded mode ("simplified responses"): past `degrade_at_share` of the thresholds (below the shedding
 point), low-priority requests are not refused but get `max_tokens` capped at `degraded_max_tokens`, and
@@ -55,12 +57,30 @@ class Load:
 Verdict = Literal["admit", "degrade", "shed"]
 
 
+def shed_share(policy: SheddingPolicy, priority: int, least_urgent: int | None = None) -> float:
+    """The share of the thresholds at which a request of this priority is shed: 1 for high priority,
+    `low_priority_share` for the least urgent class (or for every low priority without classes), and
+    in between, in proportion, for the classes between."""
+    protected = policy.protected_priority
+    if priority <= protected:
+        return 1.0
+    if least_urgent is None or least_urgent <= protected or priority >= least_urgent:
+        return policy.low_priority_share
+    urgency = (least_urgent - priority) / (least_urgent - protected)  # 1 at protected, 0 at least urgent
+    return policy.low_priority_share + (1.0 - policy.low_priority_share) * urgency
+
+
 def verdict(
-    policy: SheddingPolicy, max_waiting: int | None, load: Load, priority: int
+    policy: SheddingPolicy,
+    max_waiting: int | None,
+    load: Load,
+    priority: int,
+    least_urgent: int | None = None,
 ) -> tuple[Verdict, str]:
-    """What to do with a request of this priority at this load, and why (for the error message)."""
+    """What to do with a request of this priority at this load, and why (for the error message).
+    least_urgent: the largest priority value of the policy's classes, if any."""
     low = priority > policy.protected_priority
-    share = policy.low_priority_share if low else 1.0
+    share = shed_share(policy, priority, least_urgent)
     over = _over(max_waiting, policy.max_queue_wait_s, load, share)
     if over is not None:
         return "shed", over

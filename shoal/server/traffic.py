@@ -191,6 +191,8 @@ class TrafficGuard:
         self.shedding = policy.shedding or (SheddingPolicy() if max_waiting is not None else None)
         self.max_waiting = max_waiting if max_waiting is not None else _policy_max_waiting(self.shedding)
         self.breaker = CircuitBreaker(policy.breaker, liveness) if policy.breaker is not None else None
+        # The least urgent class's priority: shedding grades the classes between it and the protected ones.
+        self.least_urgent = max((c.priority for c in policy.classes.values()), default=None)
         self.inflight = 0  # engine requests admitted and not yet ended
         self.mean_latency_s = 0.0
         self.rejected: Counter | None = None
@@ -255,7 +257,7 @@ class TrafficGuard:
 
     def _shed_or_degrade(self, ticket: Ticket, jobs: list[Any]) -> None:
         priority = min(job.priority for job in jobs)
-        what, why = verdict(self.shedding, self.max_waiting, self.load(), priority)
+        what, why = verdict(self.shedding, self.max_waiting, self.load(), priority, self.least_urgent)
         if what == "shed":
             self._count("shed")
             raise _unavailable(
