@@ -55,3 +55,18 @@ def test_serve_stops_at_start_on_a_bad_policy(tmp_path):
         timeout=60,
     )
     assert out.returncode != 0 and "classes.premium.priority" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_documented_example_policy_is_valid():
+    """docs/security.md's complete example must load as written."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from shoal.policy.config import PolicyConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    example = re.search(r"## Example\n\n```yaml\n(.*?)```", doc, re.S).group(1)
+    policy = PolicyConfig.model_validate(yaml.safe_load(example))
+    assert policy.response_cache is not None and policy.content_filter is not None
