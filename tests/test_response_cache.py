@@ -130,3 +130,34 @@ def test_redis_store_round_trips_and_expires():
 
     got, expired = asyncio.run(run())
     assert got.media_type == "application/json" and got.body == b'{"a": 1}' and expired is None
+
+
+def test_redis_entries_are_sealed_when_encryption_is_on(monkeypatch):
+    """With encryption_key_env the bytes in Redis are ciphertext; a changed entry is a miss, not garbage."""
+    import base64
+    import os
+
+    redis = pytest.importorskip("redis")
+    try:
+        client = redis.Redis(socket_connect_timeout=1)
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    monkeypatch.setenv("TEST_CACHE_KEY", base64.b64encode(os.urandom(32)).decode())
+    from shoal.policy.response_cache import KEY_PREFIX, CachedResponse
+
+    cache = ResponseCache(ResponseCachePolicy(backend="redis", encryption_key_env="TEST_CACHE_KEY"))
+    key = f"test-{uuid.uuid4().hex}"
+    secret = b'{"text": "a very private answer"}'
+
+    async def run():
+        await cache.put(key, CachedResponse(media_type="application/json", body=secret))
+        got = await cache.get(key)
+        stored = client.get(KEY_PREFIX + key)
+        client.set(KEY_PREFIX + key, stored[:-1] + bytes([stored[-1] ^ 1]), ex=5)  # one bit flipped
+        return got, stored, await cache.get(key)
+
+    got, stored, tampered = asyncio.run(run())
+    client.delete(KEY_PREFIX + key)
+    assert got.body == secret and tampered is None
+    assert b"private" not in stored and b"application/json" not in stored

@@ -15,7 +15,6 @@ environment (`encryption_key_env`: 32 bytes, base64): the log stays append-only,
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -29,10 +28,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from shoal.policy.encryption import Cipher, EncryptionKeyError
+
 GENESIS_MAC = "0" * 64
 MIN_KEY_BYTES = 32
 ENCRYPTED_PREFIX = "enc:"
-_NONCE_BYTES = 12
 
 
 class AuditPolicy(BaseModel):
@@ -67,31 +67,23 @@ def hmac_key_from_env(name: str) -> bytes:
 
 
 class LineCipher:
-    """AES-256-GCM per line (NIST SP 800-38D): a fresh 96-bit random nonce for each line."""
+    """An audit line sealed with AES-256-GCM (policy/encryption.py), as `enc:` + base64 text."""
 
     def __init__(self, key: bytes):
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only when encryption is on
-
-        self._aead = AESGCM(key)
+        self._cipher = Cipher(key)
 
     @classmethod
     def from_env(cls, name: str) -> LineCipher:
         try:
-            key = base64.b64decode(os.environ.get(name, ""), validate=True)
-        except binascii.Error:
-            key = b""
-        if len(key) != 32:
-            raise AuditKeyError(f"the audit encryption key: set {name} to 32 random bytes in base64")
-        return cls(key)
+            return cls(Cipher.key_from_env(name, "the audit encryption key"))
+        except EncryptionKeyError as e:
+            raise AuditKeyError(str(e)) from None
 
     def seal(self, line: str) -> str:
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = nonce + self._aead.encrypt(nonce, line.encode(), None)
-        return ENCRYPTED_PREFIX + base64.b64encode(sealed).decode()
+        return ENCRYPTED_PREFIX + base64.b64encode(self._cipher.seal(line.encode())).decode()
 
     def open(self, stored: str) -> str:
-        raw = base64.b64decode(stored[len(ENCRYPTED_PREFIX) :])
-        return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], None).decode()
+        return self._cipher.open(base64.b64decode(stored[len(ENCRYPTED_PREFIX) :])).decode()
 
 
 def _canonical(record: dict[str, Any]) -> str:

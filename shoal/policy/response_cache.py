@@ -18,6 +18,10 @@ ttl`), which all replicas share. Config (policy file, section `response_cache`):
       max_bytes: 268435456     # memory only
       max_entry_bytes: 1048576 # larger answers are not cached
       share_across_tenants: false
+      encryption_key_env: SHOAL_CACHE_ENCRYPTION_KEY  # redis: entries sealed with AES-256-GCM
+
+Entries in Redis hold prompts' answers outside the process: with `encryption_key_env` they are stored
+sealed (policy/encryption.py), and an entry that fails to open (changed, or another key) is a miss.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal
 
+from cryptography.exceptions import InvalidTag
 from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.policy.encryption import Cipher
 
 # Request fields that do not change what is generated: left out of the key.
 IGNORED_FIELDS = frozenset(
@@ -47,6 +54,7 @@ class ResponseCachePolicy(BaseModel):
     max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_entry_bytes: int = Field(1024 * 1024, ge=1)
     share_across_tenants: bool = False
+    encryption_key_env: str | None = None  # redis backend: AES-256-GCM key (32 bytes, base64) variable
 
 
 def is_deterministic(body: dict[str, Any]) -> bool:
@@ -116,12 +124,21 @@ class RedisStore:
 
         self.policy = policy
         self._client = redis.Redis.from_url(policy.redis_url)
+        env = policy.encryption_key_env
+        self._cipher = Cipher(Cipher.key_from_env(env, "the response cache encryption key")) if env else None
 
     async def get(self, key: str) -> bytes | None:
-        return await self._client.get(KEY_PREFIX + key)
+        raw = await self._client.get(KEY_PREFIX + key)
+        if raw is None or self._cipher is None:
+            return raw
+        try:
+            return self._cipher.open(raw)
+        except InvalidTag:
+            return None  # changed in Redis, or sealed under another key: not ours to serve
 
     async def set(self, key: str, raw: bytes) -> None:
-        await self._client.set(KEY_PREFIX + key, raw, ex=max(1, round(self.policy.ttl_seconds)))
+        stored = self._cipher.seal(raw) if self._cipher is not None else raw
+        await self._client.set(KEY_PREFIX + key, stored, ex=max(1, round(self.policy.ttl_seconds)))
 
 
 class ResponseCache:
