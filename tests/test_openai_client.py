@@ -25,7 +25,7 @@ def client(live_server) -> openai.OpenAI:
 
 
 def _prompt_tokens(live_server, **body) -> int:
-    r = httpx.post(f"{live_server.url}/tokenize", json=body, timeout=10)
+    r = httpx.post(f"{live_server.url}/tokenize", json=body, headers=live_server.headers, timeout=10)
     return r.json()["count"]
 
 
@@ -108,7 +108,9 @@ def test_chat_logprobs(client):
 
 
 def test_echo_logprobs_shape(client, live_server):
-    ids = httpx.post(f"{live_server.url}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    ids = httpx.post(
+        f"{live_server.url}/tokenize", json={"prompt": PROMPT}, headers=live_server.headers
+    ).json()["tokens"]
     out = client.completions.create(
         model=SERVED_NAME, prompt=[ids, ids[:3]], echo=True, logprobs=1, max_tokens=1
     )

@@ -69,6 +69,11 @@ def test_premium_requests_are_admitted_before_every_low_request_waiting_at_their
             deadline = time.monotonic() + 20
             while _waiting(url) < 30 and time.monotonic() < deadline:
                 time.sleep(0.02)
+            # Hold the engine for a moment so that the premium requests reach it while the backlog
+            # waits, however slow this machine's HTTP side is under load.
+            httpx.post(
+                f"{url}/debug/faults", json={"step_delay_s": 0.03, "step_hang_s": 2.0}
+            ).raise_for_status()
             premiums = [pool.submit(_complete, url, f"premium {i}", 0) for i in range(10)]
             low_ids = {f.result(timeout=60) for f in lows}
             premium_ids = {f.result(timeout=60) for f in premiums}
