@@ -395,3 +395,37 @@ def quant_profile(
 
 if __name__ == "__main__":
     bench_app()
+
+
+@bench_app.command("spike")
+def spike(
+    model: ModelOpt = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    threads: Annotated[int, typer.Option(help="OMP threads of the server.")] = 2,
+    factor: Annotated[
+        float, typer.Option(help="The spike's rate as a multiple of the sustainable one.")
+    ] = 10.0,
+    spike_s: Annotated[float, typer.Option(help="Seconds of spike.")] = 30.0,
+    premium_share: Annotated[float, typer.Option(help="Share of premium requests.")] = 0.1,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 16,
+    max_requests: Annotated[int, typer.Option(help="At most this many requests in the spike.")] = 3000,
+    output_json: Annotated[Path | None, typer.Option(help="Write the result here.")] = None,
+) -> None:
+    """Issue 20's spike (shoal/bench/spike.py): factor x the sustainable rate for spike_s seconds against
+    shoal with its traffic policy (keys, priority classes, shedding) and without; per class success
+    rate, TTFT P50/P95/P99, rejections; premium TTFT P95 against its unloaded value."""
+    from shoal.bench import spike as bench_spike
+
+    result = bench_spike.run_spike(
+        model or workload.default_model(),
+        dtype,
+        threads,
+        factor,
+        spike_s,
+        premium_share,
+        max_tokens,
+        max_requests,
+    )
+    if output_json is not None:
+        bench_spike.save(result, output_json)
+    typer.echo(bench_spike.markdown(result))
