@@ -340,6 +340,28 @@ def generate(
     typer.echo(out.text)
 
 
+@app.command()
+def stats(
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running shoal (or vLLM) server.")
+    ] = "http://127.0.0.1:8000",
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between the two scrapes that rates are measured over.")
+    ] = 5.0,
+) -> None:
+    """P50/P95/P99 of TTFT, TPOT and E2E, requests/s and tokens/s of a live server, from its /metrics."""
+    from rich.console import Console
+
+    from shoal.live_stats import run, table
+
+    try:
+        summary = run(url, interval)
+    except (OSError, ValueError) as e:
+        typer.echo(f"shoal stats: error: cannot read {url}/metrics: {e}", err=True)
+        raise typer.Exit(1) from None
+    Console().print(table(summary, url))
+
+
 def _register_bench() -> None:
     from shoal.bench.cli import bench_app
 

@@ -223,6 +223,8 @@ class RequestTracker:
         """The request is over (finished, aborted or failed); last is its last output, if any came."""
         self._admit()
         ended_at = time.monotonic()  # only for a choice the engine did not finish (aborted, failed)
+        if last is not None:
+            self.observe(last)  # the core client extends a snapshot in place: it may have grown since
         if last is None:
             for _ in range(self._n):
                 self._m.e2e.observe(ended_at - self._arrival)
