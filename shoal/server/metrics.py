@@ -40,16 +40,17 @@ from shoal.server.metrics_collectors import (
 from shoal.server.request_context import RequestContext
 from shoal.server.settings import ServerSettings
 
-# Buckets from vLLM's, with finer ones below 10 ms for CPU-fast tiny models and GPUs, and longer ones
-# for big models on CPU (a TTFT of minutes).
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that its dashboards read the same resolution, with
+# the request-time ones used for every request latency (vLLM's E2E buckets start at 0.3 s: too coarse for
+# GPU-fast short requests) and the per-token ones extended below 10 ms for fast decoders. Roughly a factor
+# 2 apart at the low end: percentiles are good to one bucket, and the series stay few.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3,
-    0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0,
-    320.0, 640.0, 1280.0, 2560.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0, 160.0, 640.0, 2560.0,
 )  # fmt: skip
 TOKEN_LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-    0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
