@@ -252,9 +252,9 @@ def test_resources_state_and_cache_config(http):
     assert processes == {"server", "engine_core"}
     assert s.total(mn.RESIDENT_MEMORY, process="engine_core") > 1 << 20
     assert s.total(mn.NETWORK_RECEIVE) > 0
-    # No GPU on this machine: the GPU series are absent, not zero.
+    # The server runs on CPU: no allocator series; NVML's only where a driver is (absent, not zero).
     gpu = {n for (n, _) in s.samples if n.startswith("shoal:gpu_")}
-    assert not gpu, gpu
+    assert gpu == ({mn.GPU_UTILIZATION, mn.GPU_MEMORY_USED} if _nvml_works() else set()), gpu
 
 
 def test_running_gauge_drops_after_an_abort_without_another_step(http):
@@ -297,3 +297,63 @@ def test_disable_log_stats_observes_nothing_but_keeps_the_gauges():
     assert s.total(mn.E2E_LATENCY + "_count") == 0 and s.total(mn.BATCH_SIZE + "_count") == 0
     assert s.total(mn.READY) == 1
     assert (mn.NUM_REQUESTS_RUNNING, (("model_name", "tiny"),)) in s.samples
+
+
+def _nvml_works() -> bool:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    return pynvml.nvmlDeviceGetCount() > 0
+
+
+def _exposition(*collectors) -> Scrape:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    for collector in collectors:
+        registry.register(collector)
+    return Scrape.parse(generate_latest(registry).decode())
+
+
+def test_gpu_series_with_a_gpu(monkeypatch):
+    """No GPU here, so NVML is replaced by a stand-in of its API (the calls shoal makes, nothing else);
+    the allocator series come from real EngineStats as a CUDA engine fills them."""
+    import types
+
+    from shoal.engine.stats import EngineStats
+    from shoal.server.metrics_collectors import EngineStatsCollector, GpuCollector
+
+    nvml = types.SimpleNamespace(
+        NVMLError=RuntimeError,
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=40 + h),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=(h + 1) << 30),
+    )
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", nvml)
+    stats = EngineStats(cuda_device=1, cuda_memory_allocated=5 << 20, cuda_memory_reserved=8 << 20)
+    engine = types.SimpleNamespace(stats=stats)
+    s = _exposition(GpuCollector("m"), EngineStatsCollector(engine, "m"))
+    assert s.total(mn.GPU_UTILIZATION, gpu="1", model_name="m") == 41
+    assert s.total(mn.GPU_MEMORY_USED, gpu="0") == 1 << 30
+    assert s.total(mn.GPU_MEMORY_ALLOCATED, gpu="1") == 5 << 20
+    assert s.total(mn.GPU_MEMORY_RESERVED, gpu="1") == 8 << 20
+
+
+def test_gpu_series_are_absent_without_nvml_or_cuda():
+    """The real nvidia-ml-py without a driver raises NVMLError_LibraryNotFound: no GPU series at all."""
+    import types
+
+    if _nvml_works():
+        pytest.skip("this machine has a GPU")
+
+    from shoal.engine.stats import EngineStats
+    from shoal.server.metrics_collectors import EngineStatsCollector, GpuCollector
+
+    s = _exposition(GpuCollector("m"), EngineStatsCollector(types.SimpleNamespace(stats=EngineStats()), "m"))
+    assert not [name for name, _ in s.samples if name.startswith("shoal:gpu_")]
+    assert s.total(mn.NUM_REQUESTS_RUNNING) == 0
