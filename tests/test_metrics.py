@@ -269,8 +269,10 @@ def test_running_gauge_drops_after_an_abort_without_another_step(http):
 
 
 @pytest.mark.timeout(60)
-def test_disable_log_stats_observes_nothing_but_keeps_the_gauges():
-    """In process, thread engine: with --disable-log-stats a request moves no counter or histogram."""
+@pytest.mark.parametrize("disabled", [False, True], ids=["metrics-on", "disable-log-stats"])
+def test_thread_engine_counts_and_disable_log_stats_stops_it(disabled):
+    """In process, with the thread engine: a request is counted; with --disable-log-stats it moves no
+    counter or histogram, and the scrape-time gauges stay."""
     import asyncio
 
     from shoal.engine.async_engine import AsyncEngine
@@ -281,22 +283,27 @@ def test_disable_log_stats_observes_nothing_but_keeps_the_gauges():
     engine = AsyncEngine.from_config(
         EngineConfig(model=str(TINY_MODEL), dtype="float32", kv_cache_memory=8 << 20)
     )
-    app = build_app(engine, ServerSettings(served_model_name="tiny", disable_log_stats=True))
+    app = build_app(engine, ServerSettings(served_model_name="tiny", disable_log_stats=disabled))
 
-    async def run() -> Scrape:
+    async def run() -> tuple[dict, Scrape]:
         transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),
             httpx.AsyncClient(transport=transport, base_url="http://t") as c,
         ):
-            r = await c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3})
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-            return Scrape.parse((await c.get("/metrics")).text)
+            body = {"prompt": "Once", "max_tokens": 3, "ignore_eos": True, "n": 2, "temperature": 1.0}
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200
+            return r.json()["usage"], Scrape.parse((await c.get("/metrics")).text)
 
-    s = asyncio.run(run())
-    assert s.total(mn.PROMPT_TOKENS) == 0 and s.total(mn.GENERATION_TOKENS) == 0
-    assert s.total(mn.E2E_LATENCY + "_count") == 0 and s.total(mn.BATCH_SIZE + "_count") == 0
-    assert s.total(mn.READY) == 1
+    usage, s = asyncio.run(run())
+    on = 0 if disabled else 1
+    assert s.total(mn.PROMPT_TOKENS) == on * usage["prompt_tokens"] * 2
+    assert s.total(mn.GENERATION_TOKENS) == on * usage["completion_tokens"] == on * 6
+    assert s.total(mn.E2E_LATENCY + "_count") == on * 2
+    assert s.total(mn.INTER_TOKEN_LATENCY + "_count") == on * 4
+    assert (s.total(mn.BATCH_SIZE + "_count") > 0) == (not disabled)
+    assert s.total(mn.READY) == 1 and s.total(mn.ENGINE_LAST_STEP) > 0
     assert (mn.NUM_REQUESTS_RUNNING, (("model_name", "tiny"),)) in s.samples
 
 
