@@ -54,6 +54,8 @@ REQUEST_SUCCESS = "vllm:request_success_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 ITERATION_TOKENS = "vllm:iteration_tokens_total"
+REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
+REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
 BATCH_SIZE = "shoal:batch_size"
 STEP_DURATION = "shoal:step_duration_seconds"
 NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
@@ -134,6 +136,13 @@ METRICS: tuple[MetricSpec, ...] = (
         GENERATION_TOKENS,
         COUNTER,
         "Output tokens returned to clients (an aborted stream's: those of its last output).",
+        _T,
+    ),
+    MetricSpec(REQUEST_PROMPT_TOKENS, HISTOGRAM, "Prompt tokens of each choice, when it ends.", _T),
+    MetricSpec(
+        REQUEST_GENERATION_TOKENS,
+        HISTOGRAM,
+        "Output tokens of each choice, when it ends (as counted in vllm:generation_tokens_total).",
         _T,
     ),
     MetricSpec(ITERATION_TOKENS, HISTOGRAM, "Tokens computed per engine step (prefill + decode).", _T),

@@ -188,6 +188,10 @@ def test_histogram_counts_equal_the_choices(workload):
     for name in HISTOGRAMS_PER_CHOICE:
         assert d.total(name + "_count") == w.choices, name
         assert d.total(name + "_bucket", le="+Inf") == w.choices, name
+    assert d.total(mn.REQUEST_PROMPT_TOKENS + "_count") == w.choices
+    assert d.total(mn.REQUEST_PROMPT_TOKENS + "_sum") == d.total(mn.PROMPT_TOKENS)
+    assert d.total(mn.REQUEST_GENERATION_TOKENS + "_count") == w.choices
+    assert d.total(mn.REQUEST_GENERATION_TOKENS + "_sum") == d.total(mn.GENERATION_TOKENS)
     assert d.total(mn.REQUEST_COST + "_count") == w.engine_requests
     assert d.total(mn.REQUEST_COST + "_sum") > 0
     assert d.total(mn.ENGINE_BUSY) > 0

@@ -60,6 +60,17 @@ COST_BUCKETS = tuple(m * 10.0**e for e in range(-8, 0) for m in (1, 3)) + (1.0,)
 _DEFAULT_ERROR_KINDS = {401: "invalid_api_key", 413: "request_too_large", 499: "client_disconnected"}
 
 
+def _one_two_five(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to limit (vLLM's build_1_2_5_buckets(max_model_len), for lengths)."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(buckets)
+            buckets.append(m * scale)
+        scale *= 10
+
+
 def _histogram(registry: CollectorRegistry, name: str, buckets: tuple[float, ...]) -> Histogram:
     spec = mn.BY_NAME[name]
     return Histogram(spec.name, spec.help, list(spec.labels), buckets=buckets, registry=registry)
@@ -105,6 +116,9 @@ class ServerMetrics:
         self.success = _counter(r, mn.REQUEST_SUCCESS)
         self.prompt_tokens = _counter(r, mn.PROMPT_TOKENS).labels(m)
         self.generation_tokens = _counter(r, mn.GENERATION_TOKENS).labels(m)
+        length_buckets = _one_two_five(int(getattr(self._engine.config, "max_model_len", 0) or 1))
+        self.request_prompt_tokens = _histogram(r, mn.REQUEST_PROMPT_TOKENS, length_buckets).labels(m)
+        self.request_generation_tokens = _histogram(r, mn.REQUEST_GENERATION_TOKENS, length_buckets).labels(m)
 
     def _make_step_series(self, r: CollectorRegistry) -> None:
         m = self.model_name
@@ -224,13 +238,10 @@ class RequestTracker:
         """The request is over (finished, aborted or failed); last is its last output, if any came."""
         self._admit()
         ended_at = time.monotonic()  # only for a choice the engine did not finish (aborted, failed)
-        if last is not None:
+        if last is None:  # aborted or failed before any output: n empty, unfinished choices
+            last = RequestOutput("", [], [CompletionOutput(i, "", []) for i in range(self._n)])
+        else:
             self.observe(last)  # the core client extends a snapshot in place: it may have grown since
-        if last is None:
-            for _ in range(self._n):
-                self._m.e2e.observe(ended_at - self._arrival)
-                self._m.success.labels(self._m.model_name, "abort").inc()
-            return
         timestamps = last.metrics or {}
         for o in last.outputs:
             self._observe_choice(o, timestamps, ended_at)
@@ -244,6 +255,8 @@ class RequestTracker:
         end = times[-1] if o.finished and times else (timestamps.get("finished_time") or ended_at)
         m.e2e.observe(end - arrival)
         m.success.labels(m.model_name, o.finish_reason or "abort").inc()
+        m.request_prompt_tokens.observe(self._prompt_len)
+        m.request_generation_tokens.observe(0 if self._hidden else len(o.token_ids))
         if scheduled is not None:
             m.queue.observe(scheduled - arrival)
         ttft = tpot = None
