@@ -158,7 +158,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         CACHE_CONFIG_INFO,
         GAUGE,
-        "Always 1; the KV cache's block size (tokens) and number of blocks, as labels.",
+        "Always 1; the KV cache's block size (tokens) and number of blocks, as labels (once loaded).",
         _R,
         (MODEL_NAME, "block_size", "num_gpu_blocks"),
     ),

@@ -55,13 +55,16 @@ TOKEN_LATENCY_BUCKETS = (
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# vLLM stops its length buckets at max_model_len; the app exists before the model is loaded (the server
+# listens while loading), so shoal stops at a length no model reaches.
+LENGTH_BUCKETS_LIMIT = 10_000_000
 COST_BUCKETS = tuple(m * 10.0**e for e in range(-8, 0) for m in (1, 3)) + (1.0,)  # dollars per request
 # A status >= 400 that no error handler named (middlewares answer these themselves).
 _DEFAULT_ERROR_KINDS = {401: "invalid_api_key", 413: "request_too_large", 499: "client_disconnected"}
 
 
 def _one_two_five(limit: int) -> tuple[int, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to limit (vLLM's build_1_2_5_buckets(max_model_len), for lengths)."""
+    """1, 2, 5, 10, 20, 50, ... up to limit (vLLM's build_1_2_5_buckets, for lengths in tokens)."""
     buckets, scale = [], 1
     while True:
         for m in (1, 2, 5):
@@ -116,7 +119,7 @@ class ServerMetrics:
         self.success = _counter(r, mn.REQUEST_SUCCESS)
         self.prompt_tokens = _counter(r, mn.PROMPT_TOKENS).labels(m)
         self.generation_tokens = _counter(r, mn.GENERATION_TOKENS).labels(m)
-        length_buckets = _one_two_five(int(getattr(self._engine.config, "max_model_len", 0) or 1))
+        length_buckets = _one_two_five(LENGTH_BUCKETS_LIMIT)
         self.request_prompt_tokens = _histogram(r, mn.REQUEST_PROMPT_TOKENS, length_buckets).labels(m)
         self.request_generation_tokens = _histogram(r, mn.REQUEST_GENERATION_TOKENS, length_buckets).labels(m)
 

@@ -52,7 +52,8 @@ class EngineStatsCollector:
         yield family(mn.PREFIX_CACHE_QUERIES, [(one, s.prefix_cache_queries)])
         yield family(mn.PREFIX_CACHE_HITS, [(one, s.prefix_cache_hits)])
         yield family(mn.NUM_PREEMPTIONS, [(one, s.num_preemptions)])
-        yield family(mn.CACHE_CONFIG_INFO, [([self._model, str(s.block_size), str(s.num_kv_blocks)], 1)])
+        if s.num_kv_blocks:  # known once the model is loaded
+            yield family(mn.CACHE_CONFIG_INFO, [([self._model, str(s.block_size), str(s.num_kv_blocks)], 1)])
         yield family(mn.ENGINE_LAST_STEP, [(one, s.last_step_unix)])
         if s.cuda_device is not None:  # absent, not zero, without CUDA
             device = [self._model, str(s.cuda_device)]
