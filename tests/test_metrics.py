@@ -369,3 +369,17 @@ def test_gpu_series_are_absent_without_nvml_or_cuda():
     s = _exposition(GpuCollector("m"), EngineStatsCollector(types.SimpleNamespace(stats=EngineStats()), "m"))
     assert not [name for name, _ in s.samples if name.startswith("shoal:gpu_")]
     assert s.total(mn.NUM_REQUESTS_RUNNING) == 0
+
+
+def test_a_timed_out_request_is_counted_with_its_partial_output(http):
+    """X-Request-Timeout ends a long request with its partial text and finish reason "abort": one timeout,
+    one aborted choice, and its returned tokens counted as generated."""
+    before = scrape(http)
+    body = {"model": SERVED_NAME, "prompt": "Once", "max_tokens": ABORTED_MAX_TOKENS, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "0.1"})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "abort"
+    d = scrape(http).minus(before)
+    assert d.total(mn.REQUEST_TIMEOUTS) == 1
+    assert d.total(mn.REQUEST_SUCCESS, finished_reason="abort") == 1
+    assert d.total(mn.GENERATION_TOKENS) == r.json()["usage"]["completion_tokens"] > 0
+    assert d.total(mn.E2E_LATENCY + "_sum") >= 0.1
