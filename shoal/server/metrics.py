@@ -255,7 +255,9 @@ class RequestTracker:
         arrival = timestamps.get("arrival_time") or self._arrival
         scheduled = timestamps.get("first_scheduled_time")
         times = o.token_times
-        end = times[-1] if o.finished and times else (timestamps.get("finished_time") or ended_at)
+        # A choice that ran its course ends with its last token; an aborted one when it was aborted.
+        completed = o.finish_reason in ("stop", "length") and times
+        end = times[-1] if completed else (timestamps.get("finished_time") or ended_at)
         m.e2e.observe(end - arrival)
         m.success.labels(m.model_name, o.finish_reason or "abort").inc()
         m.request_prompt_tokens.observe(self._prompt_len)
