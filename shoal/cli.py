@@ -200,6 +200,25 @@ def serve(
             "engine counts as broken: every request gets an error and /health fails.",
         ),
     ] = DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES,
+    disable_log_stats: Annotated[
+        bool,
+        typer.Option(
+            "--disable-log-stats",
+            help="vLLM's flag: observe no per-request or per-step metrics (/metrics keeps the gauges).",
+        ),
+    ] = False,
+    slo_ttft_ms: Annotated[
+        float | None,
+        typer.Option(help="SLO target for time to first token (ms): goodput counts choices within it."),
+    ] = None,
+    slo_tpot_ms: Annotated[
+        float | None,
+        typer.Option(help="SLO target for time per output token (ms): goodput counts choices within it."),
+    ] = None,
+    cost_per_hour: Annotated[
+        float | None,
+        typer.Option(help="Instance price in dollars per hour: exports cost per request and per token."),
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
@@ -239,6 +258,10 @@ def serve(
             max_tokens_cap=max_tokens_cap,
             max_n=max_n,
             max_waiting_requests=max_waiting_requests,
+            disable_log_stats=disable_log_stats,
+            slo_ttft_ms=slo_ttft_ms,
+            slo_tpot_ms=slo_tpot_ms,
+            cost_per_hour=cost_per_hour,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
         _check_policy_fits(settings.policy, scheduling_policy)
@@ -315,6 +338,28 @@ def generate(
         typer.echo(f"shoal generate: error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(out.text)
+
+
+@app.command()
+def stats(
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running shoal (or vLLM) server.")
+    ] = "http://127.0.0.1:8000",
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between the two scrapes that rates are measured over.")
+    ] = 5.0,
+) -> None:
+    """P50/P95/P99 of TTFT, TPOT and E2E, requests/s and tokens/s of a live server, from its /metrics."""
+    from rich.console import Console
+
+    from shoal.live_stats import run, table
+
+    try:
+        summary = run(url, interval)
+    except (OSError, ValueError) as e:
+        typer.echo(f"shoal stats: error: cannot read {url}/metrics: {e}", err=True)
+        raise typer.Exit(1) from None
+    Console().print(table(summary, url))
 
 
 def _register_bench() -> None:

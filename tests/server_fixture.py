@@ -31,6 +31,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 START_TIMEOUT_S = 90
+# Metrics flags: goodput targets (loose, so that a loaded test machine still meets them) and a price.
+SLO_TTFT_MS = 5000.0
+SLO_TPOT_MS = 1000.0
+COST_PER_HOUR = 3.6
 
 
 @dataclass
@@ -94,7 +98,9 @@ def _launch_all() -> None:
     template = _tmp / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     extra = ["--api-key", API_KEY, "--served-model-name", SERVED_NAME, "--chat-template", str(template),
-             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--enable-fault-injection"]  # fmt: skip
+             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--enable-fault-injection",
+             "--slo-ttft-ms", str(SLO_TTFT_MS), "--slo-tpot-ms", str(SLO_TPOT_MS),
+             "--cost-per-hour", str(COST_PER_HOUR)]  # fmt: skip
     _servers["main"] = _launch("main", extra, {"Authorization": f"Bearer {API_KEY}"}, SERVED_NAME)
 
 

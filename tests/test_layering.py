@@ -31,3 +31,23 @@ def test_engine_never_imports_server_policy_or_gateway():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"shoal.engine imports {out.stdout}"
+
+
+@pytest.mark.timeout(60)
+def test_metric_names_import_nothing_heavy():
+    """shoal/metric_names.py is read by gateways, docs checks and tests: the standard library only."""
+    code = (
+        "import sys\n"
+        "import shoal.metric_names\n"
+        "heavy = ('torch', 'shoal.engine', 'shoal.server', 'prometheus_client', 'fastapi', 'numpy')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal.metric_names pulled in: {out.stdout}"
+
+
+@pytest.mark.timeout(60)
+def test_shoal_stats_needs_no_torch_or_engine():
+    code = "import sys\nimport shoal.live_stats\nprint(sorted(m for m in ('torch', 'shoal.engine') if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal.live_stats pulled in: {out.stdout}"

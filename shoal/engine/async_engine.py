@@ -104,6 +104,10 @@ class AsyncEngine:
         if self.engine is not None:
             self.engine.step_listeners.append(fn)
 
+    async def refresh_stats(self) -> EngineStats:
+        """The stats as of now: the engine thread refreshes them at every add, abort and step."""
+        return self.stats
+
     async def start(self) -> None:
         """Load the model if it is not loaded yet (its errors propagate), then run the engine thread."""
         if self.engine is None:

@@ -50,6 +50,7 @@ from shoal.engine.stats import EngineStats, StepStats
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+STATS_CALL_TIMEOUT_S = 0.5
 
 
 class EngineCoreClient:
@@ -114,12 +115,30 @@ class EngineCoreClient:
         self.generation_config = ready.generation_config
         self.vocab_size = ready.vocab_size
         self.description = ready.describe
+        self.stats = EngineStats(
+            block_size=self.config.block_size, num_kv_blocks=ready.describe["kv_cache_blocks"]
+        )
         path = self.config.chat_template
         template = open(path).read() if path else None  # noqa: SIM115
         self.tokenizer = Tokenizer(self.description["model"], chat_template=template)
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
+
+    @property
+    def core_pid(self) -> int | None:
+        """The engine core process's pid (its CPU and memory are exported beside the server's)."""
+        return self._process.pid
+
+    async def refresh_stats(self, timeout: float = STATS_CALL_TIMEOUT_S) -> EngineStats:
+        """Ask the core for fresh stats (a /metrics scrape); the last ones if it does not answer in time
+        (a long or hung step), so that a scrape never hangs with the engine."""
+        if self.error is None and self._process.is_alive():
+            try:
+                await self._call("stats", timeout=timeout)
+            except (asyncio.TimeoutError, EngineDeadError, ValueError):
+                pass
+        return self.stats
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -312,12 +331,15 @@ class EngineCoreClient:
     async def get_faults(self) -> dict:
         return await self._call("faults_get")
 
-    async def _call(self, op: str, payload=None) -> dict:
+    async def _call(self, op: str, payload=None, timeout: float = 30) -> dict:
         call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         self._send(Control(call_id, op, payload))
-        reply = await asyncio.wait_for(future, 30)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._calls.pop(call_id, None)  # answered, or given up on: never left behind
         if not reply.ok:
             raise ValueError(reply.payload)
         return reply.payload

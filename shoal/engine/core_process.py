@@ -106,6 +106,8 @@ class EngineCore:
             if call.op == "shutdown":
                 self._running = False
                 return ControlReply(call.call_id, True)
+            if call.op == "stats":  # the reply's StepUpdate carries fresh stats (a /metrics scrape)
+                return ControlReply(call.call_id, True)
             if self.faults is None:
                 return ControlReply(call.call_id, False, "fault injection is disabled")
             if call.op == "faults_set":
@@ -162,7 +164,8 @@ class EngineCore:
         return SeqDelta(o.index, text, ids, logprobs, o.finish_reason, o.stop_reason, times)
 
     def stats(self) -> dict:
-        self.engine.refresh_stats()  # adds and aborts change the counts between steps
+        """The engine's stats, refreshed: adds and aborts change the queue gauges without a step."""
+        self.engine.refresh_stats()
         return asdict(self.engine.stats)
 
 
@@ -208,16 +211,21 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgs
     while core.running:
         update = StepUpdate()
         busy = core.engine.has_unfinished()
+        applied = False
         if busy or inbox.poll(IDLE_POLL_MS):
             while inbox.poll(0):
                 core.apply(decoder.decode(inbox.recv()), update)
+                applied = True
             if update.replies:  # answered before the step: a step told to hang or die must not hold them
-                outbox.send(encoder.encode(StepUpdate(replies=update.replies)))
+                # Fresh stats ride along: a /metrics scrape's "stats" call is answered by them.
+                outbox.send(encoder.encode(StepUpdate(replies=update.replies, stats=core.stats())))
                 update.replies = []
         elif os.getppid() != parent:
             return  # the server died without a shutdown call: do not outlive it
         if core.running and core.engine.has_unfinished():
             core.step(update)
-        if update.deltas or update.errors or update.replies or update.step or update.failed_step:
+        # After adds or aborts the client gets fresh stats even without a step (an abort that empties the
+        # batch would otherwise leave vllm:num_requests_running stale until the next request).
+        if applied or update.deltas or update.errors or update.replies or update.step or update.failed_step:
             update.stats = core.stats()
             outbox.send(encoder.encode(update))

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CPU_DEFAULTS = {"max_num_batched_tokens": 512, "max_model_len": 2048}
 CUDA_DEFAULTS = {"max_num_batched_tokens": 8192}
 CPU_KV_SHARE_OF_FREE_RAM = 0.2
+CUDA_MEMORY_READ_INTERVAL_S = 1.0
 
 
 class LLMEngine:
@@ -63,7 +64,10 @@ class LLMEngine:
         )
         self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
-        self.stats = EngineStats()
+        self.stats = EngineStats(block_size=config.block_size, num_kv_blocks=num_blocks)
+        if self.device.type == "cuda":
+            self.stats.cuda_device = self.device.index if self.device.index is not None else 0
+        self._cuda_memory_read_at = 0.0
         self.step_listeners: list = []
         self._added_since_step: list[str] = []  # with config.record_schedule
         log.info("shoal engine: %s", self.describe())
@@ -327,6 +331,17 @@ class LLMEngine:
         s.kv_cache_usage = bm.usage
         s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
         s.num_preemptions = self.scheduler.num_preemptions
+        self._refresh_cuda_memory()
+
+    def _refresh_cuda_memory(self) -> None:
+        """The caching allocator's counters, at most once a second: torch.cuda.memory_stats builds a dict
+        of a few hundred entries, too dear for every step at GPU step times."""
+        now = time.monotonic()
+        if self.stats.cuda_device is None or now - self._cuda_memory_read_at < CUDA_MEMORY_READ_INTERVAL_S:
+            return
+        self._cuda_memory_read_at = now
+        self.stats.cuda_memory_allocated = torch.cuda.memory_allocated(self.device)
+        self.stats.cuda_memory_reserved = torch.cuda.memory_reserved(self.device)
 
     def _record_stats(self, batch: ScheduledBatch, seconds: float) -> None:
         self.refresh_stats()

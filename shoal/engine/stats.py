@@ -36,3 +36,10 @@ class EngineStats:
     last_batch_size: int = 0
     num_steps: int = 0
     last_step_unix: float = 0.0  # time.time() at the end of the last step (0: none yet)
+    block_size: int = 0  # tokens per KV cache block
+    num_kv_blocks: int = 0  # KV cache blocks in all (vLLM's num_gpu_blocks)
+    # The engine's CUDA device and PyTorch's caching allocator there (bytes); None/0 without CUDA. Only the
+    # engine's process can read them (the HTTP process has no torch), hence here.
+    cuda_device: int | None = None
+    cuda_memory_allocated: int = 0
+    cuda_memory_reserved: int = 0

@@ -61,9 +61,9 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
         description="OpenAI-compatible LLM inference server (paged KV cache, continuous batching).",
         lifespan=lifespan,
     )
-    metrics = ServerMetrics(engine, settings.served_model_name)
-    engine.add_step_listener(metrics.on_step)
+    metrics = ServerMetrics(engine, settings)
     state = ServerState(engine=engine, settings=settings, metrics=metrics, lifecycle=lifecycle)
+    metrics.attach(state)
     app.state.shoal = state
     if settings.policy is not None and settings.policy.content_filter is not None:
         state.content_filter = ContentFilter(settings.policy.content_filter)

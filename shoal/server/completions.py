@@ -197,7 +197,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = f"cmpl-{uuid.uuid4().hex}"
     logger.debug("%s: %d prompt(s) x n=%d, user=%s", request_id, len(prompts), body.n, body.user)
     jobs = [
-        EngineJob(f"{request_id}-{i}", p.ids, params, body.priority, body.cache_salt)
+        EngineJob(
+            f"{request_id}-{i}",
+            p.ids,
+            params,
+            body.priority,
+            body.cache_salt,
+            hidden_output=max_tokens == 0,
+        )
         for i, p in enumerate(prompts)
     ]
     builders = [_ChoiceBuilder(body, state, p, drop_generated=max_tokens == 0) for p in prompts]

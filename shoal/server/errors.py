@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shoal.server.request_context import request_context
+
 logger = logging.getLogger("shoal.server")
 
 INVALID_REQUEST = "invalid_request_error"
@@ -176,19 +178,27 @@ def install_error_handlers(app: FastAPI) -> None:
     """Make every failure path answer in OpenAI's error shape."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _note_kind(request, exc.code or exc.type)
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         api_error = validation_error_to_api_error(exc)
+        _note_kind(request, api_error.code or api_error.type)
         return JSONResponse(api_error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        _note_kind(request, code or "http_error")
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
+
+
+def _note_kind(request: Request, kind: str) -> None:
+    """The error's kind for shoal:request_errors_total{kind} (the OpenAI error code, else its type)."""
+    request_context(request).error_kind = kind
 
 
 class UnexpectedErrorMiddleware:
@@ -224,5 +234,8 @@ class UnexpectedErrorMiddleware:
                 return  # the answer is complete; the connection stays usable
             if state["started"]:
                 raise
+            ctx = scope.get("state", {}).get("ctx")
+            if ctx is not None:
+                ctx.error_kind = SERVER_ERROR
             response = error_response(500, f"internal server error: {type(exc).__name__}", type=SERVER_ERROR)
             await response(scope, receive, send)

@@ -45,6 +45,8 @@ class EngineJob:
     params: SamplingParams
     priority: int | None = None  # None: the caller's class's priority (resolved by run_jobs), or 0
     cache_salt: str | None = None
+    # The generated tokens are not returned (echo with max_tokens 0): not counted as generation tokens.
+    hidden_output: bool = False
 
 
 class EngineFailure(Exception):
@@ -56,7 +58,7 @@ async def _tracked(
 ) -> AsyncIterator[RequestOutput]:
     """engine.generate with metrics, and an abort whenever it ends before the last snapshot. The last
     output seen, however the request ended, goes to ctx.outputs (for metrics, logs and traces)."""
-    tracker = metrics.track()
+    tracker = metrics.track(len(job.prompt_ids), job.params.n, ctx.arrival_time, job.hidden_output)
     agen = engine.generate(
         job.request_id, job.prompt_ids, job.params, ctx.arrival_time, job.priority, job.cache_salt
     )
@@ -77,9 +79,9 @@ async def _tracked(
     finally:
         if last is not None:
             ctx.outputs.append(last)
+        if not rejected:
+            tracker.end(last)
         if not finished:
-            if not rejected:
-                tracker.aborted(job.params.n)
             with anyio.CancelScope(shield=True):
                 await agen.aclose()  # the engine aborts an unfinished request when its generator closes
 

@@ -72,5 +72,5 @@ async def version() -> dict[str, str]:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus text format, vLLM's metric names."""
-    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format: vLLM's metric names, and shoal's (all in shoal/metric_names.py)."""
+    return Response(await get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

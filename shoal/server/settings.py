@@ -34,6 +34,14 @@ class ServerSettings:
     max_n: int | None = None
     # Load shedding (shoal/policy/shedding.py): requests waiting for the engine past which new ones get 503.
     max_waiting_requests: int | None = None
+    # vLLM's --disable-log-stats: no per-request or per-step metric observation (the scrape-time gauges
+    # stay). The one switch the overhead benchmark flips.
+    disable_log_stats: bool = False
+    # SLO targets (milliseconds) behind the goodput counters; None: not judged.
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    # The instance's price in dollars per hour, behind the cost metrics; None: no cost metrics.
+    cost_per_hour: float | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -51,5 +59,9 @@ class ServerSettings:
             raise ValueError(f"--max-n must be at most 128, got {self.max_n}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "cost_per_hour"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if self.api_key == "":
             self.api_key = None
