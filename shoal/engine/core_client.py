@@ -148,6 +148,7 @@ class EngineCoreClient:
                 await self._wait_ready()
             except BaseException:
                 self.phase = "failed"
+                self._release()  # an abandoned zmq context blocks the interpreter when collected
                 raise
             loop = asyncio.get_running_loop()
             loop.add_reader(self._process.sentinel, self._core_died)
@@ -161,11 +162,16 @@ class EngineCoreClient:
         if self._process.is_alive():
             self._send(Control(next(self._call_ids), "shutdown"))
             await asyncio.to_thread(self._process.join, 10)
-        if self._process.is_alive():
-            self._process.terminate()
         if self._reader is not None:
             asyncio.get_running_loop().remove_reader(self._process.sentinel)
             self._reader.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the core process if it still runs, and close the sockets without waiting."""
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
         self._context.destroy(linger=0)
 
     def _core_died(self) -> None:
