@@ -89,6 +89,27 @@ def serve(
         int, typer.Option(help="Largest request body accepted; larger ones get 413.")
     ] = DEFAULT_MAX_REQUEST_BYTES,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="text or json: json writes one JSON object per line (shoal, uvicorn, engine core, and the "
+            "access log's fields as keys)."
+        ),
+    ] = "text",
+    log_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--log-prompts", help="Put each request's prompt text in its access log line (off by default)."
+        ),
+    ] = False,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            help="Send OpenTelemetry traces (HTTP, queue, prefill, decode spans per request) over OTLP/HTTP "
+            "to this URL, e.g. http://collector:4318/v1/traces; other OTEL_* variables apply. Off by default.",
+        ),
+    ] = None,
     compile: Annotated[
         bool,
         typer.Option(
@@ -222,6 +243,7 @@ def serve(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.engine.config import EngineConfig
+    from shoal.logging_config import LOG_FORMATS
     from shoal.server.launch import TLSOptions
     from shoal.server.launch import serve as run_server
     from shoal.server.settings import ServerSettings
@@ -244,6 +266,8 @@ def serve(
     )
     try:
         config.validate()
+        if log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be text or json, got {log_format!r}")
         if engine_mode not in ("process", "thread"):
             raise ValueError(f"--engine-mode must be process or thread, got {engine_mode!r}")
         settings = ServerSettings(
@@ -262,6 +286,8 @@ def serve(
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
             cost_per_hour=cost_per_hour,
+            otlp_traces_endpoint=otlp_traces_endpoint or None,
+            log_prompts=log_prompts,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
         _check_policy_fits(settings.policy, scheduling_policy)
@@ -280,6 +306,7 @@ def serve(
             engine_mode=engine_mode,
             health=health,
             tls=tls,
+            log_format=log_format,
         )
     except (
         ValueError,

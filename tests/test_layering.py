@@ -1,12 +1,22 @@
 """The engine and model packages run without the server stack (a GPU box may have only torch,
-safetensors and tokenizers), and the engine knows nothing about HTTP."""
+safetensors and tokenizers), and the engine knows nothing about HTTP, nor about OpenTelemetry (spans are
+built in the server from the engine's timestamps, shoal/server/tracing.py)."""
 
 import subprocess
 import sys
 
 import pytest
 
-SERVER_STACK = ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client", "typer", "transformers")
+SERVER_STACK = (
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "pydantic",
+    "prometheus_client",
+    "typer",
+    "transformers",
+    "opentelemetry",
+)
 
 
 @pytest.mark.timeout(60)

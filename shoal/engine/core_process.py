@@ -40,6 +40,7 @@ from shoal.engine.messages import (
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import StepStats
+from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 500
@@ -171,7 +172,9 @@ class EngineCore:
 
 def run_core(config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None) -> None:
     """Process entry point (spawned): load, report Ready (or StartupFailed), then loop until shutdown."""
-    logging.basicConfig(level=os.environ.get("SHOAL_CORE_LOG_LEVEL", "WARNING"))
+    configure_logging(
+        os.environ.get("SHOAL_CORE_LOG_LEVEL", "WARNING"), os.environ.get(LOG_FORMAT_ENV, "text")
+    )
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_address)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from prometheus_client import Gauge
@@ -22,6 +22,7 @@ from shoal.policy.config import PolicyConfig
 from shoal.policy.content_filter import ContentFilter
 from shoal.policy.response_cache import ResponseCache
 from shoal.server import chat, completions, debug, info, tokens
+from shoal.server.access_log import AccessLog
 from shoal.server.auth import AuthMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.cached_responses import ResponseCacheMiddleware
@@ -33,13 +34,28 @@ from shoal.server.settings import ServerSettings
 from shoal.server.state import ServerState
 from shoal.server.traffic import TrafficGuard, TrafficMiddleware, caps_of
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
-def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = False) -> FastAPI:
+
+def build_app(
+    engine: Any,
+    settings: ServerSettings,
+    load_in_background: bool = False,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine`; its lifespan starts the engine and shuts it down.
 
     load_in_background: the server listens while the engine loads and warms up (probes answer, /v1/*
-    is 503 + Retry-After); otherwise the app starts only once the engine has."""
+    is 503 + Retry-After); otherwise the app starts only once the engine has.
+    Traces go to `tracer_provider` when given (tests pass one with an in-memory exporter), else to an
+    OTLP exporter when settings.otlp_traces_endpoint is set; otherwise tracing costs nothing."""
     lifecycle = Lifecycle(engine, settings.drain_timeout_s)
+    owned_provider = None
+    if tracer_provider is None and settings.otlp_traces_endpoint:
+        from shoal.server.tracing import otlp_tracer_provider  # the OpenTelemetry SDK, only when used
+
+        tracer_provider = owned_provider = otlp_tracer_provider(settings.otlp_traces_endpoint)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,12 +70,17 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
             await engine.shutdown()
             if state.traffic is not None:
                 await state.traffic.close()
+            if owned_provider is not None:
+                owned_provider.shutdown()  # flushes the spans still batched
 
     app = FastAPI(
         title="shoal",
         version=shoal.__version__,
         description="OpenAI-compatible LLM inference server (paged KV cache, continuous batching).",
         lifespan=lifespan,
+        # shoal builds the HTTP server span itself (shoal/server/tracing.py): FastAPI's own would be a
+        # second parent for the same request whenever a global tracer provider is configured.
+        telemetry={"tracing": False, "operation_spans": False},
     )
     metrics = ServerMetrics(engine, settings)
     state = ServerState(engine=engine, settings=settings, metrics=metrics, lifecycle=lifecycle)
@@ -72,6 +93,7 @@ def build_app(engine: Any, settings: ServerSettings, load_in_background: bool = 
         engine.add_step_listener(state.schedule_record.on_step)
     state.caps = caps_of(settings.policy, settings.max_tokens_cap, settings.max_n)
     state.traffic = _traffic_guard(engine, settings, lifecycle, metrics)
+    _add_request_logs_and_traces(state, tracer_provider)
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)
@@ -130,6 +152,16 @@ def _traffic_guard(
     guard = TrafficGuard(engine, policy, settings.max_waiting_requests, lifecycle.liveness_problem)
     guard.register_metrics(metrics.registry)
     return guard
+
+
+def _add_request_logs_and_traces(state: ServerState, tracer_provider: TracerProvider | None) -> None:
+    settings = state.settings
+    access_log = AccessLog(settings.served_model_name, state.engine, settings.log_prompts)
+    state.end_listeners.append(access_log.on_end)
+    if tracer_provider is not None:
+        from shoal.server.tracing import RequestTracer
+
+        state.end_listeners.append(RequestTracer(tracer_provider, settings.served_model_name).on_end)
 
 
 def _document_400_not_422(app: FastAPI) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -22,15 +23,12 @@ import uvicorn
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.health import HealthPolicy
+from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
 from shoal.server.app import build_app
 from shoal.server.lifecycle import Lifecycle
 from shoal.server.settings import ServerSettings
 
 logger = logging.getLogger("shoal.server")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @dataclass(frozen=True)
@@ -123,23 +121,29 @@ def serve(
     engine_mode: str = "process",
     health: HealthPolicy | None = None,
     tls: TLSOptions | None = None,
+    log_format: str = "text",
 ) -> int:
     """Blocking: listen on host:port, load and warm up the model behind it, serve until drained.
     Returns the process exit code (0 after a drain, 1 if the engine could not start).
 
     engine_mode "process" runs the engine core in its own process (shoal/engine/core_process.py);
     "thread" runs it on a thread of this one (shoal/engine/async_engine.py)."""
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
+    os.environ[LOG_FORMAT_ENV] = log_format  # the engine core process, spawned below, formats alike
     logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
     engine = _start_engine(engine_config, settings, engine_mode, health)
     app = build_app(engine, settings, load_in_background=True)
     lifecycle = app.state.shoal.lifecycle
     tls = tls or TLSOptions()
+    # log_config=None: uvicorn's loggers propagate to the handler configured above (same format);
+    # access_log=False: shoal's access log (shoal/server/access_log.py) replaces uvicorn's.
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=10,
         **tls.uvicorn_kwargs(),
     )

@@ -52,6 +52,9 @@ class RequestContext:
     identity: Any = None  # who is calling, once authenticated (shoal/policy): key id, tenant, class
     cache_hit: bool = False  # answered from the response cache, without the engine
     auth_failure: str | None = None  # why the credential was refused (never the credential itself)
+    route: str | None = None  # the matched route's path template (OpenTelemetry's http.route), once routed
+    # The raw ASGI request headers (a reference, not a copy): tracing reads W3C traceparent from them.
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list, repr=False)
 
     @property
     def latency(self) -> float | None:
@@ -76,7 +79,9 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = RequestContext(_request_id(scope), scope["method"], scope["path"])
+        ctx = RequestContext(
+            _request_id(scope), scope["method"], scope["path"], headers=scope.get("headers") or []
+        )
         scope.setdefault("state", {})["ctx"] = ctx
         header = (REQUEST_ID_HEADER.encode(), ctx.request_id.encode())
 
@@ -90,6 +95,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             ctx.end_time = time.monotonic()
+            # Starlette's router writes the matched route into this same scope dict.
+            ctx.route = getattr(scope.get("route"), "path", None)
             if ctx.status is None:
                 ctx.status = 500  # the app raised before answering (UnexpectedErrorMiddleware prevents it)
             for listener in self.listeners:

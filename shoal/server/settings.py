@@ -42,6 +42,10 @@ class ServerSettings:
     slo_tpot_ms: float | None = None
     # The instance's price in dollars per hour, behind the cost metrics; None: no cost metrics.
     cost_per_hour: float | None = None
+    # OTLP/HTTP endpoint of a trace collector (vLLM's --otlp-traces-endpoint); None: tracing off.
+    otlp_traces_endpoint: str | None = None
+    # Put each request's prompt text in its access log line (off: prompts may hold personal data).
+    log_prompts: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
