@@ -53,7 +53,9 @@ class TextFormatter(logging.Formatter):
 
 def _text(value: object) -> str:
     # Strings (prompts, finish reasons) are quoted so that a space inside one cannot shift the columns.
-    return json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (str, list)) else str(value)
+    return (
+        json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (str, list)) else str(value)
+    )
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

@@ -1,13 +1,15 @@
 """The live `shoal serve` subprocess shared by the server test files (started once per test session).
 
 stories260K (tiny, float32, deterministic) served as "stories", with an API key, a simple
---chat-template (the model has none) and a small --max-request-bytes (for the 413 test). The process is
+--chat-template (the model has none) and a small --max-request-bytes (for the 413 test). It logs JSON
+lines at info, so that its log (`access_lines`) holds one access line per request. The process is
 cached in this module (imported once per session however many test files use it) and stopped at exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import socket
 import subprocess
@@ -35,6 +37,8 @@ START_TIMEOUT_S = 90
 SLO_TTFT_MS = 5000.0
 SLO_TPOT_MS = 1000.0
 COST_PER_HOUR = 3.6
+# The main server logs JSON lines at info: its log then holds one access line per request (access_lines).
+MAIN_LOG_FLAGS = ("--log-level", "info", "--log-format", "json")
 
 
 @dataclass
@@ -77,12 +81,17 @@ _tmp = Path(tempfile.mkdtemp(prefix="shoal-test-server-"))
 
 
 def _launch(
-    name: str, extra: list[str], headers: dict[str, str], model: str, env_extra: dict | None = None
+    name: str,
+    extra: list[str],
+    headers: dict[str, str],
+    model: str,
+    env_extra: dict | None = None,
+    log_flags: tuple[str, ...] = ("--log-level", "warning"),
 ) -> LiveServer:
     port = _free_port()
     log_path = _tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "shoal.cli", "serve", "--model", str(TINY_MODEL), "--dtype", "float32",
-           "--device", "cpu", "--port", str(port), "--log-level", "warning", *extra]  # fmt: skip
+           "--device", "cpu", "--port", str(port), *log_flags, *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("SHOAL_API_KEY", None)
     with open(log_path, "w") as log:
@@ -101,7 +110,9 @@ def _launch_all() -> None:
              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--enable-fault-injection",
              "--slo-ttft-ms", str(SLO_TTFT_MS), "--slo-tpot-ms", str(SLO_TPOT_MS),
              "--cost-per-hour", str(COST_PER_HOUR)]  # fmt: skip
-    _servers["main"] = _launch("main", extra, {"Authorization": f"Bearer {API_KEY}"}, SERVED_NAME)
+    _servers["main"] = _launch(
+        "main", extra, {"Authorization": f"Bearer {API_KEY}"}, SERVED_NAME, log_flags=MAIN_LOG_FLAGS
+    )
 
 
 def _wait_ready(server: LiveServer) -> None:
@@ -167,6 +178,12 @@ def _stop_all() -> None:
 def live_server() -> LiveServer:
     """stories260K served as "stories": API key, simple chat template, 256 KiB request limit."""
     return get_server("main")
+
+
+def access_lines(server: LiveServer) -> list[dict]:
+    """The access log lines written so far by a server (it runs with --log-format json)."""
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("logger") == "shoal.access"]
 
 
 def metric_samples(text: str, name: str) -> dict[str, float]:

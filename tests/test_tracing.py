@@ -95,7 +95,10 @@ def test_one_request_yields_parent_and_phase_children_in_order(traced):
     children = [spans[name][0] for name in PHASES]
     assert sorted(spans) == sorted([parent.name, *PHASES]), sorted(spans)
     for child in children:
-        assert child.parent.span_id == parent.context.span_id and child.context.trace_id == parent.context.trace_id
+        assert (
+            child.parent.span_id == parent.context.span_id
+            and child.context.trace_id == parent.context.trace_id
+        )
     queue, prefill, decode, response = children
     assert prefill.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert decode.attributes["gen_ai.usage.output_tokens"] == 6
