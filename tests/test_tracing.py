@@ -5,6 +5,7 @@ request's queue, prefill and decode spans (then response), nested, in time order
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -145,3 +146,53 @@ def test_tracing_off_registers_nothing(stories_dir):
     app = build_app(Engine(), ServerSettings(served_model_name="stories"))
     names = [getattr(fn, "__qualname__", "") for fn in app.state.shoal.end_listeners]
     assert not any(name.startswith("RequestTracer") for name in names), names
+
+
+@pytest.mark.timeout(60)
+def test_shoal_serve_exports_over_otlp_http():
+    """A real `shoal serve --otlp-traces-endpoint` exports the same spans to an OTLP/HTTP receiver."""
+    from shoal.bench.otlp_sink import OtlpSink
+
+    try:
+        from server_fixture import launch_own_server, wait_ready
+    except ImportError:  # tests/ became a package
+        from tests.server_fixture import launch_own_server, wait_ready  # type: ignore[no-redef]
+
+    with OtlpSink() as sink:
+        # Thread mode: one process less to start; the batch processor flushes every 50 ms.
+        server = launch_own_server(
+            "traced",
+            ["--otlp-traces-endpoint", sink.endpoint, "--engine-mode", "thread"],
+            env={"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "shoal-test"},
+        )
+        try:
+            wait_ready(server)
+            body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+            r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"X-Request-Id": "otlp-1"})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not _otlp_trace(sink.spans(), "otlp-1"):
+                time.sleep(0.05)
+        finally:
+            server.proc.terminate()  # drains (nothing left) and exits; the fixture reaps it at exit
+        spans = _otlp_trace(sink.spans(), "otlp-1")
+
+    assert spans, f"no trace for otlp-1 received:\n{server.log_tail()}"
+    parent = spans["POST /v1/completions"]
+    assert parent.resource["service.name"] == "shoal-test"
+    assert parent.attributes["gen_ai.usage.output_tokens"] == 4
+    assert parent.attributes["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
+    for name in PHASES:
+        assert spans[name].parent_span_id == parent.span_id and spans[name].trace_id == parent.trace_id
+    assert parent.start_ns <= spans["queue"].start_ns <= spans["decode"].end_ns <= parent.end_ns
+
+
+def _otlp_trace(received, request_id: str) -> dict:
+    """name -> span of the trace whose parent carries request_id, once all its spans have arrived."""
+    parents = [
+        s for s in received if s.attributes.get("gen_ai.request.id") == request_id and not s.parent_span_id
+    ]
+    if not parents:
+        return {}
+    spans = {s.name: s for s in received if s.trace_id == parents[0].trace_id}
+    return spans if all(name in spans for name in PHASES) else {}
