@@ -393,6 +393,45 @@ def quant_profile(
         typer.echo(f"{label}: {r['tok_s']:.1f} tok/s, {r['ms_per_token']:.2f} ms/token ({parts} ms)")
 
 
+@bench_app.command()
+def overhead(
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    rounds: Annotated[int, typer.Option(help="Measured rounds (each runs every variant once).")] = 5,
+    concurrency: Annotated[int, typer.Option(help="Streams at once in each run.")] = 16,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per stream.")] = 32,
+    output_len: Annotated[int, typer.Option(help="Output tokens per stream (EOS ignored).")] = 32,
+    seed: SeedOpt = 0,
+    dataset: DatasetOpt = workload.DEFAULT_DATASET,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """What observability costs: `shoal serve` throughput with metrics off (--disable-log-stats) and with
+    tracing on (OTLP to a receiver in this process), against the defaults, in one run (target: < 3% each)."""
+    from shoal.bench import overhead as oh
+
+    def printer(result: dict) -> None:
+        typer.echo(oh.markdown(result) if markdown else "")
+
+    _run(
+        oh.run_overhead,
+        printer,
+        output_json,
+        model=model,
+        dtype=dtype,
+        threads=threads,
+        rounds=rounds,
+        concurrency=concurrency,
+        prompt_len=prompt_len,
+        output_len=output_len,
+        seed=seed,
+        dataset=dataset,
+    )
+
+
 if __name__ == "__main__":
     bench_app()
 

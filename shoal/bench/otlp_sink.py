@@ -113,3 +113,23 @@ def _value(value: Any) -> Any:
     if kind == "array_value":
         return [_value(v) for v in value.array_value.values]
     return getattr(value, kind) if kind else None
+
+
+def main() -> None:
+    """`python -m shoal.bench.otlp_sink`: a receiver of its own process (a local collector, as a sidecar
+    would be). Prints its endpoint, then, on SIGTERM or SIGINT, how many spans it received."""
+    import signal
+    import sys
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with OtlpSink() as sink:
+        print(sink.endpoint, flush=True)
+        stop.wait()
+        print(len(sink.spans()), flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

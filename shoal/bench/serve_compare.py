@@ -591,18 +591,32 @@ class Server:
 
 
 def shoal_server(
-    model: str, dtype: str, threads: int, kv_cache_memory: int | None, log_dir: Path, name: str
+    model: str,
+    dtype: str,
+    threads: int,
+    kv_cache_memory: int | None,
+    log_dir: Path,
+    name: str,
+    extra: tuple[str, ...] = (),
+    log_name: str = "shoal-serve",
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
+    """`shoal serve` on a free port of 127.0.0.1, serving `model` as `name`, with `extra` flags."""
     port = free_port()
     cmd = [sys.executable, "-m", "shoal.cli", "serve", "--model", model, "--dtype", dtype, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", name,
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "warning", *extra]  # fmt: skip
     if kv_cache_memory is not None:
         cmd += ["--kv-cache-memory", str(kv_cache_memory)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        **(extra_env or {}),
+    }
     repo = str(workload.REPO)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return Server("shoal serve", cmd, f"http://127.0.0.1:{port}", "/ready", log_dir / "shoal-serve.log", env)
+    return Server("shoal serve", cmd, f"http://127.0.0.1:{port}", "/ready", log_dir / f"{log_name}.log", env)
 
 
 def llama_server(
