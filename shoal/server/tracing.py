@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -65,12 +66,15 @@ class RequestTracer:
     def __init__(self, provider: trace.TracerProvider, model_name: str):
         self.tracer = provider.get_tracer("shoal", shoal.__version__)
         self.model_name = model_name
+        # The headers the configured propagator reads (W3C traceparent, tracestate, baggage by default;
+        # OTEL_PROPAGATORS may choose others): only those are copied out of each request.
+        self.propagated = {name.lower().encode("latin-1") for name in propagate.get_global_textmap().fields}
 
     def on_end(self, ctx: RequestContext) -> None:
         end_ns = ctx.to_unix_ns(ctx.end_time if ctx.end_time is not None else ctx.arrival_time)
         parent = self.tracer.start_span(
             f"{ctx.method} {ctx.route}" if ctx.route else ctx.method,
-            context=_incoming_context(ctx),
+            context=self._incoming_context(ctx),
             kind=SpanKind.SERVER,
             start_time=ctx.arrival_unix_ns,
             attributes=self._http_attributes(ctx),
@@ -84,6 +88,15 @@ class RequestTracer:
         if finished:
             self._span("response", ctx.to_unix_ns(max(finished)), end_ns, under_parent, {})
         parent.end(end_time=end_ns)
+
+    def _incoming_context(self, ctx: RequestContext) -> Any:
+        """The caller's trace (W3C traceparent), so shoal's spans join a gateway's; else a new trace."""
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in ctx.headers
+            if name in self.propagated
+        }
+        return propagate.extract(carrier) if carrier else Context()  # not whatever is current
 
     def _http_attributes(self, ctx: RequestContext) -> dict[str, Any]:
         attributes: dict[str, Any] = {
@@ -146,9 +159,3 @@ class RequestTracer:
     def _span(self, name: str, start_ns: int, end_ns: int, under_parent: Any, attributes: dict) -> None:
         span = self.tracer.start_span(name, context=under_parent, start_time=start_ns, attributes=attributes)
         span.end(end_time=max(start_ns, end_ns))
-
-
-def _incoming_context(ctx: RequestContext) -> Any:
-    """The caller's trace (W3C traceparent/tracestate), so shoal's spans join a gateway's trace."""
-    carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in ctx.headers}
-    return propagate.extract(carrier)
