@@ -398,7 +398,7 @@ def overhead(
     model: ModelOpt = None,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
-    rounds: Annotated[int, typer.Option(help="Measured rounds (each runs every variant once).")] = 5,
+    rounds: Annotated[int, typer.Option(help="Measured rounds (each runs every variant once).")] = 8,
     concurrency: Annotated[int, typer.Option(help="Streams at once in each run.")] = 16,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per stream.")] = 32,
     output_len: Annotated[int, typer.Option(help="Output tokens per stream (EOS ignored).")] = 32,

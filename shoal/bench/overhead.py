@@ -74,7 +74,7 @@ def run_overhead(
     model: str | None = None,
     dtype: str = "auto",
     threads: int | None = None,
-    rounds: int = 5,
+    rounds: int = 8,
     concurrency: int = 16,
     prompt_len: int = 32,
     output_len: int = 32,
