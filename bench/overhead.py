@@ -11,18 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shoal.bench.cli import bench_app
+from shoal.bench.cli import run_as_script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if not any(a == "--output-json" or a.startswith("--output-json=") for a in args):
-        args += ["--output-json", str(RESULTS)]
-    if "--markdown" not in args:
-        args.append("--markdown")
-    bench_app(["overhead", *args], prog_name="bench/overhead.py")
+    run_as_script("overhead", RESULTS, sys.argv[1:], prog_name="bench/overhead.py")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ MaxLenOpt = Annotated[
 ]
 
 
+def run_as_script(command: str, results: Path, argv: list[str], prog_name: str) -> None:
+    """What a thin bench/<name>.py does: `shoal bench <command> ARGV`, writing the JSON result to `results`
+    and printing the markdown table for docs/benchmarks.md, unless ARGV says otherwise."""
+    args = list(argv)
+    if not any(a == "--output-json" or a.startswith("--output-json=") for a in args):
+        args += ["--output-json", str(results)]
+    if "--markdown" not in args:
+        args.append("--markdown")
+    bench_app([command, *args], prog_name=prog_name)
+
+
 def _run(fn, printer, output_json: Path | None, **kwargs) -> None:
     try:
         result = fn(log=typer.echo, **kwargs)

@@ -105,6 +105,9 @@ def run_overhead(
         try:
             runs = _measure(servers, rounds_of_prompts, output_len, log)
         finally:
+            for server in servers.values():  # SIGTERM all first: each drains (a few seconds) in parallel
+                if server.proc is not None and server.proc.poll() is None:
+                    server.proc.terminate()
             for server in servers.values():
                 server.stop()
     result = {
