@@ -3,9 +3,9 @@
 It replaces uvicorn's access log (run with access_log=False), which knows neither the request id nor the
 model's numbers. Fields (`--log-format json` makes them top-level JSON keys): request_id, method, path,
 status, model, prompt_tokens, completion_tokens, ttft_s and latency_s (seconds, from the HTTP arrival),
-finish_reasons, streamed, and error_kind / timed_out when they apply. The prompt text is never logged
-unless the server runs with `--log-prompts` (prompts may hold personal data); it is then decoded from the
-prompt token ids after the fact, off the request path.
+finish_reasons, streamed, and error_kind / timed_out / cache_hit / tenant when they apply. The prompt
+text is never logged unless the server runs with `--log-prompts` (prompts may hold personal data); it is
+then decoded from the prompt token ids after the fact, off the request path.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class AccessLog:
             fields["error_kind"] = ctx.error_kind
         if ctx.timed_out:
             fields["timed_out"] = True
+        if ctx.cache_hit:
+            fields["cache_hit"] = True  # answered from the response cache: no engine request, no tokens
+        tenant = getattr(ctx.identity, "tenant", None)
+        if tenant is not None:
+            fields["tenant"] = tenant  # who, for per-tenant accounting (never the key's secret)
         if self.log_prompts and self.engine is not None and ctx.outputs:
             fields["prompts"] = [
                 self.engine.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
