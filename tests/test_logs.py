@@ -127,3 +127,14 @@ def test_text_format_appends_fields_and_json_format_makes_them_keys():
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "GET /health 200" and line["request_id"] == "r-1"
     assert line["finish_reasons"] == ["stop"] and line["logger"] == "shoal.access"
+
+
+@pytest.mark.timeout(60)
+def test_echo_without_generation_logs_no_completion_tokens(live_server):
+    """echo with max_tokens 0 runs one hidden step in the engine; the access line, like the usage, says 0."""
+    request_id = f"echo-{uuid.uuid4().hex[:8]}"
+    body = {"model": live_server.model, "prompt": "Once upon", "max_tokens": 0, "echo": True}
+    with live_server.client() as http:
+        r = http.post("/v1/completions", json=body, headers={"X-Request-Id": request_id})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0, r.text
+    assert _access_line(live_server, request_id)["completion_tokens"] == 0

@@ -315,6 +315,7 @@ async def run_jobs(
     ctx = request_context(request)
     settings = request.app.state.shoal.settings
     ctx.model = settings.served_model_name
+    ctx.hidden_output = all(job.hidden_output for job in jobs)
     _apply_identity(settings.policy, ctx.identity or ANONYMOUS, jobs)
     _check_priority(engine, jobs)
     content_filter = getattr(request.app.state.shoal, "content_filter", None)

@@ -51,6 +51,7 @@ class RequestContext:
     streamed: bool = False
     identity: Any = None  # who is calling, once authenticated (shoal/policy): key id, tenant, class
     cache_hit: bool = False  # answered from the response cache, without the engine
+    hidden_output: bool = False  # the generated tokens are not returned (echo with max_tokens 0)
     auth_failure: str | None = None  # why the credential was refused (never the credential itself)
     route: str | None = None  # the matched route's path template (OpenTelemetry's http.route), once routed
     # The raw ASGI request headers (a reference, not a copy): tracing reads W3C traceparent from them.

@@ -28,7 +28,10 @@ def summarize(ctx: RequestContext) -> RequestSummary:
     first_tokens = [t for out in ctx.outputs if (t := out.metrics.get("first_token_time")) is not None]
     return RequestSummary(
         prompt_tokens=sum(len(out.prompt_token_ids) for out in ctx.outputs),
-        completion_tokens=sum(len(c.token_ids) for out in ctx.outputs for c in out.outputs),
+        # echo with max_tokens 0 generates one token it never returns: not a completion token
+        completion_tokens=0
+        if ctx.hidden_output
+        else sum(len(c.token_ids) for out in ctx.outputs for c in out.outputs),
         ttft=min(first_tokens) - ctx.arrival_time if first_tokens else None,
         latency=ctx.latency,
         finish_reasons=[c.finish_reason for out in ctx.outputs for c in out.outputs],
