@@ -412,9 +412,18 @@ def _register_policy_tools() -> None:
     app.add_typer(audit_app, name="audit", help="Check the HMAC chain of an audit log.")
 
 
+def _register_gateway() -> None:
+    from shoal.gateway.cli import gateway_app  # imports only typer; no torch, no engine
+
+    app.add_typer(
+        gateway_app, name="gateway", help="The gateway: blue-green, canary, shadow, load-aware routing."
+    )
+
+
 _register_bench()
 _register_quant()
 _register_policy_tools()
+_register_gateway()
 
 if __name__ == "__main__":
     app()

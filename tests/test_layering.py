@@ -61,3 +61,19 @@ def test_shoal_stats_needs_no_torch_or_engine():
     code = "import sys\nimport shoal.live_stats\nprint(sorted(m for m in ('torch', 'shoal.engine') if m in sys.modules))\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"shoal.live_stats pulled in: {out.stdout}"
+
+
+@pytest.mark.timeout(60)
+def test_gateway_never_imports_torch_engine_or_model():
+    """The gateway runs on a small box in front of the GPU servers, with neither torch nor the engine."""
+    code = (
+        "import sys, pkgutil, importlib, shoal.gateway\n"
+        "for m in pkgutil.iter_modules(shoal.gateway.__path__):\n"
+        "    if m.name != '__main__': importlib.import_module('shoal.gateway.' + m.name)\n"
+        "from shoal.gateway.app import build_app\n"
+        "from shoal.gateway.config import parse_config\n"
+        "build_app(parse_config({'models': {'m': {'versions': {'v': {'backends': ['http://127.0.0.1:1']}}}}}))\n"
+        "print(sorted({n for n in sys.modules if n == 'torch' or n.startswith(('shoal.engine', 'shoal.model'))}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal.gateway imports {out.stdout}"

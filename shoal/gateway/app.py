@@ -1,0 +1,67 @@
+"""The gateway's ASGI app (Starlette, which FastAPI is built on: the proxy path needs no validation layer)
+and its background loops: health/load probes and the canary controller, both every second."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shoal.gateway.admin import admin_routes
+from shoal.gateway.config import GatewayConfig
+from shoal.gateway.health import HealthChecker
+from shoal.gateway.proxy import Proxy
+from shoal.gateway.state import GatewayState
+
+
+async def _canary_loop(state: GatewayState) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        for model in state.models.values():
+            if model.canary:
+                model.canary.tick()
+
+
+def build_app(config: GatewayConfig) -> Starlette:
+    state = GatewayState(config)
+    proxy = Proxy(state)
+    health = HealthChecker(state.backends, state.settings, state.metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await health.start()  # one probe round first: the gateway never routes to an unknown backend
+        canary = asyncio.create_task(_canary_loop(state))
+        yield
+        canary.cancel()
+        await health.stop()
+        for model in state.models.values():
+            if model.shadow:
+                await model.shadow.close()
+        await proxy.close()
+
+    async def list_models(_: Request) -> Response:
+        data = [{"id": name, "object": "model", "owned_by": "shoal-gateway"} for name in state.models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def ready(_: Request) -> Response:
+        up = any(b.healthy for b in state.backends.values())
+        return JSONResponse({"ready": up}, status_code=200 if up else 503)
+
+    async def health_route(_: Request) -> Response:
+        return Response(status_code=200)
+
+    routes = [
+        Route("/v1/models", list_models),
+        Route("/v1/{path:path}", proxy.handle, methods=["POST"]),
+        Route("/ready", ready),
+        Route("/health", health_route),
+        *admin_routes(state),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = state
+    return app
