@@ -479,3 +479,39 @@ def spike(
     if output_json is not None:
         bench_spike.save(result, output_json)
     typer.echo(bench_spike.markdown(result))
+
+
+@bench_app.command()
+def gateway(
+    model: Annotated[str, typer.Option(help="Model both backends serve.")] = str(
+        workload.REPO / "models" / "stories260K"
+    ),
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (the backends').")] = "float32",
+    latency_requests: Annotated[int, typer.Option(help="Sequential requests per side.")] = 200,
+    throughput_requests: Annotated[int, typer.Option(help="Requests per throughput block (4 blocks).")] = 300,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight for throughput and prefix runs.")] = 8,
+    groups: Annotated[int, typer.Option(help="Distinct system prompts in the prefix workload.")] = 12,
+    per_group: Annotated[int, typer.Option(help="Questions per system prompt.")] = 8,
+    kv_cache_memory: Annotated[
+        int, typer.Option(help="Each backend's KV cache (bytes): small on purpose.")
+    ] = 3 << 19,
+    threads: Annotated[int, typer.Option(help="OMP threads per backend.")] = 1,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """The gateway's added latency and throughput loss against direct access, and prefix-aware against
+    round-robin routing over two replicas (see shoal/bench/gateway.py)."""
+    import json
+
+    from shoal.bench import gateway as gw
+
+    def show(result: dict) -> None:
+        typer.echo(json.dumps({k: result[k] for k in ("latency", "throughput", "prefix_routing")}, indent=2))
+        if markdown:
+            typer.echo(gw.markdown(result))
+
+    _run(gw.run_gateway_bench, show, output_json, model=model, dtype=dtype, latency_requests=latency_requests,
+         throughput_requests=throughput_requests, concurrency=concurrency, groups=groups, per_group=per_group,
+         kv_cache_memory=kv_cache_memory, threads=threads)  # fmt: skip
