@@ -10,19 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shoal.bench.cli import bench_app
+from shoal.bench.cli import run_as_script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gateway.json"
 
-
-def main() -> None:
-    args = sys.argv[1:]
-    if not any(a == "--output-json" or a.startswith("--output-json=") for a in args):
-        args += ["--output-json", str(RESULTS)]
-    if "--markdown" not in args:
-        args.append("--markdown")
-    bench_app(["gateway", *args], prog_name="bench/gateway.py")
-
-
 if __name__ == "__main__":
-    main()
+    run_as_script("gateway", RESULTS, sys.argv[1:], prog_name="bench/gateway.py")

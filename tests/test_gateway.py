@@ -63,6 +63,9 @@ def _backend_config(urls: dict[str, str]) -> dict:
             "rollback": {"versions": {"stable": _v(a), "canary": _v(c)},
                          "canary": {"stable": "stable", "canary": "canary", "steps": [50, 100], "interval_s": 3600,
                                     "min_requests": 20, "max_error_rate_increase": 0.2}},
+            "promote": {"versions": {"stable": _v(a), "canary": _v(b)},
+                        "canary": {"stable": "stable", "canary": "canary", "steps": [50, 100], "interval_s": 1,
+                                   "min_requests": 5, "max_p95_latency_ratio": 100}},
             "bg": {"versions": {"blue": _v(a), "green": _v(b)},
                    "weights": {"blue": 100, "green": 0}},
             "twin": {"versions": {"main": _v(a), "twin": _v(b)},
@@ -202,6 +205,22 @@ def test_canary_error_rate_rolls_back_once_min_requests_reached(fleet):
         )
     finally:
         httpx.post(c + "/debug/faults", json={})
+
+
+@pytest.mark.timeout(60)
+def test_canary_promoted_after_a_healthy_interval(fleet):
+    _, gw, _ = fleet
+    deadline = time.monotonic() + 10
+    while gw.model("promote")["canary"]["state"] == "progressing":
+        assert time.monotonic() < deadline, gw.model("promote")
+        responses = asyncio.run(_send_many(gw.url, [_completion("promote")] * 4))
+        assert [r.status_code for r in responses] == [200] * 4
+        time.sleep(0.2)
+    model = gw.model("promote")
+    assert model["canary"]["state"] == "promoted" and model["weights"] == {"stable": 0, "canary": 100}
+    assert [h["action"] for h in model["canary"]["history"]] == ["start", "promote"]
+    after = asyncio.run(_send_many(gw.url, [_completion("promote")] * 4))
+    assert {r.headers["x-shoal-version"] for r in after} == {"canary"}
 
 
 @pytest.mark.timeout(60)

@@ -61,7 +61,10 @@ async def _latency(direct: str, gateway: str, n: int) -> dict:
                 t = await _timed(client, url, _body(f"Once upon a time {i % 7}", 1))
                 if i >= 10:
                     times[side].append(t)
-    out = {side: {"p50_ms": percentile(ts, 50) * 1e3, "p99_ms": percentile(ts, 99) * 1e3} for side, ts in times.items()}
+    out = {
+        side: {"p50_ms": percentile(ts, 50) * 1e3, "p99_ms": percentile(ts, 99) * 1e3}
+        for side, ts in times.items()
+    }
     out["added_p50_ms"] = out["gateway"]["p50_ms"] - out["direct"]["p50_ms"]
     out["added_p99_ms"] = out["gateway"]["p99_ms"] - out["direct"]["p99_ms"]
     return out
@@ -87,7 +90,11 @@ async def _throughput(direct: str, gateway: str, n: int, concurrency: int) -> di
         bodies = [_body(f"Once upon a time {i % 7}", 1) for i in range(n)]
         rates[side].append(await _rate(direct if side == "direct" else gateway, bodies, concurrency))
     out = {side: sum(r) / len(r) for side, r in rates.items()}
-    return {"direct_rps": out["direct"], "gateway_rps": out["gateway"], "loss": 1 - out["gateway"] / out["direct"]}
+    return {
+        "direct_rps": out["direct"],
+        "gateway_rps": out["gateway"],
+        "loss": 1 - out["gateway"] / out["direct"],
+    }
 
 
 def _prefix_workload(seed: int, groups: int, per_group: int) -> list[dict]:
@@ -153,7 +160,9 @@ def run_gateway_bench(
         log("overhead: latency (sequential) ...")
         latency = asyncio.run(_latency(urls[0], gateways["overhead"].url, latency_requests))
         log("overhead: throughput ...")
-        throughput = asyncio.run(_throughput(urls[0], gateways["overhead"].url, throughput_requests, concurrency))
+        throughput = asyncio.run(
+            _throughput(urls[0], gateways["overhead"].url, throughput_requests, concurrency)
+        )
         prefix = {}
         for seed, routing in enumerate(("prefix", "round_robin")):
             log(f"prefix workload: {routing} ...")
@@ -163,9 +172,17 @@ def run_gateway_bench(
         for s in reversed(servers):
             s.stop()
     return {
-        "config": {"model": model, "dtype": dtype, "latency_requests": latency_requests, "concurrency": concurrency,
-                   "throughput_requests": throughput_requests, "groups": groups, "per_group": per_group,
-                   "kv_cache_memory": kv_cache_memory, "threads_per_backend": threads},  # fmt: skip
+        "config": {
+            "model": model,
+            "dtype": dtype,
+            "latency_requests": latency_requests,
+            "concurrency": concurrency,
+            "throughput_requests": throughput_requests,
+            "groups": groups,
+            "per_group": per_group,
+            "kv_cache_memory": kv_cache_memory,
+            "threads_per_backend": threads,
+        },  # fmt: skip
         "latency": latency,
         "throughput": throughput,
         "prefix_routing": prefix,
