@@ -494,7 +494,7 @@ def gateway(
     per_group: Annotated[int, typer.Option(help="Questions per system prompt.")] = 8,
     kv_cache_memory: Annotated[
         int, typer.Option(help="Each backend's KV cache (bytes): small on purpose.")
-    ] = 3 << 19,
+    ] = 3 << 20,
     threads: Annotated[int, typer.Option(help="OMP threads per backend.")] = 1,
     output_json: JsonOpt = None,
     markdown: Annotated[

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -131,10 +132,11 @@ def run_gateway_bench(
     concurrency: int = 8,
     groups: int = 12,
     per_group: int = 8,
-    kv_cache_memory: int = 3 << 19,
+    kv_cache_memory: int = 3 << 20,
     threads: int = 1,
     log=print,
 ) -> dict:
+    load_before = os.getloadavg()
     log_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-gateway-"))
     dirs = [log_dir / f"backend{i}" for i in range(2)]
     for d in dirs:
@@ -187,6 +189,7 @@ def run_gateway_bench(
         "throughput": throughput,
         "prefix_routing": prefix,
         "machine": machine(threads),
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
     }
 
 

@@ -7,15 +7,20 @@ Replicas, among the healthy ones that are not saturated (all healthy ones if eve
 - `prefix`: the prompt's first block picks the replica by rendezvous hashing, so requests sharing a system
   prompt land where its KV blocks are cached -- the prefix scoring of the Gateway API Inference Extension's
   endpoint picker and vLLM production-stack's prefix-aware router, without a per-prefix table. A saturated
-  replica drops out of the ranking, so its prefixes spread to the next ranked replica.
+  replica drops out of the ranking, so its prefixes spread to the next ranked replica; and, as in
+  consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018; HAProxy's
+  hash-balance-factor), a replica already holding more than BOUNDED_LOAD times the mean of the gateway's
+  requests in flight passes the request on to the next ranked one, so a few hot prefixes cannot pile onto
+  one replica.
 - `least_loaded`: fewest waiting requests (scraped), then fewest in flight from this gateway.
 - `round_robin`: in turn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import zlib
+import math
 
 from shoal.gateway.config import Saturation
 from shoal.gateway.health import Backend
@@ -55,7 +60,17 @@ def prompt_prefix(body: dict, block_chars: int) -> str | None:
 
 
 def _rendezvous(key: str, backend: Backend) -> int:
-    return zlib.crc32(f"{key}\0{backend.url}".encode())
+    # a mixing hash: with a linear one (CRC32) keys of equal length all rank the replicas alike
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{backend.url}".encode(), digest_size=8).digest(), "big")
+
+
+BOUNDED_LOAD = 1.25
+
+
+def _bounded_rank(pool: list[Backend], prefix: str) -> Backend:
+    cap = math.ceil(BOUNDED_LOAD * (sum(b.in_flight for b in pool) + 1) / len(pool))
+    ranked = sorted(pool, key=lambda b: _rendezvous(prefix, b), reverse=True)
+    return next((b for b in ranked if b.in_flight < cap), ranked[0])
 
 
 class ReplicaPicker:
@@ -69,7 +84,7 @@ class ReplicaPicker:
         if not pool:
             return None
         if self.policy == "prefix" and prefix is not None:
-            return max(pool, key=lambda b: _rendezvous(prefix, b))
+            return _bounded_rank(pool, prefix)
         turn = next(self._turn)
         if self.policy == "round_robin":
             return pool[turn % len(pool)]
