@@ -105,6 +105,9 @@ class Gateway:
     def admin(self, what: str) -> dict:
         return httpx.get(f"{self.url}/admin/{what}", timeout=10).json()
 
+    def backend(self, url: str) -> dict:
+        return next(b for b in self.admin("backends")["backends"] if b["url"] == url)
+
     def model(self, name: str) -> dict:
         return self.admin("models")["models"][name]
 
@@ -126,8 +129,8 @@ def fleet(tmp_path_factory):
     servers["D"] = launch_own_server(
         "gw-D", ["--model", str(SMOL), "--kv-cache-memory", str(64 << 20), "--max-model-len", "512"]
     )
-    for server in servers.values():
-        wait_ready(server)
+    for name in "ABC":  # D (slower to load) is waited for by the shadow test, the first to need it
+        wait_ready(servers[name])
     tmp = tmp_path_factory.mktemp("gateway")
     gateway = Gateway(_backend_config({k: s.url for k, s in servers.items()}), tmp)
     yield servers, gateway, tmp
@@ -291,6 +294,11 @@ def test_shadow_agreement_identical_and_different_model_users_never_see_it(fleet
         and same["exact_match_rate"] == 1.0
     )
 
+    wait_ready(servers["D"])
+    deadline = time.monotonic() + 5
+    while not gw.backend(servers["D"].url)["healthy"]:
+        assert time.monotonic() < deadline, gw.admin("backends")
+        time.sleep(0.1)
     smol = asyncio.run(_send_many(gw.url, [_completion("smol", p, max_tokens=16) for p in PROMPTS[:3]]))
     direct = asyncio.run(
         _send_many(servers["A"].url, [_completion("stories", p, max_tokens=16) for p in PROMPTS[:3]])
@@ -330,7 +338,7 @@ def test_prefix_affinity_then_spread_when_saturated(fleet):
             flood = [asyncio.create_task(client.post("/v1/completions", json=_completion(
                 "stories", f"Tim had a toy {i}", max_tokens=300, ignore_eos=True))) for i in range(8)]  # fmt: skip
             deadline = time.monotonic() + 20
-            while not any(b["url"] == home and b["saturated"] for b in gw.admin("backends")["backends"]):
+            while not gw.backend(home)["saturated"]:
                 assert time.monotonic() < deadline, gw.admin("backends")
                 await asyncio.sleep(0.1)
             routed = await _send_many(gw.url, bodies[:4], concurrency=1)
@@ -364,7 +372,7 @@ def test_dead_backend_retried_on_another_then_taken_out(fleet):
     c = servers["C"]
     wait_ready(c)  # past the hung step of the previous test
     deadline = time.monotonic() + 5
-    while next(b for b in gw.admin("backends")["backends"] if b["url"] == c.url)["last_probe_age_s"] > 0.2:
+    while gw.backend(c.url)["last_probe_age_s"] > 0.2:
         assert time.monotonic() < deadline
         time.sleep(0.02)  # just after a probe: the next is ~1 s away, so C still counts as healthy below
     c.proc.send_signal(signal.SIGKILL)
@@ -377,7 +385,7 @@ def test_dead_backend_retried_on_another_then_taken_out(fleet):
         >= 1
     )
     time.sleep(1.5)
-    down = next(b for b in gw.admin("backends")["backends"] if b["url"] == c.url)
+    down = gw.backend(c.url)
     assert not down["healthy"] and "ConnectError" in down["last_error"]
 
 

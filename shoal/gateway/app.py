@@ -34,6 +34,7 @@ def build_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
         await health.start()  # one probe round first: the gateway never routes to an unknown backend
         canary = asyncio.create_task(_canary_loop(state))
         yield

@@ -1,6 +1,9 @@
 """Forwarding one OpenAI request: pick the version and replica, send, retry once on another replica after a
 connection error or a 502/503 (both come before any byte reaches the user), answer 504 past
-`upstream_timeout_s`, and pass streams through chunk by chunk as they arrive (never buffered)."""
+`upstream_timeout_s`, and pass streams through chunk by chunk as they arrive (never buffered).
+
+The upstream client is aiohttp's (its HTTP parser is C): against httpx it roughly halves the gateway's
+CPU per request, which on a machine it shares with its backends is throughput they keep."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -63,8 +66,14 @@ class Proxy:
     def __init__(self, state: GatewayState):
         self.state = state
         self.timeout = state.settings.upstream_timeout_s
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """In the serving loop: an aiohttp session belongs to the loop it was made in."""
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
+        )
 
     async def handle(self, request: Request) -> Response:
         routed = route(self.state, request.url.path, await request.body())
@@ -93,26 +102,25 @@ class Proxy:
                 backend.in_flight -= 1
                 return self._done(routed, backend.url, 504, start, error(
                     504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"))  # fmt: skip
-            except httpx.HTTPError as e:
+            except aiohttp.ClientError as e:
                 backend.in_flight -= 1
                 if attempt == 0:
                     self.state.metrics.retries.labels(m.name).inc()
                     continue
                 return self._done(routed, backend.url, 502, start, error(
                     502, f"backend error: {type(e).__name__}", "bad_gateway"))  # fmt: skip
-            if resp.status_code in RETRYABLE_STATUS and attempt == 0:
-                await resp.aclose()
+            if resp.status in RETRYABLE_STATUS and attempt == 0:
+                resp.release()
                 backend.in_flight -= 1
                 self.state.metrics.retries.labels(m.name).inc()
                 continue
             return await self._respond(routed, backend, resp, start)
         raise AssertionError("unreachable")
 
-    async def _send(self, url: str, path: str, raw: bytes, headers: dict) -> httpx.Response:
-        req = self.client.build_request("POST", url + path, content=raw, headers=headers)
-        return await self.client.send(req, stream=True)
+    async def _send(self, url: str, path: str, raw: bytes, headers: dict) -> aiohttp.ClientResponse:
+        return await self.session.post(url + path, data=raw, headers=headers)  # returns at the headers
 
-    async def _respond(self, routed: Routed, backend, resp: httpx.Response, start: float) -> Response:
+    async def _respond(self, routed: Routed, backend, resp: aiohttp.ClientResponse, start: float) -> Response:
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["x-shoal-backend"], headers["x-shoal-version"] = backend.url, routed.version
         latency = time.monotonic() - start
@@ -120,33 +128,33 @@ class Proxy:
         shadowed = shadow is not None and routed.version != shadow.spec.version and shadow.sampled()
         if routed.body.get("stream"):
             chunks = self._relay(routed, backend, resp, latency, shadowed)
-            self._record(routed, backend.url, resp.status_code, latency)
-            return StreamingResponse(chunks, status_code=resp.status_code, headers=headers)
+            self._record(routed, backend.url, resp.status, latency)
+            return StreamingResponse(chunks, status_code=resp.status, headers=headers)
         try:
-            content = await asyncio.wait_for(resp.aread(), max(0.001, self.timeout - latency))
-        except (asyncio.TimeoutError, httpx.HTTPError):
+            content = await asyncio.wait_for(resp.read(), max(0.001, self.timeout - latency))
+        except (asyncio.TimeoutError, aiohttp.ClientError):
             return self._done(routed, backend.url, 504, start, error(
                 504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"))  # fmt: skip
         finally:
             backend.in_flight -= 1
-            await resp.aclose()
-        self._record(routed, backend.url, resp.status_code, latency)
-        if shadowed and resp.status_code == 200:
+            resp.release()
+        self._record(routed, backend.url, resp.status, latency)
+        if shadowed and resp.status == 200:
             self._shadow(routed, content, latency)
-        return Response(content, status_code=resp.status_code, headers=headers)
+        return Response(content, status_code=resp.status, headers=headers)
 
-    async def _relay(self, routed: Routed, backend, resp: httpx.Response, latency: float,
+    async def _relay(self, routed: Routed, backend, resp: aiohttp.ClientResponse, latency: float,
                      shadowed: bool) -> AsyncIterator[bytes]:  # fmt: skip
         kept: list[bytes] = []
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.content.iter_any():
                 if shadowed:
                     kept.append(chunk)
                 yield chunk
         finally:
             backend.in_flight -= 1
-            await resp.aclose()
-        if shadowed and resp.status_code == 200:
+            resp.release()
+        if shadowed and resp.status == 200:
             self._shadow(routed, b"".join(kept), latency)
 
     def _shadow(self, routed: Routed, primary: bytes, latency: float) -> None:
@@ -171,4 +179,5 @@ class Proxy:
         return response
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self.session:
+            await self.session.close()

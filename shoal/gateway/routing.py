@@ -64,7 +64,7 @@ def _rendezvous(key: str, backend: Backend) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{backend.url}".encode(), digest_size=8).digest(), "big")
 
 
-BOUNDED_LOAD = 1.25
+BOUNDED_LOAD = 2.0
 
 
 def _bounded_rank(pool: list[Backend], prefix: str) -> Backend:
