@@ -389,6 +389,22 @@ def test_dead_backend_retried_on_another_then_taken_out(fleet):
     assert not down["healthy"] and "ConnectError" in down["last_error"]
 
 
+@pytest.mark.timeout(60)
+def test_backend_without_the_model_fails_gateway_start(fleet):
+    servers, _, tmp = fleet
+    path = tmp / "unserved.yaml"
+    version = {"backends": [servers["A"].url], "served_model": "no-such-model"}
+    path.write_text(yaml.safe_dump({"models": {"chat": {"versions": {"blue": version}}}}))
+    out = subprocess.run([sys.executable, "-m", "shoal.gateway", "--config", str(path), "--port", str(_free_port())],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode != 0
+    expected = (
+        f"models.chat.versions.blue: backend {servers['A'].url} serves ['stories'], not 'no-such-model'"
+    )
+    assert expected in out.stderr, out.stderr
+
+
 BAD = [
     ({"versions": {"v1": {"backends": ["http://x"]}, "v2": {"backends": ["http://y"]}},
       "weights": {"v1": 60, "v2": 30}}, "models.m: Value error, weights {'v1': 60, 'v2': 30} must"),

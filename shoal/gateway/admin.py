@@ -48,10 +48,10 @@ def admin_routes(state: GatewayState) -> list[Route]:
         model = state.models.get(request.path_params["name"])
         if model is None:
             return error(404, f"unknown model {request.path_params['name']!r}", "invalid_request_error")
-        version = (await request.json()).get("version")
         try:
+            version = (await request.json()).get("version")
             weights = model.switch(version)
-        except KeyError:
+        except (ValueError, AttributeError, KeyError):
             return error(400, f"unknown version {version!r} (versions: {sorted(model.replicas)})",
                          "invalid_request_error")  # fmt: skip
         state.export_weights()

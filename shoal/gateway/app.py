@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shoal.gateway.admin import admin_routes
-from shoal.gateway.config import GatewayConfig
-from shoal.gateway.health import HealthChecker
+from shoal.gateway.config import ConfigError, GatewayConfig
+from shoal.gateway.health import HealthChecker, unserved_models
 from shoal.gateway.proxy import Proxy
 from shoal.gateway.state import GatewayState
 
@@ -34,6 +34,9 @@ def build_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        problems = await unserved_models(state.served_pairs(), state.settings.health_timeout_s)
+        if problems:  # an unknown model fails at start, like the rest of a bad config
+            raise ConfigError("; ".join(problems))
         await proxy.start()
         await health.start()  # one probe round first: the gateway never routes to an unknown backend
         canary = asyncio.create_task(_canary_loop(state))

@@ -120,3 +120,23 @@ class HealthChecker:
         if self._task:
             self._task.cancel()
         await self._client.aclose()
+
+
+async def unserved_models(pairs: list[tuple[str, str, str]], timeout_s: float) -> list[str]:
+    """For (config entry, backend URL, model name) triples: the entries whose backend answers
+    /v1/models without that model. Backends that are down or refuse the listing are not judged here
+    (they may come up later; the health probes handle them)."""
+
+    async def check(client: httpx.AsyncClient, entry: str, url: str, model: str) -> str | None:
+        try:
+            resp = await client.get(url + "/v1/models")
+            served = {m.get("id") for m in resp.json().get("data", [])} if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        if served is None or model in served:
+            return None
+        return f"{entry}: backend {url} serves {sorted(served)}, not {model!r} (set served_model)"
+
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        found = await asyncio.gather(*(check(client, *p) for p in pairs))
+    return [f for f in found if f]

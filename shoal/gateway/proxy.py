@@ -22,6 +22,7 @@ from shoal.gateway.state import GatewayState, ModelState
 
 RETRYABLE_STATUS = (502, 503)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
+NOT_FORWARDED = {"host", "accept-encoding"}  # plain bodies upstream: the shadow compares their text
 
 
 def error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
@@ -81,9 +82,9 @@ class Proxy:
             return routed
         m = routed.model
         prefix = prompt_prefix(routed.body, self.state.settings.prefix_block_chars)
-        headers = {"content-type": "application/json"}
-        if auth := request.headers.get("authorization"):
-            headers["authorization"] = auth
+        # the client's headers (API key, X-Request-Timeout, ...) but not those of its own connection
+        headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP and k not in NOT_FORWARDED}
+        headers["content-type"] = "application/json"
         tried: set[str] = set()
         start = time.monotonic()
         for attempt in range(2):

@@ -103,7 +103,8 @@ class ShadowRunner:
     async def _run(self, url: str, path: str, body: dict, primary: bytes, primary_latency_s: float) -> None:
         try:
             start = time.monotonic()
-            resp = await self._client.post(url + path, json={**body, "stream": False})
+            body = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+            resp = await self._client.post(url + path, json=body)
             latency = time.monotonic() - start
             resp.raise_for_status()
             shadow_text, primary_text = answer_text(resp.content), answer_text(primary)

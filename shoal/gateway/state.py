@@ -75,6 +75,15 @@ class GatewayState:
         return ModelState(name, route, replicas, split, ReplicaPicker(route.routing, self.settings.saturation),
                           canary, shadow)  # fmt: skip
 
+    def served_pairs(self) -> list[tuple[str, str, str]]:
+        """(config entry, backend URL, model name the backend must serve), for the start-up check."""
+        return [
+            (f"models.{m.name}.versions.{v}", b.url, m.served_model(v))
+            for m in self.models.values()
+            for v, backends in m.replicas.items()
+            for b in backends
+        ]
+
     def export_weights(self) -> None:
         for model in self.models.values():
             for version, weight in model.split.weights.items():
