@@ -76,6 +76,7 @@ def _backend_config(urls: dict[str, str]) -> dict:
                             "weights": {"main": 100, "gone": 0}, "shadow": {"version": "gone"}},
             "prefix": {"routing": "prefix", "versions": {"v1": _v(a, b)}},
             "retry": {"routing": "round_robin", "versions": {"v1": _v(c, a)}},
+            "drain": {"routing": "round_robin", "versions": {"v1": _v(b, a)}},
         },
     }  # fmt: skip
 
@@ -336,13 +337,14 @@ def test_prefix_affinity_then_spread_when_saturated(fleet):
     async def saturate_then_route() -> set[str]:
         async with httpx.AsyncClient(base_url=home, timeout=120) as client:  # straight to the home replica
             flood = [asyncio.create_task(client.post("/v1/completions", json=_completion(
-                "stories", f"Tim had a toy {i}", max_tokens=300, ignore_eos=True))) for i in range(8)]  # fmt: skip
-            deadline = time.monotonic() + 20
-            while not gw.backend(home)["saturated"]:
-                assert time.monotonic() < deadline, gw.admin("backends")
+                "stories", f"Tim had a toy {i}", max_tokens=450, ignore_eos=True))) for i in range(16)]  # fmt: skip
+            while not gw.backend(home)["saturated"]:  # 2 running (--max-num-seqs 2), 14 waiting
+                assert not all(f.done() for f in flood), gw.admin("backends")
                 await asyncio.sleep(0.1)
             routed = await _send_many(gw.url, bodies[:4], concurrency=1)
-            await asyncio.gather(*flood)
+            for f in flood:  # disconnecting aborts them
+                f.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
         return {r.headers["x-shoal-backend"] for r in routed}
 
     assert asyncio.run(saturate_then_route()) == {other}
@@ -367,23 +369,58 @@ def test_upstream_timeout_answers_504_with_openai_error(fleet):
 
 
 @pytest.mark.timeout(60)
+def _just_probed(gw: Gateway, url: str) -> None:
+    """Until the gateway has just found `url` healthy and not saturated: the next probe is ~1 s away, so
+    for a moment the backend stays in rotation whatever happens to it now."""
+    deadline = time.monotonic() + 10
+    while (b := gw.backend(url))["last_probe_age_s"] > 0.2 or b["saturated"] or not b["healthy"]:
+        assert time.monotonic() < deadline, b
+        time.sleep(0.02)
+
+
+def _retries(gw: Gateway, model: str) -> float:
+    return metric_samples(httpx.get(gw.url + "/metrics").text, "shoal:gateway_retries_total").get(
+        f'{{model="{model}"}}', 0
+    )
+
+
+@pytest.mark.timeout(60)
+def test_draining_backend_503_retried_on_another(fleet):
+    """shoal serve drains on SIGTERM: its port stays open and new requests get 503 before any byte."""
+    servers, gw, _ = fleet
+    b, a = servers["B"], servers["A"].url
+
+    async def drain_and_send() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            long = asyncio.create_task(client.post(b.url + "/v1/completions", json=_completion(
+                "stories", "Tim had a toy", max_tokens=400, ignore_eos=True)))  # fmt: skip
+            await asyncio.sleep(0.1)
+            b.proc.send_signal(signal.SIGTERM)  # draining while the long request runs
+            await asyncio.sleep(0.05)
+            routed = await _send_many(gw.url, [_completion("drain")] * 6, concurrency=6)
+            return await long, routed
+
+    _just_probed(gw, b.url)
+    long, responses = asyncio.run(drain_and_send())
+    assert long.status_code == 200
+    assert [r.status_code for r in responses] == [200] * 6
+    assert {r.headers["x-shoal-backend"] for r in responses} == {a}
+    assert _retries(gw, "drain") >= 1
+    b.proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(60)
 def test_dead_backend_retried_on_another_then_taken_out(fleet):
     servers, gw, _ = fleet
     c = servers["C"]
     wait_ready(c)  # past the hung step of the previous test
-    deadline = time.monotonic() + 5
-    while gw.backend(c.url)["last_probe_age_s"] > 0.2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)  # just after a probe: the next is ~1 s away, so C still counts as healthy below
+    _just_probed(gw, c.url)
     c.proc.send_signal(signal.SIGKILL)
     c.proc.wait()
     responses = asyncio.run(_send_many(gw.url, [_completion("retry")] * 6, concurrency=6))
     assert [r.status_code for r in responses] == [200] * 6
     assert {r.headers["x-shoal-backend"] for r in responses} == {servers["A"].url}
-    assert (
-        metric_samples(httpx.get(gw.url + "/metrics").text, "shoal:gateway_retries_total")['{model="retry"}']
-        >= 1
-    )
+    assert _retries(gw, "retry") >= 1
     time.sleep(1.5)
     down = gw.backend(c.url)
     assert not down["healthy"] and "ConnectError" in down["last_error"]
