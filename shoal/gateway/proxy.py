@@ -17,6 +17,7 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from shoal.gateway.health import Backend
 from shoal.gateway.routing import prompt_prefix
 from shoal.gateway.state import GatewayState, ModelState
 
@@ -80,48 +81,62 @@ class Proxy:
         routed = route(self.state, request.url.path, await request.body())
         if isinstance(routed, JSONResponse):
             return routed
-        m = routed.model
-        prefix = prompt_prefix(routed.body, self.state.settings.prefix_block_chars)
         # the client's headers (API key, X-Request-Timeout, ...) but not those of its own connection
         headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP and k not in NOT_FORWARDED}
         headers["content-type"] = "application/json"
-        tried: set[str] = set()
-        start = time.monotonic()
+        prefix = prompt_prefix(routed.body, self.state.settings.prefix_block_chars)
+        start, tried = time.monotonic(), set()
         for attempt in range(2):
-            backend = m.picker.pick(m.replicas[routed.version], prefix, tried)
-            if backend is None and tried:  # the only replica: once more there beats failing now
-                backend = m.picker.pick(m.replicas[routed.version], prefix, set())
+            backend = self._pick(routed, prefix, tried)
             if backend is None:
                 return self._done(routed, "none", 503, start, error(
-                    503, f"no healthy backend for {m.name}@{routed.version}", "service_unavailable"))  # fmt: skip
+                    503, f"no healthy backend for {routed.model.name}@{routed.version}", "service_unavailable"))  # fmt: skip
             tried.add(backend.url)
-            backend.in_flight += 1
-            try:
-                resp = await asyncio.wait_for(self._send(backend.url, routed.path, routed.raw, headers),
-                                              self.timeout)  # fmt: skip
-            except asyncio.TimeoutError:
+            outcome = await self._try(backend, routed, headers)
+            if outcome == "timeout":
+                return self._done(routed, backend.url, 504, start, self._timeout_error())
+            if isinstance(outcome, aiohttp.ClientResponse) and (
+                attempt or outcome.status not in RETRYABLE_STATUS
+            ):
+                return await self._respond(routed, backend, outcome, start)
+            if isinstance(outcome, aiohttp.ClientResponse):  # a 502/503: nothing has reached the user yet
+                outcome.release()
                 backend.in_flight -= 1
-                return self._done(routed, backend.url, 504, start, error(
-                    504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"))  # fmt: skip
-            except aiohttp.ClientError as e:
-                backend.in_flight -= 1
-                if attempt == 0:
-                    self.state.metrics.retries.labels(m.name).inc()
-                    continue
+            elif attempt:
                 return self._done(routed, backend.url, 502, start, error(
-                    502, f"backend error: {type(e).__name__}", "bad_gateway"))  # fmt: skip
-            if resp.status in RETRYABLE_STATUS and attempt == 0:
-                resp.release()
-                backend.in_flight -= 1
-                self.state.metrics.retries.labels(m.name).inc()
-                continue
-            return await self._respond(routed, backend, resp, start)
-        raise AssertionError("unreachable")
+                    502, f"backend error: {outcome}", "bad_gateway"))  # fmt: skip
+            self.state.metrics.retries.labels(routed.model.name).inc()
+        raise AssertionError("unreachable: the second attempt always returns")
 
-    async def _send(self, url: str, path: str, raw: bytes, headers: dict) -> aiohttp.ClientResponse:
-        return await self.session.post(url + path, data=raw, headers=headers)  # returns at the headers
+    def _pick(self, routed: Routed, prefix: str | None, tried: set[str]) -> Backend | None:
+        """Another replica than those tried; the same one again when it is the only one."""
+        replicas, picker = routed.model.replicas[routed.version], routed.model.picker
+        return picker.pick(replicas, prefix, tried) or (
+            picker.pick(replicas, prefix, set()) if tried else None
+        )
 
-    async def _respond(self, routed: Routed, backend, resp: aiohttp.ClientResponse, start: float) -> Response:
+    async def _try(self, backend: Backend, routed: Routed, headers: dict) -> aiohttp.ClientResponse | str:
+        """The response at its headers (the backend still counts it in flight), "timeout", or the error's name."""
+        backend.in_flight += 1
+        try:
+            return await asyncio.wait_for(
+                self.session.post(backend.url + routed.path, data=routed.raw, headers=headers), self.timeout
+            )
+        except asyncio.TimeoutError:
+            backend.in_flight -= 1
+            return "timeout"
+        except aiohttp.ClientError as e:
+            backend.in_flight -= 1
+            return type(e).__name__
+
+    def _timeout_error(self) -> JSONResponse:
+        return error(
+            504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"
+        )
+
+    async def _respond(
+        self, routed: Routed, backend: Backend, resp: aiohttp.ClientResponse, start: float
+    ) -> Response:
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["x-shoal-backend"], headers["x-shoal-version"] = backend.url, routed.version
         latency = time.monotonic() - start
@@ -134,8 +149,7 @@ class Proxy:
         try:
             content = await asyncio.wait_for(resp.read(), max(0.001, self.timeout - latency))
         except (asyncio.TimeoutError, aiohttp.ClientError):
-            return self._done(routed, backend.url, 504, start, error(
-                504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"))  # fmt: skip
+            return self._done(routed, backend.url, 504, start, self._timeout_error())
         finally:
             backend.in_flight -= 1
             resp.release()
@@ -144,7 +158,7 @@ class Proxy:
             self._shadow(routed, content, latency)
         return Response(content, status_code=resp.status, headers=headers)
 
-    async def _relay(self, routed: Routed, backend, resp: aiohttp.ClientResponse, latency: float,
+    async def _relay(self, routed: Routed, backend: Backend, resp: aiohttp.ClientResponse, latency: float,
                      shadowed: bool) -> AsyncIterator[bytes]:  # fmt: skip
         kept: list[bytes] = []
         try:
