@@ -443,10 +443,6 @@ def overhead(
     )
 
 
-if __name__ == "__main__":
-    bench_app()
-
-
 @bench_app.command("spike")
 def spike(
     model: ModelOpt = None,
@@ -515,3 +511,7 @@ def gateway(
     _run(gw.run_gateway_bench, show, output_json, model=model, dtype=dtype, latency_requests=latency_requests,
          throughput_requests=throughput_requests, concurrency=concurrency, groups=groups, per_group=per_group,
          kv_cache_memory=kv_cache_memory, threads=threads)  # fmt: skip
+
+
+if __name__ == "__main__":
+    bench_app()

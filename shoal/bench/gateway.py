@@ -27,6 +27,7 @@ import httpx
 import yaml
 
 from shoal.bench.serve_compare import Server, free_port, machine, percentile, shoal_server
+from shoal.metric_names import PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
 
 WORDS = "river lantern quiet orchard copper meadow harbor velvet summit ember willow granite".split()
 
@@ -110,9 +111,9 @@ def _prefix_counters(urls: list[str]) -> tuple[float, float]:
     hits = queries = 0.0
     for url in urls:
         for line in httpx.get(url + "/metrics", trust_env=False).text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
+            if line.startswith(PREFIX_CACHE_HITS):
                 hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
+            elif line.startswith(PREFIX_CACHE_QUERIES):
                 queries += float(line.rsplit(" ", 1)[1])
     return hits, queries
 

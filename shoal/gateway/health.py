@@ -14,6 +14,7 @@ import httpx
 
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.metrics import GatewayMetrics
+from shoal.metric_names import KV_CACHE_USAGE, NUM_REQUESTS_WAITING
 
 logger = logging.getLogger("shoal.gateway")
 
@@ -96,9 +97,8 @@ class HealthChecker:
             return
         if resp.status_code != 200:
             return
-        values = parse_gauges(resp.text, ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"))
-        backend.waiting = values["vllm:num_requests_waiting"]
-        backend.kv_cache_usage = values["vllm:kv_cache_usage_perc"]
+        values = parse_gauges(resp.text, (NUM_REQUESTS_WAITING, KV_CACHE_USAGE))
+        backend.waiting, backend.kv_cache_usage = values[NUM_REQUESTS_WAITING], values[KV_CACHE_USAGE]
 
     def _export(self, b: Backend) -> None:
         m = self.metrics
