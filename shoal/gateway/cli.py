@@ -36,11 +36,13 @@ def gateway(
 
     try:
         cfg = load_config(config)
-    except ConfigError as e:
+        if upstream_timeout is not None:  # validated like the file's own value
+            cfg.gateway = cfg.gateway.model_validate(
+                cfg.gateway.model_dump() | {"upstream_timeout_s": upstream_timeout}
+            )
+    except (ConfigError, ValueError) as e:
         typer.echo(f"shoal gateway: error: {e}", err=True)
         raise typer.Exit(2) from None
-    if upstream_timeout is not None:
-        cfg.gateway.upstream_timeout_s = upstream_timeout
     import uvicorn
 
     from shoal.gateway.app import build_app
