@@ -353,6 +353,20 @@ def test_prefix_affinity_then_spread_when_saturated(fleet):
 
 
 @pytest.mark.timeout(60)
+def test_stream_passes_through_unbuffered(fleet):
+    _, gw, _ = fleet
+    body = _completion("bg", max_tokens=300, ignore_eos=True, stream=True)
+    arrivals = []
+    start = time.monotonic()
+    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as resp:
+        for chunk in resp.iter_raw():
+            arrivals.append((time.monotonic() - start, chunk))
+    total = arrivals[-1][0]
+    assert len(arrivals) > 10 and b"[DONE]" in b"".join(c for _, c in arrivals)
+    assert arrivals[0][0] < total / 3, f"first chunk at {arrivals[0][0]:.3f} s of {total:.3f} s"
+
+
+@pytest.mark.timeout(60)
 def test_upstream_timeout_answers_504_with_openai_error(fleet):
     servers, _, tmp = fleet
     c = servers["C"].url
