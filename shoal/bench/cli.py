@@ -455,6 +455,7 @@ def spike(
     premium_share: Annotated[float, typer.Option(help="Share of premium requests.")] = 0.1,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 16,
     max_requests: Annotated[int, typer.Option(help="At most this many requests in the spike.")] = 3000,
+    max_num_seqs: Annotated[int, typer.Option(help="--max-num-seqs of both servers.")] = 8,
     output_json: Annotated[Path | None, typer.Option(help="Write the result here.")] = None,
 ) -> None:
     """Issue 20's spike (shoal/bench/spike.py): factor x the sustainable rate for spike_s seconds against
@@ -471,6 +472,7 @@ def spike(
         premium_share,
         max_tokens,
         max_requests,
+        max_num_seqs=max_num_seqs,
     )
     if output_json is not None:
         bench_spike.save(result, output_json)

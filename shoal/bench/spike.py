@@ -9,8 +9,11 @@ Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and thr
    streamed, `max_tokens` tokens, cut at `request_timeout_s`.
 
 With the policy: API keys of class `premium` (priority 0) and `standard` (priority 10),
-`--scheduling-policy priority`, and shedding (`max_waiting_requests`, standard shed first). Without it,
-the two classes are only labels on identical requests. The report gives, per server and class, the
+`--scheduling-policy priority`, and shedding (`max_waiting_requests`; standard is shed at a quarter of
+it). Without it, the two classes are only labels on identical requests. Both servers run with the same
+`--max-num-seqs` (the batch a step runs): with the default 256, every arrival is admitted at once and
+TTFT is set by the size of the batch, which no queue order can help; a batch sized to the machine makes
+the overload wait in the queue, where priorities and shedding act. The report gives, per server and class, the
 success rate, TTFT P50/P95/P99 of the successes, and rejections (429/503) and timeouts; the goal is a
 premium TTFT P95 under the spike within 25% of its unloaded value.
 """
@@ -38,7 +41,7 @@ auth:
 shedding:
   max_waiting_requests: {max_waiting}
   protected_priority: 0
-  low_priority_share: 0.5
+  low_priority_share: 0.25
 """
 
 
@@ -177,7 +180,8 @@ def run_spike(
     premium_share: float = 0.1,
     max_tokens: int = 16,
     max_requests: int = 3000,
-    max_waiting: int = 16,
+    max_waiting: int = 64,
+    max_num_seqs: int = 8,
     request_timeout_s: float = 30.0,
     unloaded_requests: int = 10,
 ) -> dict:
@@ -187,9 +191,10 @@ def run_spike(
     headers = _keys(keys_file)
     policy = workdir / "policy.yaml"
     policy.write_text(POLICY.format(keys_file=keys_file, max_waiting=max_waiting))
+    batch = ["--max-num-seqs", str(max_num_seqs)]
     sides = {
-        "without policy": ([], {c: {} for c in CLASSES}),
-        "with policy": (["--policy", str(policy), "--scheduling-policy", "priority"], headers),
+        "without policy": (batch, {c: {} for c in CLASSES}),
+        "with policy": ([*batch, "--policy", str(policy), "--scheduling-policy", "priority"], headers),
     }
     result = {
         "machine": machine(threads),
@@ -197,6 +202,8 @@ def run_spike(
         "dtype": dtype,
         "factor": factor,
         "spike_s": spike_s,
+        "max_num_seqs": max_num_seqs,
+        "max_waiting_requests": max_waiting,
     }
     rate = None
     for side, (extra, side_headers) in sides.items():
