@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -24,20 +25,41 @@ except ImportError:  # tests/ became a package
 pytestmark = pytest.mark.timeout(60)
 
 
+@dataclass
+class CacheServer:
+    url: str
+    tenants: dict[str, httpx.Client]  # tenant name -> a client holding one of its API keys
+
+    def post(self, path: str, body: dict, tenant: str = "a", **kwargs) -> httpx.Response:
+        return self.tenants[tenant].post(f"{self.url}{path}", json=body, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def cache_server(tmp_path_factory):
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text("response_cache:\n  backend: memory\n  ttl_seconds: 60\n")
+    from shoal.policy.keys import create_key
+
+    folder = tmp_path_factory.mktemp("policy")
+    keys = folder / "keys.json"
+    secrets = {tenant: create_key(keys, tenant)[1] for tenant in ("a", "b")}
+    policy = folder / "policy.yaml"
+    policy.write_text(f"auth:\n  keys_file: {keys}\nresponse_cache:\n  backend: memory\n  ttl_seconds: 60\n")
     server = launch_own_server("response-cache", ["--policy", str(policy), "--record-schedule"])
-    wait_ready(server)
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
+    clients = {
+        t: httpx.Client(headers={"Authorization": f"Bearer {k}"}, timeout=60) for t, k in secrets.items()
+    }
+    try:
+        wait_ready(server)
+        yield CacheServer(server.url, clients)
+    finally:
+        for client in clients.values():
+            client.close()
+        server.proc.terminate()
+        server.proc.wait(10)
 
 
-def _engine_requests(url: str) -> int:
+def _engine_requests(server: CacheServer) -> int:
     """How many requests have entered the engine (from the schedule record)."""
-    steps = httpx.get(f"{url}/debug/schedule").json()["steps"]
+    steps = server.tenants["a"].get(f"{server.url}/debug/schedule").json()["steps"]
     return sum(len(step["added"]) for step in steps)
 
 
@@ -46,45 +68,54 @@ def _sse(r: httpx.Response) -> list[str]:
 
 
 def test_repeated_deterministic_requests_are_answered_from_the_cache(cache_server):
-    url = cache_server.url
+    server = cache_server
     body = {"prompt": f"Once upon a time {uuid.uuid4().hex}", "max_tokens": 8, "temperature": 0}
-    first = httpx.post(f"{url}/v1/completions", json=body)
-    before = _engine_requests(url)
-    again = httpx.post(f"{url}/v1/completions", json={**body, "user": "someone else"})  # user: not in the key
+    first = server.post("/v1/completions", body)
+    before = _engine_requests(server)
+    again = server.post("/v1/completions", {**body, "user": "someone else"})  # user: not in the key
     assert first.headers["x-shoal-cache"] == "miss" and again.headers["x-shoal-cache"] == "hit"
     assert again.json() == first.json()
-    assert _engine_requests(url) == before, "a hit must not reach the engine"
+    assert _engine_requests(server) == before, "a hit must not reach the engine"
 
     streamed = {**body, "stream": True}
-    miss = httpx.post(f"{url}/v1/completions", json=streamed)
-    hit = httpx.post(f"{url}/v1/completions", json=streamed)
+    miss = server.post("/v1/completions", streamed)
+    hit = server.post("/v1/completions", streamed)
     assert miss.headers["x-shoal-cache"] == "miss" and hit.headers["x-shoal-cache"] == "hit"
     assert hit.headers["content-type"].startswith("text/event-stream")
     assert _sse(hit) == _sse(miss) and _sse(hit)[-1] == "data: [DONE]"
 
     seeded = {"prompt": "The cat", "max_tokens": 4, "temperature": 1, "seed": 7}  # sampled, but seeded
-    first = httpx.post(f"{url}/v1/completions", json=seeded)
-    again = httpx.post(f"{url}/v1/completions", json=seeded)
+    first = server.post("/v1/completions", seeded)
+    again = server.post("/v1/completions", seeded)
     assert again.headers["x-shoal-cache"] == "hit" and again.json() == first.json()
 
 
 def test_sampled_and_failed_requests_are_never_cached(cache_server):
-    url = cache_server.url
+    server = cache_server
     sampled = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 1.0}
     for _ in range(2):
-        r = httpx.post(f"{url}/v1/completions", json=sampled)
+        r = server.post("/v1/completions", sampled)
         assert r.status_code == 200 and "x-shoal-cache" not in r.headers
     bad = {"prompt": "Once", "max_tokens": -1, "temperature": 0}
-    assert [httpx.post(f"{url}/v1/completions", json=bad).status_code for _ in range(2)] == [400, 400]
-    before = _engine_requests(url)
+    assert [server.post("/v1/completions", bad).status_code for _ in range(2)] == [400, 400]
+    before = _engine_requests(server)
     cut = {"prompt": f"cut {uuid.uuid4().hex}", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
-    timed_out = httpx.post(f"{url}/v1/completions", json=cut, headers={"X-Request-Timeout": "0.05"})
+    timed_out = server.post("/v1/completions", cut, headers={"X-Request-Timeout": "0.05"})
     assert timed_out.json()["choices"][0]["finish_reason"] == "abort"
-    retry = httpx.post(f"{url}/v1/completions", json=cut)
+    retry = server.post("/v1/completions", cut)
     assert (
         retry.headers["x-shoal-cache"] == "miss" and retry.json()["choices"][0]["finish_reason"] == "length"
     )
-    assert _engine_requests(url) == before + 2
+    assert _engine_requests(server) == before + 2
+
+
+def test_one_tenants_entries_are_invisible_to_another(cache_server):
+    body = {"prompt": f"Tenants {uuid.uuid4().hex}", "max_tokens": 4, "temperature": 0}
+    a_first = cache_server.post("/v1/completions", body, tenant="a")
+    b_first = cache_server.post("/v1/completions", body, tenant="b")
+    assert a_first.headers["x-shoal-cache"] == "miss" and b_first.headers["x-shoal-cache"] == "miss"
+    assert cache_server.post("/v1/completions", body, tenant="b").headers["x-shoal-cache"] == "hit"
+    assert cache_server.post("/v1/completions", body, tenant="a").headers["x-shoal-cache"] == "hit"
 
 
 def test_entries_are_per_tenant_unless_shared():
