@@ -5,8 +5,9 @@ docs/operations/kubernetes.md says.
 - Custom resources: the `openAPIV3Schema` of their official CRDs, read from ../shared/k8s/crds (see its
   SOURCES.md), made strict like the API server's field validation (an unknown field fails, except under
   `x-kubernetes-preserve-unknown-fields`). CEL rules (`x-kubernetes-validations`) are not applied.
-- Every PromQL expression (alerts, KEDA triggers, prometheus-adapter rules, the AnalysisTemplate) parses
-  and names only metrics of shoal/metric_names.py (or `up`), with the parser of tests/test_dashboard.py.
+- Every PromQL expression (alerts, KEDA triggers, prometheus-adapter rules, the AnalysisTemplate, the
+  Grafana dashboard) parses with `promql-parser` (Prometheus's grammar, in Rust) and names only metrics of
+  shoal/metric_names.py (or `up`), and labels those metrics have (or that Prometheus adds to a target).
 
 Skips, with the reason, only where `kubectl` or ../shared/k8s is missing.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_dashboard import references
+from test_dashboard import _expressions as dashboard_expressions
 
 from shoal import metric_names as mn
 
@@ -373,6 +374,34 @@ def test_inference_pool():
 # ---- PromQL and runbooks ----------------------------------------------------------------------------------
 
 
+def references(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) of a PromQL expression; ValueError when it does not parse."""
+    import promql_parser
+
+    metrics, labels = set(), set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            metrics.add(node.name)
+            labels.update(m.name for m in node.matchers.matchers)
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            labels.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier and node.modifier.matching:
+            labels.update(node.modifier.matching.labels)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return metrics, labels
+
+
+def test_the_promql_reader_refuses_what_it_must():
+    assert references(
+        'sum by (le) (rate(shoal:x_bucket{status=~"5.."}[5m])) / on (model_name) group_left sum(vllm:y)'
+    ) == ({"shoal:x_bucket", "vllm:y"}, {"le", "status", "model_name"})
+    for bad in ("sum(rate(x[5m])", "rate(x[5m]))", "sumx(x)", "x{a=1}", "rate(x)"):
+        with pytest.raises(ValueError):
+            references(bad)
+
+
 def adapter_rules(objects) -> list[dict]:
     config = one(objects, "ConfigMap", "shoal-prometheus-adapter")["data"]["config.yaml"]
     return yaml.safe_load(config)["rules"]
@@ -399,6 +428,8 @@ def promql_expressions() -> list[tuple[str, str]]:
                 query = rule["metricsQuery"].replace("<<.Series>>", name)
                 query = query.replace("<<.LabelMatchers>>", 'namespace="x"').replace("<<.GroupBy>>", "pod")
                 exprs.append(("adapter metricsQuery", query))
+    for expr in dashboard_expressions():  # Grafana's variables: $__rate_interval is a duration
+        exprs.append(("dashboard", re.sub(r"\$\w+", "x", re.sub(r"\$__\w*interval", "5m", expr))))
     return exprs
 
 
@@ -406,7 +437,7 @@ def promql_expressions() -> list[tuple[str, str]]:
 def test_every_promql_expression_parses_and_names_declared_metrics():
     exprs = promql_expressions()
     where = {w.split()[0] for w, _ in exprs}
-    assert where == {"alert", "KEDA", "analysis", "adapter"}
+    assert where == {"alert", "KEDA", "analysis", "adapter", "dashboard"}
     for place, expr in exprs:
         metrics, labels = references(expr)
         assert metrics, f"{place}: no metric in {expr}"
@@ -414,8 +445,8 @@ def test_every_promql_expression_parses_and_names_declared_metrics():
         assert None not in specs, f"{place}: undeclared metric in {expr}"
         allowed = {"le"} | TARGET_LABELS | set().union(*(s.labels for s in specs))
         assert labels <= allowed, f"{place}: {expr} uses labels {labels - allowed}"
-    with pytest.raises(AssertionError):  # the check can fail
-        references("sum(rate(vllm:num_requests_waiting[5m])")
+    undeclared = references("sum(rate(vllm:num_request_waiting[5m]))")[0].pop()  # a typo fails the check
+    assert mn.spec_of_sample(undeclared) is None
 
 
 def alerts() -> list[dict]:
