@@ -182,6 +182,7 @@ def test_probes_drain_and_rollout_safety(overlay):
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/ready", "/health is 200 during the load: it would not wait"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "a slow model load must fit"
     # SIGTERM comes after preStop; then shoal drains for --drain-timeout; then the engine process exits.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -201,6 +202,7 @@ def test_probes_drain_and_rollout_safety(overlay):
     assert one(objects, "PersistentVolumeClaim", claims["model-cache"])
     assert {"name": "HF_HOME", "value": mounts["model-cache"]} in container["env"]
     assert "/tmp" in mounts.values(), "a read-only root needs a writable /tmp"
+    assert {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"} in container["env"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     for kind in ("PodDisruptionBudget",):
