@@ -153,6 +153,16 @@ def test_validation_rejects_broken_objects():
             validate(broken)
     for good in (one(objects, "Deployment", "shoal"), one(objects, "ScaledObject")):
         validate(good)
+    # Every custom kind is checked strictly, as the API server's field validation would: an unknown field
+    # in its spec fails.
+    custom = {(o["apiVersion"], o["kind"]): o for overlay in OVERLAYS for o in render(overlay)}
+    custom = {key: obj for key, obj in custom.items() if key in crd_schemas()}
+    assert {kind for _, kind in custom} == {kind for _, kind in crd_schemas()}
+    for obj in custom.values():
+        broken = copy.deepcopy(obj)
+        broken["spec"]["replicaz"] = 1
+        with pytest.raises(Exception, match="replicaz"):  # noqa: B017
+            validate(broken)
 
 
 # ---- the Deployment, in every overlay --------------------------------------------------------------------
