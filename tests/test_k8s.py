@@ -496,6 +496,9 @@ def test_runbooks_name_declared_metrics_and_have_their_sections():
         assert not undeclared, f"{path.name}: undeclared {undeclared}"
         for section in ("## Symptoms", "## Confirm", "## Mitigate", "## Resolve"):
             assert section in text, f"{path.name} lacks {section}"
+    for path in RUNBOOKS.glob("*.md"):  # relative links between the documents resolve
+        for target in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]+)?\)", path.read_text()):
+            assert (path.parent / target).is_file(), f"{path.name} links to a missing {target}"
     text = (RUNBOOKS / "incident-response.md").read_text()
     for section in ("Detect", "Triage", "Mitigate", "Resolve", "Postmortem", "SEV1"):
         assert section in text
