@@ -370,7 +370,11 @@ def test_inference_pool():
     assert container["image"].startswith("registry.k8s.io/gateway-api-inference-extension/epp:")
     assert flag(container["args"], "--pool-name") == pool["metadata"]["name"]
     config_map = one(objects, "ConfigMap", epp_pod["volumes"][0]["configMap"]["name"])
-    assert Path(flag(container["args"], "--config-file")).name in config_map["data"]
+    picker_config = yaml.safe_load(config_map["data"][Path(flag(container["args"], "--config-file")).name])
+    assert picker_config["kind"] == "EndpointPickerConfig"
+    declared = {p["type"] for p in picker_config["plugins"]}
+    for profile in picker_config["schedulingProfiles"]:
+        assert {p["pluginRef"] for p in profile["plugins"]} <= declared
     account = one(objects, "ServiceAccount", epp_pod["serviceAccountName"])
     for binding in find(objects, "RoleBinding") + find(objects, "ClusterRoleBinding"):
         (subject,) = binding["subjects"]
