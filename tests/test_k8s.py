@@ -215,8 +215,7 @@ def test_probes_drain_and_rollout_safety(overlay):
     assert {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"} in container["env"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for kind in ("PodDisruptionBudget",):
-        assert one(objects, kind)["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert one(objects, "Service", "shoal")["spec"]["selector"].items() <= labels.items()
     assert selector.items() <= labels.items()
     monitor = one(objects, "ServiceMonitor")
