@@ -118,6 +118,13 @@ def serve(
             "(about 1.5 min for SmolLM2 on 2 CPU cores; inductor caches it on disk for later starts).",
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of the engine (torch/OpenMP). Default: OMP_NUM_THREADS if set, else the "
+            "container's cgroup CPU quota when one is set (torch ignores it), else torch's default.",
+        ),
+    ] = None,
     engine_mode: Annotated[
         str,
         typer.Option(
@@ -242,6 +249,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
+    from shoal.cpu_quota import choose_threads
     from shoal.engine.config import EngineConfig
     from shoal.logging_config import LOG_FORMATS
     from shoal.server.launch import TLSOptions
@@ -290,6 +298,7 @@ def serve(
             log_prompts=log_prompts,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
+        thread_choice = choose_threads(threads)
         _check_policy_fits(settings.policy, scheduling_policy)
         tls = TLSOptions(
             *(str(p) if p else None for p in (ssl_certfile, ssl_keyfile, ssl_ca_certs)), ssl_cert_reqs
@@ -307,6 +316,7 @@ def serve(
             health=health,
             tls=tls,
             log_format=log_format,
+            threads=thread_choice,
         )
     except (
         ValueError,

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 
+from shoal.cpu_quota import ThreadChoice, apply_threads
 from shoal.engine.config import EngineConfig
 from shoal.engine.health import HealthPolicy
 from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
@@ -122,6 +123,7 @@ def serve(
     health: HealthPolicy | None = None,
     tls: TLSOptions | None = None,
     log_format: str = "text",
+    threads: ThreadChoice | None = None,
 ) -> int:
     """Blocking: listen on host:port, load and warm up the model behind it, serve until drained.
     Returns the process exit code (0 after a drain, 1 if the engine could not start).
@@ -130,6 +132,8 @@ def serve(
     "thread" runs it on a thread of this one (shoal/engine/async_engine.py)."""
     configure_logging(log_level, log_format)
     os.environ[LOG_FORMAT_ENV] = log_format  # the engine core process, spawned below, formats alike
+    if threads is not None:  # before the engine core is spawned: it inherits OMP_NUM_THREADS
+        logger.info("engine threads: %d (%s)", apply_threads(threads), threads.source)
     logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
     engine = _start_engine(engine_config, settings, engine_mode, health)
     app = build_app(engine, settings, load_in_background=True)
