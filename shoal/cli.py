@@ -33,7 +33,7 @@ def serve(
         str,
         typer.Option(
             envvar="SHOAL_MODEL",
-            help="Local Hugging Face model directory or hub id (env SHOAL_MODEL).",
+            help="Local Hugging Face model directory, hub id, or shared storage copied to a local cache: s3://, gs://, file://, a network mount (env SHOAL_MODEL).",
         ),
     ] = DEFAULT_MODEL,
     host: Annotated[

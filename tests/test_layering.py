@@ -32,12 +32,12 @@ def test_engine_and_model_import_no_server_stack():
 
 
 @pytest.mark.timeout(60)
-def test_engine_never_imports_server_policy_or_gateway():
+def test_engine_never_imports_server_policy_gateway_or_fleet():
     """Policies decide before the engine; what it needs (priority, cache salt) arrives as plain fields."""
     code = (
         "import sys, pkgutil, importlib, shoal.engine\n"
         "for m in pkgutil.iter_modules(shoal.engine.__path__): importlib.import_module('shoal.engine.' + m.name)\n"
-        "print(sorted({n.split('.')[1] for n in sys.modules if n.startswith('shoal.')} & {'server', 'policy', 'gateway'}))\n"
+        "print(sorted({n.split('.')[1] for n in sys.modules if n.startswith('shoal.')} & {'server', 'policy', 'gateway', 'fleet'}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"shoal.engine imports {out.stdout}"

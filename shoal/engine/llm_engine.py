@@ -21,7 +21,8 @@ from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, resolve_device, resolve_dtype
-from shoal.model.loader import load_model, resolve_model_path
+from shoal.model.hub import resolve_model_path
+from shoal.model.loader import load_model
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -50,26 +50,6 @@ class WeightLoadError(ValueError):
     """Weights missing, unexpected or unreadable; the message names the file and tensor."""
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory as it is; otherwise a Hugging Face Hub id, downloaded into the normal HF cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{model}: expected a model directory, found a file")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"{model}: no such model directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-        return Path(snapshot_download(model, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
-        raise FileNotFoundError(
-            f"{model}: not a local directory and could not be fetched from the Hub ({e})"
-        ) from e
-
-
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -134,6 +135,7 @@ def serve(
     os.environ[LOG_FORMAT_ENV] = log_format  # the engine core process, spawned below, formats alike
     if threads is not None:  # before the engine core is spawned: it inherits OMP_NUM_THREADS
         logger.info("engine threads: %d (%s)", apply_threads(threads), threads.source)
+    engine_config = _local_model(engine_config)
     logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
     engine = _start_engine(engine_config, settings, engine_mode, health)
     app = build_app(engine, settings, load_in_background=True)
@@ -166,6 +168,20 @@ def serve(
     if lifecycle.load_error is not None:
         print(f"shoal serve: error: {lifecycle.load_error}", file=sys.stderr)
     return server.exit_code
+
+
+def _local_model(engine_config: EngineConfig) -> EngineConfig:
+    """A model on shared storage (s3://, gs://, file://, a network mount) is copied into the local cache
+    here, in the HTTP process, before the engine core is spawned: the engine only ever sees a local
+    directory and never imports shoal.fleet, and storage that cannot be reached fails the start at once
+    (exit 1, the source named). The port opens after the copy. Local directories and Hub ids are left to
+    the engine, as before."""
+    from shoal.fleet.storage import is_shared_source, resolve_source
+
+    if not is_shared_source(engine_config.model):
+        return engine_config
+    logger.info("fetching %s into the local model cache", engine_config.model)
+    return dataclasses.replace(engine_config, model=str(resolve_source(engine_config.model)))
 
 
 def _start_engine(

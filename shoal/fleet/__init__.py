@@ -1,0 +1,1 @@
+"""Model fleet: sources and caching of model files (storage.py)."""
