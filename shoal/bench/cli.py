@@ -515,5 +515,34 @@ def gateway(
          kv_cache_memory=kv_cache_memory, threads=threads)  # fmt: skip
 
 
+@bench_app.command()
+def coldstart(
+    model: Annotated[str, typer.Option(help="Local model directory (the 'local' baseline).")] = str(
+        workload.REPO / "models" / "SmolLM2-135M-Instruct"
+    ),
+    source: Annotated[
+        str | None, typer.Option(help="Source to copy into the cache (default: MODEL as a file:// share).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="float32, bfloat16 or auto (shoal serve's --dtype).")
+    ] = "float32",
+    threads: Annotated[int, typer.Option(help="OMP threads of the server.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Starts per variant (median reported).")] = 3,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """Time from process start to ready: model served in place, copied into a cold cache, from a warm
+    cache (see shoal/bench/coldstart.py)."""
+    from shoal.bench import coldstart as cs
+
+    def show(result: dict) -> None:
+        typer.echo(cs.markdown(result) if markdown else result["median_s"])
+
+    _run(cs.run_coldstart, show, output_json, model=model, source=source, dtype=dtype, threads=threads,
+         repeats=repeats)  # fmt: skip
+
+
 if __name__ == "__main__":
     bench_app()
