@@ -47,6 +47,13 @@ def serve(
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    load_format: Annotated[
+        str,
+        typer.Option(
+            help="auto, or mmap (CPU): weights stay memory-mapped in the safetensors file, paged in as used, "
+            "in the checkpoint's dtype (no fused, cast or packed copies; slower where that dtype is)."
+        ),
+    ] = "auto",
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one engine step (the batch).")] = 256,
     max_num_batched_tokens: Annotated[
         int | None, typer.Option(help="Most tokens in one engine step (default: 512 on CPU, 8192 on CUDA).")
@@ -271,6 +278,7 @@ def serve(
         compile=compile,
         scheduling_policy=scheduling_policy,
         record_schedule=record_schedule,
+        load_format=load_format,
     )
     try:
         config.validate()

@@ -25,6 +25,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode forward (minutes of compiling at start, faster steps)
     scheduling_policy: str = "fcfs"  # fcfs | priority (vLLM's --scheduling-policy)
     record_schedule: bool = False  # StepStats.scheduled: who ran in each step (tests, GET /debug/schedule)
+    load_format: str = "auto"  # auto | mmap (weights stay mapped in the safetensors file, checkpoint dtype)
 
     def validate(self) -> None:
         checks = {
@@ -43,5 +44,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.load_format not in ("auto", "mmap"):
+            raise ValueError(f"load_format must be auto or mmap, got {self.load_format!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

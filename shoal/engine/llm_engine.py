@@ -20,7 +20,7 @@ from shoal.engine.scheduler import ScheduledBatch, Scheduler
 from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.model.config import load_config, load_generation_config
-from shoal.model.device import available_ram, resolve_device, resolve_dtype
+from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
 from shoal.model.hub import resolve_model_path
 from shoal.model.loader import load_model
 from shoal.model.tokenizer import Tokenizer
@@ -40,11 +40,12 @@ class LLMEngine:
         self.model_path = resolve_model_path(config.model)
         self.device = resolve_device(config.device)
         model_cfg = load_config(self.model_path)
-        self.dtype = resolve_dtype(config.dtype, model_cfg.dtype, self.device)
+        mmap = config.load_format == "mmap"
+        self.dtype = self._dtype(model_cfg.dtype, mmap)
         self._resolve_limits(model_cfg)
         t0 = time.monotonic()
         self.model, self.model_config = load_model(
-            self.model_path, self.dtype, self.device, config.max_model_len
+            self.model_path, self.dtype, self.device, config.max_model_len, mmap=mmap
         )
         self.load_seconds = time.monotonic() - t0
         template = Path(config.chat_template).read_text() if config.chat_template else None
@@ -74,6 +75,14 @@ class LLMEngine:
         log.info("shoal engine: %s", self.describe())
 
     # ---- set-up -------------------------------------------------------------------------------------
+    def _dtype(self, checkpoint_dtype: str, mmap: bool) -> torch.dtype:
+        if not mmap:
+            return resolve_dtype(self.config.dtype, checkpoint_dtype, self.device)
+        dtype, slow = mmap_dtype(self.config.dtype, checkpoint_dtype, self.device)
+        if slow:
+            log.warning(slow)
+        return dtype
+
     def _resolve_limits(self, model_cfg) -> None:
         c, limit = self.config, model_cfg.max_position_embeddings
         on_cpu = self.device.type == "cpu"

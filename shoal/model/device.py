@@ -47,6 +47,29 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def mmap_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """`--load-format mmap` serves the checkpoint's own dtype (a cast would copy every weight); returns it
+    and, where this hardware runs it slowly, the warning to print at start."""
+    if device.type != "cpu":
+        raise ValueError("--load-format mmap is for CPU (weights copied to a GPU are not mapped anyway)")
+    if checkpoint_dtype not in DTYPES:
+        raise ValueError(f"--load-format mmap: checkpoint dtype {checkpoint_dtype!r} is not served")
+    if dtype not in ("auto", checkpoint_dtype):
+        raise ValueError(
+            f"--load-format mmap serves the checkpoint's dtype ({checkpoint_dtype}), not --dtype {dtype}"
+        )
+    slow = None
+    if checkpoint_dtype == "float16":
+        slow = "float16 on CPU runs 12-120x slower than float32 in torch"
+    elif checkpoint_dtype == "bfloat16" and not cpu_has_fast_bf16():
+        slow = "bfloat16 on a CPU without AVX512-BF16 or AMX runs about 10x slower than float32"
+    if slow:
+        slow = (
+            f"--load-format mmap serves the checkpoint's {checkpoint_dtype}: {slow} (drop mmap for float32)"
+        )
+    return DTYPES[checkpoint_dtype], slow
+
+
 def available_ram() -> int:
     """MemAvailable from /proc/meminfo (bytes); 4 GiB where it cannot be read."""
     try:

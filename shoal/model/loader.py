@@ -26,6 +26,7 @@ from shoal.model.config import ModelConfig, load_config
 from shoal.model.device import available_ram
 from shoal.model.packed_linear import pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
+from shoal.model.split_linear import SplitLinear
 from shoal.model.transformer import Transformer
 from shoal.quant.format import TENSOR_SUFFIXES, decompress
 from shoal.quant.fp8 import FP8Linear
@@ -107,10 +108,15 @@ def load_model(
     max_positions: int | None = None,
     for_compile: bool = False,
     pack: bool = True,
+    mmap: bool = False,
 ):
     """Build the Transformer on the meta device, then fill every parameter from the checkpoint.
-    pack=False keeps plain nn.Linear modules on CPU too (calibration rewrites their weights)."""
+    pack=False keeps plain nn.Linear modules on CPU too (calibration rewrites their weights).
+    mmap=True (`--load-format mmap`) leaves every weight a view of the safetensors mapping: no fused, cast
+    or packed copy (fused linears become SplitLinear; dtype must be the checkpoint's)."""
     cfg: ModelConfig = load_config(model_dir)
+    if mmap and cfg.quantization is not None:
+        raise WeightLoadError(f"{model_dir}: --load-format mmap serves unquantized checkpoints only")
     with torch.device("meta"):
         model = Transformer(cfg, max_positions)
     source = _TensorSource(_safetensors_files(model_dir))
@@ -125,11 +131,11 @@ def load_model(
             continue
         tensors = [source.get(n) for n in names]
         used.update(names)
+        _check_shape(names[0], tensors, param)
+        if mmap and len(tensors) > 1:
+            _set_split(model, name, [t.to(device=device, dtype=dtype) for t in tensors])
+            continue
         value = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
-        if tuple(value.shape) != tuple(param.shape):
-            raise WeightLoadError(
-                f"tensor {names[0]!r} has shape {tuple(value.shape)}, config.json implies {tuple(param.shape)}"
-            )
         _set_parameter(model, name, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -143,9 +149,25 @@ def load_model(
         model.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-    if pack and packing_available(device, dtype):
+    if pack and not mmap and packing_available(device, dtype):
         pack_linears(model, available_ram(), keep_weights=for_compile)
     return model.eval(), cfg
+
+
+def _check_shape(first: str, tensors: list[torch.Tensor], param: nn.Parameter) -> None:
+    """The parts, concatenated on dim 0, must have the parameter's shape (config.json's)."""
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    if shape != tuple(param.shape):
+        raise WeightLoadError(f"tensor {first!r} has shape {shape}, config.json implies {tuple(param.shape)}")
+
+
+def _set_split(model: nn.Module, name: str, parts: list[torch.Tensor]) -> None:
+    """A fused linear's weight (or bias) kept as its checkpoint parts: the module becomes a SplitLinear."""
+    path, _, attr = name.rpartition(".")
+    if attr == "weight":
+        _set_module(model, path, SplitLinear(parts))
+    else:  # the bias comes after the weight in named_parameters: the SplitLinear is there
+        model.get_submodule(path).set_biases(parts)
 
 
 def _swap_quantized(
