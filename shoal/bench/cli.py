@@ -528,20 +528,23 @@ def coldstart(
     ] = "float32",
     threads: Annotated[int, typer.Option(help="OMP threads of the server.")] = 1,
     repeats: Annotated[int, typer.Option(help="Starts per variant (median reported).")] = 3,
+    decode_tokens: Annotated[
+        int, typer.Option(help="Tokens of the decode-speed request (load formats).")
+    ] = 64,
     output_json: JsonOpt = None,
     markdown: Annotated[
         bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
     ] = False,
 ) -> None:
     """Time from process start to ready: model served in place, copied into a cold cache, from a warm
-    cache (see shoal/bench/coldstart.py)."""
+    cache; then --load-format mmap against the default (see shoal/bench/coldstart.py)."""
     from shoal.bench import coldstart as cs
 
     def show(result: dict) -> None:
         typer.echo(cs.markdown(result) if markdown else result["median_s"])
 
     _run(cs.run_coldstart, show, output_json, model=model, source=source, dtype=dtype, threads=threads,
-         repeats=repeats)  # fmt: skip
+         repeats=repeats, decode_tokens=decode_tokens)  # fmt: skip
 
 
 if __name__ == "__main__":
