@@ -150,6 +150,7 @@ def _copy_atomically(source: str, entry: Path) -> None:
     """Copy into a temporary sibling, write the manifest last, then rename it to the entry."""
     fs, root = _open_fs(source)
     files = _list(fs, root, source)
+    _check_free_space(entry.parent, sum(f.size for f in files), source)
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
     try:
         digests = _download(fs, files, tmp, source)
@@ -160,6 +161,15 @@ def _copy_atomically(source: str, entry: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("model %s: copied %d files into %s", source, len(files), entry)
+
+
+def _check_free_space(cache_dir: Path, needed: int, source: str) -> None:
+    """Fail before copying, not on a full disk halfway through."""
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed:
+        raise SourceError(
+            f"{source}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free in the cache {cache_dir}"
+        )
 
 
 def _refetch(source: str, entry: Path, bad: list[str]) -> None:
