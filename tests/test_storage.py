@@ -194,20 +194,23 @@ def test_file_share_is_copied_and_local_directory_served_in_place(tmp_path):
     assert resolve_source(str(TINY_MODEL), cache) == TINY_MODEL
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_unreachable_storage_fails_naming_the_source(tmp_path, monkeypatch):
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_MAX_ATTEMPTS": "1", "SHOAL_MODEL_CACHE": str(tmp_path)}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(SourceError, match="s3://nowhere/model"):
         resolve_source("s3://nowhere/model", tmp_path)
     assert not any(tmp_path.glob("*.tmp-*"))
+    server = launch_own_server("s3-unreachable", ["--model", "s3://nowhere/model"], env)
+    assert server.proc.wait(45) == 1
+    assert "shoal serve: error: s3://nowhere/model: cannot list" in server.log_tail()
 
 
 def test_network_mounts_are_recognised():
