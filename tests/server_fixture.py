@@ -135,7 +135,9 @@ def _wait_ready(server: LiveServer) -> None:
 
 def launch_own_server(name: str, extra: list[str], env: dict | None = None) -> LiveServer:
     """A stories260K server of a test's own (one it may drain, hang or kill), without an API key; it is
-    not waited for (see wait_ready) and is stopped at exit if still running."""
+    not waited for (see wait_ready) and is stopped at exit if still running. `extra` comes after the
+    fixture's own flags, and a repeated option takes its last value (click), so `["--model", OTHER,
+    "--dtype", "auto"]` serves another model."""
     if not TINY_MODEL.exists():
         pytest.skip(f"{TINY_MODEL} missing: run `python ../shared/models/prepare.py models`")
     server = _launch(name, extra, {}, str(TINY_MODEL), env)
