@@ -216,6 +216,9 @@ def _list(fs, root: str, source: str) -> list[RemoteFile]:
         if info.get("type") == "file"
         and any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
     ]
+    unsafe = [f.rel for f in files if f.rel.startswith("/") or ".." in f.rel.split("/")]
+    if unsafe:  # a key like a/../../x would be written outside the cache entry
+        raise SourceError(f"{source}: refusing file names that leave the model directory: {unsafe}")
     if not any(f.rel.endswith(".safetensors") for f in files):
         raise SourceError(f"{source}: no *.safetensors model files there (found {len(found)} entries)")
     return files
