@@ -159,10 +159,10 @@ class ModelManager:
         logger.info("unloading %s (%s)", entry.ref, reason)
         stack, slot.stack, slot.app, slot.state = slot.stack, None, None, "unloaded"
         self.budget.release(entry.ref)
+        if self.metrics is not None:  # before the engine stops: /v1/models already says "unloaded"
+            self.metrics.on_unload(entry.ref, reason)
         if stack is not None:
             await stack.aclose()
-        if self.metrics is not None:
-            self.metrics.on_unload(entry.ref, reason)
         return True
 
     async def reap_idle(self) -> None:
