@@ -260,8 +260,10 @@ def serve(
     ] = None,
     memory_budget: Annotated[
         str | None,
-        typer.Option(help="With --models: bytes for all models' weights and KV caches (e.g. 8GiB; default "
-                     "half the RAM)."),
+        typer.Option(
+            help="With --models: bytes for all models' weights and KV caches (e.g. 8GiB; default "
+            "half the RAM)."
+        ),
     ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""

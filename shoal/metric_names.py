@@ -233,7 +233,9 @@ METRICS: tuple[MetricSpec, ...] = (
         (MODEL_NAME, "fallback"),
     ),
     MetricSpec(MEMORY_BUDGET, GAUGE, "With --models: the --memory-budget in bytes.", _S, ()),
-    MetricSpec(MEMORY_RESERVED, GAUGE, "With --models: bytes of the budget reserved by loaded models.", _S, ()),
+    MetricSpec(
+        MEMORY_RESERVED, GAUGE, "With --models: bytes of the budget reserved by loaded models.", _S, ()
+    ),
     MetricSpec(
         ENGINE_LAST_STEP, GAUGE, "Unix time (seconds) at the end of the last engine step; 0 before one.", _S
     ),

@@ -51,7 +51,9 @@ models:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     models = _models_yaml(tmp_path_factory.mktemp("fleet"))
-    server = launch_own_server("fleet", ["--models", str(models), "--memory-budget", "100MiB", "--api-key", KEY])
+    server = launch_own_server(
+        "fleet", ["--models", str(models), "--memory-budget", "100MiB", "--api-key", KEY]
+    )
     wait_ready(server)
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
         yield client

@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 import shoal
 from shoal.fleet.manager import LoadFailed, ModelManager, Slot
-from shoal.fleet.metrics import FleetMetrics
 from shoal.fleet.routing import Router
 from shoal.policy.auth import Authenticator
 from shoal.server.auth import AuthMiddleware

@@ -68,7 +68,9 @@ class _Merged(Collector):
         seen: set[tuple] = set()
         for registry in self._registries:
             for family in registry.collect():
-                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
                 for sample in family.samples:
                     key = (sample.name, tuple(sorted(sample.labels.items())))
                     if key not in seen:

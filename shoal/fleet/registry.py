@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shoal.policy.config import validation_problems
+
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default keep_alive is 5 minutes
@@ -116,7 +118,9 @@ def load_registry(path: Path) -> Registry:
     for i, entry in enumerate(entries):
         for ref in entry.fallback:
             if registry.lookup(ref) is None:
-                raise ValueError(f"{path}: models[{i}] ({entry.ref}): fallback {ref!r} is not a registered model")
+                raise ValueError(
+                    f"{path}: models[{i}] ({entry.ref}): fallback {ref!r} is not a registered model"
+                )
     return registry
 
 
@@ -125,8 +129,7 @@ def _entry(path: Path, i: int, item: object) -> ModelEntry:
     try:
         return ModelEntry.model_validate(item)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"{path}: models[{i}] ({label}): {problems}") from None
+        raise ValueError(f"{path}: models[{i}] ({label}): {validation_problems(e)}") from None
 
 
 def _check_unique(path: Path, entries: list[ModelEntry]) -> None:

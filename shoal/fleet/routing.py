@@ -124,7 +124,10 @@ async def _call(
                 shed = True
                 return
             if fallback is not None:
-                message = {**message, "headers": [*message.get("headers", []), (FALLBACK_HEADER, fallback.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (FALLBACK_HEADER, fallback.encode())],
+                }
         if not shed:
             await send(message)
 
