@@ -144,6 +144,8 @@ def test_admin_api_is_protected_and_loads_unloads_with_per_request_keep_alive(fl
     assert loaded.status_code == 200 and loaded.json()["state"] == "loaded"
     assert _complete(fleet, "stories@v2", keep_alive=0).status_code == 200  # Ollama's: unload right after
     assert _until(lambda: _states(fleet)["stories@v2"] == "unloaded", 3)
+    too_large = fleet.post("/v1/completions", content=b"x" * (9 << 20))  # the default 8 MiB limit
+    assert too_large.status_code == 413
     unknown = _complete(fleet, "nope")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 

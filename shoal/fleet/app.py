@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import shoal
-from shoal.fleet.manager import LoadFailed, ModelManager, Slot
+from shoal.fleet.manager import LoadFailed, ModelManager, NoRoom, Slot
 from shoal.fleet.routing import Router
 from shoal.policy.auth import Authenticator
 from shoal.server.auth import AuthMiddleware
@@ -91,7 +91,7 @@ def build_fleet_app(manager: ModelManager, settings: ServerSettings) -> Any:
     app.state.fleet = lifecycle
     _add_info_routes(app, manager, lifecycle, created)
     _add_admin_routes(app, manager)
-    router = Router(manager, settings.request_timeout_s)
+    router = Router(manager, settings.request_timeout_s, settings.max_request_bytes)
     fleet = FleetApp(app, _gate(router, lifecycle))
     if not (settings.api_key or (settings.policy and settings.policy.auth)):
         return fleet
@@ -104,7 +104,8 @@ def build_fleet_app(manager: ModelManager, settings: ServerSettings) -> Any:
 
 
 def _gate(router: Router, lifecycle: FleetLifecycle):
-    """While draining, a request for a model not loaded gets 503 (the loaded ones answer it themselves)."""
+    """While draining, new requests get 503 + Connection: close, as a single server's AdmissionGate
+    answers (and no model starts loading); those in flight go on in their models' apps."""
 
     async def app(scope, receive, send) -> None:
         if lifecycle.draining:
@@ -192,7 +193,7 @@ def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
         try:
             await manager.start_load(slot.entry)
         except LoadFailed as e:
-            raise _AdminError(507 if "MiB" in str(e) else 500, str(e)) from None
+            raise _AdminError(507 if isinstance(e, NoRoom) else 500, str(e)) from None
         return _admin_view(slot)
 
     @app.post("/v1/admin/models/{name}/unload")

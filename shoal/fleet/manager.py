@@ -37,6 +37,10 @@ class LoadFailed(Exception):
     """A model could not be loaded (its error, or no room in the budget)."""
 
 
+class NoRoom(LoadFailed):
+    """The budget cannot hold the model besides the pinned and busy ones."""
+
+
 @dataclass
 class Slot:
     """One registered model's runtime state."""
@@ -138,11 +142,11 @@ class ModelManager:
         """Reserve `need` bytes, unloading idle models least recently used first (LRU)."""
         async with self._budget_lock:
             if need > self.budget.total:
-                raise LoadFailed(f"{entry.ref} needs {need >> 20} MiB, more than the whole budget")
+                raise NoRoom(f"{entry.ref} needs {need >> 20} MiB, more than the whole budget")
             while not self.budget.fits(need):
                 victims = [s for s in self.slots.values() if s.unloadable]
                 if not victims:
-                    raise LoadFailed(
+                    raise NoRoom(
                         f"{entry.ref} needs {need >> 20} MiB; {self.budget.used >> 20} of "
                         f"{self.budget.total >> 20} MiB are held by pinned or busy models"
                     )

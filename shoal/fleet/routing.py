@@ -39,12 +39,17 @@ class Routed:
 
 
 class Router:
-    def __init__(self, manager: ModelManager, request_timeout_s: float | None):
+    def __init__(self, manager: ModelManager, request_timeout_s: float | None, max_bytes: int):
         self.manager = manager
         self.request_timeout_s = request_timeout_s
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
+        body = await _read_body(receive, self.max_bytes)
+        if body is None:  # read here, before any model's BodyLimitMiddleware: the same limit
+            too_large = f"request body larger than {self.max_bytes} bytes"
+            await error_response(413, too_large, code="request_too_large")(scope, receive, send)
+            return
         try:
             payload = json.loads(body) if body else {}
             if not isinstance(payload, dict):
@@ -135,11 +140,16 @@ async def _call(
     return shed
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _read_body(receive: Receive, max_bytes: int) -> bytes | None:
+    """The whole body, or None past max_bytes (the rest is not read)."""
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 
