@@ -11,6 +11,7 @@ stories260K registered under several names and versions, in a 100 MiB budget:
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.fleet.registry import load_registry
 from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready
 
 KEY = "fleet-key"
@@ -122,10 +124,15 @@ def test_fallback_when_the_primary_fails_or_misses_its_deadline(fleet):
     failed = _complete(fleet, "broken")
     assert failed.status_code == 200, failed.text
     assert failed.json()["model"] == "stories@v1" and failed.headers["x-shoal-fallback"] == "stories@v1"
+    body = {"model": "broken", "prompt": "Once", "max_tokens": 3, "stream": True}
+    with fleet.stream("POST", "/v1/completions", json=body) as stream:
+        assert stream.headers["x-shoal-fallback"] == "stories@v1"
+        chunks = [line for line in stream.iter_lines() if line.startswith("data: {")]
+    assert chunks and all('"model":"stories@v1"' in c for c in chunks)
     late = _complete(fleet, "slow", headers={"X-Request-Timeout": "0.3"})  # slow loads in ~seconds
     assert late.status_code == 200 and late.headers["x-shoal-fallback"] == "stories@v1"
     fallbacks = metric_samples(fleet.get("/metrics").text, "shoal:model_fallbacks_total")
-    assert fallbacks['{fallback="stories@v1",model_name="broken"}'] == 1
+    assert fallbacks['{fallback="stories@v1",model_name="broken"}'] == 2  # the second without a retry
     assert "not a readable safetensors file" in _admin(fleet, "broken")["last_error"]
 
 
@@ -158,11 +165,35 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("expected", list(BAD_CONFIGS))
-def test_bad_registry_fails_at_start_naming_the_entry(tmp_path, expected):
-    path = tmp_path / "models.yaml"
-    path.write_text("models:\n  " + BAD_CONFIGS[expected].format(src=TINY_MODEL))
-    cmd = [sys.executable, "-m", "shoal.cli", "serve", "--models", str(path), "--port", "1"]
+def test_bad_registry_fails_at_start_naming_the_entry(tmp_path):
+    """Every bad entry is named; one goes through `shoal serve` for its exit code and message."""
+    for i, (expected, entries) in enumerate(BAD_CONFIGS.items()):
+        path = tmp_path / f"models{i}.yaml"
+        path.write_text("models:\n  " + entries.format(src=TINY_MODEL))
+        with pytest.raises(ValueError, match=r"models\[\d\] \(a\): .*" + re.escape(expected)):
+            load_registry(path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal.cli",
+        "serve",
+        "--models",
+        str(tmp_path / "models0.yaml"),
+        "--port",
+        "1",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=50)
     assert out.returncode == 2, out.stderr
-    assert expected in out.stderr and "models[" in out.stderr and "(a" in out.stderr
+    assert "models0.yaml: models[0] (a): fallback 'ghost' is not a registered model" in out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_preloaded_model_that_cannot_load_stops_the_server(tmp_path):
+    """As one model's server does (exit 1): the pod's main model is missing."""
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  - {{name: a, source: {TINY_MODEL}, memory: 1GiB, preload: true}}\n")
+    cmd = [sys.executable, "-m", "shoal.cli", "serve", "--models", str(path), "--memory-budget", "100MiB",
+           "--port", "0", "--device", "cpu"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert out.returncode == 1, out.stderr
+    assert "a needs 1024 MiB, more than the whole budget" in out.stderr

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,12 +37,21 @@ class FleetLifecycle:
     def __init__(self, manager: ModelManager):
         self.manager = manager
         self.draining = False
-        self.on_fatal = None
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] | None = None  # set by launch: stop the server, exit 1
 
     @property
     def ready(self) -> bool:
         preload = [s for s in self.manager.slots.values() if s.entry.preload]
         return not self.draining and all(s.state == "loaded" for s in preload)
+
+    def preload_done(self, task: asyncio.Task) -> None:
+        """A pre-loaded model that cannot load stops the server (exit 1), as one model's server does:
+        the pod's main model is missing, and a restart or a rollback is what helps."""
+        if not task.cancelled() and task.exception() is not None:
+            self.load_error = str(task.exception())
+            if self.on_fatal is not None:
+                self.on_fatal()
 
     async def drain(self) -> None:
         self.draining = True
@@ -78,6 +87,8 @@ def build_fleet_app(manager: ModelManager, settings: ServerSettings) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         preloads = [manager.start_load(s.entry) for s in manager.slots.values() if s.entry.preload]
+        for task in preloads:
+            task.add_done_callback(lifecycle.preload_done)
         reaper = asyncio.ensure_future(manager.reap_idle())
         try:
             yield

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -65,7 +66,11 @@ def serve_fleet(
         app, host=host, port=port, log_level=log_level.lower(), log_config=None, access_log=False,
         timeout_graceful_shutdown=10, **tls.uvicorn_kwargs(),
     )  # fmt: skip
-    server = DrainingServer(config, app.state.fleet)
+    lifecycle = app.state.fleet
+    server = DrainingServer(config, lifecycle)
+    lifecycle.on_fatal = server.fatal
     logger.info("serving %s on %s:%d (memory budget %d MiB)", ", ".join(refs), host, port, budget.total >> 20)
     server.run()
+    if lifecycle.load_error is not None:
+        print(f"shoal serve: error: {lifecycle.load_error}", file=sys.stderr)
     return server.exit_code

@@ -29,6 +29,9 @@ from shoal.fleet.registry import ModelEntry, Registry
 logger = logging.getLogger("shoal.fleet")
 
 REAP_INTERVAL_S = 0.5  # how often idle models are checked against their keep_alive
+# After a failed load, requests skip the model (to its fallbacks) this long instead of each paying for
+# another failing load; the admin API's load retries at once.
+RETRY_FAILED_LOAD_S = 30.0
 # (entry, local model directory, KV cache bytes) -> an app whose lifespan loads the engine
 AppFactory = Callable[[ModelEntry, Path, int], Any]
 
@@ -54,6 +57,7 @@ class Slot:
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0  # requests routed to it and not yet answered
     last_error: str | None = None
+    failed_at: float = float("-inf")
     load_seconds: float | None = None
 
     @property
@@ -88,8 +92,13 @@ class ModelManager:
         """The model's app once loaded, loading it if needed; LoadFailed, or TimeoutError after timeout
         seconds (the load goes on: a later request finds it loaded)."""
         slot = self.slot(entry)
-        if slot.state != "loaded":
-            await asyncio.wait_for(asyncio.shield(self.start_load(entry)), timeout)
+        if slot.state == "unloaded" and time.monotonic() - slot.failed_at < RETRY_FAILED_LOAD_S:
+            raise LoadFailed(f"{entry.ref} failed to load: {slot.last_error}")
+        deadline = time.monotonic() + timeout
+        while slot.state != "loaded":  # a loop: keep_alive 0 may unload it before this request resumes
+            await asyncio.wait_for(
+                asyncio.shield(self.start_load(entry)), max(deadline - time.monotonic(), 0)
+            )
         slot.busy += 1
         return slot.app
 
@@ -127,6 +136,7 @@ class ModelManager:
             await _shutdown_quietly(app)
             self.budget.release(entry.ref)
             slot.state, slot.last_error = "unloaded", f"{type(e).__name__}: {e}"
+            slot.failed_at = time.monotonic()
             logger.error("%s failed to load: %s", entry.ref, slot.last_error)
             if isinstance(e, asyncio.CancelledError):
                 raise
