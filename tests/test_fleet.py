@@ -160,6 +160,7 @@ def test_admin_api_is_protected_and_loads_unloads_with_per_request_keep_alive(fl
 BAD_CONFIGS = {
     "fallback 'ghost' is not a registered model": "- {{name: a, source: {src}, fallback: [ghost]}}",
     "unknown model": "- {{name: a, source: /nonexistent/model-dir}}",
+    "dtype: Input should be": "- {{name: a, source: {src}, dtype: float8}}",
     "registered twice": "- {{name: a, source: {src}}}\n  - {{name: a, source: {src}}}",
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,7 +51,7 @@ class ModelEntry(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[^@\s]+$")
     version: str | None = Field(default=None, pattern=r"^[^@\s]+$")
     source: str = Field(min_length=1)
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # EngineConfig's
     quantization: str | None = None
     memory: int | None = None  # bytes, weights + KV cache; None: weights x 2 + DEFAULT_KV_BYTES
     priority: int = 0
