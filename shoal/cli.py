@@ -254,6 +254,24 @@ def serve(
         float | None,
         typer.Option(help="Instance price in dollars per hour: exports cost per request and per token."),
     ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="YAML registry of several models to serve (docs/fleet.md): routed by the request's model, "
+            "loaded at start or on first use, unloaded after keep_alive or to fit --memory-budget. "
+            "Replaces --model and --served-model-name; the other flags apply to every model.",
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="With --models: bytes for all models' weights and KV caches (e.g. 8GiB; default "
+            "half the RAM)."
+        ),
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics...)."""
     from shoal.cpu_quota import choose_threads
@@ -313,6 +331,9 @@ def serve(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    if models is not None:
+        raise typer.Exit(_serve_fleet(models, memory_budget, config, settings, host, port, log_level,
+                                      engine_mode, health, tls, log_format))  # fmt: skip
     try:
         code = run_server(
             config,
@@ -334,6 +355,21 @@ def serve(
         typer.echo(f"shoal serve: error: {e}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+def _serve_fleet(models: Path, memory_budget: str | None, *args) -> int:
+    """`shoal serve --models`: a bad registry or budget fails naming the entry, before the port opens."""
+    from shoal.fleet.budget import default_budget
+    from shoal.fleet.launch import serve_fleet
+    from shoal.fleet.registry import load_registry, parse_bytes
+
+    try:
+        registry = load_registry(models)
+        budget = parse_bytes(memory_budget) if memory_budget else default_budget()
+    except ValueError as e:
+        typer.echo(f"shoal serve: error: {e}", err=True)
+        return 2
+    return serve_fleet(registry, args[0], args[1], budget, *args[2:])
 
 
 def _check_policy_fits(policy: PolicyConfig | None, scheduling_policy: str) -> None:

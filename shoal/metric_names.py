@@ -75,6 +75,13 @@ CPU_SECONDS = "shoal:cpu_seconds_total"
 RESIDENT_MEMORY = "shoal:resident_memory_bytes"
 NETWORK_RECEIVE = "shoal:network_receive_bytes_total"
 NETWORK_TRANSMIT = "shoal:network_transmit_bytes_total"
+# The model manager (shoal serve --models, shoal/fleet/)
+MODEL_LOADED = "shoal:model_loaded"
+MODEL_LOAD_TIME = "shoal:model_load_seconds"
+MODEL_UNLOADS = "shoal:model_unloads_total"
+MODEL_FALLBACKS = "shoal:model_fallbacks_total"
+MEMORY_BUDGET = "shoal:memory_budget_bytes"
+MEMORY_RESERVED = "shoal:memory_reserved_bytes"
 # ---- state -------------------------------------------------------------------------------------------
 READY = "shoal:ready"
 ENGINE_HEALTHY = "shoal:engine_healthy"
@@ -209,6 +216,26 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(NETWORK_TRANSMIT, COUNTER, "Bytes sent on all interfaces of the host/container.", _R),
     MetricSpec(READY, GAUGE, "1 while /ready answers 200 (loaded, warmed up, not draining), else 0.", _S),
     MetricSpec(ENGINE_HEALTHY, GAUGE, "1 while the engine is alive and not hung, else 0.", _S),
+    MetricSpec(MODEL_LOADED, GAUGE, "With --models: 1 while the model is loaded, else 0.", _S),
+    MetricSpec(MODEL_LOAD_TIME, HISTOGRAM, "With --models: seconds to load a model (engine start).", _S),
+    MetricSpec(
+        MODEL_UNLOADS,
+        COUNTER,
+        "With --models: models unloaded, by reason (keep_alive, lru, admin, shutdown).",
+        _S,
+        (MODEL_NAME, "reason"),
+    ),
+    MetricSpec(
+        MODEL_FALLBACKS,
+        COUNTER,
+        "With --models: requests for model_name answered by the fallback model `fallback`.",
+        _S,
+        (MODEL_NAME, "fallback"),
+    ),
+    MetricSpec(MEMORY_BUDGET, GAUGE, "With --models: the --memory-budget in bytes.", _S, ()),
+    MetricSpec(
+        MEMORY_RESERVED, GAUGE, "With --models: bytes of the budget reserved by loaded models.", _S, ()
+    ),
     MetricSpec(
         ENGINE_LAST_STEP, GAUGE, "Unix time (seconds) at the end of the last engine step; 0 before one.", _S
     ),

@@ -68,6 +68,10 @@ class EngineCoreClient:
         self._requests.bind(f"ipc://{self._ipc_dir}/requests")
         self._updates = self._context.socket(zmq.PULL)
         self._updates.bind(f"ipc://{self._ipc_dir}/updates")
+        # One asyncio view of the updates socket, closed in _release: an unclosed one leaves its file
+        # descriptor registered with the event loop, and the next client in this process (a model
+        # loaded after another was unloaded, shoal/fleet/) that gets the same descriptor never wakes.
+        self._updates_async = zmq.asyncio.Socket.shadow(self._updates.underlying)
         self.fault_injection_enabled = fault_plan is not None
         self._process = multiprocessing.get_context("spawn").Process(
             target=_run_core,
@@ -92,7 +96,7 @@ class EngineCoreClient:
 
     async def _wait_ready(self) -> None:
         """Follow the core's start-up messages until Ready (RuntimeError if it fails or exits)."""
-        socket = zmq.asyncio.Socket.shadow(self._updates.underlying)
+        socket = self._updates_async
         decoder = msgspec.msgpack.Decoder(CoreMessage)
         while True:
             while not await socket.poll(200):
@@ -172,6 +176,7 @@ class EngineCoreClient:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(5)
+        self._updates_async.close(linger=0)  # unregisters its descriptor from the event loop
         self._context.destroy(linger=0)
 
     def _core_died(self) -> None:
@@ -198,7 +203,7 @@ class EngineCoreClient:
 
     # ---- the update stream --------------------------------------------------------------------------
     async def _read_updates(self) -> None:
-        socket = zmq.asyncio.Socket.shadow(self._updates.underlying)
+        socket = self._updates_async
         decoder = msgspec.msgpack.Decoder(CoreMessage)
         while True:
             update = decoder.decode(await socket.recv())

@@ -117,8 +117,12 @@ def load_policy(path: str | Path) -> PolicyConfig:
     try:
         return PolicyConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{_dotted(err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-        raise PolicyError(f"{path}: {problems}") from None
+        raise PolicyError(f"{path}: {validation_problems(e)}") from None
+
+
+def validation_problems(e: ValidationError) -> str:
+    """Each bad field's dotted path and pydantic's message, for errors that name what to fix."""
+    return "; ".join(f"{_dotted(err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
 
 
 def _dotted(loc: tuple) -> str:

@@ -201,12 +201,16 @@ class ServerMetrics:
             self._costed_tokens += tokens
 
     async def render(self) -> bytes:
-        """The text exposition, after asking the engine for fresh stats (queue gauges move on adds and
-        aborts, not only at steps); an engine that does not answer in time leaves the last ones."""
+        """The text exposition, after fresh engine stats (refresh)."""
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    async def refresh(self) -> None:
+        """Ask the engine for fresh stats (queue gauges move on adds and aborts, not only at steps); an
+        engine that does not answer in time leaves the last ones."""
         refresh = getattr(self._engine, "refresh_stats", None)
         if refresh is not None:
             await refresh()
-        return generate_latest(self.registry)
 
 
 class RequestTracker:
