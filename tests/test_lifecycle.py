@@ -91,7 +91,7 @@ def test_ready_only_after_load_and_warm_up_then_sigterm_drains_every_request():
         _wait_for(lambda: _running(server.url) >= 18, 30, "the requests to run")
         t_term = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        _wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 2, "readiness to drop")
+        _wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 5, "readiness to drop")
         assert httpx.get(f"{server.url}/ready").json()["status"] == "draining"
         late = httpx.post(f"{server.url}/v1/completions", json={"prompt": "late", "max_tokens": 4})
         assert late.status_code == 503 and int(late.headers["Retry-After"]) > 0, late.text

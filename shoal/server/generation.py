@@ -399,9 +399,14 @@ def _arm_timeout(request: Request, ctx: RequestContext, engine: Any, request_ids
     if timeout is None:
         return
     loop = asyncio.get_running_loop()
+    deadline = ctx.arrival_time + timeout
 
     def expire() -> None:
         if ctx.end_time is not None:
+            return
+        early = deadline - time.monotonic()
+        if early > 0:  # uvloop's timers have millisecond granularity and may fire a little early
+            loop.call_later(early, expire)
             return
         if engine.finish(request_ids):
             ctx.timed_out = True
@@ -409,7 +414,7 @@ def _arm_timeout(request: Request, ctx: RequestContext, engine: Any, request_ids
         # await), and the response is not over until its last byte is sent.
         loop.call_later(TIMEOUT_RECHECK_S, expire)
 
-    loop.call_later(max(ctx.arrival_time + timeout - time.monotonic(), 0.0), expire)
+    loop.call_later(max(deadline - time.monotonic(), 0.0), expire)
 
 
 async def _start_and_collect(
