@@ -23,7 +23,11 @@ import httpx
 import pytest
 
 from shoal.fleet.registry import load_registry
-from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready
+
+try:
+    from server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready
+except ImportError:  # tests/ became a package
+    from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready  # type: ignore[no-redef]
 
 KEY = "fleet-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from shoal.model.device import mmap_dtype
-from tests.server_fixture import MODELS, launch_own_server, wait_ready
+
+try:
+    from server_fixture import MODELS, launch_own_server, wait_ready
+except ImportError:  # tests/ became a package
+    from tests.server_fixture import MODELS, launch_own_server, wait_ready  # type: ignore[no-redef]
 
 SMOLLM2 = MODELS / "SmolLM2-135M-Instruct"
 

@@ -21,7 +21,11 @@ import httpx
 import pytest
 
 from shoal.fleet.storage import MANIFEST, SourceError, cache_entry, is_network_path, resolve_source
-from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, wait_ready
+
+try:
+    from server_fixture import REPO, TINY_MODEL, launch_own_server, wait_ready
+except ImportError:  # tests/ became a package
+    from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, wait_ready  # type: ignore[no-redef]
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
