@@ -132,10 +132,11 @@ def test_bad_model_fails_at_start_with_the_reason(tmp_path):
 
 
 def test_http_process_imports_no_torch():
-    """The HTTP side of the process mode (server, client) runs without torch: the engine core has it."""
+    """The HTTP side of the process mode (server, client, the `shoal` command that starts it) runs without
+    torch: the engine core has it."""
     code = (
         "import sys\n"
-        "import shoal.engine.core_client, shoal.server.app, shoal.server.launch\n"
+        "import shoal.engine.core_client, shoal.server.app, shoal.server.launch, shoal.cli\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,8 +10,10 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = REPO.parent / "shared" / "eval" / "wikitext2-test.txt"
@@ -103,6 +105,8 @@ def load_hf_model(model_path: Path, dtype: torch.dtype, device: torch.device):
 
 
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -131,6 +135,8 @@ def token_clock():
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -147,6 +153,8 @@ def hf_pad_token_id(model) -> int:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -161,11 +169,15 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
 
 
 # ---- reporting ----------------------------------------------------------------------------------------
 def machine_info() -> dict:
+    import torch
+
     cpu = platform.processor() or platform.machine()
     flags = ""
     try:
