@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from shoal.bench.serve_compare import die_with_parent as _die_with_parent
+from shoal.bench.serve_compare import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("SHOAL_TEST_MODELS", REPO / "models"))
@@ -55,23 +57,6 @@ class LiveServer:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server if pytest dies without running atexit (e.g. a thread-method timeout)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 _servers: dict[str, LiveServer] = {}

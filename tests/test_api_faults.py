@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import http.client as http_client
 import json
-import socket
 import threading
 import time
 from urllib.parse import urlparse
@@ -25,6 +24,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from shoal.bench.serve_compare import free_port
 from shoal.server.logprobs import render_bytes
 
 try:
@@ -145,12 +145,6 @@ def test_lone_surrogates_are_400_naming_the_field_and_keep_the_connection(live_s
     conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unexpected_exception_is_500_and_keeps_the_connection(stories_dir):
     """A bug that raises in a route: a 500 in OpenAI's shape, and the next request on the same
     keep-alive connection is served (uvicorn closes it when an exception escapes the app)."""
@@ -166,7 +160,7 @@ def test_unexpected_exception_is_500_and_keeps_the_connection(stories_dir):
     async def boom():
         raise RuntimeError("a bug")
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
