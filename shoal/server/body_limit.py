@@ -38,10 +38,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
 
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(messages, receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -51,3 +48,13 @@ class BodyLimitMiddleware:
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands out the already-read `messages` first, then passes through to `receive` (so
+    the app still sees the client's disconnect)."""
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay

@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.policy.response_cache import CachedResponse, ResponseCache
+from shoal.server.body_limit import replaying
 
 CACHED_ROUTES = ("/v1/completions", "/v1/chat/completions")
 CACHE_HEADER = b"x-shoal-cache"
@@ -31,7 +32,7 @@ class ResponseCacheMiddleware:
             await self.app(scope, receive, send)
             return
         messages, body = await _read_body(receive)
-        replay = _replayer(messages, receive)
+        replay = replaying(messages, receive)
         key = self._key(scope, body)
         if key is None:
             await self.app(scope, replay, send)
@@ -71,13 +72,6 @@ async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
         if not message.get("more_body", False):
             break
     return messages, b"".join(chunks)
-
-
-def _replayer(messages: list[Message], receive: Receive) -> Receive:
-    async def replay() -> Message:
-        return messages.pop(0) if messages else await receive()
-
-    return replay
 
 
 def _cut_short(scope: Scope) -> bool:
