@@ -165,7 +165,10 @@ def _premium_after_a_low_backlog(policy: str) -> tuple[dict[str, int], dict[str,
     while scheduler.has_work() or premium:
         if premium and step >= 3:
             seq = premium.pop(0)
-            waiting_at_arrival[seq.request_id] = {s.request_id for s in scheduler.waiting if s.priority == 1}
+            # Never admitted yet (a preempted one waits again, but was admitted before the premium came).
+            waiting_at_arrival[seq.request_id] = {
+                s.request_id for s in scheduler.waiting if s.priority == 1 and s.request_id not in admitted
+            }
             scheduler.add(seq)
         for seq in run_step(scheduler).admitted:
             admitted.setdefault(seq.request_id, len(admitted))
@@ -204,6 +207,35 @@ def test_priority_policy_preempts_the_lowest_priority_newest_first() -> None:
         victims += batch.preempted
     assert victims, "the cache was meant to run out"
     assert all(s.finished for s in low + high)
+
+
+def test_priority_policy_gives_a_more_urgent_arrival_the_seat_of_the_least_urgent_running() -> None:
+    """Every seat taken by low-priority sequences: a premium arrival preempts the newest of the least
+    urgent class on the next step and is admitted in that same step; an equal arrival preempts nothing."""
+    scheduler = Scheduler(
+        BlockManager(512, BLOCK), max_num_seqs=2, max_num_batched_tokens=64, policy="priority"
+    )
+    lows = _classed("low", 3, priority=5, first_token=100, max_tokens=20)
+    scheduler.add(lows[0])
+    scheduler.add(lows[1])
+    run_step(scheduler)
+    scheduler.add(lows[2])  # as urgent as the running ones: waits for a free seat
+    batch = run_step(scheduler)
+    assert not batch.preempted and not batch.admitted
+    premium = _classed("premium", 1, priority=0, first_token=300)[0]
+    scheduler.add(premium)
+    batch = run_step(scheduler)
+    assert [s.request_id for s in batch.preempted] == ["low1"]  # the newest of the least urgent
+    assert [s.request_id for s in batch.admitted] == ["premium0"]
+    assert set(scheduler.running) == {lows[0].seq_id, premium.seq_id}
+    # The same arrivals under fcfs: the premium request waits for a seat.
+    scheduler = Scheduler(BlockManager(512, BLOCK), max_num_seqs=2, max_num_batched_tokens=64)
+    for seq in _classed("low", 2, priority=5, first_token=100, max_tokens=20):
+        scheduler.add(seq)
+    run_step(scheduler)
+    scheduler.add(_classed("premium", 1, priority=0, first_token=300)[0])
+    batch = run_step(scheduler)
+    assert not batch.preempted and not batch.admitted
 
 
 def test_waiting_queues_remove_and_readd_at_scale() -> None:

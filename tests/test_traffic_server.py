@@ -214,6 +214,58 @@ def test_overload_sheds_low_priority_and_premium_still_succeeds(servers):
     assert premium.status_code == 200 and "x-shoal-degraded" not in premium.headers, premium.text
 
 
+@pytest.mark.timeout(60)
+def test_a_premium_arrival_at_a_full_queue_evicts_the_newest_queued_low_priority_request(servers):
+    """max_num_seqs 2, --max-waiting-requests 4. Four low (10) requests: two run, two wait (the fourth
+    degraded). Two premium (0) ones are admitted (waiting 2, then 3) and take the seats of running lows.
+    The third premium finds 4 waiting, which would shed it: instead the newest low request that is still
+    waiting for its first token (low3) is shed with 503, and the premium one takes its place."""
+    guard = servers["guard"]
+    _faults(guard, {"step_delay_s": 0.2})
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, priority: int) -> threading.Thread:
+        def run() -> None:  # low ones run >= 4 s: none ends before all have arrived
+            answers[name] = complete(
+                guard, priority=priority, max_tokens=20 if priority else 4, ignore_eos=True
+            )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    names = [(f"low{i}", 10) for i in range(4)] + [(f"premium{i}", 0) for i in range(3)]
+    threads = []
+    try:
+        # Each arrival once the engine has seen the previous ones, however slow this machine is.
+        for name, priority in names:
+            threads.append(send(name, priority))
+            _wait_for_engine(guard, len(threads))
+        for thread in threads:
+            thread.join(30)
+    finally:
+        _faults(guard, {})
+    status = {name: answers[name].status_code for name, _ in names}
+    assert status == {**{name: 200 for name, _ in names}, "low3": 503}, {
+        n: r.text[:120] for n, r in answers.items()
+    }
+    error = answers["low3"].json()["error"]
+    assert error["code"] == "overloaded" and "shed for more urgent" in error["message"]
+    assert int(answers["low3"].headers["Retry-After"]) >= 1
+
+
+def _wait_for_engine(server: LiveServer, requests: int, timeout_s: float = 10) -> None:
+    """Until the engine holds this many requests, running or waiting (the evicted one leaves at once)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+        if sum(sum(metric_samples(text, name).values()) for name in names) >= min(requests, 6):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the engine never held {requests} requests")
+
+
 def _breaker_state(server: LiveServer) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return metric_samples(text, "shoal:circuit_breaker_state")[""]

@@ -7,6 +7,9 @@ When KV blocks run out, a running sequence is preempted: its blocks are freed an
 waiting queue to be recomputed later (its full blocks usually come back as prefix hits). Under `fcfs`
 the newest running sequence is the victim, and it goes back to the front; under `priority` the least
 urgent (highest priority value), newest first within a class (vLLM's policy; engine/waiting_queue.py).
+Under `priority` a waiting sequence more urgent than a running one also takes its seat when all
+`max_num_seqs` seats are taken (vLLM V0's `_schedule_priority_preemption`): a premium request waits one
+step, not until a low-priority one finishes.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ class Scheduler:
 
     def _victim(self) -> Sequence:
         if self.policy == "priority":
-            return max(self.running.values(), key=priority_key)  # O(running), only when blocks run out
+            return max(
+                self.running.values(), key=priority_key
+            )  # O(running), only when seats or blocks run out
         return next(reversed(self.running.values()))  # the newest: a dict keeps insertion order
 
     def _preempt(self) -> Sequence:
@@ -87,10 +92,22 @@ class Scheduler:
         self.num_preemptions += 1
         return seq
 
+    def _seats_for_urgent(self) -> list[Sequence]:
+        """Under `priority`, with every seat taken: preempt the least urgent running sequences while the
+        most urgent waiting one is strictly more urgent (so equals never preempt each other)."""
+        preempted: list[Sequence] = []
+        if self.policy != "priority":
+            return preempted
+        while self.waiting and self.running and len(self.running) >= self.max_num_seqs:
+            if self.waiting.peek().priority >= self._victim().priority:
+                break
+            preempted.append(self._preempt())
+        return preempted
+
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step), in order
-        preempted: list[Sequence] = []
+        preempted: list[Sequence] = self._seats_for_urgent()
         admitted: list[Sequence] = []
         # Running sequences, oldest first; decodes before unfinished prompt chunks.
         decodes = [seq for seq in self.running.values() if seq.num_uncomputed <= 1]

@@ -30,7 +30,7 @@ from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import Usage
 from shoal.server.request_context import RequestContext, request_context
-from shoal.server.traffic import admit_jobs
+from shoal.server.traffic import admit_jobs, evictable
 
 logger = logging.getLogger("shoal.server")
 T = TypeVar("T")
@@ -332,11 +332,11 @@ async def run_jobs(
         if stream_events is not None:
             ctx.streamed = True
             streams = await unless_disconnected(
-                request, lambda: start(engine, metrics, jobs, ctx, content_filter)
+                request, lambda: evictable(request, start(engine, metrics, jobs, ctx, content_filter))
             )
             return StreamingResponse(stream_events(streams), media_type="text/event-stream")
         return await unless_disconnected(
-            request, lambda: _start_and_collect(engine, metrics, jobs, ctx, content_filter)
+            request, lambda: _start_and_collect(request, engine, metrics, jobs, ctx, content_filter)
         )
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; the engine requests are aborted
@@ -418,10 +418,11 @@ def _arm_timeout(request: Request, ctx: RequestContext, engine: Any, request_ids
 
 
 async def _start_and_collect(
+    request: Request,
     engine: Any,
     metrics: ServerMetrics,
     jobs: list[EngineJob],
     ctx: RequestContext,
     content_filter: ContentFilter | None,
 ) -> list[RequestOutput]:
-    return await collect(await start(engine, metrics, jobs, ctx, content_filter))
+    return await collect(await evictable(request, start(engine, metrics, jobs, ctx, content_filter)))

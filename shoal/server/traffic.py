@@ -7,6 +7,9 @@ Two hooks, because what they need is known at different times:
   estimate, and it adds the `x-ratelimit-*` and `x-shoal-degraded` headers to every answer.
 - `admit_jobs`, called by `generation.run_jobs` once the prompt is tokenized: the prompt-token cap, then
   (`TrafficGuard.admit_jobs`) shedding and degraded mode, and the token-rate limits.
+- `evictable`, around the wait for a request's first outputs: while it waits, a more urgent arrival that
+  would be shed takes its place instead, and it is answered 503 (the lowest priority is shed first, also
+  once queued).
 
 The policies themselves are in `shoal/policy` (caps, ratelimit, shedding, breaker); this module turns
 their verdicts into HTTP answers in OpenAI's error shape.
@@ -14,12 +17,13 @@ their verdicts into HTTP answers in OpenAI's error shape.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -41,6 +45,7 @@ logger = logging.getLogger("shoal.server")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 RATE_LIMIT_CODE = "rate_limit_exceeded"  # OpenAI's code for a 429
 LATENCY_EWMA_ALPHA = 0.2  # weight of the newest request in the mean latency of the queue-wait estimate
+T = TypeVar("T")
 
 
 def caps_of(policy: PolicyConfig | None, max_tokens_cap: int | None, max_n: int | None) -> Caps:
@@ -132,6 +137,10 @@ class Ticket:
     scopes: list[LimitScope]
     headers: dict[str, str] = field(default_factory=dict)
     engine_requests: int = 0  # admitted by admit_jobs: counted in the guard's in-flight total
+    priority: int = 0  # its most urgent engine request's
+    arrival: float = 0.0  # time.monotonic() at admission
+    waiting: asyncio.Future | None = None  # its wait for the first outputs, while it lasts
+    evicted: bool = False
 
 
 def ratelimit_headers(kind: str, quota: Quota | None) -> dict[str, str]:
@@ -194,6 +203,7 @@ class TrafficGuard:
         # The least urgent class's priority: shedding grades the classes between it and the protected ones.
         self.least_urgent = max((c.priority for c in policy.classes.values()), default=None)
         self.inflight = 0  # engine requests admitted and not yet ended
+        self.queued: dict[int, Ticket] = {}  # id -> ticket admitted and waiting for its first outputs
         self.mean_latency_s = 0.0
         self.rejected: Counter | None = None
 
@@ -235,6 +245,8 @@ class TrafficGuard:
     # ---- once tokenized: shedding, degradation, token rate ------------------------------------------
     async def admit_jobs(self, ticket: Ticket, jobs: list[Any]) -> None:
         """Shed, degrade or admit the request's engine requests; raise APIError (503/429) to refuse."""
+        ticket.priority = min(job.priority for job in jobs)
+        ticket.arrival = time.monotonic()
         if self.shedding is not None:
             self._shed_or_degrade(ticket, jobs)
         # Counted before the first await, so that a burst of arrivals sees each other (leave() uncounts).
@@ -256,10 +268,12 @@ class TrafficGuard:
         return Load(waiting, waiting / batch * self.mean_latency_s)
 
     def _shed_or_degrade(self, ticket: Ticket, jobs: list[Any]) -> None:
-        priority = min(job.priority for job in jobs)
+        priority = ticket.priority
         what, why = verdict(self.shedding, self.max_waiting, self.load(), priority, self.least_urgent)
         if what == "shed":
             self._count("shed")
+            if self._evict_less_urgent_than(priority):
+                return  # it takes the place of the one evicted
             raise _unavailable(
                 f"the server is overloaded: {why}; retry later", "overloaded", self.shedding.retry_after_s
             )
@@ -268,6 +282,39 @@ class TrafficGuard:
             for job in jobs:
                 job.params.max_tokens = min(job.params.max_tokens or cap, cap)
             ticket.headers[DEGRADED_HEADER] = f"max_tokens={cap}"
+
+    def _evict_less_urgent_than(self, priority: int) -> bool:
+        """Evict the least urgent queued request, newest first within a class (vLLM's preemption order),
+        if it is less urgent than `priority`. O(queued), only when a request would be shed."""
+        by_urgency = sorted(self.queued.values(), key=lambda t: (t.priority, t.arrival), reverse=True)
+        for victim in by_urgency:
+            if victim.priority <= priority:
+                return False
+            victim.evicted = True
+            if victim.waiting is not None and victim.waiting.cancel():
+                return True
+            victim.evicted = False  # its first outputs came meanwhile: it is no longer waiting
+        return False
+
+    async def evictable(self, ticket: Ticket, first_outputs: Awaitable[T]) -> T:
+        """Await a request's first outputs; if it is evicted meanwhile (its engine requests are then
+        aborted as on a disconnect), raise APIError 503 `overloaded` with Retry-After."""
+        task = asyncio.ensure_future(first_outputs)
+        ticket.waiting = task
+        self.queued[id(ticket)] = ticket
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not ticket.evicted:
+                raise
+            raise _unavailable(
+                "the server is overloaded: this request was shed for more urgent ones; retry later",
+                "overloaded",
+                self.shedding.retry_after_s if self.shedding is not None else 1,
+            ) from None
+        finally:
+            self.queued.pop(id(ticket), None)
+            ticket.waiting = None
 
     # ---- after the response -------------------------------------------------------------------------
     async def leave(self, ticket: Ticket, ctx: RequestContext) -> None:
@@ -321,6 +368,14 @@ class _BreakerCollector:
 
 def ticket_of(request: Request) -> Ticket | None:
     return request.scope.get("state", {}).get("traffic")
+
+
+def evictable(request: Request, first_outputs: Awaitable[T]) -> Awaitable[T]:
+    """first_outputs, evictable by more urgent arrivals when shedding is on (TrafficGuard.evictable)."""
+    guard, ticket = request.app.state.shoal.traffic, ticket_of(request)
+    if guard is None or guard.shedding is None or ticket is None:
+        return first_outputs
+    return guard.evictable(ticket, first_outputs)
 
 
 class TrafficMiddleware:
