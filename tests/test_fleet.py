@@ -202,3 +202,44 @@ def test_a_preloaded_model_that_cannot_load_stops_the_server(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=50)
     assert out.returncode == 1, out.stderr
     assert "a needs 1024 MiB, more than the whole budget" in out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_fallback_when_the_primary_sheds_load(tmp_path):
+    """--max-num-seqs 1 and --max-waiting-requests 1, per model: with one long request running on `busy`
+    and one waiting, the next request to `busy` would be shed (503); its fallback `spare` answers it."""
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        f"  - {{name: busy, source: {TINY_MODEL}, memory: 20MiB, preload: true, fallback: [spare]}}\n"
+        f"  - {{name: spare, source: {TINY_MODEL}, memory: 20MiB, preload: true}}\n"
+    )
+    server = launch_own_server(
+        "fleet-shed",
+        ["--models", str(path), "--memory-budget", "100MiB", "--max-num-seqs", "1", "--max-waiting-requests", "1"],
+    )  # fmt: skip
+    try:
+        wait_ready(server)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            long = {"max_tokens": 480, "ignore_eos": True}
+            backlog = [
+                threading.Thread(target=_complete, args=(client, "busy"), kwargs=long) for _ in range(2)
+            ]
+            for thread in backlog:
+                thread.start()
+
+            def busy_waiting() -> bool:
+                text = client.get("/metrics").text
+                return metric_samples(text, "vllm:num_requests_waiting").get('{model_name="busy"}', 0) >= 1
+
+            assert _until(busy_waiting, 20), "the backlog never built up on busy"
+            shed = _complete(client, "busy")
+            assert shed.status_code == 200, shed.text
+            assert shed.json()["model"] == "spare" and shed.headers["x-shoal-fallback"] == "spare"
+            fallbacks = metric_samples(client.get("/metrics").text, "shoal:model_fallbacks_total")
+            assert fallbacks['{fallback="spare",model_name="busy"}'] == 1
+            for thread in backlog:
+                thread.join(60)
+    finally:
+        server.proc.terminate()
+        server.proc.wait(10)
