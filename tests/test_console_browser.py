@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 try:
@@ -148,7 +147,9 @@ def _stop_a_long_answer(page) -> None:
         timeout=WAIT_MS,
     )
     page.click("#tab-live")
-    page.wait_for_function("() => document.getElementById('live-running').textContent === '1'", timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.getElementById('live-running').textContent === '1'", timeout=WAIT_MS
+    )
     page.click("#tab-playground")
     page.click("#stop")
     page.wait_for_function(

@@ -143,12 +143,10 @@ def _quantization(model_dir: Path | None) -> str | None:
     return quant.get("quant_method") or quant.get("format") or (quant and "yes") or None
 
 
-def quant_eval_file(state: ServerState, name: str, suffix: str) -> Response:
-    """quant_eval.json or .png of the served model, or a 404 that says how to make one."""
-    state.check_model(name)
-    model_dir = _model_dir(state)
+def quant_eval_response(model_dir: Path | None, name: str, suffix: str) -> Response:
+    """quant_eval.json or .png (suffix) from a model's directory, or a 404 that says how to make one."""
     path = model_dir / f"quant_eval{suffix}" if model_dir else None
-    if path is None or not path.exists():
+    if suffix not in (".json", ".png") or path is None or not path.exists():
         return error_response(404, f"no quant_eval{suffix} for {name}: run `shoal quant eval`",
                               code="not_found")  # fmt: skip
     return FileResponse(path)
@@ -203,14 +201,11 @@ async def models(request: Request) -> dict[str, Any]:
     return {"models": [model_view(get_state(request))], "admin": False}
 
 
-@router.get("/models/{name:path}/quant_eval.json")
-async def quant_eval_json(name: str, request: Request) -> Response:
-    return quant_eval_file(get_state(request), name, ".json")
-
-
-@router.get("/models/{name:path}/quant_eval.png")
-async def quant_eval_png(name: str, request: Request) -> Response:
-    return quant_eval_file(get_state(request), name, ".png")
+@router.get("/models/{name:path}/quant_eval{suffix}")
+async def quant_eval(name: str, suffix: str, request: Request) -> Response:
+    state = get_state(request)
+    state.check_model(name)
+    return quant_eval_response(_model_dir(state), name, suffix)
 
 
 @router.get("/deployments")

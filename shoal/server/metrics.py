@@ -31,13 +31,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from shoal import metric_names as mn
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.engine.stats import StepStats
-from shoal.server.recent import RecentActivity
 from shoal.server.metrics_collectors import (
     EngineStatsCollector,
     GpuCollector,
     ProcessResourcesCollector,
     StateCollector,
 )
+from shoal.server.recent import RecentActivity
 from shoal.server.request_context import RequestContext
 from shoal.server.settings import ServerSettings
 

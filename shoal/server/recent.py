@@ -67,7 +67,9 @@ class RecentActivity:
             self._choices.append(ChoiceRecord(time.monotonic(), ttft, tpot, finished))
 
     def on_step(self, step: StepStats) -> None:
-        record = StepRecord(time.monotonic(), step.batch_size, step.num_prefill_tokens, step.num_decode_tokens)
+        record = StepRecord(
+            time.monotonic(), step.batch_size, step.num_prefill_tokens, step.num_decode_tokens
+        )
         with self._lock:
             self._steps.append(record)
 
