@@ -57,14 +57,17 @@ def browser():
 
 @pytest.fixture
 def page(browser, live_server):
-    """A fresh tab (no key stored) whose every request URL is recorded in page.requested."""
+    """A fresh tab (no key stored) whose every request URL is recorded in page.requested; an uncaught
+    script error fails the test."""
     context = browser.new_context(viewport={"width": 1100, "height": 760})
     page = context.new_page()
-    page.requested = []
+    page.requested, page.errors = [], []
     page.on("request", lambda request: page.requested.append(request.url))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))  # uncaught script errors
     page.goto(live_server.url + "/ui/")
     yield page
     context.close()
+    assert page.errors == []
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +175,11 @@ def test_without_a_key_the_page_says_401_and_with_one_it_works(page, live_server
     page.wait_for_function("() => document.getElementById('phase').textContent === 'ready'", timeout=WAIT_MS)
     assert alert.is_hidden()
     assert page.eval_on_selector("#model", "s => s.value") == live_server.model
+    page.click("#tab-models")
+    page.locator("#models-table tbody th", has_text=live_server.model).wait_for(timeout=WAIT_MS)
+    assert "float32" in page.text_content("#models-table tbody")
+    page.click("#tab-deployments")
+    page.locator("#deployments-body", has_text="--gateway-url").wait_for(timeout=WAIT_MS)
     _only_the_server(page, live_server.url)
 
 

@@ -35,6 +35,7 @@ from shoal.server.state import ServerState, get_state
 
 UI_DIR = Path(__file__).parent / "ui"
 RATE_WINDOW_S = 30.0  # request, error and timeout rates: over the reads of the last half minute
+MAX_READS = 256  # however often the page is polled (many tabs), the history stays small
 GATEWAY_TOKEN_ENV = "SHOAL_GATEWAY_ADMIN_TOKEN"  # the gateway's admin_token, when it has one
 GATEWAY_TIMEOUT_S = 3.0
 # 'self' only: the page cannot reach another host even by mistake (point 4 of issue 24).
@@ -61,7 +62,7 @@ class ScrapeHistory:
 
     def __init__(self, window_s: float = RATE_WINDOW_S):
         self._window_s = window_s
-        self._reads: deque[Scrape] = deque()
+        self._reads: deque[Scrape] = deque(maxlen=MAX_READS)
 
     def push(self, scrape: Scrape) -> Scrape:
         """Keep scrape; return the oldest read still in the window (scrape itself on the first read)."""
