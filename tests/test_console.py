@@ -18,19 +18,13 @@ import httpx
 import pytest
 import yaml
 
+from shoal.bench.serve_compare import die_with_parent, free_port
 from shoal.server.recent import RecentActivity, nearest_rank
 
 try:
-    from server_fixture import REPO, SERVED_NAME, TINY_MODEL, _die_with_parent, _free_port, live_server  # noqa: F401
+    from server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server  # noqa: F401 - fixture
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import (  # type: ignore[no-redef]  # noqa: F401
-        REPO,
-        SERVED_NAME,
-        TINY_MODEL,
-        _die_with_parent,
-        _free_port,
-        live_server,
-    )
+    from tests.server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server  # type: ignore[no-redef]  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 DATA_ROUTES = ("/ui/api/info", "/ui/api/live", "/ui/api/models", "/ui/api/deployments")
@@ -153,7 +147,7 @@ def test_no_ui_turns_the_console_off():
 @pytest.fixture
 def gateway(live_server, tmp_path):
     """`shoal gateway` with one model whose one version is the live server."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
         yaml.safe_dump({"models": {"tales": {"versions": {"v1": {"backends": [live_server.url]}}}}})
@@ -161,7 +155,7 @@ def gateway(live_server, tmp_path):
     cmd = [sys.executable, "-m", "shoal.gateway", "--config", str(config), "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)  # fmt: skip
+                            preexec_fn=die_with_parent)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
