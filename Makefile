@@ -13,7 +13,7 @@ else
 MODEL ?= HuggingFaceTB/SmolLM2-135M-Instruct
 endif
 
-.PHONY: venv models serve test lint format bench bench-quant clean
+.PHONY: venv models browser serve test lint format bench bench-quant clean
 
 venv: $(BIN)/.installed
 
@@ -41,7 +41,14 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: models lint
+# The console's browser tests (tests/test_console_browser.py) drive Debian's chromium through playwright
+# (no browser download): installed here where missing, when root with apt-get; elsewhere they skip.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+	fi
+
+test: models lint browser
 	SHOAL_TEST_MODELS=$(abspath $(MODELS_DIR)) $(BIN)/pytest
 
 bench: models

@@ -265,6 +265,16 @@ def serve(
             "Replaces --model and --served-model-name; the other flags apply to every model.",
         ),
     ] = None,
+    no_ui: Annotated[
+        bool, typer.Option("--no-ui", help="Turn off the operator console at /ui (docs/console.md).")
+    ] = False,
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The gateway whose deployments the console shows (its /admin/* endpoints; the admin "
+            "token, if any, in env SHOAL_GATEWAY_ADMIN_TOKEN).",
+        ),
+    ] = None,
     memory_budget: Annotated[
         str | None,
         typer.Option(
@@ -322,6 +332,8 @@ def serve(
             cost_per_hour=cost_per_hour,
             otlp_traces_endpoint=otlp_traces_endpoint or None,
             log_prompts=log_prompts,
+            ui=not no_ui,
+            gateway_url=gateway_url,
         )
         health = HealthPolicy(engine_hang_timeout or None, max_consecutive_step_failures)
         thread_choice = choose_threads(threads)

@@ -40,11 +40,13 @@ class Scrape:
     @classmethod
     def parse(cls, text: str, at: float | None = None) -> Scrape:
         """Parse the Prometheus text format (ValueError if it is not)."""
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return cls(samples, time.monotonic() if at is None else at)
+        return cls(_samples(text_string_to_metric_families(text)), time.monotonic() if at is None else at)
+
+    @classmethod
+    def of_registry(cls, registry) -> Scrape:
+        """The samples of a prometheus_client CollectorRegistry, read in-process (what /metrics would
+        render, without the text round trip)."""
+        return cls(_samples(registry.collect()))
 
     def total(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
@@ -63,6 +65,10 @@ class Scrape:
     def minus(self, earlier: Scrape) -> Scrape:
         """The increase of every sample since `earlier` (meaningful for counters and histograms)."""
         return Scrape({k: v - earlier.samples.get(k, 0.0) for k, v in self.samples.items()}, self.at)
+
+
+def _samples(families) -> dict[tuple[str, LabelSet], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
 
 
 def fetch(url: str, timeout: float = 10.0) -> Scrape:

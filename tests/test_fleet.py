@@ -161,6 +161,27 @@ def test_admin_api_is_protected_and_loads_unloads_with_per_request_keep_alive(fl
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.timeout(60)
+def test_console_lists_the_registry_and_reads_a_loaded_models_live_view(fleet):
+    """The console of a fleet (shoal/fleet/console.py): read-only, so the other tests' states hold."""
+    no_key = {"Authorization": ""}
+    assert fleet.get("/ui/", headers=no_key).status_code == 200  # the page: public
+    assert fleet.get("/ui/api/models", headers=no_key).status_code == 401  # its data: the /v1 rule
+    info = fleet.get("/ui/api/info").json()
+    assert info["kind"] == "fleet" and "stories@v1" in info["models"] and "big" in info["models"]
+    body = fleet.get("/ui/api/models").json()
+    assert body["admin"] is True
+    views = {m["id"]: m for m in body["models"]}
+    assert views["stories@v1"]["state"] == "loaded" and views["stories@v1"]["pinned"] is True
+    assert views["stories@v1"]["memory_bytes"] == 40 << 20
+    assert views["stories@v1"]["keep_alive_left_s"] is None  # pinned: never unloaded for idleness
+    assert _complete(fleet, "stories@v1").status_code == 200
+    live = fleet.get("/ui/api/live", params={"model": "stories@v1"}).json()
+    assert live["model"] == "stories@v1" and live["ready"] is True and live["totals"]["requests"] >= 1
+    not_loaded = fleet.get("/ui/api/live", params={"model": "broken"})
+    assert not_loaded.status_code == 409 and "not loaded" in not_loaded.json()["error"]["message"]
+
+
 BAD_CONFIGS = {
     "fallback 'ghost' is not a registered model": "- {{name: a, source: {src}, fallback: [ghost]}}",
     "unknown model": "- {{name: a, source: /nonexistent/model-dir}}",

@@ -77,3 +77,24 @@ def test_gateway_never_imports_torch_engine_or_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"shoal.gateway imports {out.stdout}"
+
+
+@pytest.mark.timeout(10)
+def test_console_page_ships_as_package_data_and_names_no_other_host():
+    """The console (shoal/server/ui/) is plain files: declared package data (a wheel or an image has
+    them), with no URL of another host (no CDN): the page talks only to the server that serves it."""
+    import re
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    declared = re.search(r'^"shoal.server" = \[(.*)\]', (repo / "pyproject.toml").read_text(), re.M)
+    assert declared, "pyproject.toml: no package data for shoal.server"
+    patterns = re.findall(r'"([^"]+)"', declared.group(1))
+    ui = repo / "shoal" / "server" / "ui"
+    files = [p for p in ui.iterdir() if p.is_file()]
+    assert {"index.html", "console.js", "console.css"} <= {p.name for p in files}
+    for path in files:
+        relative = path.relative_to(repo / "shoal" / "server").as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in patterns), relative
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", path.read_text()), path.name

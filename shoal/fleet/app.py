@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import shoal
+from shoal.fleet.console import add_console
 from shoal.fleet.manager import LoadFailed, ModelManager, NoRoom, Slot
 from shoal.fleet.routing import Router
 from shoal.policy.auth import Authenticator
@@ -59,7 +60,7 @@ class FleetLifecycle:
 
 
 OWN_PATHS = frozenset({"/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json"})
-OWN_PREFIXES = ("/v1/models", "/v1/admin/")
+OWN_PREFIXES = ("/v1/models", "/v1/admin/", "/ui")  # /ui: the console (shoal/fleet/console.py)
 
 
 class FleetApp:
@@ -102,6 +103,7 @@ def build_fleet_app(manager: ModelManager, settings: ServerSettings) -> Any:
     app.state.fleet = lifecycle
     _add_info_routes(app, manager, lifecycle, created)
     _add_admin_routes(app, manager)
+    add_console(app, manager, settings)
     router = Router(manager, settings.request_timeout_s, settings.max_request_bytes)
     fleet = FleetApp(app, _gate(router, lifecycle))
     if not (settings.api_key or (settings.policy and settings.policy.auth)):

@@ -1,9 +1,9 @@
 """Authentication: who is calling, from `Authorization: Bearer <credential>` (RFC 6750).
 
 A credential is one of: the server's single `--api-key`; a key from the key file (keys.py); a JWT
-(jwt_auth.py). Every path needs one except the probes (`/health`, `/ready`, `/version`) and, unless
-`protect_metrics`, `/metrics`: deny by default, so that `/tokenize`, `/docs` and any future route are
-covered without a list to keep up to date.
+(jwt_auth.py). Every path needs one except the probes (`/health`, `/ready`, `/version`), the console's
+static files (`/ui/...` but not `/ui/api/...`) and, unless `protect_metrics`, `/metrics`: deny by
+default, so that `/tokenize`, `/docs` and any future route are covered without a list to keep up to date.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class AuthFailure(Exception):
 def needs_auth(path: str, protect_metrics: bool) -> bool:
     if path == "/metrics":
         return protect_metrics
+    if path == "/ui" or (path.startswith("/ui/") and not path.startswith("/ui/api/")):
+        return False  # the console's static files: public, no data (its data is under /ui/api/)
     return path not in OPEN_PATHS
 
 

@@ -21,7 +21,7 @@ from shoal.policy.auth import Authenticator, needs_auth
 from shoal.policy.config import PolicyConfig
 from shoal.policy.content_filter import ContentFilter
 from shoal.policy.response_cache import ResponseCache
-from shoal.server import chat, completions, debug, info, tokens
+from shoal.server import chat, completions, console, debug, info, tokens
 from shoal.server.access_log import AccessLog
 from shoal.server.auth import AuthMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
@@ -97,6 +97,10 @@ def build_app(
     install_error_handlers(app)
     for module in (completions, chat, info, tokens, debug):
         app.include_router(module.router)
+    if settings.ui:
+        state.console_history = console.ScrapeHistory()
+        app.include_router(console.router)
+        console.mount_static(app)
     # Starlette wraps the last one added outermost: the key check runs before the body is read, and
     # unexpected errors are answered innermost, inside every other middleware.
     app.add_middleware(UnexpectedErrorMiddleware)

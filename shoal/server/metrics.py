@@ -37,6 +37,7 @@ from shoal.server.metrics_collectors import (
     ProcessResourcesCollector,
     StateCollector,
 )
+from shoal.server.recent import RecentActivity
 from shoal.server.request_context import RequestContext
 from shoal.server.settings import ServerSettings
 
@@ -96,6 +97,7 @@ class ServerMetrics:
         self._slo_tpot = settings.slo_tpot_ms / 1000 if settings.slo_tpot_ms else None
         self._cost_per_second = settings.cost_per_hour / 3600 if settings.cost_per_hour else None
         self.registry = r = CollectorRegistry()
+        self.recent = RecentActivity()  # the console's last minutes, from the same observations
         ProcessCollector(registry=r)
         for collector in (
             EngineStatsCollector(engine, model),
@@ -164,6 +166,7 @@ class ServerMetrics:
         self.iteration_tokens.observe(step.num_prefill_tokens + step.num_decode_tokens)
         self.batch_size.observe(step.batch_size)
         self.step_seconds.observe(step.step_seconds)
+        self.recent.on_step(step)
 
     def on_request_end(self, ctx: RequestContext) -> None:
         """After an HTTP response is sent: its error status and timeout."""
@@ -280,6 +283,7 @@ class RequestTracker:
             for earlier, later in itertools.pairwise(times):
                 m.itl.observe(later - earlier)
         m.judge_slo(ttft, tpot, o.finish_reason in ("stop", "length"))
+        m.recent.on_choice(ttft, tpot, o.finish_reason in ("stop", "length"))
 
 
 class _NullTracker:

@@ -46,6 +46,10 @@ class ServerSettings:
     otlp_traces_endpoint: str | None = None
     # Put each request's prompt text in its access log line (off: prompts may hold personal data).
     log_prompts: bool = False
+    # The operator console at /ui (shoal/server/console.py); --no-ui turns it off.
+    ui: bool = True
+    # --gateway-url: where the console reads the gateway's deployments (its /admin/* endpoints).
+    gateway_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

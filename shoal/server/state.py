@@ -31,6 +31,7 @@ class ServerState:
     content_filter: Any = None  # policy.content_filter.ContentFilter with a content_filter policy
     caps: Caps = field(default_factory=lambda: Caps(InputLimits()))  # input limits: always on
     traffic: Any = None  # traffic.TrafficGuard when a rate limit, shedding or the breaker is configured
+    console_history: Any = None  # console.ScrapeHistory: the live view's recent registry reads
 
     @property
     def model_name(self) -> str:
