@@ -196,6 +196,8 @@ def secure(tmp_path_factory):
             "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": jwks.url, "class_claim": "tier"},
         },
         "audit": {"file": str(audit_file)},
+        # With --max-num-seqs 1: standard is shed at 1 waiting request, premium at 2.
+        "shedding": {"max_waiting_requests": 2, "low_priority_share": 0.5},
     }
     (tmp / "policy.yaml").write_text(json.dumps(policy))  # JSON is YAML
     server = launch_own_server(
@@ -206,6 +208,8 @@ def secure(tmp_path_factory):
             "--scheduling-policy",
             "priority",
             "--record-schedule",
+            "--max-num-seqs",
+            "1",
             "--ssl-certfile",
             pki.server[0],
             "--ssl-keyfile",
@@ -473,7 +477,7 @@ def test_tenants_never_hit_each_others_prefix_cache_blocks(secure):
 
 
 def _hits(client: httpx.Client) -> float:
-    return sum(metric_samples(client.get("/metrics").text, "vllm:prefix_cache_hits_total").values())
+    return _gauge(client, "vllm:prefix_cache_hits_total")
 
 
 # --- acceptance 7, live: the server's own log verifies -----------------------------------------------
@@ -532,3 +536,42 @@ def test_serve_stops_before_loading_without_the_audit_key(tmp_path):
         env=env,
     )
     assert out.returncode != 0 and "SHOAL_AUDIT_KEY" in out.stderr, out.stderr[-2000:]
+
+
+# --- shedding by class, before the body ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_class_shed_at_this_load_is_refused_before_its_body_is_read(secure):
+    """One long premium request runs and one waits: standard (shed at 1 waiting) is refused with 503
+    before its body is read, so an unparsable body gets 503, not 400; premium (shed at 2) is still parsed."""
+    statuses: list[int] = []
+
+    def long_premium() -> None:
+        with secure.client(secure.key("premium_a")) as c:
+            statuses.append(complete(c, max_tokens=480, ignore_eos=True).status_code)
+
+    threads = [threading.Thread(target=long_premium) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    garbage = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+    try:
+        with secure.client(secure.key("b")) as c:
+            deadline = time.monotonic() + 20
+            while _gauge(c, "vllm:num_requests_waiting") < 1:
+                assert time.monotonic() < deadline, "the premium backlog never built up"
+                time.sleep(0.02)
+            standard = c.post("/v1/completions", **garbage)
+        with secure.client(secure.key("premium_a")) as c:
+            premium = c.post("/v1/completions", **garbage)
+    finally:
+        for thread in threads:
+            thread.join(60)
+    assert standard.status_code == 503 and standard.json()["error"]["code"] == "overloaded", standard.text
+    assert int(standard.headers["Retry-After"]) >= 1
+    assert premium.status_code == 400, premium.text
+    assert statuses == [200, 200]
+
+
+def _gauge(client: httpx.Client, name: str) -> float:
+    return sum(metric_samples(client.get("/metrics").text, name).values())

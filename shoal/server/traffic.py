@@ -2,7 +2,8 @@
 
 Two hooks, because what they need is known at different times:
 - `TrafficMiddleware` (pure ASGI, around the generation routes) runs before the body is read: the circuit
-  breaker (503 while open) and the request-rate limits (429). When the response has been sent in full it
+  breaker (503 while open), the request-rate limits (429), and, with priority classes, shedding of a
+  class that is shed at this load (so that refusing a spike costs no parsing or tokenizing). When the response has been sent in full it
   records the request's completion tokens, its outcome for the breaker and its latency for the queue-wait
   estimate, and it adds the `x-ratelimit-*` and `x-shoal-degraded` headers to every answer.
 - `admit_jobs`, called by `generation.run_jobs` once the prompt is tokenized: the prompt-token cap, then
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shoal.policy.breaker import CircuitBreaker
 from shoal.policy.caps import CapExceeded, Caps, InputLimits
 from shoal.policy.config import PolicyConfig
+from shoal.policy.identity import ANONYMOUS
 from shoal.policy.ratelimit import Decision, Quota, RequestLimiter, TokenCounter, scopes_of
 from shoal.policy.ratelimit import Scope as LimitScope
 from shoal.policy.shedding import DEGRADED_HEADER, Load, SheddingPolicy, verdict
@@ -230,6 +232,9 @@ class TrafficGuard:
                 self._count("rate_limit_requests")
                 return None, too_many("requests", decision, self.window_s)
             ticket.headers.update(ratelimit_headers("requests", decision.quota))
+        refusal = self._shed_before_body(ctx)
+        if refusal is not None:
+            return None, refusal
         # After the rate limit: a half-open breaker's probe must be a request that reaches the engine.
         if self.breaker is not None:
             wait = self.breaker.allow()
@@ -241,6 +246,23 @@ class TrafficGuard:
                     wait,
                 )
         return ticket, None
+
+    def _shed_before_body(self, ctx: RequestContext) -> APIError | None:
+        """With priority classes, the caller's class is the most urgent its request can be (a floor):
+        if that is shed at this load and there is no less urgent request queued to evict, refuse now."""
+        if self.shedding is None or not self.policy.classes:
+            return None
+        priority = self.policy.priority_of((ctx.identity or ANONYMOUS).priority_class)
+        what, why = verdict(self.shedding, self.max_waiting, self.load(), priority, self.least_urgent)
+        if what != "shed" or any(t.priority > priority for t in self.queued.values()):
+            return None
+        self._count("shed")
+        return self._overloaded(why)
+
+    def _overloaded(self, why: str) -> APIError:
+        return _unavailable(
+            f"the server is overloaded: {why}; retry later", "overloaded", self.shedding.retry_after_s
+        )
 
     # ---- once tokenized: shedding, degradation, token rate ------------------------------------------
     async def admit_jobs(self, ticket: Ticket, jobs: list[Any]) -> None:
@@ -274,9 +296,7 @@ class TrafficGuard:
             self._count("shed")
             if self._evict_less_urgent_than(priority):
                 return  # it takes the place of the one evicted
-            raise _unavailable(
-                f"the server is overloaded: {why}; retry later", "overloaded", self.shedding.retry_after_s
-            )
+            raise self._overloaded(why)
         if what == "degrade":
             cap = self.shedding.degraded_max_tokens
             for job in jobs:
