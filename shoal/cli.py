@@ -71,6 +71,15 @@ def serve(
         int | None, typer.Option(help="CPU: bytes for the KV cache (default: a share of free RAM).")
     ] = None,
     block_size: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 16,
+    tensor_parallel_size: Annotated[
+        int,
+        typer.Option(
+            "--tensor-parallel-size",
+            "-tp",
+            help="Split every layer over N ranks (N-1 worker processes; gloo on CPU, NCCL on CUDA, one GPU a "
+            "rank). N must divide the attention and KV head counts (docs/parallelism.md). vLLM's flag.",
+        ),
+    ] = 1,
     no_prefix_caching: Annotated[
         bool, typer.Option("--no-prefix-caching", help="Do not reuse the KV cache of shared prompt prefixes.")
     ] = False,
@@ -307,6 +316,7 @@ def serve(
         scheduling_policy=scheduling_policy,
         record_schedule=record_schedule,
         load_format=load_format,
+        tensor_parallel_size=tensor_parallel_size,
     )
     try:
         config.validate()

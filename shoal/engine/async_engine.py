@@ -129,6 +129,8 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self.engine is not None and not (self._thread is not None and self._thread.is_alive()):
+            self.engine.close()  # a step still running keeps its workers: they go at interpreter exit
 
     # ---- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:

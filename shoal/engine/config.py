@@ -26,6 +26,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority (vLLM's --scheduling-policy)
     record_schedule: bool = False  # StepStats.scheduled: who ran in each step (tests, GET /debug/schedule)
     load_format: str = "auto"  # auto | mmap (weights stay mapped in the safetensors file, checkpoint dtype)
+    tensor_parallel_size: int = 1  # ranks each holding 1/N of every layer (docs/parallelism.md)
 
     def validate(self) -> None:
         checks = {
@@ -34,6 +35,7 @@ class EngineConfig:
             "max_model_len": self.max_model_len,
             "block_size": self.block_size,
             "kv_cache_memory": self.kv_cache_memory,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
         for name, value in checks.items():
             if value is not None and value < 1:
@@ -48,3 +50,12 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or mmap, got {self.load_format!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.tensor_parallel_size > 1:
+            self._validate_tensor_parallel()
+
+    def _validate_tensor_parallel(self) -> None:
+        """What does not combine with tensor parallelism yet (the model's own limits are checked at load)."""
+        unsupported = {"compile": self.compile, "load_format mmap": self.load_format == "mmap"}
+        for name, on in unsupported.items():
+            if on:
+                raise ValueError(f"{name} is not supported with tensor_parallel_size > 1")

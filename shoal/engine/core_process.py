@@ -205,6 +205,7 @@ def run_core(config: EngineConfig, input_address: str, output_address: str, faul
         )
     )
     _loop(EngineCore(engine, faults), inbox, outbox, encoder)
+    engine.close()
     context.destroy(linger=1000)
 
 

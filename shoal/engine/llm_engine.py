@@ -19,6 +19,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import ScheduledBatch, Scheduler
 from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
+from shoal.engine.tp_worker import TensorParallelRunner, TensorParallelWorkers
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
 from shoal.model.hub import resolve_model_path
@@ -44,8 +45,14 @@ class LLMEngine:
         self.dtype = self._dtype(model_cfg.dtype, mmap)
         self._resolve_limits(model_cfg)
         t0 = time.monotonic()
+        self.workers = self._start_workers(model_cfg)
         self.model, self.model_config = load_model(
-            self.model_path, self.dtype, self.device, config.max_model_len, mmap=mmap
+            self.model_path,
+            self.dtype,
+            self.device,
+            config.max_model_len,
+            mmap=mmap,
+            tp=self.workers.group if self.workers else None,
         )
         self.load_seconds = time.monotonic() - t0
         template = Path(config.chat_template).read_text() if config.chat_template else None
@@ -53,9 +60,19 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.model_path)
         self.eos_token_ids = self._eos_ids()
         num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(
-            self.model, num_blocks, config.block_size, self.device, self.dtype, compile_decode=config.compile
-        )
+        if self.workers is not None:
+            self.runner = TensorParallelRunner(
+                self.workers, self.model, num_blocks, config.block_size, self.device, self.dtype
+            )
+        else:
+            self.runner = ModelRunner(
+                self.model,
+                num_blocks,
+                config.block_size,
+                self.device,
+                self.dtype,
+                compile_decode=config.compile,
+            )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -82,6 +99,26 @@ class LLMEngine:
         if slow:
             log.warning(slow)
         return dtype
+
+    def _start_workers(self, model_cfg) -> TensorParallelWorkers | None:
+        """With tensor_parallel_size N > 1: ranks 1..N-1 as worker processes (ValueError first if the model
+        does not split into N), this process being rank 0."""
+        c = self.config
+        if c.tensor_parallel_size == 1:
+            return None
+        return TensorParallelWorkers.start(
+            c.tensor_parallel_size,
+            self.model_path,
+            model_cfg,
+            self.dtype,
+            self.device,
+            c.max_model_len,
+            c.block_size,
+        )
+
+    def close(self) -> None:
+        """Stop what the engine started outside this process (tensor-parallel workers); idempotent."""
+        self.runner.close()
 
     def _resolve_limits(self, model_cfg) -> None:
         c, limit = self.config, model_cfg.max_position_embeddings
@@ -151,6 +188,7 @@ class LLMEngine:
             "max_concurrent_full_length_seqs": round(tokens / c.max_model_len, 2),
             "prefix_caching": c.enable_prefix_caching,
             "chunked_prefill": c.enable_chunked_prefill,
+            "tensor_parallel_size": c.tensor_parallel_size,
         }
 
     # ---- requests -----------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ class ModelRunner:
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         return list(logits.split([len(w) for w in inp.logit_rows]))
 
+    def close(self) -> None:
+        """Release what outlives the runner (tensor-parallel workers, engine/tp_worker.py); nothing here."""
+
 
 def _compile(model: Transformer):
     """torch.compile of the whole forward: on CPU this fuses the ~25 small eager ops per layer into a few

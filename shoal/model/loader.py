@@ -27,6 +27,8 @@ from shoal.model.device import available_ram
 from shoal.model.packed_linear import pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.split_linear import SplitLinear
+from shoal.model.tensor_parallel import check_tensor_parallel, local_config, parallelize, shard
+from shoal.model.tp_group import TPGroup
 from shoal.model.transformer import Transformer
 from shoal.quant.format import TENSOR_SUFFIXES, decompress
 from shoal.quant.fp8 import FP8Linear
@@ -109,16 +111,22 @@ def load_model(
     for_compile: bool = False,
     pack: bool = True,
     mmap: bool = False,
+    tp: TPGroup | None = None,
 ):
     """Build the Transformer on the meta device, then fill every parameter from the checkpoint.
     pack=False keeps plain nn.Linear modules on CPU too (calibration rewrites their weights).
     mmap=True (`--load-format mmap`) leaves every weight a view of the safetensors mapping: no fused, cast
-    or packed copy (fused linears become SplitLinear; dtype must be the checkpoint's)."""
+    or packed copy (fused linears become SplitLinear; dtype must be the checkpoint's).
+    tp: this rank's tensor-parallel group; the model then holds only the rank's slice of every layer
+    (model/tensor_parallel.py) and model.config its local shapes, while the returned config stays the
+    checkpoint's. ValueError for a model the group's size cannot split."""
     cfg: ModelConfig = load_config(model_dir)
     if mmap and cfg.quantization is not None:
         raise WeightLoadError(f"{model_dir}: --load-format mmap serves unquantized checkpoints only")
+    size = tp.world_size if tp is not None else 1
+    check_tensor_parallel(cfg, size)
     with torch.device("meta"):
-        model = Transformer(cfg, max_positions)
+        model = Transformer(local_config(cfg, size) if tp is not None else cfg, max_positions)
     source = _TensorSource(_safetensors_files(model_dir))
     used: set[str] = set()
     if isinstance(cfg.quantization, UpstreamQuantization):
@@ -130,6 +138,8 @@ def load_model(
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         tensors = [source.get(n) for n in names]
+        if tp is not None:
+            tensors = [shard(name, t, tp.rank, size) for t in tensors]
         used.update(names)
         _check_shape(names[0], tensors, param)
         if mmap and len(tensors) > 1:
@@ -145,6 +155,8 @@ def load_model(
         raise WeightLoadError(
             f"checkpoint has tensors this architecture does not use, e.g. {unexpected[0]!r}"
         )
+    if tp is not None:
+        parallelize(model, tp, cfg.vocab_size)
     with torch.device(device):
         model.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling

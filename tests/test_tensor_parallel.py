@@ -1,0 +1,169 @@
+"""Tensor parallelism on CPU (gloo, 2 processes) gives the tokens of one process.
+
+1. Greedy parity: an engine with tensor_parallel_size=2 (this process as rank 0, one worker process)
+   generates, for several prompts arriving staggered (so steps mix prompt chunks and decodes), the greedy
+   tokens of a tensor_parallel_size=1 engine, on stories260K (8 heads, 4 KV heads) and on the tiny random
+   Llama (4 heads, 2 KV heads, biases on every linear: the row-parallel bias must be added once). The
+   near-tie rule of test_model_parity applies with the TP=1 engine as the reference: every TP=2 token is
+   TP=1's argmax teacher-forced on TP=2's own prefix, or within twice the measured max |logit diff|
+   between the two engines (tiny_models.check_greedy / tie_margin).
+2. A model whose head counts N does not divide is a ValueError naming both numbers, raised before any
+   worker process starts; so are quantized checkpoints, --compile and --load-format mmap.
+3. Workers stop cleanly with engine.close() (exit code 0), and die with rank 0 when it is killed.
+4. `shoal serve --tensor-parallel-size 2` starts and answers a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tiny_models import check_greedy, make_engine, tie_margin
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.sampling_params import SamplingParams
+from shoal.model.config import load_config
+from shoal.model.tensor_parallel import check_tensor_parallel
+from shoal.model.tokenizer import Tokenizer
+
+try:
+    from server_fixture import launch_own_server, wait_ready
+except ImportError:
+    from tests.server_fixture import launch_own_server, wait_ready
+
+NEW_TOKENS = 24
+STAGGER = [0, 1, 3, 6]
+STORIES_TEXTS = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
+    "Tom had a big red ball.",
+    "One day, a cat and a dog went to the forest to find a tree with apples. The dog was happy and",
+    "The sun was hot.",
+)
+ENGINE_ARGS = dict(kv_tokens=2048, max_model_len=512, max_num_batched_tokens=24)
+
+
+class EngineReference:
+    """tiny_models.Reference's interface over a shoal engine: teacher-forced logits of the TP=1 engine."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.checked = engine, {}
+
+    def logits(self, token_ids: list[int]):
+        return self.engine.prompt_logits(token_ids)
+
+
+def _prompts(name: str, stories_dir: Path, test_prompts: dict[str, list[int]]) -> list[list[int]]:
+    if name == "stories":
+        tok = Tokenizer(stories_dir)
+        return [tok.encode(t) for t in STORIES_TEXTS]
+    return [test_prompts[label] for label in ("short", "french", "code", "chat")]
+
+
+def _greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in engine.generate(prompts, params, arrival_steps=STAGGER)]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("name", ["stories", "llama3"])
+def test_tp2_greedy_tokens_match_tp1(name, stories_dir, tiny_model_dirs, test_prompts):
+    model_dir = stories_dir if name == "stories" else tiny_model_dirs["llama3"]
+    prompts = _prompts(name, stories_dir, test_prompts)
+    one = make_engine(model_dir, **ENGINE_ARGS)
+    two = make_engine(model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        # The worker holds half of every layer: half the heads, half the KV heads in its cache.
+        assert two.runner.kv_caches[0][0].shape[1] == one.runner.kv_caches[0][0].shape[1] // 2
+        diff = max(float((two.prompt_logits(p) - one.prompt_logits(p)).abs().max()) for p in prompts)
+        margin = tie_margin(diff)
+        outputs = _greedy(two, prompts)
+        ref = EngineReference(one)
+        ties = [
+            t
+            for p, out in zip(prompts, outputs, strict=True)
+            for t in check_greedy(ref, p, out, margin, name)
+        ]
+        print(f"{name}: max |logit diff| TP=2 vs TP=1 {diff:.2e}, near-ties {len(ties)}")
+        if not ties:
+            assert outputs == _greedy(one, prompts)
+        workers = two.workers.procs
+    finally:
+        two.close()
+    assert [p.returncode for p in workers] == [0], "workers must leave their loop and exit cleanly"
+
+
+@pytest.mark.timeout(30)
+def test_indivisible_head_counts_are_a_clear_error_before_any_worker(stories_dir, monkeypatch):
+    spawned = []
+    monkeypatch.setattr("shoal.engine.tp_worker._spawn", lambda *a: spawned.append(a))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*num_attention_heads=8"):
+        LLMEngine(EngineConfig(model=str(stories_dir), tensor_parallel_size=3, kv_cache_memory=1 << 20))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 .*num_key_value_heads=4"):
+        LLMEngine(EngineConfig(model=str(stories_dir), tensor_parallel_size=8, kv_cache_memory=1 << 20))
+    assert spawned == []
+
+
+def test_unsupported_combinations_are_clear_errors(stories_dir):
+    cfg = load_config(stories_dir)
+    with pytest.raises(ValueError, match="quantized checkpoints .* not supported with tensor parallelism"):
+        check_tensor_parallel(dataclasses.replace(cfg, quantization=object()), 2)
+    for flags in ({"compile": True}, {"load_format": "mmap"}):
+        with pytest.raises(ValueError, match="not supported with tensor_parallel_size > 1"):
+            EngineConfig(model="m", tensor_parallel_size=2, **flags).validate()
+    with pytest.raises(ValueError, match="tensor_parallel_size must be positive"):
+        EngineConfig(model="m", tensor_parallel_size=0).validate()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_serve_with_tensor_parallel_answers_and_workers_die_with_the_engine():
+    server = launch_own_server("tp2", ["--tensor-parallel-size", "2"])
+    wait_ready(server)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": server.model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"]
+    (core,) = [p for p in _children(server.proc.pid) if "spawn_main" in _cmdline(p)]
+    (worker,) = [p for p in _children(core) if "shoal.engine.tp_worker" in _cmdline(p)]
+    os.kill(core, signal.SIGKILL)  # rank 0 dies without a word: its worker must not outlive it
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived its engine"
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
