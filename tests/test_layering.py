@@ -25,6 +25,7 @@ def test_engine_and_model_import_no_server_stack():
         "import sys\n"
         "import shoal.engine.async_engine, shoal.engine.llm_engine, shoal.model.loader\n"
         "import shoal.engine.core_client, shoal.engine.core_process\n"
+        "import shoal.engine.tp_worker, shoal.model.tensor_parallel, shoal.model.tp_group\n"
         f"print(sorted(m for m in {SERVER_STACK!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

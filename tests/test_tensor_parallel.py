@@ -23,14 +23,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from tiny_models import check_greedy, make_engine, tie_margin
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sampling_params import SamplingParams
+from shoal.kernels import fused_ops
 from shoal.model.config import load_config
 from shoal.model.tensor_parallel import check_tensor_parallel
 from shoal.model.tokenizer import Tokenizer
+from shoal.model.transformer import Attention, RotaryEmbedding
 
 try:
     from server_fixture import launch_own_server, wait_ready
@@ -118,6 +121,25 @@ def test_unsupported_combinations_are_clear_errors(stories_dir):
             EngineConfig(model="m", tensor_parallel_size=2, **flags).validate()
     with pytest.raises(ValueError, match="tensor_parallel_size must be positive"):
         EngineConfig(model="m", tensor_parallel_size=0).validate()
+
+
+@pytest.mark.timeout(30)
+def test_qk_norm_with_one_head_per_rank_matches_pytorch(stories_dir):
+    """A rank's share may be a single (KV) head: Qwen3's q/k norms on the fused kernels must then see the
+    head's rows as a contiguous tensor (a strided view of qkv was refused), and agree with the PyTorch path."""
+    if not fused_ops.supported(torch.device("cpu"), torch.float32):
+        pytest.skip("fused kernels unavailable here")
+    cfg = dataclasses.replace(load_config(stories_dir), num_heads=1, num_kv_heads=1, qk_norm=True)
+    attn = Attention(cfg, None)
+    torch.nn.init.normal_(attn.q_norm.weight)
+    torch.nn.init.normal_(attn.k_norm.weight)
+    rope = RotaryEmbedding(cfg.head_dim, 64, cfg.rope_theta, None)
+    positions = torch.arange(3, 8)
+    qkv = torch.randn(5, 3 * cfg.head_dim)
+    native = attn._qkv_native(qkv.clone(), rope.cos_sin_cache.index_select(0, positions))
+    plain = attn._qkv(qkv, rope.cos_sin(positions, torch.float32))
+    for ours, theirs in zip(native, plain, strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def _children(pid: int) -> list[int]:

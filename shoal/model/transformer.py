@@ -94,8 +94,14 @@ class Attention(nn.Module):
             fused_ops.rotary_(qkv, cos_sin, self.num_heads + self.num_kv_heads, d)
             return torch.split_with_sizes(qkv.view(tokens, -1, d), heads, dim=1)
         q, k, v = torch.split_with_sizes(qkv.view(tokens, -1, d), heads, dim=1)
-        q = fused_ops.rms_norm(q.reshape(-1, d), self.q_norm.weight, self.q_norm.eps).view(tokens, -1)
-        k = fused_ops.rms_norm(k.reshape(-1, d), self.k_norm.weight, self.k_norm.eps).view(tokens, -1)
+        # contiguous(), not reshape(): with one head (one KV head, or a tensor-parallel rank's share) the
+        # reshape of a slice of qkv is a strided view, which the kernel refuses.
+        q = fused_ops.rms_norm(q.contiguous().view(-1, d), self.q_norm.weight, self.q_norm.eps).view(
+            tokens, -1
+        )
+        k = fused_ops.rms_norm(k.contiguous().view(-1, d), self.k_norm.weight, self.k_norm.eps).view(
+            tokens, -1
+        )
         fused_ops.rotary_(q, cos_sin, self.num_heads, d)
         fused_ops.rotary_(k, cos_sin, self.num_kv_heads, d)
         return q.view(tokens, -1, d), k.view(tokens, -1, d), v
