@@ -9,7 +9,8 @@
    between the two engines (tiny_models.check_greedy / tie_margin).
 2. A model whose head counts N does not divide is a ValueError naming both numbers, raised before any
    worker process starts; so are quantized checkpoints, --compile and --load-format mmap.
-3. Workers stop cleanly with engine.close() (exit code 0), and die with rank 0 when it is killed.
+3. Workers stop cleanly with engine.close() (exit code 0) and die with rank 0 when it is killed; a dead
+   worker fails the step with an error naming it (no hang).
 4. `shoal serve --tensor-parallel-size 2` starts and answers a request.
 """
 
@@ -73,32 +74,65 @@ def _greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in engine.generate(prompts, params, arrival_steps=STAGGER)]
 
 
+class Engines:
+    """name -> (TP=1 engine, TP=2 engine), built on first use, once per module; TP=2 ones closed at the end."""
+
+    def __init__(self, dirs: dict[str, Path]):
+        self.dirs, self.built = dirs, {}
+
+    def __getitem__(self, name: str) -> tuple[LLMEngine, LLMEngine]:
+        if name not in self.built:
+            one = make_engine(self.dirs[name], **ENGINE_ARGS)
+            self.built[name] = one, make_engine(self.dirs[name], tensor_parallel_size=2, **ENGINE_ARGS)
+        return self.built[name]
+
+
+@pytest.fixture(scope="module")
+def engines(stories_dir, tiny_model_dirs):
+    pairs = Engines({"stories": stories_dir, "llama3": tiny_model_dirs["llama3"]})
+    yield pairs
+    for _, two in pairs.built.values():
+        two.close()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", ["stories", "llama3"])
-def test_tp2_greedy_tokens_match_tp1(name, stories_dir, tiny_model_dirs, test_prompts):
-    model_dir = stories_dir if name == "stories" else tiny_model_dirs["llama3"]
+def test_tp2_greedy_tokens_match_tp1(name, engines, stories_dir, test_prompts):
     prompts = _prompts(name, stories_dir, test_prompts)
-    one = make_engine(model_dir, **ENGINE_ARGS)
-    two = make_engine(model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
-    try:
-        # The worker holds half of every layer: half the heads, half the KV heads in its cache.
-        assert two.runner.kv_caches[0][0].shape[1] == one.runner.kv_caches[0][0].shape[1] // 2
-        diff = max(float((two.prompt_logits(p) - one.prompt_logits(p)).abs().max()) for p in prompts)
-        margin = tie_margin(diff)
-        outputs = _greedy(two, prompts)
-        ref = EngineReference(one)
-        ties = [
-            t
-            for p, out in zip(prompts, outputs, strict=True)
-            for t in check_greedy(ref, p, out, margin, name)
-        ]
-        print(f"{name}: max |logit diff| TP=2 vs TP=1 {diff:.2e}, near-ties {len(ties)}")
-        if not ties:
-            assert outputs == _greedy(one, prompts)
-        workers = two.workers.procs
-    finally:
-        two.close()
-    assert [p.returncode for p in workers] == [0], "workers must leave their loop and exit cleanly"
+    one, two = engines[name]
+    # The worker holds half of every layer: half the heads, half the KV heads in its cache.
+    assert two.runner.kv_caches[0][0].shape[1] == one.runner.kv_caches[0][0].shape[1] // 2
+    diff = max(float((two.prompt_logits(p) - one.prompt_logits(p)).abs().max()) for p in prompts)
+    margin = tie_margin(diff)
+    outputs = _greedy(two, prompts)
+    ref = EngineReference(one)
+    ties = [
+        t for p, out in zip(prompts, outputs, strict=True) for t in check_greedy(ref, p, out, margin, name)
+    ]
+    print(f"{name}: max |logit diff| TP=2 vs TP=1 {diff:.2e}, near-ties {len(ties)}")
+    if not ties:
+        assert outputs == _greedy(one, prompts)
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_cleanly_on_close(engines):
+    _, two = engines["llama3"]
+    two.close()
+    assert [p.returncode for p in two.workers.procs] == [0], "workers must leave their loop and exit 0"
+    two.close()  # idempotent
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_worker_fails_the_step_with_a_clear_error(engines):
+    _, two = engines["stories"]
+    (worker,) = two.workers.procs
+    worker.kill()
+    worker.wait()
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    for _ in range(2):  # and again: no hang, the same clear error
+        with pytest.raises(RuntimeError, match=r"worker of rank 1 \(pid \d+\) is gone"):
+            two.generate([[1, 5, 6]], params)
+        two.abort_all(RuntimeError("test"))
 
 
 @pytest.mark.timeout(30)
@@ -170,6 +204,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker process through /proc")
 def test_serve_with_tensor_parallel_answers_and_workers_die_with_the_engine():
     server = launch_own_server("tp2", ["--tensor-parallel-size", "2"])
     wait_ready(server)

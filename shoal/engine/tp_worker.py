@@ -109,8 +109,14 @@ class TensorParallelWorkers:
         return cls(procs, conns, group)
 
     def send(self, message) -> None:
-        for conn in self.conns:
-            conn.send(message)
+        """To every worker; RuntimeError naming the worker if one is gone."""
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), start=1):
+            try:
+                conn.send(message)
+            except OSError as e:
+                raise RuntimeError(
+                    f"tensor-parallel worker of rank {rank} (pid {proc.pid}) is gone (exit code {proc.poll()})"
+                ) from e
 
     def close(self) -> None:
         """Stop every worker (each leaves its loop and exits); idempotent."""
