@@ -12,7 +12,9 @@
 3. Workers stop cleanly with engine.close() (exit code 0) and die with rank 0 when it is killed; a dead
    worker fails the step with an error naming it (no hang).
 4. `shoal serve --tensor-parallel-size 2` starts and answers a request.
-5. A rank's share may be one head: Qwen3's q/k norms then run on it correctly.
+5. The parallel layers on their own (two ranks on two threads of this process, a real gloo group): a
+   vocabulary that 2 does not divide (the last shard padded), and a row-parallel bias added once.
+6. A rank's share may be one head: Qwen3's q/k norms then run on it correctly.
 
 Cost: about 18 s of CPU for all but the server test (one worker process per TP=2 engine, two engines), and
 a stories260K server with one worker for that one; wall time grows with the machine's load, since each
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -37,8 +40,15 @@ from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.kernels import fused_ops
 from shoal.model.config import load_config
-from shoal.model.tensor_parallel import check_tensor_parallel
+from shoal.model.tensor_parallel import (
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_tensor_parallel,
+    shard,
+)
 from shoal.model.tokenizer import Tokenizer
+from shoal.model.tp_group import TPGroup, join_store, serve_store
 from shoal.model.transformer import Attention, RotaryEmbedding
 
 try:
@@ -160,6 +170,59 @@ def test_unsupported_combinations_are_clear_errors(stories_dir):
             EngineConfig(model="m", tensor_parallel_size=2, **flags).validate()
     with pytest.raises(ValueError, match="tensor_parallel_size must be positive"):
         EngineConfig(model="m", tensor_parallel_size=0).validate()
+
+
+def _on_two_ranks(fn) -> dict:
+    """fn(group) on ranks 0 and 1 of one gloo group, one thread each; {rank: result}."""
+    store = serve_store(2)
+    results, errors = {}, []
+
+    def run(rank: int) -> None:
+        try:
+            rank_store = store if rank == 0 else join_store(store.port, 2)
+            group = TPGroup(rank_store, rank, 2, torch.device("cpu"))
+            with torch.no_grad():
+                results[rank] = fn(group)
+        except Exception as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.timeout(60)
+def test_parallel_layers_match_whole_ones_with_padded_vocab_and_bias():
+    vocab, hidden, features = 7, 5, 6  # 7 rows over 2 ranks: shards of 4, the last one padded
+    embedding, head_x = torch.randn(vocab, hidden), torch.randn(3, hidden)
+    ids = torch.tensor([0, 3, 4, 6, 2])
+    down, bias, x = torch.randn(hidden, features), torch.randn(hidden), torch.randn(3, features)
+
+    def layers(group: TPGroup):
+        rank = group.rank
+        rows = shard("embed_tokens.weight", embedding, rank, 2)
+        embed = torch.nn.Embedding(*rows.shape, _weight=rows)
+        lm_head = torch.nn.Linear(hidden, rows.shape[0], bias=False)
+        lm_head.weight = embed.weight  # tied, as the loader leaves them
+        linear = torch.nn.Linear(features // 2, hidden)
+        linear.weight.copy_(shard("layers.0.mlp.down_proj.weight", down, rank, 2))
+        linear.bias.copy_(shard("layers.0.mlp.down_proj.bias", bias, rank, 2))
+        mine = x[:, rank * features // 2 : (rank + 1) * features // 2]
+        return (
+            VocabParallelEmbedding(embed, group)(ids),
+            ParallelLMHead(lm_head, group, vocab)(head_x),
+            RowParallelLinear(linear, group)(mine),
+        )
+
+    for rank, (emb, logits, y) in _on_two_ranks(layers).items():
+        torch.testing.assert_close(emb, embedding[ids], msg=f"rank {rank} embeddings")
+        torch.testing.assert_close(logits, head_x @ embedding.T, msg=f"rank {rank} logits")
+        torch.testing.assert_close(y, x @ down.T + bias, msg=f"rank {rank} row-parallel output")
 
 
 @pytest.mark.timeout(30)
