@@ -496,10 +496,20 @@ def _register_gateway() -> None:
     )
 
 
+def _register_ops() -> None:
+    from shoal.ops.cli import autoscale_app, tune  # imports only typer; the engine loads when tune runs
+
+    app.add_typer(
+        autoscale_app, name="autoscale", help="Replay a load trace against the autoscaling policy (KEDA/HPA)."
+    )
+    app.command(name="tune")(tune)
+
+
 _register_bench()
 _register_quant()
 _register_policy_tools()
 _register_gateway()
+_register_ops()
 
 if __name__ == "__main__":
     app()
