@@ -99,3 +99,15 @@ def test_console_page_ships_as_package_data_and_names_no_other_host():
         relative = path.relative_to(repo / "shoal" / "server").as_posix()
         assert any(fnmatch(relative, pattern) for pattern in patterns), relative
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", path.read_text()), path.name
+
+
+@pytest.mark.timeout(60)
+def test_autoscale_simulator_needs_no_torch_or_engine():
+    """`shoal autoscale simulate` runs on an operator's laptop: no torch, no engine (matplotlib only to plot)."""
+    code = (
+        "import sys\n"
+        "import shoal.ops.autoscale, shoal.ops.autoscale_sim, shoal.ops.cli\n"
+        "print(sorted(m for m in ('torch', 'shoal.engine', 'shoal.server', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal.ops pulled in: {out.stdout}"

@@ -170,6 +170,9 @@ def tune(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's).")] = None,
+    output_json: Annotated[
+        Path | None, typer.Option(help="Write every run and the recommended flags to this JSON file.")
+    ] = None,
 ) -> None:
     """Find serving flags for a load (the seed's tuning process): from the defaults, raise max_num_seqs
     until the KV cache runs out (preemptions, detected, not crashed), confirm with a rerun, choose
@@ -204,6 +207,12 @@ def tune(
     console.print(f"recommended: {flags}")
     extra = {k: v for k, v in base.items() if k in ("dtype", "max_model_len") and v not in (None, "auto")}
     result.recommended = {**extra, **result.recommended}
+    if output_json:
+        from dataclasses import asdict
+
+        from shoal.bench.workload import write_json
+
+        write_json({"model": model, "load": asdict(load), **asdict(result)}, output_json)
     typer.echo(result.command(model))
 
 

@@ -62,7 +62,9 @@ class Trial:
     too small for one sequence), None when it ran."""
 
     step: str
-    flags: dict
+    flags: dict  # the EngineConfig fields this trial set (the rest: the engine's defaults)
+    max_num_seqs: int | None = None  # as the engine resolved them (None: it did not start)
+    max_num_batched_tokens: int | None = None
     preemptions: int = 0
     kv_blocks: int = 0
     peak_kv_blocks: int = 0
@@ -124,7 +126,14 @@ def measure(engine, load: Load, step: str, flags: dict) -> Trial:
     peak = [0.0]
     engine.step_listeners.append(lambda s: peak.__setitem__(0, max(peak[0], s.kv_cache_usage)))
     info = engine.describe()
-    trial = Trial(step, flags, kv_blocks=info["kv_cache_blocks"], kv_bytes=info["kv_cache_bytes"])
+    trial = Trial(
+        step,
+        flags,
+        max_num_seqs=info["max_num_seqs"],
+        max_num_batched_tokens=info["max_num_batched_tokens"],
+        kv_blocks=info["kv_cache_blocks"],
+        kv_bytes=info["kv_cache_bytes"],
+    )
     before = engine.scheduler.num_preemptions
     t0 = time.perf_counter()
     try:
@@ -248,13 +257,10 @@ def _kv_memory(trial, chosen: Trial, recommended: dict, budget: dict) -> int:
 
 
 def _describe(t: Trial) -> str:
-    flags = " ".join(f"{k}={v}" for k, v in t.flags.items()) or "defaults"
+    flags = " ".join(f"{k}={v}" for k, v in t.flags.items() if k != "kv_cache_memory") or "defaults"
     if t.error:
-        return f"  {t.step}: {flags}: does not run ({t.error})"
-    return (
-        f"  {t.step}: {flags}: {t.preemptions} preemptions, KV peak {t.peak_kv_blocks}/{t.kv_blocks} blocks, "
-        f"{t.output_tokens_per_s:.0f} tok/s, TTFT P95 {t.ttft_p95_ms:.0f} ms, TPOT P95 {t.tpot_p95_ms:.1f} ms"
-    )
+        return f"  {t.step} {flags}: does not run ({t.error})"
+    return f"  {t.step} {flags}: {t.preemptions} preemptions, KV peak {t.peak_kv_blocks}/{t.kv_blocks} blocks"
 
 
 # Steps: defaults (1), raise and bisect max_num_seqs, confirm (2), batched: max_num_batched_tokens (3), memory (4).
