@@ -153,7 +153,13 @@ def tune(
     num_prompts: Annotated[int, typer.Option(min=1, help="Requests of the load, all arriving at once.")] = 64,
     input_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per request (random ids).")] = 128,
     output_len: Annotated[int, typer.Option(min=1, help="Output tokens per request (EOS ignored).")] = 128,
-    target_ttft_ms: Annotated[float, typer.Option(help="Step 3's target: TTFT P95, ms.")] = 2000.0,
+    target_ttft_ms: Annotated[
+        float,
+        typer.Option(
+            help="Step 3's target: P95 of the prefill part of TTFT (first step to first token; the wait for a "
+            "sequence slot is the load's, for replicas to fix), ms."
+        ),
+    ] = 2000.0,
     target_tpot_ms: Annotated[
         float, typer.Option(help="Step 3's target: TPOT P95 (time per output token), ms.")
     ] = 100.0,
