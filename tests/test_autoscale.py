@@ -22,7 +22,15 @@ import pytest
 from typer.testing import CliRunner
 
 from shoal.cli import app
-from shoal.ops.autoscale import PODS, QUEUE_DEPTH, AutoscalePolicy, Trigger, load_policy
+from shoal.ops.autoscale import (
+    PODS,
+    QUEUE_DEPTH,
+    AutoscalePolicy,
+    HorizontalController,
+    Observation,
+    Trigger,
+    load_policy,
+)
 from shoal.ops.autoscale_sim import ReplicaModel, capacity_from_bench, load_trace, simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +215,15 @@ def test_cli_rejects_bad_input(tmp_path, rows, extra, message):
     result = CliRunner().invoke(app, ["autoscale", "simulate", "--trace", str(trace), *extra])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_pods_metric_fills_starting_pods_like_kubernetes():
+    """calcPlainMetricReplicas: a pod without a sample counts as the target on a scale-down and as 0 on a
+    scale-up. 4 pods, 2 of them Ready, target 5 waiting requests per pod:
+    - queue 2: 1 per Ready pod (ratio 0.2 < 1), filled (2 + 2 x 5) / 4 / 5 = 0.6 -> ceil(0.6 x 4) = 3;
+    - queue 60: ratio 6 > 1, the starting pods count 0: 60 / 4 / 5 = 3 -> ceil(3 x 4) = 12;
+    - queue 19: ratio 1.9, filled 19 / 4 / 5 = 0.95, within the 10% tolerance -> keep 4;
+    - queue 12: ratio 1.2, filled 12 / 4 / 5 = 0.6: the missing pods flip the direction -> keep 4."""
+    controller = HorizontalController(HPA_POLICY)
+    for queue, proposal in [(2, 3), (60, 12), (19, 4), (12, 4)]:
+        assert controller._proposal(HPA_POLICY.triggers[0], 4, Observation(queue, None, ready=2)) == proposal

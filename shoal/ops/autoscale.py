@@ -205,7 +205,10 @@ class HorizontalController:
             return current if self._within_tolerance(ratio) else math.ceil(ratio * ready)
         filled = total + (missing * target if ratio < 1.0 else 0.0)  # target on a scale-down, 0 on a scale-up
         new_ratio = filled / current / target
-        if self._within_tolerance(new_ratio) or (ratio < 1.0) != (new_ratio < 1.0):
+        crossed = (ratio < 1.0 < new_ratio) or (
+            new_ratio < 1.0 < ratio
+        )  # the missing pods flip the direction
+        if self._within_tolerance(new_ratio) or crossed:
             return current
         proposed = math.ceil(new_ratio * current)
         if (new_ratio < 1.0 and proposed > current) or (new_ratio > 1.0 and proposed < current):
