@@ -104,7 +104,9 @@ def simulate(
         int, typer.Option(min=1, help="Table rows every this many seconds (plus every scale event).")
     ] = 60,
 ) -> None:
-    """Replay a request-rate trace against the autoscaling policy and a model of replica capacity: print
+    """Replay a request-rate trace against the autoscaling policy: replicas, queue, TTFT P95 over time.
+
+    The policy is the keda (or hpa) overlay's, the replicas a queueing model of their capacity: print
     replicas, queue depth and TTFT P95 over time, and plot them, to choose thresholds before a cluster."""
     from dataclasses import replace
 
@@ -180,7 +182,9 @@ def tune(
         Path | None, typer.Option(help="Write every run and the recommended flags to this JSON file.")
     ] = None,
 ) -> None:
-    """Find serving flags for a load (the seed's tuning process): from the defaults, raise max_num_seqs
+    """Recommend serving flags for a load: max_num_seqs, max_num_batched_tokens, the KV memory.
+
+    The seed's tuning process, as in-process engine runs: from the defaults, raise max_num_seqs
     until the KV cache runs out (preemptions, detected, not crashed), confirm with a rerun, choose
     max_num_batched_tokens for the TTFT/TPOT targets and the KV memory with headroom; print the runs and
     the recommended 'shoal serve' command line."""
