@@ -2,6 +2,12 @@
 connection error or a 502/503 (both come before any byte reaches the user), answer 504 past
 `upstream_timeout_s`, and pass streams through chunk by chunk as they arrive (never buffered).
 
+`upstream_timeout_s` bounds what a client waits for, whatever the backend does (dies, or stops without
+closing its connections, as a SIGSTOPped or partitioned one does): the answer's headers, retry included,
+and then a non-streamed body; a stream, once its 200 is sent, may not stay silent that long. A failure
+after the 200 of a stream ends it in-band, as shoal serve reports an engine failure: an OpenAI error
+event (`upstream_timeout` 504, or `backend_error` 502 when the connection dropped), then `data: [DONE]`.
+
 The upstream client is aiohttp's (its HTTP parser is C): against httpx it roughly halves the gateway's
 CPU per request, which on a machine it shares with its backends is throughput they keep."""
 
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,13 +31,28 @@ from shoal.gateway.state import GatewayState, ModelState
 RETRYABLE_STATUS = (502, 503)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
 NOT_FORWARDED = {"host", "accept-encoding"}  # plain bodies upstream: the shadow compares their text
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n")  # the blank line that ends a server-sent event
+
+logger = logging.getLogger("shoal.gateway")
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> dict:
+    """OpenAI's error object, as shoal serve answers it."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
 def error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    """OpenAI's error shape, as shoal serve answers it."""
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status
-    )
+    return JSONResponse(error_body(message, type_, code), status_code=status)
+
+
+def error_event(body: dict) -> bytes:
+    """The end of a stream that failed after its 200: the error as an event, then [DONE]."""
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def complete_events(buffer: bytes) -> int:
+    """Where the last complete server-sent event of `buffer` ends (0: none is complete yet)."""
+    return max((i + len(end) for end in EVENT_ENDS if (i := buffer.rfind(end)) >= 0), default=0)
 
 
 @dataclass
@@ -86,25 +108,25 @@ class Proxy:
         headers["content-type"] = "application/json"
         prefix = prompt_prefix(routed.body, self.state.settings.prefix_block_chars)
         start, tried = time.monotonic(), set()
+        deadline = start + self.timeout  # one budget for both attempts: a retry does not restart the clock
         for attempt in range(2):
             backend = self._pick(routed, prefix, tried)
             if backend is None:
                 return self._done(routed, "none", 503, start, error(
                     503, f"no healthy backend for {routed.model.name}@{routed.version}", "service_unavailable"))  # fmt: skip
             tried.add(backend.url)
-            outcome = await self._try(backend, routed, headers)
+            outcome = await self._try(backend, routed, headers, deadline - time.monotonic())
             if outcome == "timeout":
-                return self._done(routed, backend.url, 504, start, self._timeout_error())
+                return self._failed(routed, backend, start, 504, self._timeout_body())
             if isinstance(outcome, aiohttp.ClientResponse) and (
                 attempt or outcome.status not in RETRYABLE_STATUS
             ):
-                return await self._respond(routed, backend, outcome, start)
+                return await self._respond(routed, backend, outcome, start, deadline)
             if isinstance(outcome, aiohttp.ClientResponse):  # a 502/503: nothing has reached the user yet
                 outcome.release()
                 backend.in_flight -= 1
             elif attempt:
-                return self._done(routed, backend.url, 502, start, error(
-                    502, f"backend error: {outcome}", "bad_gateway"))  # fmt: skip
+                return self._failed(routed, backend, start, 502, self._backend_error_body(outcome))
             self.state.metrics.retries.labels(routed.model.name).inc()
         raise AssertionError("unreachable: the second attempt always returns")
 
@@ -115,12 +137,17 @@ class Proxy:
             picker.pick(replicas, prefix, set()) if tried else None
         )
 
-    async def _try(self, backend: Backend, routed: Routed, headers: dict) -> aiohttp.ClientResponse | str:
-        """The response at its headers (the backend still counts it in flight), "timeout", or the error's name."""
+    async def _try(
+        self, backend: Backend, routed: Routed, headers: dict, budget_s: float
+    ) -> aiohttp.ClientResponse | str:
+        """The response at its headers (the backend still counts it in flight), "timeout" when `budget_s`
+        passes first, or the connection error's name."""
+        if budget_s <= 0:
+            return "timeout"
         backend.in_flight += 1
         try:
             return await asyncio.wait_for(
-                self.session.post(backend.url + routed.path, data=routed.raw, headers=headers), self.timeout
+                self.session.post(backend.url + routed.path, data=routed.raw, headers=headers), budget_s
             )
         except asyncio.TimeoutError:
             backend.in_flight -= 1
@@ -129,13 +156,20 @@ class Proxy:
             backend.in_flight -= 1
             return type(e).__name__
 
-    def _timeout_error(self) -> JSONResponse:
-        return error(
-            504, f"the backend did not answer within {self.timeout:g} s", "timeout", "upstream_timeout"
-        )
+    def _timeout_body(self, what: str = "did not answer within") -> dict:
+        return error_body(f"the backend {what} {self.timeout:g} s", "timeout", "upstream_timeout")
+
+    @staticmethod
+    def _backend_error_body(name: str) -> dict:
+        return error_body(f"backend error: {name}", "bad_gateway", "backend_error")
+
+    def _failed(self, routed: Routed, backend: Backend, start: float, status: int, body: dict) -> Response:
+        """An error the gateway answers for a backend: it names the backend, as a success would."""
+        headers = {"x-shoal-backend": backend.url, "x-shoal-version": routed.version}
+        return self._done(routed, backend.url, status, start, JSONResponse(body, status, headers))
 
     async def _respond(
-        self, routed: Routed, backend: Backend, resp: aiohttp.ClientResponse, start: float
+        self, routed: Routed, backend: Backend, resp: aiohttp.ClientResponse, start: float, deadline: float
     ) -> Response:
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["x-shoal-backend"], headers["x-shoal-version"] = backend.url, routed.version
@@ -147,9 +181,11 @@ class Proxy:
             self._record(routed, backend.url, resp.status, latency)
             return StreamingResponse(chunks, status_code=resp.status, headers=headers)
         try:
-            content = await asyncio.wait_for(resp.read(), max(0.001, self.timeout - latency))
-        except (asyncio.TimeoutError, aiohttp.ClientError):
-            return self._done(routed, backend.url, 504, start, self._timeout_error())
+            content = await asyncio.wait_for(resp.read(), max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return self._failed(routed, backend, start, 504, self._timeout_body())
+        except aiohttp.ClientError as e:  # the backend died or dropped the connection mid-body
+            return self._failed(routed, backend, start, 502, self._backend_error_body(type(e).__name__))
         finally:
             backend.in_flight -= 1
             resp.release()
@@ -160,16 +196,44 @@ class Proxy:
 
     async def _relay(self, routed: Routed, backend: Backend, resp: aiohttp.ClientResponse, latency: float,
                      shadowed: bool) -> AsyncIterator[bytes]:  # fmt: skip
+        """Chunks as they arrive. In a stream of events, only whole events pass (the incomplete tail waits
+        for its end), so that an error event after a failure never lands inside a half-sent one."""
+        events = resp.headers.get("content-type", "").startswith("text/event-stream")
         kept: list[bytes] = []
+        pending, failure = b"", None
         try:
-            async for chunk in resp.content.iter_any():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(resp.content.readany(), self.timeout)
+                except asyncio.TimeoutError:  # a stream may take long, but not stay silent that long
+                    failure = self._timeout_body("sent nothing for")
+                    break
+                except aiohttp.ClientError as e:
+                    failure = self._backend_error_body(type(e).__name__)
+                    break
+                if not chunk:
+                    break
                 if shadowed:
                     kept.append(chunk)
-                yield chunk
+                pending += chunk
+                cut = complete_events(pending) if events else len(pending)
+                if cut:
+                    yield pending[:cut]
+                    pending = pending[cut:]
+            if failure is None:
+                if pending:
+                    yield pending
+            elif events:
+                logger.warning(
+                    "stream from %s failed after its 200: %s", backend.url, failure["error"]["message"]
+                )
+                yield error_event(failure)
+            else:  # not events: no in-band way to say it, so the connection drops (the client sees a short body)
+                raise ConnectionError(failure["error"]["message"])
         finally:
             backend.in_flight -= 1
             resp.release()
-        if shadowed and resp.status == 200:
+        if shadowed and resp.status == 200 and failure is None:
             self._shadow(routed, b"".join(kept), latency)
 
     def _shadow(self, routed: Routed, primary: bytes, latency: float) -> None:
