@@ -72,7 +72,7 @@ def run_as_script(command: str, results: Path, argv: list[str], prog_name: str) 
     bench_app([command, *args], prog_name=prog_name)
 
 
-def _run(fn, printer, output_json: Path | None, **kwargs) -> None:
+def _run(fn, printer, output_json: Path | None, **kwargs) -> dict:
     try:
         result = fn(log=typer.echo, **kwargs)
     except (ValueError, FileNotFoundError) as e:
@@ -82,6 +82,7 @@ def _run(fn, printer, output_json: Path | None, **kwargs) -> None:
     if output_json is not None:
         workload.write_json(result, output_json)
         typer.echo(f"wrote {output_json}")
+    return result
 
 
 @bench_app.command()
@@ -545,6 +546,50 @@ def coldstart(
 
     _run(cs.run_coldstart, show, output_json, model=model, source=source, dtype=dtype, threads=threads,
          repeats=repeats, decode_tokens=decode_tokens)  # fmt: skip
+
+
+@bench_app.command()
+def chaos(
+    model: Annotated[str, typer.Option(help="Model both replicas serve.")] = str(
+        workload.REPO / "models" / "stories260K"
+    ),
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (the replicas').")] = "float32",
+    threads: Annotated[int, typer.Option(help="OMP threads per replica.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Clients in a closed loop through the gateway.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request (EOS ignored).")] = 64,
+    upstream_timeout: Annotated[float, typer.Option(help="The gateway's --upstream-timeout (s).")] = 2.0,
+    pause_s: Annotated[float, typer.Option(help="How long replica B stays stopped (SIGSTOP).")] = 3.0,
+    restart_delay_s: Annotated[float, typer.Option(help="From replica A's SIGKILL to its restart.")] = 0.5,
+    warmup_s: Annotated[float, typer.Option(help="Load before the first disturbance.")] = 1.0,
+    tail_s: Annotated[float, typer.Option(help="Load after both replicas are back.")] = 0.5,
+    scrape_interval: Annotated[float, typer.Option(help="The gateway's scrape_interval_s.")] = 1.0,
+    health_timeout: Annotated[float, typer.Option(help="The gateway's health_timeout_s.")] = 1.0,
+    kv_cache_memory: Annotated[int | None, typer.Option(help="Each replica's KV cache (bytes).")] = 32 << 20,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """Load through the gateway to two replicas while one is killed (SIGKILL) and restarted and the other
+    paused (SIGSTOP) and resumed: failed and hung requests, recovery times, and the goals of issue 22 (see
+    shoal/bench/chaos.py). Exit code 1 when a goal is not met."""
+    import json
+
+    from shoal.bench import chaos as bench_chaos
+
+    def show(result: dict) -> None:
+        typer.echo(json.dumps({k: result[k] for k in ("requests", "recovery", "goals")}, indent=2))
+        for failure in result["failures"]:
+            typer.echo(f"failed ({failure['class']}): {json.dumps(failure)}")
+        if markdown:
+            typer.echo(bench_chaos.markdown(result))
+
+    result = _run(bench_chaos.run_chaos, show, output_json, model=model, dtype=dtype, threads=threads,
+         concurrency=concurrency, max_tokens=max_tokens, upstream_timeout_s=upstream_timeout, pause_s=pause_s,
+         restart_delay_s=restart_delay_s, warmup_s=warmup_s, tail_s=tail_s, scrape_interval_s=scrape_interval,
+         health_timeout_s=health_timeout, kv_cache_memory=kv_cache_memory)  # fmt: skip
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

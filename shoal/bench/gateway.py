@@ -32,7 +32,8 @@ from shoal.metric_names import PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
 WORDS = "river lantern quiet orchard copper meadow harbor velvet summit ember willow granite".split()
 
 
-def _gateway(config: dict, log_dir: Path, name: str) -> Server:
+def gateway_server(config: dict, log_dir: Path, name: str) -> Server:
+    """`shoal gateway` (config written to log_dir) on a free port of 127.0.0.1; started by the caller."""
     path = log_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -150,9 +151,9 @@ def run_gateway_bench(
             servers.append(b)
         urls = [b.url for b in backends]
         gateways = {
-            "overhead": _gateway(_route(urls[:1]), log_dir, "gw-overhead"),
-            "prefix": _gateway(_route(urls, "prefix"), log_dir, "gw-prefix"),
-            "round_robin": _gateway(_route(urls, "round_robin"), log_dir, "gw-round-robin"),
+            "overhead": gateway_server(_route(urls[:1]), log_dir, "gw-overhead"),
+            "prefix": gateway_server(_route(urls, "prefix"), log_dir, "gw-prefix"),
+            "round_robin": gateway_server(_route(urls, "round_robin"), log_dir, "gw-round-robin"),
         }
         for b in backends:
             b.wait_ready()

@@ -543,6 +543,7 @@ class Server:
     env: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     ready_s: float | None = None
+    new_session: bool = False  # its own process group: a signal to the group reaches its children too
 
     def start(self) -> None:
         with open(self.log_path, "w") as log:
@@ -553,6 +554,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
+                start_new_session=self.new_session,
             )
         self._t0 = time.perf_counter()
 
