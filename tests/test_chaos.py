@@ -71,7 +71,7 @@ def _error_event(lines: list[str]) -> dict:
     return json.loads(lines[-2][5:])["error"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # the module's two backends start first (a minute on a loaded 2-core box)
 def test_stream_from_a_stopped_backend_ends_with_a_504_event_within_the_timeout(backends, tmp_path):
     _, y = backends
     gateway = _gateway([y.url], tmp_path)
@@ -127,11 +127,14 @@ def test_stream_from_a_killed_backend_ends_with_a_502_event_not_a_dropped_connec
 
 @pytest.mark.timeout(180)
 def test_chaos_run_only_killed_in_flight_requests_fail_none_hangs_both_replicas_recover():
-    """Acceptance 7: a short `shoal bench chaos` (about 30 s on an idle 2-core box, most of it the two
-    starts and the restart of a replica)."""
+    """Acceptance 7: a short `shoal bench chaos`. Most of its time is the two starts and the restart of a
+    replica (about 9 s each on a quiet 2-core box, so about 30 s in all; 70-115 s measured at a load
+    average of 10-20)."""
     if not TINY_MODEL.exists():
         pytest.skip(f"{TINY_MODEL} missing")
-    result = run_chaos(str(TINY_MODEL), concurrency=4, max_tokens=64, upstream_timeout_s=2.0, pause_s=3.0)
+    # the timeout is well above a request's latency with one replica carrying all (a loaded machine too),
+    # and the pause longer than the timeout: the paused replica's requests end with 504s
+    result = run_chaos(str(TINY_MODEL), concurrency=4, max_tokens=32, upstream_timeout_s=3.0, pause_s=4.0)
     report = markdown(result) + "\n" + json.dumps(result["failures"], indent=1)
     requests, goals = result["requests"], result["goals"]
     assert requests["total"] > 20 and requests["ok"] > 0, report
