@@ -21,9 +21,14 @@ from shoal.bench.chaos import HANG_MARGIN_S, markdown, run_chaos
 from shoal.bench.gateway import gateway_server
 
 try:
-    from server_fixture import TINY_MODEL, launch_own_server, wait_ready
+    from server_fixture import TINY_MODEL, launch_own_server, metric_samples, wait_ready
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import TINY_MODEL, launch_own_server, wait_ready  # type: ignore[no-redef]
+    from tests.server_fixture import (  # type: ignore[no-redef]
+        TINY_MODEL,
+        launch_own_server,
+        metric_samples,
+        wait_ready,
+    )
 
 TIMEOUT_S = 1.0  # the gateway's upstream timeout in the stream tests
 
@@ -102,11 +107,13 @@ def test_retry_after_a_dead_backend_gets_what_is_left_of_the_timeout_not_a_new_o
         timer.start()
         resp = httpx.post(gateway.url + "/v1/completions", json=_completion(), timeout=10)
         waited = time.monotonic() - start
+        retries = metric_samples(httpx.get(gateway.url + "/metrics").text, "shoal:gateway_retries_total")
     finally:
         timer.cancel()
         y.proc.send_signal(signal.SIGCONT)
         gateway.stop()
-    assert x.proc.wait(timeout=10) == -signal.SIGKILL  # the first attempt did go to X, and X died under it
+    assert x.proc.wait(timeout=10) == -signal.SIGKILL
+    assert retries == {'{model="stories"}': 1.0}  # the first attempt went to X, the retry to Y
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout", resp.text
     assert resp.headers["x-shoal-backend"] == y.url
     assert waited < timeout + 0.5, waited  # before the fix: 1.5 s on X + a fresh 2 s on Y
