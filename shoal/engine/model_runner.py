@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from shoal.kernels import paged_attention as native
+from shoal.kernels import triton_support
 from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from shoal.model.transformer import Transformer
 
@@ -40,8 +41,8 @@ class ModelRunner:
         self.compiled = _compile(model) if compile_decode else None
         self.device = device
         self.block_size = block_size
-        # Paged decode attention in place (CPU kernel) when it builds here, else gather + SDPA.
-        self.native_decode = native.supported(device, dtype)
+        # Paged decode attention in place (CPU kernel, or Triton's on CUDA) where it runs, else gather + SDPA.
+        self.native_decode = native.supported(device, dtype) or triton_support.serves_dtype(device, dtype)
         cfg = model.config
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
@@ -116,10 +117,10 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in tables]
         same = min(lens) == max(lens)
         if self.native_decode:
-            tables_t = torch.tensor(padded, dtype=torch.int32)
+            tables_t = torch.tensor(padded, dtype=torch.int32, device=self.device)
             if self.compiled is not None:  # the width grows with the context: one graph for all widths
                 torch._dynamo.maybe_mark_dynamic(tables_t, 1)
-            lens_t = torch.tensor(lens, dtype=torch.int32)
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
             return DecodeGroup(
                 start, end, lens_t, block_tables=tables_t, block_size=self.block_size, same_length=same
             )

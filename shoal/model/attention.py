@@ -5,8 +5,9 @@ decode tokens first (one per sequence), then each prefill chunk. Every layer wri
 the cache slots of `slot_mapping`, then attends: the decodes in batched calls (on CPU one call of shoal's
 kernel that reads the blocks in place, elsewhere SDPA over gathered slots in groups of similar length),
 each prefill chunk in its own call. On CPU a prefill chunk runs shoal's chunked-prefill kernel
-(kernels/paged_prefill_attention.c), which reads its context in place from the cache slots; elsewhere a
-fresh prompt without cached prefix uses SDPA's causal kernel directly, and a chunk with cached context
+(kernels/paged_prefill_attention.c), which reads its context in place from the cache slots. On CUDA with
+triton installed, the Triton twins of both kernels run (kernels/triton_paged_decode.py, triton_prefill.py);
+elsewhere a fresh prompt without cached prefix uses SDPA's causal kernel directly, and a chunk with cached context
 gathers its keys into a dense copy for SDPA with a mask.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from shoal.kernels import paged_attention as native
 from shoal.kernels import prefill_attention as native_prefill
+from shoal.kernels import triton_support
 
 
 @dataclass
@@ -105,7 +107,10 @@ def _decode_attention(
     """Decode group i: one query per sequence against its context, [b, H, D]."""
     group = meta.decodes[i]
     if group.block_tables is not None:
-        return native.paged_decode_attention(
+        kernel = native.paged_decode_attention
+        if triton_support.serves(q.device):  # CUDA: the Triton kernel, same contract
+            kernel = triton_support.kernel_module("triton_paged_decode").paged_decode_attention
+        return kernel(
             q[group.start : group.end],
             k_cache,
             v_cache,
@@ -153,6 +158,11 @@ def _prefill_attention(
     prompt 1.8x faster than SDPA's causal kernel (numbers in kernels/paged_prefill_attention.c)."""
     chunk = meta.prefills[i]
     qc = q[chunk.start : chunk.end]
+    if triton_support.serves_dtype(q.device, q.dtype):  # CUDA: the Triton kernel, same contract
+        triton_prefill = triton_support.kernel_module("triton_prefill")
+        return triton_prefill.paged_prefill_attention(
+            qc, k_cache, v_cache, chunk.slots, chunk.context_len, window, scale
+        )
     if native_prefill.supported(q.device, q.dtype, q.shape[-1]):
         return native_prefill.paged_prefill_attention(
             qc, k_cache, v_cache, chunk.slots, chunk.context_len, window, scale

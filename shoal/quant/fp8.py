@@ -6,8 +6,9 @@ the FP8_DYNAMIC preset of quantization/quant_scheme.py).
   rounded up where the cast rounded it down (rtn._store_scale) so that w / scale stays within +-448;
   q = float8_e4m3fn(w / scale), w ~ q * scale;
 - activations: per token, s_x = max|x_row| / 448, x ~ float8(x / s_x) * s_x, computed at run time.
-On CPU there is no FP8 matmul: FP8Linear emulates it (dequantize weight and activations to float32, then
-matmul). It is for correctness only: its speed belongs on a GPU (issue 18's GPU follow-up).
+On CPU FP8Linear emulates the FP8 matmul (dequantize weight and activations to float32, then matmul), for
+correctness only. On CUDA (compute capability 8.9+) with dynamic activations it runs `torch._scaled_mm`
+with row-wise scales (shoal/kernels/fp8.py); weight-only FP8 keeps the emulation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.kernels import fp8 as fp8_kernel
 from shoal.quant.rtn import QuantizedWeight, _store_scale
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -54,6 +56,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", qw.qweight.contiguous())
         self.register_buffer("weight_scale", qw.scale.reshape(-1, 1).contiguous())
         self.dynamic_activations = dynamic_activations
+        self._scaled_mm_device, self._scaled_mm_ok = None, False
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -66,12 +69,22 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.dynamic_activations and x.is_cuda and self._scaled_mm_here(x.device):
+            xq, xs = quantize_fp8_per_token(x2)
+            out = fp8_kernel.scaled_mm(xq, xs, self.weight_fp8, self.weight_scale, self.bias, x.dtype)
+            return out.view(*shape[:-1], self.out_features)
         if self.dynamic_activations:
             xq, xs = quantize_fp8_per_token(x2)
             x2 = xq.float() * xs
         bias = None if self.bias is None else self.bias.float()
         out = F.linear(x2.float(), self.dequantized_weight(torch.float32), bias)
         return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def _scaled_mm_here(self, device: torch.device) -> bool:
+        if self._scaled_mm_device != device:  # decided once per device (a CUDA capability query)
+            self._scaled_mm_device = device
+            self._scaled_mm_ok = fp8_kernel.supported(device, self.in_features, self.out_features)
+        return self._scaled_mm_ok
 
     def extra_repr(self) -> str:
         acts = "fp8 dynamic per token" if self.dynamic_activations else "16-bit"

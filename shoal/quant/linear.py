@@ -1,6 +1,8 @@
 """QuantizedLinear: a linear layer that keeps its weight as compressed-tensors' packed integers.
 
-Routes, by the number of rows (as PackedLinear routes its float weights):
+Routes, by device and the number of rows (as PackedLinear routes its float weights):
+- on CUDA with triton installed, every call where the layout allows (4/8 bits, groups of a multiple of 16
+  columns): the Triton GEMM over the packed weight (shoal/kernels/triton_w4a16.py);
 - 1-4 rows (decode) where the layout allows (4/8 bits, groups a multiple of 32 columns): shoal's qgemv
   kernel (shoal/kernels/qgemv.c), which reads the packed weight once per call;
 - 8-bit symmetric per-channel layers keep an unpacked int8 weight (the same bytes) and run bfloat16 inputs
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.kernels import qgemv
+from shoal.kernels import qgemv, triton_support
 from shoal.quant.format import pack_int32, unpack_int32
 from shoal.quant.groups import PER_CHANNEL
 from shoal.quant.rtn import QuantizedWeight, dequantize
@@ -56,6 +58,9 @@ class QuantizedLinear(nn.Module):
         self.use_qgemv = not self.int8_route and qgemv.supported(
             qw.bits, qw.group_size, self.in_features, self.weight_scale
         )
+        self.triton_layout = not self.int8_route and (
+            triton_support.w4a16_block_k(qw.bits, qw.group_size, self.in_features) is not None
+        )
 
     def integer_weight(self) -> torch.Tensor:
         """int8 [out, in]: the stored integers."""
@@ -78,11 +83,15 @@ class QuantizedLinear(nn.Module):
             x = x.index_select(-1, self.input_perm)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.use_qgemv and x2.shape[0] <= qgemv.MAX_ROWS and x.device.type == "cpu":
+        if self.triton_layout and triton_support.serves(x.device):
+            w4a16 = triton_support.kernel_module("triton_w4a16")
+            out = w4a16.quantized_matmul(x2, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                         self.bias, self.bits, self.group_size)  # fmt: skip
+        elif self.use_qgemv and x2.shape[0] <= qgemv.MAX_ROWS and x.device.type == "cpu":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             out = qgemv.qgemv(x2, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
                               self.bits, self.group_size)  # fmt: skip
-        elif self.int8_route and x.dtype == torch.bfloat16:
+        elif self.int8_route and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             out = torch._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale.view(-1).to(x.dtype))
             if self.bias is not None:
                 out = out + self.bias

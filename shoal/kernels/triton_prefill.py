@@ -1,0 +1,159 @@
+"""Prefill attention with a cached prefix on a GPU, in Triton: the CUDA twin of paged_prefill_attention.c.
+
+A prompt chunk's T queries sit at positions context_len .. context_len + T - 1; their keys are every token
+of the sequence up to each query (the cached prefix and the causal part of the chunk itself), read in place
+from the paged cache through the chunk's slot list (attention.PrefillChunk.slots: the cache slot of every
+position 0 .. context_len + T - 1, the chunk's own K/V written before the call). No gathered copy and no
+mask tensor: one program serves BLOCK_M queries of one head, walking the keys BLOCK_N at a time with an
+online softmax (FlashAttention, Dao et al. 2022), from the window's first key (Mistral) to the block's last
+query; causality and the window are applied per score.
+
+Numerics: scores and the softmax in fp32; the dot operands as triton_support.dot_in_fp32 says.
+Importing this module imports triton: go through triton_support.kernel_module.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shoal.kernels.triton_paged_decode import _dot
+from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
+
+BLOCK_M = 64  # queries per program
+BLOCK_N = 64  # keys per step
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    tokens,
+    context_len,
+    window,
+    scale,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // (H // HKV)
+    qi = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qpos = context_len + qi
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (qi < tokens)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + qi[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(context_len + (mb + 1) * BLOCK_M, context_len + tokens)  # keys up to the last query
+    start = tl.where(window > 0, tl.maximum(context_len + mb * BLOCK_M - window + 1, 0), 0)
+    for n0 in range((start // BLOCK_N) * BLOCK_N, end, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        kvalid = kpos < end
+        slot = tl.load(slots_ptr + kpos, mask=kvalid, other=0).to(tl.int64)
+        kv_off = slot[:, None] * (HKV * D) + kvh * D + d[None, :]
+        kv_mask = kvalid[:, None] & (d < D)[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        allowed = kvalid[None, :] & (kpos[None, :] <= qpos[:, None])
+        allowed = allowed & ((window == 0) | (kpos[None, :] > qpos[:, None] - window))
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep zeros
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m = m_new
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]  # 0 only in padding rows (a query sees itself)
+    o_off = qi[:, None] * (H * D) + h * D + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _check(q, k_cache, v_cache, slots, context_len: int, window: int) -> None:
+    ok = (
+        q.dim() == 3
+        and k_cache.dim() == 3
+        and v_cache.shape == k_cache.shape
+        and q.dtype == k_cache.dtype == v_cache.dtype
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and q.shape[0] >= 1
+        and q.shape[2] == k_cache.shape[2]
+        and q.shape[1] % k_cache.shape[1] == 0
+        and q.stride(2) == 1
+        and context_len >= 0
+        and window >= 0
+        and slots.shape == (context_len + q.shape[0],)
+        and len({t.device for t in (q, k_cache, v_cache, slots)}) == 1
+    )
+    if not ok:
+        raise ValueError(
+            "triton paged_prefill_attention: q [T >= 1, H, D] (last dim contiguous), caches [num_slots, Hkv, "
+            "D] (contiguous, q's dtype: float32/bfloat16/float16), slots int64 [context_len + T], window >= "
+            f"0, all on one device; got q {q.dtype} {tuple(q.shape)}, caches {k_cache.dtype} "
+            f"{tuple(k_cache.shape)}, slots {slots.dtype} {tuple(slots.shape)}, context_len {context_len}, "
+            f"window {window}"
+        )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    context_len: int,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a chunk's T queries over the keys at positions 0 .. context_len + T - 1, read from
+    their cache slots, as kernels.prefill_attention's contract: q [T, H, D] (a view into fused qkv rows is
+    fine), caches [num_slots, Hkv, D] (contiguous, q's dtype: float32, bfloat16 or float16), slots int64
+    [context_len + T], window: keys per query (None: all). Returns [T, H, D] in q's dtype. Raises
+    ValueError for shapes, dtypes or devices out of contract; slot ids are not checked (the engine's)."""
+    window = window or 0
+    _check(q, k_cache, v_cache, slots, context_len, window)
+    tokens, heads, dim = q.shape
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    _prefill_kernel[(triton.cdiv(tokens, BLOCK_M), heads)](
+        q,
+        k_cache,
+        v_cache,
+        slots,
+        out,
+        q.stride(0),
+        q.stride(1),
+        tokens,
+        context_len,
+        window,
+        scale,
+        H=heads,
+        HKV=k_cache.shape[1],
+        D=dim,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, next_power_of_2(dim)),
+        DOT_F32=dot_in_fp32(q.dtype),
+    )
+    return out
