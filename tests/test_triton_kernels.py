@@ -12,9 +12,9 @@ Tolerances (the kernels accumulate in fp32, as the references, but in another or
 - float32: 1e-5 relative to the sum of |terms| (attention: 2e-6 absolute, as the C kernel's test);
 - bfloat16: one bf16 ulp, 2^-7 relative: the interpreter's fp32 -> bf16 cast truncates where a GPU rounds
   to nearest (half an ulp), and bf16 computes in fp32 under the interpreter (triton_support);
-- float16: the 16-bit route the GPU takes for bf16 (16-bit dot operands; attention probabilities rounded to
-  fp16 before P @ V, as FlashAttention does): 2^-9 relative + 2e-3 absolute for attention, half an fp16 ulp
-  (2^-11 relative) + the fp32 summation term for the GEMM, whose operands are exact in fp16;
+- float16 (and bfloat16 on a GPU): the 16-bit route (16-bit dot operands; attention probabilities rounded
+  to the dtype before P @ V, as FlashAttention does): with u half an ulp, 4u relative + 2u of the largest
+  value for attention; u relative + the fp32 summation term for the GEMM, whose operands are exact;
 - integer paths exact: the W4A16 GEMM on integer inputs with power-of-two scales (every product and sum is
   exact in fp32) equals the float64 reference bit for bit.
 Measured: about 25 s for the worker (triton import, ~40 interpreted launches, two small engines).
@@ -45,7 +45,7 @@ WORKER = Path(__file__).resolve().parent / "triton_interpret_worker.py"
 REPO = WORKER.parent.parent
 UPSTREAM = WORKER.parent / "fixtures" / "upstream_quant"
 UPSTREAM_VARIANTS = ("gptq_v1_sym_g32", "gptq_v1_asym_g32", "gptq_v2_asym_actorder_g32", "awq_gemm_g32")
-BF16_REL, FP16_ATTN_REL, FP16_ATTN_ABS = 2**-7, 2**-9, 2e-3
+BF16_REL = 2**-7  # one bf16 ulp: the interpreter's fp32 -> bf16 cast truncates
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ def ran(request, cases, tmp_path_factory) -> dict:
     """Every case's output: under the interpreter (cpu), or natively where a GPU is present (cuda)."""
     if not HAVE_TRITON:
         pytest.skip("triton not installed (pip install '.[dev]')")
-    return run_worker(cases, tmp_path_factory.mktemp(f"triton_{request.param}"), request.param)
+    outputs = run_worker(cases, tmp_path_factory.mktemp(f"triton_{request.param}"), request.param)
+    return {**outputs, "_device": request.param}
 
 
 def output(ran: dict, name: str):
@@ -278,12 +279,18 @@ def output(ran: dict, name: str):
 # Tests
 
 
-def attention_bound(want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def attention_bound(
+    want: torch.Tensor, dtype: torch.dtype, v_cache: torch.Tensor, device: str
+) -> torch.Tensor:
+    """float32: summation order. bfloat16 under the interpreter: computed in fp32, one truncating rounding of
+    the output. The 16-bit route (float16; bfloat16 on a GPU): probabilities rounded to the dtype before
+    P @ V (u = half an ulp, relative): 4u of the output plus 2u of the largest value."""
     if dtype == torch.float32:
         return torch.full_like(want, 2e-6)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and device == "cpu":
         return want.abs() * BF16_REL + 1e-6
-    return want.abs() * FP16_ATTN_REL + FP16_ATTN_ABS
+    u = torch.finfo(dtype).eps / 2
+    return want.abs() * 4 * u + 2 * u * float(v_cache.abs().max())
 
 
 @needs_triton
@@ -295,7 +302,7 @@ def test_paged_decode_attention_matches_reference(ran, cases, name):
     assert got.dtype == kwargs["q"].dtype and got.shape == kwargs["q"].shape
     err = (got.double() - want).abs()
     print(f"{name}: max |err| {err.max():.2e}")
-    assert (err <= attention_bound(want, got.dtype)).all()
+    assert (err <= attention_bound(want, got.dtype, kwargs["v_cache"], ran["_device"])).all()
 
 
 @needs_triton
@@ -307,7 +314,7 @@ def test_prefill_attention_with_cached_prefix_matches_reference(ran, cases, name
     assert got.dtype == kwargs["q"].dtype and got.shape == kwargs["q"].shape
     err = (got.double() - want).abs()
     print(f"{name}: max |err| {err.max():.2e}")
-    assert (err <= attention_bound(want, got.dtype)).all()
+    assert (err <= attention_bound(want, got.dtype, kwargs["v_cache"], ran["_device"])).all()
 
 
 @needs_triton
@@ -326,7 +333,7 @@ def test_w4a16_gemm_matches_dequantized_reference(ran, cases, name):
     want, terms = w4a16_reference(cases[name])
     dtype = cases[name]["kwargs"]["x"].dtype
     assert got.dtype == dtype and got.shape == want.shape
-    rel = {torch.float32: 0.0, torch.bfloat16: BF16_REL, torch.float16: 2**-11}[dtype]
+    rel = {torch.float32: 0.0, torch.bfloat16: BF16_REL, torch.float16: 2**-11}[dtype]  # bf16: <= 1 ulp
     err = (got.double() - want).abs()
     print(f"{name}: max |err| {err.max():.2e}")
     assert (err <= want.abs() * rel + terms * 1e-5).all()

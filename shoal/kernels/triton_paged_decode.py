@@ -21,6 +21,7 @@ import triton.language as tl
 from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
 BLOCK_N = 32  # keys per step: a multiple of 16 (tl.dot)
+NO_WINDOW = 2**30  # the window passed for "attend to all": no branch in the kernel
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def _paged_decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # the window's first key
+    first = tl.maximum(ctx - window, 0)  # the window's first key (window: NO_WINDOW when there is none)
     for n0 in range((first // BLOCK_N) * BLOCK_N, ctx, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = (pos < ctx) & (pos >= first)
@@ -163,7 +164,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0),
         scale,
-        window or 0,
+        window or NO_WINDOW,
         HKV=kv_heads,
         GROUP=group,
         D=dim,

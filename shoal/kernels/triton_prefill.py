@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shoal.kernels.triton_paged_decode import _dot
+from shoal.kernels.triton_paged_decode import NO_WINDOW, _dot
 from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
 BLOCK_M = 64  # queries per program
@@ -60,7 +60,7 @@ def _prefill_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum(context_len + (mb + 1) * BLOCK_M, context_len + tokens)  # keys up to the last query
-    start = tl.where(window > 0, tl.maximum(context_len + mb * BLOCK_M - window + 1, 0), 0)
+    start = tl.maximum(context_len + mb * BLOCK_M - window + 1, 0)  # the first query's window
     for n0 in range((start // BLOCK_N) * BLOCK_N, end, BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
         kvalid = kpos < end
@@ -73,8 +73,8 @@ def _prefill_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), DOT_F32) * scale
-        allowed = kvalid[None, :] & (kpos[None, :] <= qpos[:, None])
-        allowed = allowed & ((window == 0) | (kpos[None, :] > qpos[:, None] - window))
+        causal = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
+        allowed = kvalid[None, :] & causal
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep zeros
@@ -146,7 +146,7 @@ def paged_prefill_attention(
         q.stride(1),
         tokens,
         context_len,
-        window,
+        window or NO_WINDOW,
         scale,
         H=heads,
         HKV=k_cache.shape[1],
