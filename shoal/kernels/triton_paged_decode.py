@@ -18,18 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from shoal.kernels.triton_blocks import dot, load_kv, softmax_step
 from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
 BLOCK_N = 32  # keys per step: a multiple of 16 (tl.dot)
 NO_WINDOW = 2**30  # the window passed for "attend to all": no branch in the kernel
-
-
-@triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    """a @ b with fp32 accumulation: fp32 operands in IEEE precision, else the operands' own dtype."""
-    if DOT_F32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -76,22 +69,10 @@ def _paged_decode_kernel(
         valid = (pos < ctx) & (pos >= first)
         block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * (HKV * D) + kvh * D + d[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        k, v = load_kv(k_ptr, v_ptr, slot, valid, kvh, d, HKV, D, DOT_F32)
+        s = dot(q, tl.trans(k), DOT_F32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep zeros
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m = m_new
+        m, l_sum, acc = softmax_step(m, l_sum, acc, s, v, DOT_F32)
     out = acc / l_sum[:, None]
     o_off = b * stride_ob + heads[:, None] * D + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from shoal.kernels.triton_paged_decode import NO_WINDOW, _dot
+from shoal.kernels.triton_blocks import dot, load_kv, softmax_step
+from shoal.kernels.triton_paged_decode import NO_WINDOW
 from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
 BLOCK_M = 64  # queries per program
@@ -65,24 +66,11 @@ def _prefill_kernel(
         kpos = n0 + tl.arange(0, BLOCK_N)
         kvalid = kpos < end
         slot = tl.load(slots_ptr + kpos, mask=kvalid, other=0).to(tl.int64)
-        kv_off = slot[:, None] * (HKV * D) + kvh * D + d[None, :]
-        kv_mask = kvalid[:, None] & (d < D)[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale
+        k, v = load_kv(k_ptr, v_ptr, slot, kvalid, kvh, d, HKV, D, DOT_F32)
+        s = dot(q, tl.trans(k), DOT_F32) * scale
         causal = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
-        allowed = kvalid[None, :] & causal
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep zeros
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m = m_new
+        s = tl.where(kvalid[None, :] & causal, s, float("-inf"))
+        m, l_sum, acc = softmax_step(m, l_sum, acc, s, v, DOT_F32)
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]  # 0 only in padding rows (a query sees itself)
     o_off = qi[:, None] * (H * D) + h * D + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=q_mask)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shoal.kernels.triton_paged_decode import _dot
+from shoal.kernels.triton_blocks import dot
 from shoal.kernels.triton_support import dot_in_fp32, w4a16_block_k
 
 
@@ -85,9 +85,9 @@ def _quantized_matmul_kernel(
         if DOT_F32:  # fp32 inputs, or bfloat16 under the interpreter: round w as the reference does
             if ROUND_BF16:
                 w = _round_to_bf16(w)
-            acc += _dot(x.to(tl.float32), w, True)
+            acc += dot(x.to(tl.float32), w, True)
         else:
-            acc += _dot(x, w.to(x_ptr.dtype.element_ty), False)  # the reference's rounding
+            acc += dot(x, w.to(x_ptr.dtype.element_ty), False)  # the reference's rounding
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_off = rm[:, None] * N + rn[None, :]
