@@ -22,8 +22,8 @@ from shoal.kernels.triton_blocks import dot, load_kv, softmax_step
 from shoal.kernels.triton_paged_decode import NO_WINDOW
 from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
-BLOCK_M = 64  # queries per program
-BLOCK_N = 64  # keys per step
+BLOCK_M = 64  # queries per program (16-bit dots; 32 for fp32's, which compile to FMAs)
+BLOCK_N = 64  # keys per step (likewise)
 
 
 @triton.jit
@@ -124,7 +124,9 @@ def paged_prefill_attention(
     _check(q, k_cache, v_cache, slots, context_len, window)
     tokens, heads, dim = q.shape
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
-    _prefill_kernel[(triton.cdiv(tokens, BLOCK_M), heads)](
+    in_fp32 = dot_in_fp32(q.dtype)
+    block_m, block_n = (BLOCK_M // 2, BLOCK_N // 2) if in_fp32 else (BLOCK_M, BLOCK_N)
+    _prefill_kernel[(triton.cdiv(tokens, block_m), heads)](
         q,
         k_cache,
         v_cache,
@@ -139,9 +141,9 @@ def paged_prefill_attention(
         H=heads,
         HKV=k_cache.shape[1],
         D=dim,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(dim)),
-        DOT_F32=dot_in_fp32(q.dtype),
+        DOT_F32=in_fp32,
     )
     return out
