@@ -52,9 +52,11 @@ BF16_REL = 2**-7  # one bf16 ulp: the interpreter's fp32 -> bf16 cast truncates
 # Cases and their references
 
 
-def decode_case(seed, lens, heads, kv_heads, dim, dtype, window=None, block_size=16, pad_tables=False):
+def decode_case(
+    seed, lens, heads, kv_heads, dim, dtype, window=None, block_size=16, pad_tables=False, splits=1
+):
     """Random caches, each sequence's blocks scattered over them; pad_tables adds garbage block ids after the
-    last used column (never to be read)."""
+    last used column (never to be read); splits: spans of keys per (sequence, KV head) (split-K)."""
     g = torch.Generator().manual_seed(seed)
     width = max(-(-n // block_size) for n in lens)
     num_blocks = len(lens) * width + 3
@@ -73,11 +75,12 @@ def decode_case(seed, lens, heads, kv_heads, dim, dtype, window=None, block_size
         block_size=block_size,
         window=window,
         scale=dim**-0.5,
+        splits=splits,
     )
     return {"op": "decode", "kwargs": kwargs}
 
 
-def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, window, scale):
+def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, window, scale, splits):
     out = []
     for b, n in enumerate(context_lens.tolist()):
         pos = torch.arange(n)
@@ -171,6 +174,8 @@ DECODE = {
     "decode_fp32_window": decode_case(2, [1, 7, 20, 21, 50], 8, 2, 16, torch.float32, window=20),
     "decode_bf16_gqa3_d64": decode_case(3, [3, 33, 64], 9, 3, 64, torch.bfloat16),
     "decode_fp16_mha_d24_window": decode_case(4, [5, 30], 4, 4, 24, torch.float16, window=7, block_size=8),
+    "decode_fp32_split4": decode_case(16, [1, 40, 100, 130], 8, 2, 16, torch.float32, splits=4),
+    "decode_bf16_window_split3": decode_case(17, [70, 129], 4, 2, 32, torch.bfloat16, window=50, splits=3),
 }
 PREFILL = {
     "prefill_fp32_fresh": prefill_case(5, 0, 37, 6, 2, 24, torch.float32),

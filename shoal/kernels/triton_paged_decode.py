@@ -8,11 +8,19 @@ block table with an online softmax (FlashAttention's, Dao et al. 2022; paged rea
 PagedAttention, Kwon et al. 2023), so every key and value is read once per KV head, whatever the group size.
 Sliding windows (Mistral) start the walk at the window's first key.
 
+Split-K (flash-decoding, Dao et al. 2023): with few sequences, (sequence, KV head) pairs leave most of a GPU's
+SMs idle while each program walks a long context alone. Then each pair's keys are cut into `splits` spans,
+one program each, that store their unnormalized output with its running max and sum (fp32); a second kernel
+combines the spans of each head (weights exp(m_i - max m)). The split count is chosen so that programs
+number about twice the SMs (at most MAX_SPLITS), without reading the context lengths on the host (no sync).
+
 Numerics: scores and the softmax in fp32; the dot operands as triton_support.dot_in_fp32 says.
 Importing this module imports triton: go through triton_support.kernel_module.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import triton
@@ -23,6 +31,7 @@ from shoal.kernels.triton_support import dot_in_fp32, next_power_of_2
 
 BLOCK_N = 32  # keys per step: a multiple of 16 (tl.dot)
 NO_WINDOW = 2**30  # the window passed for "attend to all": no branch in the kernel
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -33,6 +42,8 @@ def _paged_decode_kernel(
     tables_ptr,
     lens_ptr,
     out_ptr,
+    part_ptr,
+    ml_ptr,
     stride_qb,
     stride_qh,
     stride_tb,
@@ -46,10 +57,12 @@ def _paged_decode_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -64,7 +77,10 @@ def _paged_decode_kernel(
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     first = tl.maximum(ctx - window, 0)  # the window's first key (window: NO_WINDOW when there is none)
-    for n0 in range((first // BLOCK_N) * BLOCK_N, ctx, BLOCK_N):
+    base = (first // BLOCK_N) * BLOCK_N
+    span = tl.cdiv(tl.cdiv(ctx - base, SPLITS), BLOCK_N) * BLOCK_N  # this split's keys: a multiple of BLOCK_N
+    lo = base + split * span
+    for n0 in range(lo, tl.minimum(lo + span, ctx), BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = (pos < ctx) & (pos >= first)
         block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
@@ -73,9 +89,44 @@ def _paged_decode_kernel(
         s = dot(q, tl.trans(k), DOT_F32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m, l_sum, acc = softmax_step(m, l_sum, acc, s, v, DOT_F32)
-    out = acc / l_sum[:, None]
-    o_off = b * stride_ob + heads[:, None] * D + d[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLITS == 1:
+        out = acc / l_sum[:, None]
+        o_off = b * stride_ob + heads[:, None] * D + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # this span's share, combined by _combine_kernel: rows (b, head, split)
+        row = (b * (HKV * GROUP) + heads) * SPLITS + split
+        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+        tl.store(ml_ptr + row * 2, m, mask=g_mask)
+        tl.store(ml_ptr + row * 2 + 1, l_sum, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr,
+    ml_ptr,
+    out_ptr,
+    stride_ob,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b, h] = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i over the splits i of head h (M = max m_i;
+    a split without keys has m_i = -inf and weighs 0; the first split always has keys)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    i_mask = i < SPLITS
+    row = (b * H + h) * SPLITS + i
+    m = tl.load(ml_ptr + row * 2, mask=i_mask, other=float("-inf"))
+    l_sum = tl.load(ml_ptr + row * 2 + 1, mask=i_mask, other=0.0)
+    acc = tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :], mask=i_mask[:, None], other=0.0)
+    weight = tl.exp(m - tl.max(m, 0))
+    out = tl.sum(weight[:, None] * acc, 0) / tl.sum(weight * l_sum, 0)
+    tl.store(out_ptr + b * stride_ob + h * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, block_size: int) -> None:
@@ -119,13 +170,15 @@ def paged_decode_attention(
     block_size: int,
     window: int | None,
     scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged context, as kernels.paged_attention's contract:
     q [B, H, D]; caches [num_slots, Hkv, D] (contiguous, q's dtype: float32, bfloat16 or float16); block_tables
     [B, W] int32 (entries past a sequence's last block are never read); context_lens [B] int32 in
-    [1, W * block_size], the new token included; window: keys per query (None: all). Returns [B, H, D] in
-    q's dtype. Raises ValueError for shapes, dtypes or devices out of contract; block ids are not checked
-    (the engine's block manager owns them)."""
+    [1, W * block_size], the new token included; window: keys per query (None: all); splits: spans of keys
+    per (sequence, KV head), combined after (None: chosen for the device, see the module docstring).
+    Returns [B, H, D] in q's dtype. Raises ValueError for shapes, dtypes or devices out of contract; block
+    ids are not checked (the engine's block manager owns them)."""
     _check(q, k_cache, v_cache, block_tables, context_lens, block_size)
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -133,13 +186,21 @@ def paged_decode_attention(
     if batch == 0:
         return out
     group = heads // kv_heads
-    _paged_decode_kernel[(batch, kv_heads)](
+    splits = splits or _auto_splits(q.device, batch * kv_heads)
+    block_d = max(16, next_power_of_2(dim))
+    part = ml = out  # unread stand-ins when there is one split
+    if splits > 1:
+        part = torch.empty(batch * heads * splits, block_d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(batch * heads * splits, 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
         out,
+        part,
+        ml,
         q.stride(0),
         q.stride(1),
         block_tables.stride(0),
@@ -151,8 +212,34 @@ def paged_decode_attention(
         D=dim,
         BLOCK_SIZE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)),
-        BLOCK_D=max(16, next_power_of_2(dim)),
+        BLOCK_D=block_d,
         BLOCK_N=BLOCK_N,
+        SPLITS=splits,
         DOT_F32=dot_in_fp32(q.dtype),
     )
+    if splits > 1:
+        _combine_kernel[(batch, heads)](
+            part,
+            ml,
+            out,
+            out.stride(0),
+            H=heads,
+            D=dim,
+            SPLITS=splits,
+            BLOCK_S=next_power_of_2(splits),
+            BLOCK_D=block_d,
+        )
     return out
+
+
+def _auto_splits(device: torch.device, pairs: int) -> int:
+    """Spans per (sequence, KV head): enough programs for about two per SM on CUDA, at most MAX_SPLITS; one
+    elsewhere (the interpreter: tests ask for splits explicitly)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * _sm_count(device.index or 0) // pairs)))
+
+
+@lru_cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
