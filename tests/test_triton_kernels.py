@@ -210,7 +210,13 @@ def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
 
 
-ENGINE_CONFIG = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=32, kv_cache_memory=1 << 22)
+ENGINE_CONFIG = dict(
+    dtype="float32",
+    max_model_len=256,
+    max_num_batched_tokens=32,
+    kv_cache_memory=1 << 22,  # CPU
+    gpu_memory_utilization=0.2,  # CUDA: the two engines of the native run share the GPU
+)
 STORIES_PROMPTS = prompts(20, [21, 40])
 AWQ_PROMPTS = prompts(21, [19, 37])
 NEW_TOKENS = 8
