@@ -66,6 +66,10 @@ GPU_CACHE_USAGE = "vllm:gpu_cache_usage_perc"
 PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"
 NUM_PREEMPTIONS = "vllm:num_preemptions_total"
+NUM_REQUESTS_SWAPPED = "vllm:num_requests_swapped"  # vLLM V0's (its V1 has no swap preemption)
+CPU_CACHE_USAGE = "vllm:cpu_cache_usage_perc"  # vLLM V0's: the host swap pool
+SWAPPED_OUT = "shoal:num_swapped_out_total"
+SWAPPED_IN = "shoal:num_swapped_in_total"
 CACHE_CONFIG_INFO = "vllm:cache_config_info"
 GPU_UTILIZATION = "shoal:gpu_utilization_perc"
 GPU_MEMORY_USED = "shoal:gpu_memory_used_bytes"
@@ -162,6 +166,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(PREFIX_CACHE_QUERIES, COUNTER, "Prompt tokens looked up in the prefix cache.", _R),
     MetricSpec(PREFIX_CACHE_HITS, COUNTER, "Prompt tokens found in the prefix cache.", _R),
     MetricSpec(NUM_PREEMPTIONS, COUNTER, "Sequences preempted because the KV cache was full.", _R),
+    MetricSpec(
+        NUM_REQUESTS_SWAPPED,
+        GAUGE,
+        "Sequences preempted with their KV blocks in the host swap pool now (--preemption-mode swap).",
+        _R,
+    ),
+    MetricSpec(CPU_CACHE_USAGE, GAUGE, "Share of the host swap pool in use, 0..1 (--swap-space).", _R),
+    MetricSpec(SWAPPED_OUT, COUNTER, "Preemptions that moved a sequence's KV blocks to the host pool.", _R),
+    MetricSpec(SWAPPED_IN, COUNTER, "Swapped-out sequences whose KV blocks came back from the host pool.", _R),
     MetricSpec(
         CACHE_CONFIG_INFO,
         GAUGE,

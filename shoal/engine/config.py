@@ -27,6 +27,9 @@ class EngineConfig:
     record_schedule: bool = False  # StepStats.scheduled: who ran in each step (tests, GET /debug/schedule)
     load_format: str = "auto"  # auto | mmap (weights stay mapped in the safetensors file, checkpoint dtype)
     tensor_parallel_size: int = 1  # ranks each holding 1/N of every layer (docs/parallelism.md)
+    preemption_mode: str = "recompute"  # recompute | swap (vLLM's --preemption-mode; engine/scheduler.py)
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's --swap-space), swap only
+    deterministic: bool = False  # batch-invariant numerics (vLLM's VLLM_BATCH_INVARIANT; docs/determinism.md)
 
     def validate(self) -> None:
         checks = {
@@ -48,6 +51,17 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.load_format not in ("auto", "mmap"):
             raise ValueError(f"load_format must be auto or mmap, got {self.load_format!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be at least 0 GiB, got {self.swap_space}")
+        if self.tensor_parallel_size > 1 and (self.preemption_mode == "swap" or self.deterministic):
+            # The workers hold their own KV shards and model slices: neither feature reaches them yet.
+            raise ValueError("preemption_mode swap and deterministic need tensor_parallel_size 1")
+        if self.deterministic and self.compile:
+            raise ValueError(
+                "deterministic and compile cannot be combined: the compiled graph has its own kernels"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.tensor_parallel_size > 1:

@@ -14,15 +14,17 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.model_runner import ModelRunner, StepInput
 from shoal.engine.outputs import CompletionOutput, RequestOutput
-from shoal.engine.sampler import Sampler, SamplingRow, token_logprobs
+from shoal.engine.sampler import Sampler, SamplerOutput, SamplingRow, token_logprobs
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import ScheduledBatch, Scheduler
 from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
+from shoal.engine.swap_space import SwapSpace
 from shoal.engine.tp_worker import TensorParallelRunner, TensorParallelWorkers
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
 from shoal.model.hub import resolve_model_path
+from shoal.model.batch_invariant import make_batch_invariant
 from shoal.model.loader import load_model
 from shoal.model.tokenizer import Tokenizer
 
@@ -54,13 +56,16 @@ class LLMEngine:
             mmap=mmap,
             tp=self.workers.group if self.workers else None,
         )
+        if config.deterministic:
+            make_batch_invariant(self.model)
         self.load_seconds = time.monotonic() - t0
         template = Path(config.chat_template).read_text() if config.chat_template else None
         self.tokenizer = Tokenizer(self.model_path, chat_template=template)
         self.generation_config = load_generation_config(self.model_path)
         self.eos_token_ids = self._eos_ids()
         num_blocks = self._num_kv_blocks()
-        if self.workers is not None:
+        num_host_blocks = self._num_host_blocks()
+        if self.workers is not None:  # EngineConfig.validate keeps swap and deterministic mode off here
             self.runner = TensorParallelRunner(
                 self.workers, self.model, num_blocks, config.block_size, self.device, self.dtype
             )
@@ -72,6 +77,8 @@ class LLMEngine:
                 self.device,
                 self.dtype,
                 compile_decode=config.compile,
+                num_host_blocks=num_host_blocks,
+                deterministic=config.deterministic,
             )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -80,6 +87,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
             config.scheduling_policy,
+            SwapSpace(num_host_blocks) if config.preemption_mode == "swap" else None,
         )
         self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
@@ -169,6 +177,14 @@ class LLMEngine:
             )
         return num_blocks
 
+    def _num_host_blocks(self) -> int:
+        """Blocks of the swap pool: --swap-space GiB over the bytes of one block (0 unless swapping)."""
+        c = self.config
+        if c.preemption_mode != "swap":
+            return 0
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        return int(c.swap_space * 2**30) // per_block
+
     def describe(self) -> dict:
         c, bm = self.config, self.block_manager
         tokens = bm.num_blocks * c.block_size
@@ -189,6 +205,9 @@ class LLMEngine:
             "prefix_caching": c.enable_prefix_caching,
             "chunked_prefill": c.enable_chunked_prefill,
             "tensor_parallel_size": c.tensor_parallel_size,
+            "preemption_mode": c.preemption_mode,
+            "swap_blocks": self.scheduler.swap.num_blocks if self.scheduler.swap is not None else 0,
+            "deterministic": c.deterministic,
         }
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -262,6 +281,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
         batch = self.scheduler.schedule()
+        self.runner.swap_blocks(batch.swap_out, batch.swap_in)  # before any block is reused
         if batch.empty:
             return []
         for seq in batch.seqs:
@@ -320,7 +340,7 @@ class LLMEngine:
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
-        out = self.sampler(logits, rows)
+        out = self._sample(logits, rows)
         now = time.monotonic()
         for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
             seq.token_ids.append(token)
@@ -337,6 +357,14 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.remove(seq)
                 self._finish(seq, *reason)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """The batched sampler; in deterministic mode one row at a time, so that no batched reduction
+        (softmax, cumulative sums) can see how many rows there are."""
+        if not self.config.deterministic:
+            return self.sampler(logits, rows)
+        outs = [self.sampler(logits[i : i + 1], [row]) for i, row in enumerate(rows)]
+        return SamplerOutput([t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs])
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         """Whether token ends seq as a stop token (stop_token_ids, or EOS unless ignore_eos). No stop
@@ -378,7 +406,14 @@ class LLMEngine:
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_cache_usage = bm.usage
         s.prefix_cache_queries, s.prefix_cache_hits = bm.prefix_queries, bm.prefix_hits
-        s.num_preemptions = self.scheduler.num_preemptions
+        sched = self.scheduler
+        s.num_preemptions = sched.num_preemptions
+        s.num_swapped, s.num_swapped_out, s.num_swapped_in = (
+            len(sched.swapped),
+            sched.num_swapped_out,
+            sched.num_swapped_in,
+        )
+        s.swap_usage = sched.swap.usage if sched.swap is not None else 0.0
         self._refresh_cuda_memory()
 
     def _refresh_cuda_memory(self) -> None:

@@ -1,7 +1,12 @@
 """Turns a scheduled batch into tensors, runs the model over the paged KV cache, returns logits.
 
 Holds the model and the KV cache (one flat [num_slots, kv_heads, head_dim] tensor per layer for K and V,
-slot = block_id * block_size + offset).
+slot = block_id * block_size + offset), and the host pool that swap preemption copies blocks to and from
+(the same layout per layer, in host memory: pinned on CUDA so the copies can use DMA).
+
+Deterministic mode (docs/determinism.md): every query token, prompt chunk or decode, attends through the
+decode path as a row of its own (its block table and its own context length), so a token's attention is
+computed the same way whatever else is in the step and however its prompt was chunked or cached.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class ModelRunner:
         device: torch.device,
         dtype,
         compile_decode: bool = False,
+        num_host_blocks: int = 0,
+        deterministic: bool = False,
     ):
         self.model = model
         self.compiled = _compile(model) if compile_decode else None
@@ -49,6 +56,14 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
         ]
+        self.deterministic = deterministic
+        host_shape = (num_host_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        pin = device.type == "cuda"
+        # torch.empty: the pool's pages are only touched when a block is swapped into them.
+        self.host_caches = [
+            tuple(torch.empty(host_shape, dtype=dtype, pin_memory=pin) for _ in range(2))
+            for _ in range(cfg.num_layers if num_host_blocks else 0)
+        ]
 
     @staticmethod
     def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
@@ -61,6 +76,18 @@ class ModelRunner:
             * model_config.head_dim
             * elem
         )
+
+    def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy (device block, host block) pairs out to the host pool and (host block, device block) pairs
+        back, in every layer, for K and V. Called before the step's forward (see engine/scheduler.py)."""
+        if not swap_out and not swap_in:
+            return
+        for (k, v), (hk, hv) in zip(self.kv_caches, self.host_caches, strict=True):
+            for dev, host in ((k, hk), (v, hv)):
+                if swap_out:
+                    _copy_blocks(dev, host, swap_out, self.block_size)
+                if swap_in:
+                    _copy_blocks(host, dev, swap_in, self.block_size)
 
     def _slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slots of positions, for one block table [blocks] or a padded batch of them [b, blocks]."""
@@ -76,7 +103,11 @@ class ModelRunner:
             flat_ids.extend(ids)
             flat_pos.extend(range(start, start + n))
             table_t = torch.tensor(table, dtype=torch.long)
-            if n == 1:
+            if self.deterministic and n > 1:  # one decode row per token (see the module docstring)
+                slot_parts.append(self._slots(table_t, torch.arange(start, start + n)))
+                decode_tables.extend([table] * n)
+                decode_lens.extend(range(start + 1, start + n + 1))
+            elif n == 1:
                 slot_parts.append(self._slots(table_t, torch.arange(start, start + 1)))
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
@@ -96,7 +127,10 @@ class ModelRunner:
 
     def _decode_groups(self, lens: list[int]) -> list[tuple[int, int]]:
         """Split decodes (sorted by context length by the engine) into runs of similar length; the native
-        kernel pays nothing for mixed lengths, so there they form one group."""
+        kernel pays nothing for mixed lengths, so there they form one group. Deterministic without the
+        kernel: one group per token, so each SDPA call has the same shape whatever the batch."""
+        if self.deterministic and not self.native_decode:
+            return [(i, i + 1) for i in range(len(lens))]
         if self.native_decode:
             return [(0, len(lens))] if lens else []
         groups, start = [], 0
@@ -155,6 +189,14 @@ class ModelRunner:
 
     def close(self) -> None:
         """Release what outlives the runner (tensor-parallel workers, engine/tp_worker.py); nothing here."""
+
+
+def _copy_blocks(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]], block_size: int) -> None:
+    """dst's block b = src's block a for each (a, b); caches [slots, Hkv, D] viewed as [blocks, rest]."""
+    src_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=src.device)
+    dst_ids = torch.tensor([b for _, b in pairs], dtype=torch.long, device=dst.device)
+    rows = src.view(src.shape[0] // block_size, -1).index_select(0, src_ids)
+    dst.view(dst.shape[0] // block_size, -1).index_copy_(0, dst_ids, rows.to(dst.device))
 
 
 def _compile(model: Transformer):

@@ -10,6 +10,17 @@ urgent (highest priority value), newest first within a class (vLLM's policy; eng
 Under `priority` a waiting sequence more urgent than a running one also takes its seat when all
 `max_num_seqs` seats are taken (vLLM V0's `_schedule_priority_preemption`): a premium request waits one
 step, not until a low-priority one finishes.
+
+Swap preemption (`preemption_mode="swap"`, vLLM V0's policy): the victim's computed KV blocks are copied
+to the host pool (engine/swap_space.py) instead of being dropped, and it waits in the swapped queue with
+its progress kept. When the pool cannot hold them all, the victim is recomputed as above. A step that
+preempted nobody swaps sequences back in, oldest first, before it admits anything new; new requests wait
+while any sequence is swapped out, so swapped ones are never starved. The block copies a step needs are
+listed in its ScheduledBatch (swap_out, swap_in) and must run before its forward: a block freed by a
+swap-out may be handed to another sequence in the same step. Swap-outs and swap-ins never share a step.
+Blocks shared through the prefix cache are copied like any other (the host copy is the sequence's own);
+the device block only loses this sequence's reference. A victim preempted for its seat (not for blocks)
+is always recomputed: swapped, it would hold back the very admission its seat was freed for.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from dataclasses import dataclass, field
 
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.sequence import Sequence, Status
+from shoal.engine.swap_space import SwapSpace
 from shoal.engine.waiting_queue import make_waiting_queue, priority_key
 
 
@@ -27,6 +39,8 @@ class ScheduledBatch:
     num_tokens: list[int]  # tokens each computes this step
     preempted: list[Sequence] = field(default_factory=list)  # sent back to the waiting queue this step
     admitted: list[Sequence] = field(default_factory=list)  # taken from the waiting queue, in that order
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block) to copy
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block) to copy
 
     @property
     def num_preempted(self) -> int:
@@ -48,6 +62,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
+        swap_space: SwapSpace | None = None,
     ):
         self.blocks = block_manager
         self.policy = policy
@@ -56,7 +71,12 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting = make_waiting_queue(policy)
         self.running: dict[int, Sequence] = {}  # oldest first
+        self.swap = swap_space  # None: preemption recomputes
+        self.swapped: dict[int, Sequence] = {}  # swapped out, oldest first
         self.num_preemptions = 0
+        self.num_swapped_out = 0  # sequences swapped out (counted per swap, so a sequence may count twice)
+        self.num_swapped_in = 0
+        self._swap_out: list[tuple[int, int]] = []  # copies for the step being scheduled
         # Keep a little room when admitting new prompts so running decodes are not preempted at once.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
 
@@ -64,10 +84,12 @@ class Scheduler:
         self.waiting.add(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
-        if self.running.pop(seq.seq_id, None) is None:
+        if self.swapped.pop(seq.seq_id, None) is not None:
+            self.swap.release(seq.seq_id)
+        elif self.running.pop(seq.seq_id, None) is None:
             self.waiting.remove(seq)
         self.blocks.free_sequence(seq)
 
@@ -78,10 +100,14 @@ class Scheduler:
             )  # O(running), only when seats or blocks run out
         return next(reversed(self.running.values()))  # the newest: a dict keeps insertion order
 
-    def _preempt(self) -> Sequence:
-        """Free the victim's blocks and put it back in the waiting queue, to be recomputed."""
+    def _preempt(self, swap: bool = True) -> Sequence:
+        """Free the victim's blocks: swap them out where allowed and the host pool holds them all, else
+        put the victim back in the waiting queue, to be recomputed."""
         seq = self._victim()
         del self.running[seq.seq_id]
+        self.num_preemptions += 1
+        if swap and self._try_swap_out(seq):
+            return seq
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
         if seq.prompt_logprobs is not None:  # recomputed from scratch: collect them afresh
@@ -89,7 +115,6 @@ class Scheduler:
         if seq.captured_logits is not None:
             seq.captured_logits = []
         self.waiting.readd_preempted(seq)
-        self.num_preemptions += 1
         return seq
 
     def _seats_for_urgent(self) -> list[Sequence]:
@@ -101,8 +126,47 @@ class Scheduler:
         while self.waiting and self.running and len(self.running) >= self.max_num_seqs:
             if self.waiting.peek().priority >= self._victim().priority:
                 break
-            preempted.append(self._preempt())
+            preempted.append(self._preempt(swap=False))
         return preempted
+
+    def _try_swap_out(self, seq: Sequence) -> bool:
+        """Move seq's computed blocks to the host pool, keeping its progress; False (nothing done) without
+        a pool, with nothing computed, or when the pool cannot hold them all."""
+        num = -(-seq.num_computed // self.blocks.block_size)
+        if self.swap is None or num == 0 or not self.swap.can_hold(num):
+            return False
+        host = self.swap.take(seq.seq_id, num)
+        self._swap_out.extend(zip(seq.block_table[:num], host, strict=True))
+        computed = seq.num_computed
+        self.blocks.free_sequence(seq)
+        seq.num_computed = computed
+        seq.status = Status.SWAPPED
+        self.swapped[seq.seq_id] = seq
+        self.num_swapped_out += 1
+        return True
+
+    def _swap_in(self, budget: int, scheduled: dict) -> list[tuple[int, int]]:
+        """Bring swapped sequences back, oldest first, while blocks, budget and max_num_seqs allow; they
+        join `scheduled` with their next tokens. Returns the (host, device) block copies."""
+        copies: list[tuple[int, int]] = []
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = next(iter(self.swapped.values()))
+            n = min(seq.num_uncomputed, budget)
+            room = self.blocks.num_free - self.blocks.blocks_needed(seq, n)
+            if room < self.watermark_blocks and self.running or not self.blocks.allocate(seq, n):
+                if not self.running and not scheduled:
+                    raise MemoryError(f"KV cache too small to swap in one sequence of {len(seq)} tokens")
+                break
+            del self.swapped[seq.seq_id]
+            host = self.swap.release(seq.seq_id)
+            copies.extend(zip(host, seq.block_table, strict=False))  # the new blocks past them are empty
+            self.blocks.register_computed(seq, 0)  # its full blocks become prefix hits again
+            seq.status = Status.RUNNING
+            self.running[seq.seq_id] = seq
+            scheduled[seq.seq_id] = (seq, n)
+            budget -= n
+            self.num_swapped_in += 1
+        return copies
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
@@ -127,8 +191,10 @@ class Scheduler:
                 continue
             scheduled[seq.seq_id] = (seq, n)
             budget -= n
-        # New sequences, in the waiting queue's order.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        swap_in = [] if preempted else self._swap_in(budget, scheduled)
+        budget = self.max_num_batched_tokens - sum(n for _, n in scheduled.values())
+        # New sequences, in the waiting queue's order (none while any is swapped out).
+        while not self.swapped and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
@@ -155,6 +221,7 @@ class Scheduler:
             budget -= n
         batch = _decodes_first(list(scheduled.values()))
         batch.preempted, batch.admitted = preempted, admitted
+        batch.swap_out, batch.swap_in, self._swap_out = self._swap_out, swap_in, []
         return batch
 
 

@@ -17,6 +17,7 @@ _ids = itertools.count()
 class Status(Enum):
     WAITING = auto()
     RUNNING = auto()
+    SWAPPED = auto()  # preempted with its KV blocks in the host pool (engine/swap_space.py)
     FINISHED = auto()
 
 

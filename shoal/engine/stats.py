@@ -32,7 +32,11 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # swapped out or sent back to be recomputed
+    num_swapped: int = 0  # sequences swapped out now (vLLM V0's num_requests_swapped)
+    num_swapped_out: int = 0  # swap-outs so far (--preemption-mode swap)
+    num_swapped_in: int = 0  # swap-ins so far
+    swap_usage: float = 0.0  # share of the host swap pool in use, 0..1
     last_batch_size: int = 0
     num_steps: int = 0
     last_step_unix: float = 0.0  # time.time() at the end of the last step (0: none yet)

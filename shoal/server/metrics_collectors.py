@@ -52,6 +52,10 @@ class EngineStatsCollector:
         yield family(mn.PREFIX_CACHE_QUERIES, [(one, s.prefix_cache_queries)])
         yield family(mn.PREFIX_CACHE_HITS, [(one, s.prefix_cache_hits)])
         yield family(mn.NUM_PREEMPTIONS, [(one, s.num_preemptions)])
+        yield family(mn.NUM_REQUESTS_SWAPPED, [(one, s.num_swapped)])
+        yield family(mn.CPU_CACHE_USAGE, [(one, s.swap_usage)])
+        yield family(mn.SWAPPED_OUT, [(one, s.num_swapped_out)])
+        yield family(mn.SWAPPED_IN, [(one, s.num_swapped_in)])
         if s.num_kv_blocks:  # known once the model is loaded
             yield family(mn.CACHE_CONFIG_INFO, [([self._model, str(s.block_size), str(s.num_kv_blocks)], 1)])
         yield family(mn.ENGINE_LAST_STEP, [(one, s.last_step_unix)])
