@@ -164,6 +164,26 @@ def serve(
             "least urgent request, newest first. vLLM's flag.",
         ),
     ] = "fcfs",
+    preemption_mode: Annotated[
+        str,
+        typer.Option(
+            help="What happens to a sequence preempted when the KV cache is full: recompute (its blocks are "
+            "dropped and recomputed later) or swap (they move to a host pool of --swap-space GiB and back; "
+            "recompute when the pool is full). vLLM's flag.",
+        ),
+    ] = "recompute",
+    swap_space: Annotated[
+        float, typer.Option(help="GiB of host memory for swapped-out KV blocks (--preemption-mode swap).")
+    ] = 4.0,
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="Batch-invariant numerics: a seeded request gives the same tokens whatever else is in the "
+            "batch, however its prompt is chunked and whether its prefix is cached (vLLM's "
+            "VLLM_BATCH_INVARIANT; slower, docs/determinism.md).",
+        ),
+    ] = False,
     record_schedule: Annotated[
         bool,
         typer.Option(
@@ -317,6 +337,9 @@ def serve(
         record_schedule=record_schedule,
         load_format=load_format,
         tensor_parallel_size=tensor_parallel_size,
+        preemption_mode=preemption_mode,
+        swap_space=swap_space,
+        deterministic=deterministic,
     )
     try:
         config.validate()

@@ -174,7 +174,9 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(CPU_CACHE_USAGE, GAUGE, "Share of the host swap pool in use, 0..1 (--swap-space).", _R),
     MetricSpec(SWAPPED_OUT, COUNTER, "Preemptions that moved a sequence's KV blocks to the host pool.", _R),
-    MetricSpec(SWAPPED_IN, COUNTER, "Swapped-out sequences whose KV blocks came back from the host pool.", _R),
+    MetricSpec(
+        SWAPPED_IN, COUNTER, "Swapped-out sequences whose KV blocks came back from the host pool.", _R
+    ),
     MetricSpec(
         CACHE_CONFIG_INFO,
         GAUGE,

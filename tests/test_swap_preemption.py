@@ -27,7 +27,9 @@ CONFIG = dict(max_model_len=MAX_LEN, max_num_batched_tokens=64)
 def prompts(stories_dir) -> list[list[int]]:
     from shoal.model.tokenizer import Tokenizer
 
-    text = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog. "
+    text = (
+        "Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog. "
+    )
     base = Tokenizer(stories_dir).encode(text * 4)
     return [base[i * 3 : i * 3 + 20 + (i * 7) % 40] for i in range(NUM_REQUESTS)]
 

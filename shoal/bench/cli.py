@@ -592,5 +592,35 @@ def chaos(
         raise typer.Exit(1)
 
 
+@bench_app.command()
+def determinism(
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "bfloat16",
+    threads: ThreadsOpt = None,
+    num_prompts: Annotated[int, typer.Option(help="Requests in each round's mixed batch.")] = 16,
+    min_input: Annotated[int, typer.Option(help="Shortest prompt (tokens).")] = 32,
+    max_input: Annotated[int, typer.Option(help="Longest prompt (tokens).")] = 256,
+    min_output: Annotated[int, typer.Option(help="Shortest output (tokens, EOS ignored).")] = 16,
+    max_output: Annotated[int, typer.Option(help="Longest output (tokens, EOS ignored).")] = 64,
+    rounds: Annotated[int, typer.Option(help="Rounds (each a fresh workload on both engines).")] = 3,
+    seed: SeedOpt = 0,
+    dataset: DatasetOpt = workload.DEFAULT_DATASET,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """What --deterministic costs: throughput of two in-process engines, with and without the mode, on the
+    same mixed batch of seeded requests (see shoal/bench/determinism.py)."""
+    from shoal.bench import determinism as det
+
+    def show(result: dict) -> None:
+        typer.echo(det.markdown(result) if markdown else result["ratio"])
+
+    _run(det.run_determinism, show, output_json, model=model, dtype=dtype, threads=threads,
+         num_prompts=num_prompts, input_len=(min_input, max_input), output_len=(min_output, max_output),
+         rounds=rounds, seed=seed, dataset=dataset)  # fmt: skip
+
+
 if __name__ == "__main__":
     bench_app()

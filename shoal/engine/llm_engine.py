@@ -21,10 +21,10 @@ from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.engine.swap_space import SwapSpace
 from shoal.engine.tp_worker import TensorParallelRunner, TensorParallelWorkers
+from shoal.model.batch_invariant import make_batch_invariant
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
 from shoal.model.hub import resolve_model_path
-from shoal.model.batch_invariant import make_batch_invariant
 from shoal.model.loader import load_model
 from shoal.model.tokenizer import Tokenizer
 

@@ -1,0 +1,178 @@
+"""Deterministic mode (--deterministic): a seeded request gives the same tokens whatever surrounds it.
+
+- The batch-invariant linear: a row's output is bitwise the same for any number of rows around it, on
+  every route PackedLinear takes (gemv kernel, oneDNN packed, the fp32 GEMM); unwrapped, the routes
+  give a row different bits (so the wrapper is what makes the difference).
+- End to end on SmolLM2-135M in bfloat16: a seeded request at temperature 1 gives identical token ids (and
+  bitwise identical logprobs) alone, in a batch of 8 mixed requests, with its prefix cold and warm in the
+  prefix cache, and with chunked prefill splitting its prompt. The same cases without the mode give the
+  request different logprobs in at least one case: the variation the mode removes is there.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from tiny_models import make_engine
+from torch import nn
+
+from shoal.engine.sampling_params import SamplingParams
+from shoal.model.batch_invariant import BatchInvariantLinear, make_batch_invariant
+from shoal.model.packed_linear import PackedLinear, packing_available
+
+NEW_TOKENS = 16
+PROMPT = (
+    "The old lighthouse keeper climbed the stairs every evening to light the lamp. One night, a storm "
+    "came in from the sea and"
+)
+OTHERS = [
+    "Write a poem about",
+    "What is the capital of France? The capital",
+    "def fibonacci(n):\n    ",
+    "In 1905, Albert Einstein published four papers that",
+    "Once upon a time there was a small robot who",
+    "The recipe calls for two cups of flour and",
+    "Q: Why is the sky blue?\nA:",
+]
+
+
+def _linear(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 1536, bias=False).to(dtype)
+    if packing_available(torch.device("cpu"), dtype):
+        return PackedLinear(
+            lin, packed=True, big_route="fp32" if dtype == torch.bfloat16 else "plain", keep_weight=True
+        )
+    return lin
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_invariant_linear_rows_do_not_depend_on_the_batch(dtype):
+    inner = _linear(dtype)
+    wrapped = BatchInvariantLinear(inner)
+    x = torch.randn(100, 576, dtype=dtype)
+    alone = wrapped(x[:1])
+    for rows in (2, 5, 16, 17, 47, 48, 100):
+        torch.testing.assert_close(wrapped(x[:rows])[:1], alone, rtol=0, atol=0)
+        shifted = torch.cat([torch.randn(rows - 1, 576, dtype=dtype), x[:1]])  # same row, last place
+        torch.testing.assert_close(wrapped(shifted)[-1:], alone, rtol=0, atol=0)
+    torch.testing.assert_close(wrapped(x.view(4, 25, 576)).view(100, -1), wrapped(x), rtol=0, atol=0)
+    if dtype == torch.bfloat16 and isinstance(inner, PackedLinear):
+        # Unwrapped, 1 row (gemv), 16 rows (oneDNN) and 100 rows (fp32 GEMM) reduce in different orders.
+        firsts = [inner(x[:rows])[0] for rows in (1, 16, 100)]
+        assert any(not torch.equal(firsts[0], f) for f in firsts[1:])
+
+
+@pytest.mark.timeout(10)
+def test_make_batch_invariant_wraps_every_projection_once():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj, self.o_proj, self.other = nn.Linear(4, 12), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    model = nn.Sequential(Block(), Block())
+    make_batch_invariant(make_batch_invariant(model))
+    for block in model:
+        assert isinstance(block.qkv_proj, BatchInvariantLinear) and isinstance(
+            block.qkv_proj.inner, nn.Linear
+        )
+        assert isinstance(block.o_proj, BatchInvariantLinear) and type(block.other) is nn.Linear
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end
+
+_ids = itertools.count()
+
+
+def _run(engine, requests) -> list:
+    """requests: (prompt ids, params, cache_salt, arrival step); returns each request's first choice."""
+    ids = [f"det-{next(_ids)}" for _ in requests]
+    pending = sorted(range(len(requests)), key=lambda i: requests[i][3])
+    done, steps = {}, 0
+    while pending or engine.has_unfinished():
+        while pending and requests[pending[0]][3] <= steps:
+            i = pending.pop(0)
+            prompt, params, salt, _ = requests[i]
+            engine.add_request(ids[i], prompt, params, cache_salt=salt)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+        steps += 1
+    return [done[i] for i in ids]
+
+
+def _cases(engine) -> dict[str, tuple[list[int], list[float]]]:
+    """The target request's (token ids, logprobs) in each case; a fresh cache salt makes a cold cache."""
+    tok = engine.tokenizer
+    prompt = tok.encode(PROMPT)
+    target = SamplingParams(temperature=1.0, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+
+    def result(choice):
+        return choice.token_ids, [lp[t] for t, lp in zip(choice.token_ids, choice.logprobs, strict=True)]
+
+    cases = {"alone": result(_run(engine, [(prompt, target, "alone", 0)])[0])}
+    mixed = [
+        (
+            tok.encode(text),
+            SamplingParams(temperature=0.8, seed=i if i % 2 else None, max_tokens=4 + 2 * i),
+            "b",
+            0,
+        )
+        for i, text in enumerate(OTHERS)
+    ]
+    mixed.insert(3, (prompt, target, "b", 2))  # arrives while the others decode: prefill next to decodes
+    cases["batch of 8"] = result(_run(engine, mixed)[3])
+    # Warm: a request with the same first block of prompt runs first (a different ending, so the target's
+    # last block and sampling are its own).
+    _run(engine, [(prompt[:-3] + tok.encode(" then"), SamplingParams(max_tokens=1), "warm", 0)])
+    hits = engine.block_manager.prefix_hits
+    cases["prefix warm"] = result(_run(engine, [(prompt, target, "warm", 0)])[0])
+    assert engine.block_manager.prefix_hits - hits >= engine.config.block_size
+    # Chunked: a step budget of 8 tokens cuts the 25-token prompt into 4 chunks (the scheduler's
+    # budget read each step; the same engine, so the same weights and kernels).
+    engine.scheduler.max_num_batched_tokens = 8
+    try:
+        cases["chunked prefill"] = result(_run(engine, [(prompt, target, "chunked", 0)])[0])
+    finally:
+        engine.scheduler.max_num_batched_tokens = engine.config.max_num_batched_tokens
+    return cases
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2_dir):
+    made = {}
+
+    def get(deterministic: bool):
+        if deterministic not in made:
+            made[deterministic] = make_engine(
+                smollm2_dir, kv_tokens=8192, dtype="bfloat16", max_model_len=256, deterministic=deterministic
+            )
+        return made[deterministic]
+
+    return get
+
+
+@pytest.mark.timeout(120)
+def test_deterministic_mode_gives_the_same_tokens_in_every_case(engines):
+    cases = _cases(engines(True))
+    alone = cases.pop("alone")
+    assert len(alone[0]) == NEW_TOKENS
+    for name, got in cases.items():
+        assert got[0] == alone[0], name
+        assert got[1] == alone[1], name  # bitwise: the numerics, not only the draws, are the same
+
+
+@pytest.mark.timeout(120)
+def test_without_the_mode_the_cases_differ(engines):
+    cases = _cases(engines(False))
+    alone = cases.pop("alone")
+    differ = [name for name, got in cases.items() if got[1] != alone[1]]
+    print(
+        f"without --deterministic, logprobs differ from alone in: {differ}; tokens differ in: "
+        f"{[name for name, got in cases.items() if got[0] != alone[0]]}"
+    )
+    assert differ
