@@ -182,3 +182,29 @@ def test_without_the_mode_the_cases_differ(engines):
         f"{[name for name, got in cases.items() if got[0] != alone[0]]}"
     )
     assert differ
+
+
+@pytest.mark.timeout(120)
+def test_determinism_bench_reports_both_sides(stories_dir, tmp_path):
+    """`shoal bench determinism` on stories260K: one round, both engines, ratios and the markdown table."""
+    from shoal.bench import determinism
+
+    result = determinism.run_determinism(
+        str(stories_dir),
+        dtype="float32",
+        num_prompts=3,
+        input_len=(8, 24),
+        output_len=(4, 8),
+        rounds=1,
+        dataset=tmp_path / "absent.txt",
+        log=lambda _: None,
+    )
+    for side in determinism.SIDES:
+        assert result["median"][side]["output_tokens_per_s"] > 0
+        assert result["median"][side]["cpu_ms_per_output_token"] > 0
+    assert result["ratio"]["output_tokens_per_s"] == pytest.approx(
+        result["median"]["deterministic"]["output_tokens_per_s"]
+        / result["median"]["default"]["output_tokens_per_s"]
+    )
+    table = determinism.markdown(result)
+    assert "| default |" in table and "| deterministic |" in table
