@@ -132,3 +132,29 @@ def test_aborting_a_swapped_sequence_frees_its_host_blocks():
     assert sched.swap.num_free == 6
     sched.remove(b)
     assert sched.swap.num_free == 8 and not sched.swapped
+
+
+@pytest.mark.timeout(10)
+def test_a_seat_taken_for_an_urgent_request_is_recomputed_not_swapped():
+    """Under `priority`, a running sequence preempted for its seat goes back to waiting (a swapped one
+    would block the admission its seat was freed for); the urgent request runs in the same step."""
+    from shoal.engine.block_manager import BlockManager
+    from shoal.engine.sequence import Sequence, Status
+
+    sched = Scheduler(
+        BlockManager(num_blocks=16, block_size=4),
+        max_num_seqs=1,
+        max_num_batched_tokens=64,
+        policy="priority",
+        swap_space=SwapSpace(16),
+    )
+    low = Sequence("low", 0, list(range(8)), SamplingParams(max_tokens=8), priority=10)
+    sched.add(low)
+    batch = sched.schedule()
+    low.num_computed += batch.num_tokens[0]
+    low.token_ids.append(1)
+    urgent = Sequence("urgent", 0, list(range(8)), SamplingParams(max_tokens=8), priority=0)
+    sched.add(urgent)
+    batch = sched.schedule()
+    assert batch.seqs == [urgent] and batch.preempted == [low]
+    assert low.status is Status.WAITING and not batch.swap_out and sched.num_swapped_out == 0
