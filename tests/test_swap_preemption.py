@@ -158,3 +158,21 @@ def test_a_seat_taken_for_an_urgent_request_is_recomputed_not_swapped():
     batch = sched.schedule()
     assert batch.seqs == [urgent] and batch.preempted == [low]
     assert low.status is Status.WAITING and not batch.swap_out and sched.num_swapped_out == 0
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"preemption_mode": "evict"},
+        {"swap_space": -1.0},
+        {"preemption_mode": "swap", "tensor_parallel_size": 2},
+        {"deterministic": True, "tensor_parallel_size": 2},
+        {"deterministic": True, "compile": True},
+    ],
+)
+def test_config_refuses_what_it_cannot_do(fields):
+    from shoal.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="|".join(k for k in fields if k != "tensor_parallel_size")):
+        EngineConfig(model="m", **fields).validate()
