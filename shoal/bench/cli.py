@@ -56,6 +56,7 @@ DatasetOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option(help="torch intra-op threads for both sides (default: torch's, one per core).")
 ]
+MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")]
 MaxLenOpt = Annotated[
     int | None, typer.Option(help="shoal's max_model_len (default: the engine's per-device default).")
 ]
@@ -417,9 +418,7 @@ def overhead(
     seed: SeedOpt = 0,
     dataset: DatasetOpt = workload.DEFAULT_DATASET,
     output_json: JsonOpt = None,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
-    ] = False,
+    markdown: MarkdownOpt = False,
 ) -> None:
     """What observability costs: `shoal serve` throughput with metrics off (--disable-log-stats) and with
     tracing on (OTLP to a receiver in this process), against the defaults, in one run (target: < 3% each)."""
@@ -496,9 +495,7 @@ def gateway(
     ] = 3 << 20,
     threads: Annotated[int, typer.Option(help="OMP threads per backend.")] = 1,
     output_json: JsonOpt = None,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
-    ] = False,
+    markdown: MarkdownOpt = False,
 ) -> None:
     """The gateway's added latency and throughput loss against direct access, and prefix-aware against
     round-robin routing over two replicas (see shoal/bench/gateway.py)."""
@@ -533,9 +530,7 @@ def coldstart(
         int, typer.Option(help="Tokens of the decode-speed request (load formats).")
     ] = 64,
     output_json: JsonOpt = None,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
-    ] = False,
+    markdown: MarkdownOpt = False,
 ) -> None:
     """Time from process start to ready: model served in place, copied into a cold cache, from a warm
     cache; then --load-format mmap against the default (see shoal/bench/coldstart.py)."""
@@ -566,9 +561,7 @@ def chaos(
     health_timeout: Annotated[float, typer.Option(help="The gateway's health_timeout_s.")] = 1.0,
     kv_cache_memory: Annotated[int | None, typer.Option(help="Each replica's KV cache (bytes).")] = 32 << 20,
     output_json: JsonOpt = None,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
-    ] = False,
+    markdown: MarkdownOpt = False,
 ) -> None:
     """Load through the gateway to two replicas while one is killed (SIGKILL) and restarted and the other
     paused (SIGSTOP) and resumed: failed and hung requests, recovery times, and the goals of issue 22 (see
@@ -606,9 +599,7 @@ def determinism(
     seed: SeedOpt = 0,
     dataset: DatasetOpt = workload.DEFAULT_DATASET,
     output_json: JsonOpt = None,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
-    ] = False,
+    markdown: MarkdownOpt = False,
 ) -> None:
     """What --deterministic costs: throughput of two in-process engines, with and without the mode, on the
     same mixed batch of seeded requests (see shoal/bench/determinism.py)."""
