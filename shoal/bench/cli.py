@@ -333,6 +333,132 @@ def serve_compare(
     )
 
 
+@bench_app.command("serve")
+def serve(
+    model: Annotated[str, typer.Option(help="The model name the server serves (the requests' `model`).")],
+    base_url: Annotated[
+        str, typer.Option(help="Server base URL, without /v1 (any OpenAI-compatible server).")
+    ] = "http://127.0.0.1:8000",
+    endpoint: Annotated[str, typer.Option(help="The streamed completions route.")] = "/v1/completions",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="OPENAI_API_KEY", help="Bearer token ($OPENAI_API_KEY).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local directory with the served model's tokenizer.json, for the random dataset's token-id "
+            "prompts (default: --model when it is a local directory).",
+            show_default=False,
+        ),
+    ] = None,
+    dataset_name: Annotated[
+        str, typer.Option(help="random (token ids cut from real text) or custom (--dataset-path JSONL).")
+    ] = "random",
+    dataset_path: Annotated[
+        Path | None, typer.Option(help='custom: a JSONL file, one {"prompt": "..."} per line.')
+    ] = None,
+    num_prompts: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 100,
+    random_input_len: Annotated[int, typer.Option(help="Prompt tokens (mean of the range).")] = 128,
+    random_output_len: Annotated[int, typer.Option(help="Output tokens, max_tokens (mean).")] = 64,
+    random_range_ratio: Annotated[
+        float, typer.Option(help="Lengths within +- this share of the mean (0: fixed lengths).")
+    ] = 0.0,
+    length_distribution: Annotated[
+        str, typer.Option(help="uniform, or normal (sd a quarter of the range, clipped to it).")
+    ] = "uniform",
+    request_rate: Annotated[
+        float, typer.Option(help="Requests/s, open loop (inf: all at once; with --max-concurrency, closed).")
+    ] = float("inf"),
+    arrivals: Annotated[str, typer.Option(help="poisson (gamma with --burstiness) or fixed intervals.")] = (
+        "poisson"
+    ),
+    burstiness: Annotated[
+        float, typer.Option(help="Gamma shape of the gaps, vLLM's (1: Poisson; < 1 burstier).")
+    ] = 1.0,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Requests in flight at most (default: no cap).")
+    ] = None,
+    goodput: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SLA targets in ms, vLLM's: --goodput 'ttft:500 tpot:50 e2el:3000' (or repeat the flag). "
+            "Goodput counts the requests meeting all of them."
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request counts as timeout.")
+    ] = 600.0,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Ask for exactly max_tokens (vLLM's field).")
+    ] = True,
+    num_warmups: Annotated[int, typer.Option(help="Requests sent one by one before the measured run.")] = 1,
+    seed: SeedOpt = 0,
+    output_json: JsonOpt = None,
+) -> None:
+    """Load benchmark against any OpenAI-compatible server (vLLM's benchmark_serving): TTFT, TPOT, E2E
+    P50/P95/P99, requests/s, tokens/s, goodput under --goodput, errors counted by kind (never a crash)."""
+    from rich.console import Console
+
+    from shoal.bench import serve as bs
+    from shoal.bench import serve_report
+
+    try:
+        spec = bs.LoadSpec(base_url=base_url, model=model, endpoint=endpoint, api_key=api_key,
+                           request_rate=request_rate, arrivals=arrivals, burstiness=burstiness,
+                           max_concurrency=max_concurrency, request_timeout_s=request_timeout,
+                           ignore_eos=ignore_eos, num_warmups=num_warmups, seed=seed,
+                           goodput=bs.parse_goodput([g for item in goodput or [] for g in item.split()]))  # fmt: skip
+        total = num_prompts + num_warmups
+        if dataset_name == "custom":
+            if dataset_path is None:
+                raise ValueError("--dataset-name custom needs --dataset-path")
+            prompts = bs.dataset_prompts(dataset_path, total, random_output_len, random_range_ratio,
+                                         length_distribution, seed)  # fmt: skip
+        elif dataset_name == "random":
+            tok = tokenizer or (Path(model) if Path(model).is_dir() else None)
+            if tok is None:
+                raise ValueError(
+                    "the random dataset needs --tokenizer DIR (the served model's tokenizer.json)"
+                )
+            prompts = bs.random_prompts(tok, total, random_input_len, random_output_len, random_range_ratio,
+                                        length_distribution, seed)  # fmt: skip
+        else:
+            raise ValueError(f"--dataset-name must be random or custom, got {dataset_name!r}")
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    result = bs.run_bench_serve(spec, prompts, log=typer.echo)
+    Console().print(serve_report.run_table(result))
+    typer.echo(serve_report.describe(result))
+    typer.echo(serve_report.errors_line(result))
+    if output_json is not None:
+        workload.write_json(result, output_json)
+        typer.echo(f"wrote {output_json}")
+
+
+@bench_app.command("serve-diff")
+def serve_diff(
+    a: Annotated[Path, typer.Argument(help="Result JSON of `shoal bench serve` (the baseline, A).")],
+    b: Annotated[Path, typer.Argument(help="Result JSON to compare (B).")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a markdown table instead.")] = False,
+) -> None:
+    """Two `shoal bench serve` runs side by side, every metric with its ratio B / A."""
+    from rich.console import Console
+
+    from shoal.bench import serve_report
+
+    try:
+        ra, rb = serve_report.load(a), serve_report.load(b)
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if markdown:
+        typer.echo(serve_report.markdown([ra, rb], [a.name, b.name]))
+    else:
+        Console().print(serve_report.diff_table(ra, rb, (a.name, b.name)))
+        typer.echo(f"A: {serve_report.describe(ra)}\nB: {serve_report.describe(rb)}")
+
+
 @bench_app.command("quant")
 def quant(
     model: ModelOpt = None,

@@ -223,6 +223,7 @@ class Stream:
     prompt_tokens: int | None = None
     text: str = ""
     timed_out: bool = False  # cut at the run's time limit: the tokens it had by then count
+    error: str | None = None  # `shoal bench serve`: the kind of failure (connect, timeout, http_500, ...)
 
 
 def summarize(streams: list[Stream], wall_s: float) -> dict:
@@ -416,9 +417,19 @@ def _inproc_loop(engine, requests: list[Request], max_run_s: float) -> dict:
     return {"streams": streams, "wall_s": wall}
 
 
-# ---- the HTTP client (both servers) -----------------------------------------------------------------
+# ---- the HTTP client (both servers; `shoal bench serve` too) -------------------------------------------
+class ServerError(RuntimeError):
+    """A server's error answer: `kind` is `http_<status>` or `stream_error` (an error event mid-stream)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass
-class _StreamState:
+class StreamState:
+    """What consume_stream has read of one streamed completion so far (perf_counter seconds)."""
+
     t0: float
     first: float | None = None
     chunks: int = 0
@@ -427,11 +438,14 @@ class _StreamState:
     text: list[str] = field(default_factory=list)
 
 
-async def _consume(client, url: str, body: dict, st: _StreamState) -> None:
+async def consume_stream(client, url: str, body: dict, st: StreamState) -> None:
+    """POST a streamed completion with an httpx.AsyncClient and read its SSE chunks into `st`. Raises
+    ServerError for an error status or error event, httpx.HTTPError for transport failures, ValueError
+    (json.JSONDecodeError) for a chunk that is not JSON."""
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             detail = (await resp.aread()).decode(errors="replace")[:500]
-            raise RuntimeError(f"POST {url}: HTTP {resp.status_code}: {detail}")
+            raise ServerError(f"http_{resp.status_code}", f"POST {url}: HTTP {resp.status_code}: {detail}")
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -440,7 +454,7 @@ async def _consume(client, url: str, body: dict, st: _StreamState) -> None:
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                raise RuntimeError(f"POST {url}: error event {chunk['error']}")
+                raise ServerError("stream_error", f"POST {url}: error event {chunk['error']}")
             if chunk.get("usage"):
                 st.usage = chunk["usage"]
             if chunk.get("timings"):
@@ -455,13 +469,18 @@ async def _consume(client, url: str, body: dict, st: _StreamState) -> None:
 
 
 async def _stream_one(client, url: str, body: dict, expected: int, deadline: float) -> Stream:
-    st = _StreamState(time.perf_counter())
+    st = StreamState(time.perf_counter())
     timed_out = False
     try:
-        await asyncio.wait_for(_consume(client, url, body, st), timeout=max(deadline - st.t0, 0.001))
+        await asyncio.wait_for(consume_stream(client, url, body, st), timeout=max(deadline - st.t0, 0.001))
     except asyncio.TimeoutError:
         timed_out = True  # the connection is closed: both servers abort a request whose client left
-    end = time.perf_counter()
+    return stream_result(st, time.perf_counter(), expected, timed_out)
+
+
+def stream_result(st: StreamState, end: float, expected: int, timed_out: bool = False) -> Stream:
+    """The Stream a StreamState amounts to, ended at `end` (perf_counter seconds): output tokens from the
+    usage chunk, else llama.cpp's timings, else the count of chunks with text."""
     if st.usage is not None:
         tokens, prompt_tokens = st.usage.get("completion_tokens", st.chunks), st.usage.get("prompt_tokens")
     elif st.timings is not None:

@@ -67,19 +67,34 @@ class TokenSource:
         return self.ids[start : start + n]
 
 
+LENGTH_DISTRIBUTIONS = ("uniform", "normal")
+
+
+def draw_length(rng: random.Random, low: int, high: int, distribution: str = "uniform") -> int:
+    """A length in [low, high]: uniform (inclusive), or normal around the middle with a standard deviation
+    of a quarter of the range (the range is +-2 sd), clipped to it. ValueError for another distribution."""
+    if distribution == "uniform":
+        return rng.randint(low, high)
+    if distribution == "normal":
+        value = round(rng.gauss((low + high) / 2, (high - low) / 4))
+        return min(max(value, low), high)
+    raise ValueError(f"length distribution must be one of {LENGTH_DISTRIBUTIONS}, got {distribution!r}")
+
+
 def build_requests(
     source: TokenSource,
     num_prompts: int,
     input_len_range: tuple[int, int],
     output_len_range: tuple[int, int],
     seed: int = 0,
+    distribution: str = "uniform",
 ) -> list[Request]:
-    """num_prompts requests with prompt and output lengths uniform (inclusive) in the given ranges."""
+    """num_prompts requests with prompt and output lengths drawn (draw_length) from the given ranges."""
     rng = random.Random(seed)
     requests = []
     for _ in range(num_prompts):
-        plen = rng.randint(*input_len_range)
-        olen = rng.randint(*output_len_range)
+        plen = draw_length(rng, *input_len_range, distribution)
+        olen = draw_length(rng, *output_len_range, distribution)
         requests.append(Request(source.take(rng, plen), olen))
     return requests
 
@@ -175,9 +190,8 @@ def set_threads(threads: int | None) -> None:
 
 
 # ---- reporting ----------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    import torch
-
+def cpu_model() -> tuple[str, str]:
+    """(the CPU's model name, its /proc/cpuinfo flags line); platform's names where /proc is absent."""
     cpu = platform.processor() or platform.machine()
     flags = ""
     try:
@@ -188,6 +202,13 @@ def machine_info() -> dict:
                 flags = line
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu, flags = cpu_model()
     try:
         import transformers
 
