@@ -1,13 +1,13 @@
 """`shoal stats`: percentiles from a live server's histograms agree with the client's own timings of the
-same requests to within one histogram bucket, and the command prints them as a table."""
+same requests (`shoal bench serve` is the client) to within one histogram bucket, and the command prints
+them as a table."""
 
 from __future__ import annotations
 
 import bisect
 import json
 import math
-import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,14 +19,19 @@ from shoal.live_stats import QUANTILES, Scrape, bucket_quantile, fetch, summariz
 from shoal.server.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS
 
 try:
-    from server_fixture import SERVED_NAME, live_server  # noqa: F401 - fixture
+    from server_fixture import API_KEY, SERVED_NAME, TINY_MODEL, live_server  # noqa: F401 - fixture
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import SERVED_NAME, live_server  # type: ignore[no-redef]  # noqa: F401
+    from tests.server_fixture import API_KEY, SERVED_NAME, TINY_MODEL, live_server  # type: ignore[no-redef]  # noqa: F401
 
 NUM_REQUESTS = 200
 CONCURRENCY = 2  # a stall of the machine hits this many requests at once; P99 of 200 survives two
 MAX_TOKENS = 8
-BUCKETS = {"TTFT": LATENCY_BUCKETS, "TPOT": TOKEN_LATENCY_BUCKETS, "E2E": LATENCY_BUCKETS}
+# shoal stats's label -> (shoal bench serve's metric, the server histogram's bucket bounds)
+BUCKETS = {
+    "TTFT": ("ttft", LATENCY_BUCKETS),
+    "TPOT": ("tpot", TOKEN_LATENCY_BUCKETS),
+    "E2E": ("e2el", LATENCY_BUCKETS),
+}
 
 
 def test_bucket_quantile_is_prometheus_histogram_quantile():
@@ -39,29 +44,15 @@ def test_bucket_quantile_is_prometheus_histogram_quantile():
     assert math.isnan(bucket_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]))
 
 
-def _timed_stream(http: httpx.Client, i: int) -> dict[str, float]:
-    """One streamed completion, timed by the client: TTFT, TPOT and E2E in seconds."""
-    body = {"model": SERVED_NAME, "prompt": f"Once upon a time {i}", "max_tokens": MAX_TOKENS,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    start = time.monotonic()
-    first = last = None
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                now = time.monotonic()
-                first = first or now
-                if json.loads(line[6:])["choices"][0]["finish_reason"]:
-                    last = now
-    end = time.monotonic()
-    assert first is not None and last is not None
-    return {"TTFT": first - start, "TPOT": (last - first) / (MAX_TOKENS - 1), "E2E": end - start}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+def _bench_serve(live_server, out: Path, num_prompts: int) -> dict:
+    """`shoal bench serve` against the live server, closed loop at CONCURRENCY: its result JSON."""
+    args = ["bench", "serve", "--base-url", live_server.url, "--model", SERVED_NAME, "--api-key", API_KEY,
+            "--tokenizer", str(TINY_MODEL), "--num-prompts", str(num_prompts), "--random-input-len", "8",
+            "--random-output-len", str(MAX_TOKENS), "--max-concurrency", str(CONCURRENCY),
+            "--num-warmups", "0", "--output-json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
 
 
 def _bucket(value: float, bounds: tuple[float, ...]) -> int:
@@ -69,21 +60,24 @@ def _bucket(value: float, bounds: tuple[float, ...]) -> int:
 
 
 @pytest.mark.timeout(90)
-def test_stats_percentiles_agree_with_client_timings(live_server):
-    with live_server.client() as http, ThreadPoolExecutor(CONCURRENCY) as pool:
-        # Open the connections first: a TCP connect is client time the server never sees.
-        list(pool.map(lambda i: _timed_stream(http, i), range(CONCURRENCY)))
-        before = fetch(live_server.url)
-        timings = list(pool.map(lambda i: _timed_stream(http, i), range(NUM_REQUESTS)))
-        after = fetch(live_server.url)
+def test_stats_percentiles_agree_with_bench_serve(live_server, tmp_path):
+    """`shoal bench serve` is the client: its P50/P95/P99 of 200 requests against the server's own."""
+    _bench_serve(live_server, tmp_path / "warm.json", CONCURRENCY)  # warm the server's paths up
+    before = fetch(live_server.url)
+    client = _bench_serve(live_server, tmp_path / "run.json", NUM_REQUESTS)
+    after = fetch(live_server.url)
+    assert client["completed"] == NUM_REQUESTS and client["errors"] == {}
     summary = summarize(before, after)
     assert not summary.whole_life
     assert after.minus(before).total(mn.E2E_LATENCY + "_count") == NUM_REQUESTS
     assert summary.requests_per_s > 0 and summary.output_tokens_per_s > 0
-    for label, bounds in BUCKETS.items():
-        client = [t[label] for t in timings]
+    assert client["total_output_tokens"] == NUM_REQUESTS * MAX_TOKENS
+    for label, (key, bounds) in BUCKETS.items():
         for q in QUANTILES:
-            server_value, client_value = summary.percentiles[label][q], _percentile(client, q)
+            server_value, client_value = (
+                summary.percentiles[label][q],
+                client[f"p{round(q * 100)}_{key}_ms"] / 1e3,
+            )
             gap = abs(_bucket(server_value, bounds) - _bucket(client_value, bounds))
             assert gap <= 1, f"{label} P{q * 100:g}: server {server_value:.4f}s, client {client_value:.4f}s"
 

@@ -86,8 +86,12 @@ def diff_table(a: dict, b: dict, names: tuple[str, str]):
 
 
 def markdown(results: list[dict], labels: list[str]) -> str:
-    """Several runs as one markdown table, a column per run (docs/benchmarks.md)."""
-    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    lines += [f"| {label} | " + " | ".join(cell(r, key, spec) for r in results) + " |"
-              for label, key, spec in ROWS]  # fmt: skip
+    """Several runs as one markdown table, a column per run (docs/benchmarks.md); with two runs, a last
+    column of ratios (second / first)."""
+    pair = len(results) == 2
+    heads = [*labels, "B / A"] if pair else labels
+    lines = ["| metric | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for label, key, spec in ROWS:
+        cells = [cell(r, key, spec) for r in results] + ([ratio(*results, key)] if pair else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""`shoal bench serve` (shoal/bench/serve.py): against a URL that fails it reports the errors by kind instead
+of crashing; its load shapes, goodput and comparison mode. Its agreement with `shoal stats` on a live
+server is tests/test_stats_cli.py::test_stats_percentiles_agree_with_bench_serve."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from typer.testing import CliRunner
+
+from shoal.bench import serve as bs
+from shoal.bench.serve_compare import Stream, free_port
+from shoal.cli import app
+
+try:
+    from server_fixture import TINY_MODEL
+except ImportError:  # tests/ became a package
+    from tests.server_fixture import TINY_MODEL  # type: ignore[no-redef]
+
+
+class _Failing(BaseHTTPRequestHandler):
+    """POST /v1/completions: HTTP 500 with an OpenAI error body; POST /broken: 200, then an error event."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, body = 500, b'{"error": {"message": "boom", "type": "server_error", "code": 500}}'
+        if self.path == "/broken":
+            status, body = 200, b'data: {"error": {"message": "engine died"}}\n\n'
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _bench(url: str, tmp_path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "result.json"
+    args = ["bench", "serve", "--base-url", url, "--model", "m", "--tokenizer", str(TINY_MODEL),
+            "--num-prompts", "6", "--random-input-len", "4", "--random-output-len", "4",
+            "--request-timeout", "10", "--output-json", str(out), *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text()), result.output
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_connection_is_reported_not_raised(tmp_path):
+    result, output = _bench(f"http://127.0.0.1:{free_port()}", tmp_path, "--request-rate", "200")
+    assert (result["completed"], result["failed"], result["errors"]) == (0, 6, {"connect": 6})
+    assert result["warmup_errors"] == 1 and result["p99_ttft_ms"] is None
+    assert "connect x6" in output and "ConnectError" in output
+
+
+@pytest.mark.timeout(30)
+def test_http_500_and_error_events_are_counted_by_kind(failing_url, tmp_path):
+    result, output = _bench(failing_url, tmp_path, "--max-concurrency", "2")
+    assert result["errors"] == {"http_500": 6} and result["request_throughput"] == 0
+    assert "boom" in result["error_examples"]["http_500"] and "http_500 x6" in output
+    result, _ = _bench(failing_url, tmp_path, "--endpoint", "/broken")
+    assert (
+        result["errors"] == {"stream_error": 6} and "engine died" in result["error_examples"]["stream_error"]
+    )
+
+
+@pytest.mark.timeout(10)
+def test_arrivals_fixed_poisson_and_all_at_once():
+    fixed = bs.arrival_times(5, bs.LoadSpec("u", "m", request_rate=4, arrivals="fixed"))
+    assert fixed == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    assert bs.arrival_times(3, bs.LoadSpec("u", "m")) == [0.0, 0.0, 0.0]
+    poisson = bs.arrival_times(4001, bs.LoadSpec("u", "m", request_rate=10, seed=1))
+    gaps = [b - a for a, b in zip(poisson, poisson[1:], strict=False)]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.1, rel=0.05)  # exponential gaps: mean 1/rate,
+    assert sum((g - 0.1) ** 2 for g in gaps) / len(gaps) == pytest.approx(0.01, rel=0.15)  # variance 1/rate²
+    with pytest.raises(ValueError, match="arrivals"):
+        bs.LoadSpec("u", "m", arrivals="bursty")
+
+
+@pytest.mark.timeout(10)
+def test_goodput_counts_requests_within_every_target():
+    """Hand-computed: TPOT = (E2E - TTFT) / (tokens - 1); a request is good when all targets hold."""
+    streams = [
+        Stream(ttft_s=0.1, latency_s=0.5, output_tokens=5, expected_tokens=5, prompt_tokens=8),  # TPOT 100
+        Stream(ttft_s=0.3, latency_s=0.5, output_tokens=5, expected_tokens=5, prompt_tokens=8),  # TTFT 300
+        Stream(ttft_s=0.1, latency_s=0.9, output_tokens=5, expected_tokens=5, prompt_tokens=8),  # TPOT 200
+        Stream(ttft_s=None, latency_s=0.1, output_tokens=0, expected_tokens=5, error="http_500"),
+    ]
+    m = bs.metrics(streams, 2.0, bs.parse_goodput(["ttft:200", "tpot:150"]))
+    assert (m["completed"], m["failed"], m["errors"]) == (3, 1, {"http_500": 1})
+    assert m["request_throughput"] == 1.5 and m["output_throughput"] == 7.5 and m["input_throughput"] == 12
+    assert m["request_goodput"] == 0.5 and m["goodput_output_throughput"] == 2.5
+    assert m["p50_tpot_ms"] == pytest.approx(100) and m["mean_ttft_ms"] == pytest.approx(500 / 3)
+    assert bs.parse_goodput(["e2e:3000"]) == {"e2el": 3000.0}
+    for bad in ("ttft", "itl:5", "ttft:fast", "ttft:0"):
+        with pytest.raises(ValueError):
+            bs.parse_goodput([bad])
+
+
+@pytest.mark.timeout(10)
+def test_prompt_lengths_follow_the_distribution(tmp_path):
+    prompts = bs.random_prompts(TINY_MODEL, 200, 20, 10, 0.5, "normal", seed=3)
+    lengths = [p.prompt_len for p in prompts]
+    assert min(lengths) >= 10 and max(lengths) <= 30 and 18 <= sum(lengths) / 200 <= 22
+    assert len({p.output_len for p in bs.random_prompts(TINY_MODEL, 20, 20, 10)}) == 1  # ratio 0: fixed
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Once upon a time"}\n\n{"prompt": "Hi", "output_tokens": 3}\n')
+    custom = bs.dataset_prompts(data, 3, 7)
+    assert [(p.prompt, p.output_len) for p in custom] == [
+        ("Once upon a time", 7),
+        ("Hi", 3),
+        ("Once upon a time", 7),
+    ]
+    data.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        bs.dataset_prompts(data, 1, 7)
+
+
+@pytest.mark.timeout(10)
+def test_serve_diff_shows_ratios(tmp_path):
+    base = {"benchmark": "bench_serve", "config": {"num_prompts": 10, "request_rate": "inf", "arrivals": "poisson",
+            "max_concurrency": 2, "base_url": "u", "model": "m"}, "goodput_targets_ms": {}}  # fmt: skip
+    a = {**base, "request_throughput": 2.0, "p99_ttft_ms": 100.0}
+    b = {**base, "request_throughput": 3.0, "p99_ttft_ms": 50.0}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    result = CliRunner().invoke(app, ["bench", "serve-diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                      "--markdown"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| requests/s | 2.00 | 3.00 | 1.50x |" in result.output
+    assert "| TTFT P99 (ms) | 100.0 | 50.0 | 0.50x |" in result.output
+    result = CliRunner().invoke(
+        app, ["bench", "serve-diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    )
+    assert result.exit_code == 0 and "1.50x" in result.output
+    (tmp_path / "c.json").write_text("{}")
+    result = CliRunner().invoke(
+        app, ["bench", "serve-diff", str(tmp_path / "a.json"), str(tmp_path / "c.json")]
+    )
+    assert result.exit_code == 2 and "not a `shoal bench serve` result" in result.output
