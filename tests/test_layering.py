@@ -135,3 +135,15 @@ def test_engine_runs_without_triton(stories_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "3"
+
+
+@pytest.mark.timeout(60)
+def test_bench_serve_and_cost_need_no_torch_or_engine():
+    """The load client and the cost report run on any box that reaches the server (no torch, no engine)."""
+    code = (
+        "import sys\n"
+        "import shoal.bench.serve, shoal.bench.serve_report, shoal.ops.cost\n"
+        "print(sorted(m for m in ('torch', 'shoal.engine', 'shoal.server') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"shoal bench serve / shoal cost pulled in: {out.stdout}"
