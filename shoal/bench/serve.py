@@ -11,7 +11,7 @@ Modelled on vLLM's benchmarks/benchmark_serving.py (`vllm bench serve`), with it
   interval); `inf` sends every request at once. `--max-concurrency` caps the requests in flight (with an
   infinite rate: a fixed concurrency, closed loop). As in vLLM, a request that arrives while the cap is
   reached waits for a slot, and its latencies start when it is sent.
-- Per request: TTFT (the first chunk with text), E2E latency (`e2el`, to the end of the stream) and TPOT
+- Per request: TTFT (the first chunk with a choice, even of empty text, as vLLM), E2E latency (`e2el`, to the end of the stream) and TPOT
   ((E2E - TTFT) / (output tokens - 1), vLLM's definition), from the client's clock.
 - Per run: P50/P95/P99 and mean of each (linear interpolation, numpy's default, as vLLM), requests/s and
   input/output tokens/s over the run's duration (first request sent to last one ended), and goodput: the
@@ -20,8 +20,11 @@ Modelled on vLLM's benchmarks/benchmark_serving.py (`vllm bench serve`), with it
 - Errors never stop the run: each failed request is counted by kind (`connect`, `timeout`, `http_<status>`,
   `stream_error`, `connection_lost`, `bad_response`) with the first message of each kind.
 
-The client is httpx on one asyncio loop (serve_compare's stream reader); it needs neither torch nor the
-engine, so it runs on any box that can reach the server.
+The client is aiohttp on one uvloop event loop, reading the stream with serve_compare's read_sse_line; it
+needs neither torch nor the engine, so it runs on any box that can reach the server. aiohttp rather than
+httpx (serve_compare's client): on this 2-core machine under other load, httpx's async client added up to
+twice the server's own TTFT to the TTFT it measured, aiohttp much less (tests/test_stats_cli.py compares
+the two within one histogram bucket).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from shoal.bench.serve_compare import (
     ServerError,
     Stream,
     StreamState,
-    consume_stream,
     percentile,
+    read_sse_line,
     stream_result,
 )
 
@@ -187,19 +190,31 @@ def _body(spec: LoadSpec, p: Prompt) -> dict:
 
 
 def _error_kind(e: BaseException) -> str:
-    import httpx
+    import aiohttp
 
     if isinstance(e, ServerError):
         return e.kind
-    if isinstance(e, asyncio.TimeoutError | httpx.TimeoutException):
+    if isinstance(e, asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return "timeout"
-    if isinstance(e, httpx.ConnectError):
+    if isinstance(e, aiohttp.ClientConnectorError):
         return "connect"
-    if isinstance(e, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+    if isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError):
         return "connection_lost"
     if isinstance(e, ValueError | KeyError | TypeError | AttributeError):
         return "bad_response"  # a chunk that is not JSON, or JSON of another shape
     return type(e).__name__
+
+
+async def _consume(session, url: str, body: dict, st: StreamState) -> None:
+    """serve_compare.consume_stream over aiohttp: under CPU contention its client adds less to the
+    latencies it measures than httpx's (measured here: client TTFT nearer the server's histograms)."""
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            detail = (await resp.text(errors="replace"))[:500]
+            raise ServerError(f"http_{resp.status}", f"POST {url}: HTTP {resp.status}: {detail}")
+        async for line in resp.content:
+            if read_sse_line(st, line.decode().strip(), url):
+                break
 
 
 async def _send(client, url: str, spec: LoadSpec, p: Prompt) -> tuple[Stream, str | None]:
@@ -207,26 +222,28 @@ async def _send(client, url: str, spec: LoadSpec, p: Prompt) -> tuple[Stream, st
     error kind, and the message comes back beside it."""
     st = StreamState(time.perf_counter())
     try:
-        await asyncio.wait_for(consume_stream(client, url, _body(spec, p), st), spec.request_timeout_s)
+        await asyncio.wait_for(_consume(client, url, _body(spec, p), st), spec.request_timeout_s)
         error = message = None
     except Exception as e:  # noqa: BLE001 - every failure is a counted error, never a crash
         error, message = _error_kind(e), f"{type(e).__name__}: {e}"[:300]
     stream = stream_result(st, time.perf_counter(), p.output_len)
     stream.error = error
+    if st.first_chunk is not None:  # vLLM's TTFT: the first chunk with a choice, even an empty text
+        stream.ttft_s = st.first_chunk - st.t0
     if error is None and stream.ttft_s is None:
         stream.error, message = "no_output", "the stream ended without a chunk of text"
     return stream, message
 
 
 async def _run(spec: LoadSpec, prompts: list[Prompt], warmups: list[Prompt]) -> dict:
-    import httpx
+    import aiohttp
 
     slots = spec.max_concurrency or len(prompts) or 1
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    limits = httpx.Limits(max_connections=slots + 4, max_keepalive_connections=slots + 4)
     url = spec.base_url.rstrip("/") + spec.endpoint
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(spec.request_timeout_s, connect=10),
-                                 headers=headers, trust_env=False) as client:  # fmt: skip
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=spec.request_timeout_s)
+    connector = aiohttp.TCPConnector(limit=slots + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
         warm = [await _send(client, url, spec, p) for p in warmups]
         gate = asyncio.Semaphore(slots)
 
@@ -254,7 +271,9 @@ def run_bench_serve(spec: LoadSpec, prompts: list[Prompt], log=print) -> dict:
     log(f"shoal bench serve: {len(prompts)} requests to {spec.base_url}{spec.endpoint}, rate {rate}, "
         f"max concurrency {spec.max_concurrency or 'none'}, {spec.num_warmups} warm-up")  # fmt: skip
     load_before = workload.load_average()
-    run = asyncio.run(_run(spec, prompts, warmups))
+    import uvloop
+
+    run = uvloop.run(_run(spec, prompts, warmups))
     result = metrics([s for s, _ in run["streams"]], run["duration_s"], spec.goodput)
     result["error_examples"] = {}
     for stream, message in run["streams"]:

@@ -431,7 +431,8 @@ class StreamState:
     """What consume_stream has read of one streamed completion so far (perf_counter seconds)."""
 
     t0: float
-    first: float | None = None
+    first: float | None = None  # the first chunk with text
+    first_chunk: float | None = None  # the first chunk with a choice, text or not (vLLM's TTFT)
     chunks: int = 0
     usage: dict | None = None
     timings: dict | None = None
@@ -447,25 +448,34 @@ async def consume_stream(client, url: str, body: dict, st: StreamState) -> None:
             detail = (await resp.aread()).decode(errors="replace")[:500]
             raise ServerError(f"http_{resp.status_code}", f"POST {url}: HTTP {resp.status_code}: {detail}")
         async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+            if read_sse_line(st, line, url):
                 break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise ServerError("stream_error", f"POST {url}: error event {chunk['error']}")
-            if chunk.get("usage"):
-                st.usage = chunk["usage"]
-            if chunk.get("timings"):
-                st.timings = chunk["timings"]
-            for choice in chunk.get("choices") or ():
-                piece = choice.get("text") or ""
-                if piece:
-                    if st.first is None:
-                        st.first = time.perf_counter()
-                    st.chunks += 1
-                    st.text.append(piece)
+
+
+def read_sse_line(st: StreamState, line: str, url: str) -> bool:
+    """One line of an OpenAI completions event stream into `st`; True at `data: [DONE]`. Raises
+    ServerError for an error event, ValueError for a chunk that is not JSON."""
+    if not line.startswith("data:"):
+        return False
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return True
+    chunk = json.loads(data)
+    if "error" in chunk:
+        raise ServerError("stream_error", f"POST {url}: error event {chunk['error']}")
+    if chunk.get("usage"):
+        st.usage = chunk["usage"]
+    if chunk.get("timings"):
+        st.timings = chunk["timings"]
+    for choice in chunk.get("choices") or ():
+        st.first_chunk = st.first_chunk or time.perf_counter()
+        piece = choice.get("text") or ""
+        if piece:
+            if st.first is None:
+                st.first = time.perf_counter()
+            st.chunks += 1
+            st.text.append(piece)
+    return False
 
 
 async def _stream_one(client, url: str, body: dict, expected: int, deadline: float) -> Stream:
