@@ -231,7 +231,7 @@ async def _send(client, url: str, spec: LoadSpec, p: Prompt) -> tuple[Stream, st
     if st.first_chunk is not None:  # vLLM's TTFT: the first chunk with a choice, even an empty text
         stream.ttft_s = st.first_chunk - st.t0
     if error is None and stream.ttft_s is None:
-        stream.error, message = "no_output", "the stream ended without a chunk of text"
+        stream.error, message = "no_output", "the stream ended without a chunk"
     return stream, message
 
 
@@ -266,13 +266,13 @@ async def _run(spec: LoadSpec, prompts: list[Prompt], warmups: list[Prompt]) -> 
 def run_bench_serve(spec: LoadSpec, prompts: list[Prompt], log=print) -> dict:
     """Send the first spec.num_warmups prompts one by one (not measured), then the others as `spec` says;
     the result dict (see metrics()) plus the config."""
+    import uvloop  # the client's event loop: less CPU per chunk than asyncio's, on a machine the server shares
+
     warmups, prompts = prompts[: spec.num_warmups], prompts[spec.num_warmups :]
     rate = "inf" if math.isinf(spec.request_rate) else f"{spec.request_rate:g}/s ({spec.arrivals})"
     log(f"shoal bench serve: {len(prompts)} requests to {spec.base_url}{spec.endpoint}, rate {rate}, "
         f"max concurrency {spec.max_concurrency or 'none'}, {spec.num_warmups} warm-up")  # fmt: skip
     load_before = workload.load_average()
-    import uvloop
-
     run = uvloop.run(_run(spec, prompts, warmups))
     result = metrics([s for s, _ in run["streams"]], run["duration_s"], spec.goodput)
     result["error_examples"] = {}
