@@ -1,5 +1,6 @@
-"""`shoal autoscale simulate` and `shoal tune`: thin commands over shoal/ops/autoscale_sim.py and
-shoal/ops/tune.py. Imports only typer: the models, the engine and matplotlib load when a command runs."""
+"""`shoal autoscale simulate`, `shoal tune` and `shoal cost`: thin commands over shoal/ops/autoscale_sim.py,
+shoal/ops/tune.py and shoal/ops/cost.py. Imports only typer: the models, the engine and matplotlib load when
+a command runs."""
 
 from __future__ import annotations
 
@@ -230,3 +231,61 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cost(
+    bench: Annotated[
+        Path,
+        typer.Option(
+            help="A `shoal bench serve --goodput ... --output-json` result (its goodput is priced)."
+        ),
+    ],
+    prices: Annotated[
+        Path, typer.Option(help="Price file, YAML or JSON (example prices: deploy/prices.example.yaml).")
+    ],
+    instance: Annotated[str, typer.Option(help="The price file's instance type the --bench run measured.")],
+    measured: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TYPE=RESULT.json: another instance type's own measurement (repeat it); types "
+            "without one are scaled from --instance by CPU (GPU) count."
+        ),
+    ] = None,
+    target_rps: Annotated[
+        float | None, typer.Option(help="Target load in requests/s: replicas, right-sizing.")
+    ] = None,
+    target_output_tps: Annotated[float | None, typer.Option(help="Or the target in output tokens/s.")] = None,
+    min_memory_gib: Annotated[
+        float, typer.Option(help="Right-size only among types with this much memory.")
+    ] = 0.0,
+    quantized: Annotated[
+        Path | None, typer.Option(help="Bench result of the quantized model on --instance (same SLA).")
+    ] = None,
+    quantization_speedup: Annotated[
+        float | None, typer.Option(help="Or its goodput ratio to the 16-bit model (e.g. 1.6).")
+    ] = None,
+    prefix_cache: Annotated[
+        Path | None, typer.Option(help="Bench result with prefix caching on --instance (same SLA).")
+    ] = None,
+    prefix_cache_speedup: Annotated[float | None, typer.Option(help="Or its goodput ratio.")] = None,
+    output_json: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
+) -> None:
+    """Cost per 1M output tokens and per request at the SLA of a `shoal bench serve` run, replicas and the
+    cheapest instance type for a target load, and the saving from quantization, prefix caching and spot."""
+    import json
+
+    from shoal.ops import cost as oc
+
+    try:
+        report = oc.run(bench, prices, instance, measured or [], target_rps, target_output_tps, min_memory_gib,
+                        {"quantization": (quantized, quantization_speedup),
+                         "prefix caching": (prefix_cache, prefix_cache_speedup)})  # fmt: skip
+    except (ValueError, OSError, KeyError) as e:
+        typer.echo(f"shoal cost: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for table in oc.tables(report):
+        _console().print(table)
+    typer.echo("\n".join(oc.notes(report)))
+    if output_json is not None:
+        output_json.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {output_json}")
