@@ -569,6 +569,49 @@ def overhead(
     )
 
 
+@bench_app.command("http-cpu")
+def http_cpu(
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    rounds: Annotated[int, typer.Option(help="Measured rounds (after one warm-up).")] = 3,
+    concurrency: Annotated[list[int] | None, typer.Option(help="Streams at once (repeatable).")] = None,
+    single_output_len: Annotated[int, typer.Option(help="Tokens of the single stream (0: skip).")] = 128,
+    stream_output_len: Annotated[int, typer.Option(help="Tokens per concurrent stream.")] = 64,
+    client: Annotated[
+        list[str] | None, typer.Option(help="Load client(s) of serve_compare: aiohttp, httpx.")
+    ] = None,
+    seed: SeedOpt = 0,
+    dataset: DatasetOpt = workload.DEFAULT_DATASET,
+    output_json: JsonOpt = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also print the docs/benchmarks.md table.")
+    ] = False,
+) -> None:
+    """CPU ms per output token of `shoal serve`'s HTTP process, its engine core and the load client, for a
+    fixed workload: the serving path's cost that hardly moves with other load on the machine."""
+    from shoal.bench import http_cpu as hc
+
+    def printer(result: dict) -> None:
+        typer.echo(hc.markdown(result) if markdown else "")
+
+    _run(
+        hc.run_http_cpu,
+        printer,
+        output_json,
+        model=model,
+        dtype=dtype,
+        threads=threads,
+        rounds=rounds,
+        concurrency=tuple(concurrency or (64,)),
+        single_output_len=single_output_len,
+        stream_output_len=stream_output_len,
+        clients=tuple(client or ("aiohttp", "httpx")),
+        seed=seed,
+        dataset=dataset,
+    )
+
+
 @bench_app.command("spike")
 def spike(
     model: ModelOpt = None,

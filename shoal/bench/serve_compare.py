@@ -478,11 +478,36 @@ def read_sse_line(st: StreamState, line: str, url: str) -> bool:
     return False
 
 
-async def _stream_one(client, url: str, body: dict, expected: int, deadline: float) -> Stream:
+async def consume_stream_aiohttp(session, url: str, body: dict, st: StreamState) -> None:
+    """consume_stream with an aiohttp.ClientSession: its C HTTP parser costs a third of httpx's CPU per
+    streamed token here (docs/benchmarks.md, "CPU per token of the HTTP side"), CPU that on a 2-core
+    machine comes off the server it measures. Same errors as consume_stream (aiohttp's for transport)."""
+    async with session.post(url, data=_json_encode(body), headers=_JSON_HEADERS) as resp:
+        if resp.status != 200:
+            detail = (await resp.read()).decode(errors="replace")[:500]
+            raise ServerError(f"http_{resp.status}", f"POST {url}: HTTP {resp.status}: {detail}")
+        async for line in resp.content:  # one line at a time, from aiohttp's buffer
+            if read_sse_line(st, line.decode(), url):
+                break
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+CLIENTS = ("aiohttp", "httpx")  # the load client: the same one for every server of a run
+DEFAULT_CLIENT = "aiohttp"
+_CONSUMERS = {"aiohttp": consume_stream_aiohttp, "httpx": consume_stream}
+
+
+def _json_encode(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+async def _stream_one(
+    client, url: str, body: dict, expected: int, deadline: float, consume=consume_stream
+) -> Stream:
     st = StreamState(time.perf_counter())
     timed_out = False
     try:
-        await asyncio.wait_for(consume_stream(client, url, body, st), timeout=max(deadline - st.t0, 0.001))
+        await asyncio.wait_for(consume(client, url, body, st), timeout=max(deadline - st.t0, 0.001))
     except asyncio.TimeoutError:
         timed_out = True  # the connection is closed: both servers abort a request whose client left
     return stream_result(st, time.perf_counter(), expected, timed_out)
@@ -508,12 +533,26 @@ def stream_result(st: StreamState, end: float, expected: int, timed_out: bool = 
     )
 
 
-async def _http_load(base_url: str, model_name: str, requests: list[Request], max_run_s: float) -> dict:
-    import httpx  # dev dependency: only the serving benchmark's client needs it
+def _session(client: str, connections: int):
+    """The load client's session (an async context manager): aiohttp's or httpx's."""
+    if client == "httpx":
+        import httpx  # dev dependency: only the serving benchmarks' client needs it
 
-    limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(
+            limits=limits, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=30), trust_env=False
+        )
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=30)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), timeout=timeout)
+
+
+async def _http_load(
+    base_url: str, model_name: str, requests: list[Request], max_run_s: float, client_name: str
+) -> dict:
+    consume = _CONSUMERS[client_name]
+    async with _session(client_name, len(requests) + 4) as client:
         url = f"{base_url}/v1/completions"
         bodies = [
             {
@@ -531,7 +570,7 @@ async def _http_load(base_url: str, model_name: str, requests: list[Request], ma
         deadline = t0 + max_run_s
         streams = await asyncio.gather(
             *(
-                _stream_one(client, url, b, r.output_len, deadline)
+                _stream_one(client, url, b, r.output_len, deadline, consume)
                 for b, r in zip(bodies, requests, strict=True)
             )
         )
@@ -540,9 +579,19 @@ async def _http_load(base_url: str, model_name: str, requests: list[Request], ma
 
 
 def http_run(
-    base_url: str, model_name: str, requests: list[Request], max_run_s: float = REQUEST_TIMEOUT_S
+    base_url: str,
+    model_name: str,
+    requests: list[Request],
+    max_run_s: float = REQUEST_TIMEOUT_S,
+    client: str = DEFAULT_CLIENT,
 ) -> dict:
-    return asyncio.run(_http_load(base_url, model_name, requests, max_run_s))
+    """Every request streamed at once from `base_url` as `model_name` by one asyncio loop of `client`
+    (aiohttp or httpx); {"streams": [Stream], "wall_s"}. Streams still running after max_run_s are cut
+    (timed_out) with the tokens they had. Raises ValueError for an unknown client, ServerError on an
+    error answer."""
+    if client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}: one of {', '.join(CLIENTS)}")
+    return asyncio.run(_http_load(base_url, model_name, requests, max_run_s, client))
 
 
 # ---- servers as subprocesses ------------------------------------------------------------------------
