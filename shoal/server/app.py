@@ -26,6 +26,7 @@ from shoal.server.access_log import AccessLog
 from shoal.server.auth import AuthMiddleware
 from shoal.server.body_limit import BodyLimitMiddleware
 from shoal.server.cached_responses import ResponseCacheMiddleware
+from shoal.server.direct_body import offer_direct_body
 from shoal.server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from shoal.server.lifecycle import AdmissionGate, Lifecycle
 from shoal.server.metrics import ServerMetrics
@@ -120,6 +121,8 @@ def build_app(
         state.end_listeners.append(_audit_listener(policy.audit, engine, metrics))
     # Outermost: the context exists before anything else runs, and sees every response, 401/413 included.
     app.add_middleware(RequestContextMiddleware, listeners=state.end_listeners)
+    # Around all of them, even Starlette's own: streamed chunks skip the send wrappers (direct_body.py).
+    offer_direct_body(app)
     _document_400_not_422(app)
     return app
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.policy.response_cache import CachedResponse, ResponseCache
 from shoal.server.body_limit import replaying
+from shoal.server.direct_body import needs_every_chunk
 
 CACHED_ROUTES = ("/v1/completions", "/v1/chat/completions")
 CACHE_HEADER = b"x-shoal-cache"
@@ -42,6 +43,7 @@ class ResponseCacheMiddleware:
             _context(scope, "cache_hit", True)
             await _send_cached(cached, send)
             return
+        needs_every_chunk(scope)  # the recorder keeps the body: streamed chunks must pass through it
         recorder = _Recorder(send)
         await self.app(scope, replay, recorder.send)
         if recorder.complete() and not _cut_short(scope):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
@@ -26,6 +26,7 @@ from shoal.policy.config import PolicyConfig
 from shoal.policy.content_filter import ContentFilter
 from shoal.policy.identity import ANONYMOUS, Identity
 from shoal.server.content_guard import check_prompts, guarded
+from shoal.server.direct_body import SSEResponse
 from shoal.server.errors import SERVER_ERROR, APIError, error_body
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import Usage
@@ -334,7 +335,7 @@ async def run_jobs(
             streams = await unless_disconnected(
                 request, lambda: evictable(request, start(engine, metrics, jobs, ctx, content_filter))
             )
-            return StreamingResponse(stream_events(streams), media_type="text/event-stream")
+            return SSEResponse(stream_events(streams))
         return await unless_disconnected(
             request, lambda: _start_and_collect(request, engine, metrics, jobs, ctx, content_filter)
         )
