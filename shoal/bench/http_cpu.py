@@ -14,7 +14,11 @@ reads, from /proc (utime + stime, all threads):
 - `core_ms_per_token`: its children (the engine core: scheduling and the model);
 - `client_ms_per_token`: this process during the load (serve_compare's asyncio SSE client);
 
-each in CPU milliseconds per output token, with the median over rounds in the summary.
+each in CPU milliseconds per output token, with the median over rounds in the summary. An idle server
+still spends some CPU per second (uvicorn's ticks, the engine core's loop), which a slow run (a loaded
+machine) divides among fewer tokens; so the server's idle CPU rate is measured once after the warm-up
+(`IDLE_S` seconds without requests) and `http_net_ms_per_token` / `core_net_ms_per_token` are the same
+figures less that rate times the run's wall time: the part that scales with tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from shoal.bench.serve_compare import (
 from shoal.bench.workload import Request
 
 SETTLE_S = 0.3  # late work of a run (the last chunks' bookkeeping, the access log) counts in it
+IDLE_S = 5.0
 
 
 def run_http_cpu(
@@ -143,11 +148,25 @@ def server_cpu_s(server: Server) -> tuple[float, float]:
     return CpuMeter._proc_busy(pid) / tick, sum(CpuMeter._proc_busy(c) for c in children) / tick
 
 
+def idle_rate(server: Server, seconds: float = IDLE_S) -> tuple[float, float]:
+    """CPU seconds per second of the idle server's own process and of its engine core."""
+    (http0, core0), t0 = server_cpu_s(server), time.perf_counter()
+    time.sleep(seconds)
+    (http1, core1), t1 = server_cpu_s(server), time.perf_counter()
+    return (http1 - http0) / (t1 - t0), (core1 - core0) / (t1 - t0)
+
+
 def _measure(
     server: Server, loads: list[dict[str, list[Request]]], clients: tuple[str, ...], log
 ) -> list[dict]:
     runs = []
+    idle = (0.0, 0.0)
     for r, round_loads in enumerate(loads):
+        if r == 1:
+            idle = idle_rate(server)
+            log(
+                f"idle: HTTP process {idle[0] * 1000:.1f}, engine core {idle[1] * 1000:.1f} CPU ms per second"
+            )
         for name, requests in round_loads.items():
             for client in clients:
                 (http0, core0), client0 = server_cpu_s(server), time.process_time()
@@ -167,10 +186,16 @@ def _measure(
                     "http_ms_per_token": 1000 * (http1 - http0) / tokens,
                     "core_ms_per_token": 1000 * (core1 - core0) / tokens,
                     "client_ms_per_token": 1000 * client_s / tokens,
+                    "wall_s": stats["wall_s"],
+                    "idle_cpu_per_s": {"http": idle[0], "core": idle[1]},
                 }
+                idle_ms = 1000 * stats["wall_s"] / tokens
+                row["http_net_ms_per_token"] = row["http_ms_per_token"] - idle[0] * idle_ms
+                row["core_net_ms_per_token"] = row["core_ms_per_token"] - idle[1] * idle_ms
                 runs.append(row)
                 log(
-                    f"round {r} {name} {client}: HTTP {row['http_ms_per_token']:.3f}, core "
+                    f"round {r} {name} {client}: HTTP {row['http_ms_per_token']:.3f} (net of idle "
+                    f"{row['http_net_ms_per_token']:.3f}), core "
                     f"{row['core_ms_per_token']:.3f}, client {row['client_ms_per_token']:.3f} CPU ms/token"
                 )
     return runs
@@ -178,7 +203,14 @@ def _measure(
 
 def _summary(runs: list[dict]) -> list[dict]:
     """The median over rounds of each (load, client)."""
-    keys = ("http_ms_per_token", "core_ms_per_token", "client_ms_per_token", "output_tokens_per_s")
+    keys = (
+        "http_ms_per_token",
+        "http_net_ms_per_token",
+        "core_ms_per_token",
+        "core_net_ms_per_token",
+        "client_ms_per_token",
+        "output_tokens_per_s",
+    )
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in runs:
         groups.setdefault((row["load"], row["client"]), []).append(row)
@@ -190,12 +222,15 @@ def _summary(runs: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| load | client | HTTP process, CPU ms/token | engine core, CPU ms/token | client, CPU ms/token |",
-        "|---|---|---:|---:|---:|",
+        "| load | client | HTTP process (net of idle) | engine core (net of idle) | client | tokens/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for s in result["summary"]:
         lines.append(
-            f"| {s['load']} | {s['client']} | {s['http_ms_per_token']:.3f} | {s['core_ms_per_token']:.3f} "
-            f"| {s['client_ms_per_token']:.3f} |"
+            f"| {s['load']} | {s['client']} | {s['http_ms_per_token']:.3f} ({s['http_net_ms_per_token']:.3f}) "
+            f"| {s['core_ms_per_token']:.2f} ({s['core_net_ms_per_token']:.2f}) | {s['client_ms_per_token']:.3f} "
+            f"| {s['output_tokens_per_s']:.1f} |"
         )
+    lines.append("")
+    lines.append("CPU milliseconds per output token, median over rounds.")
     return "\n".join(lines)

@@ -187,11 +187,15 @@ async def _stream(
         body.continuous_usage,
     )
     usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=0, total_tokens=len(prompt_ids))
+    continuous = body.continuous_usage  # a property: read once, not per token
+    last: RequestOutput | None = None
     try:
         for i in range(body.n):
             yield chunk([_choice(i, {"role": "assistant", "content": ""})], usage)
         async for _, out in merge(streams):
-            usage = _usage(out)
+            last = out
+            if continuous:  # otherwise only the final chunk carries it: built once, after the loop
+                usage = _usage(out)
             for o in out.outputs:
                 i = o.index
                 if finished[i]:
@@ -205,7 +209,7 @@ async def _stream(
                     finished[i] = True
                     yield chunk([_choice(i, {}, None, o.finish_reason, o.stop_reason)], usage)
         if body.include_usage:
-            yield chunk([], usage, final=True)
+            yield chunk([], usage if last is None else _usage(last), final=True)
     except Exception as e:  # noqa: BLE001 - the 200 is sent: report in-band
         yield stream_error_event(e)
     yield sse("[DONE]")

@@ -259,10 +259,11 @@ async def _stream(
         request_id, "text_completion", created, state.model_name, body.include_usage, body.continuous_usage
     )
 
+    continuous = body.continuous_usage  # a property: read once, not per token
     try:
         async for p, out in merge(streams):
             latest[p] = out
-            usage = _usage(prompts, builders, latest) if body.continuous_usage else None
+            usage = _usage(prompts, builders, latest) if continuous else None
             builder = builders[p]
             for o in out.outputs:
                 index = p * body.n + o.index
