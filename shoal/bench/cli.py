@@ -73,6 +73,15 @@ def run_as_script(command: str, results: Path, argv: list[str], prog_name: str) 
     bench_app([command, *args], prog_name=prog_name)
 
 
+def _markdown_printer(render, markdown: bool):
+    """A printer for _run: the result's docs/benchmarks.md table with --markdown, else a blank line."""
+
+    def printer(result: dict) -> None:
+        typer.echo(render(result) if markdown else "")
+
+    return printer
+
+
 def _run(fn, printer, output_json: Path | None, **kwargs) -> dict:
     try:
         result = fn(log=typer.echo, **kwargs)
@@ -550,12 +559,9 @@ def overhead(
     tracing on (OTLP to a receiver in this process), against the defaults, in one run (target: < 3% each)."""
     from shoal.bench import overhead as oh
 
-    def printer(result: dict) -> None:
-        typer.echo(oh.markdown(result) if markdown else "")
-
     _run(
         oh.run_overhead,
-        printer,
+        _markdown_printer(oh.markdown, markdown),
         output_json,
         model=model,
         dtype=dtype,
@@ -592,21 +598,18 @@ def http_cpu(
     fixed workload: the serving path's cost that hardly moves with other load on the machine."""
     from shoal.bench import http_cpu as hc
 
-    def printer(result: dict) -> None:
-        typer.echo(hc.markdown(result) if markdown else "")
-
     _run(
         hc.run_http_cpu,
-        printer,
+        _markdown_printer(hc.markdown, markdown),
         output_json,
+        clients=tuple(client or ("aiohttp", "httpx")),
+        concurrency=tuple(concurrency or (64,)),
+        single_output_len=single_output_len,
+        stream_output_len=stream_output_len,
         model=model,
         dtype=dtype,
         threads=threads,
         rounds=rounds,
-        concurrency=tuple(concurrency or (64,)),
-        single_output_len=single_output_len,
-        stream_output_len=stream_output_len,
-        clients=tuple(client or ("aiohttp", "httpx")),
         seed=seed,
         dataset=dataset,
     )
