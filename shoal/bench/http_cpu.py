@@ -6,8 +6,8 @@ off the two cores the engine's OpenMP threads need, so this is the load-independ
 HTTP (issue 17: HTTP keeps >= 0.95x of in-process speed single stream, >= 0.9x at 32 and 64 streams).
 
 One `shoal serve` is started (engine core in its own process, the default); each round runs every load
-with every client, one at a time, on the same prompts (a round's prompts differ from the other rounds', so
-no round is served from a prefix another one cached); the first round only warms up. For each run it
+with every client, one at a time, each run on prompts of its own (no run is served from a prefix another
+one cached); the first round only warms up. For each run it
 reads, from /proc (utime + stime, all threads):
 
 - `http_ms_per_token`: the server's own process (FastAPI, tokenization, detokenization, SSE);
@@ -81,7 +81,14 @@ def run_http_cpu(
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="shoal-http-cpu-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     loads = _loads(
-        model, dataset, rounds + 1, concurrency, single_output_len, stream_output_len, prompt_len, seed
+        model,
+        dataset,
+        (rounds + 1) * len(clients),
+        concurrency,
+        single_output_len,
+        stream_output_len,
+        prompt_len,
+        seed,
     )
     server = shoal_server(model, dtype, threads, None, log_dir, "shoal", tuple(serve_args))
     log(f"starting: {' '.join(server.cmd)}")
@@ -161,14 +168,15 @@ def _measure(
 ) -> list[dict]:
     runs = []
     idle = (0.0, 0.0)
-    for r, round_loads in enumerate(loads):
+    for r in range(len(loads) // len(clients)):
         if r == 1:
             idle = idle_rate(server)
             log(
                 f"idle: HTTP process {idle[0] * 1000:.1f}, engine core {idle[1] * 1000:.1f} CPU ms per second"
             )
-        for name, requests in round_loads.items():
-            for client in clients:
+        for name in loads[0]:
+            for c, client in enumerate(clients):
+                requests = loads[r * len(clients) + c][name]  # prompts of its own: no prefix-cache hits
                 (http0, core0), client0 = server_cpu_s(server), time.process_time()
                 stats = summarize(**http_run(server.url, "shoal", requests, client=client))
                 client_s = time.process_time() - client0
