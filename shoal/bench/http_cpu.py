@@ -46,7 +46,7 @@ from shoal.bench.serve_compare import (
 from shoal.bench.workload import Request
 
 SETTLE_S = 0.3  # late work of a run (the last chunks' bookkeeping, the access log) counts in it
-IDLE_S = 5.0
+IDLE_S = 15.0  # long enough to see a few 10 ms ticks of an idle server (about 1-2 ms per second)
 
 
 def run_http_cpu(
