@@ -1,5 +1,5 @@
 """Smoke test of `shoal bench http-cpu` (shoal/bench/http_cpu.py) and of both load clients of
-shoal/bench/sse_client.py, on stories260K with tiny loads against a real `shoal serve` subprocess.
+serve_compare (aiohttp, httpx), on stories260K with tiny loads against a real `shoal serve` subprocess.
 
 The CPU figures depend on the machine; what is checked is the harness: both clients get every stream's
 tokens and the same greedy text, CPU is read from the server's two processes and from the client, and the
@@ -13,7 +13,7 @@ import json
 import pytest
 
 from shoal.bench import http_cpu
-from shoal.bench.sse_client import http_run
+from shoal.bench.serve_compare import http_run
 
 pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(120)

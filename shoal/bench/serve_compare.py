@@ -21,8 +21,8 @@ The sides:
   batches continuously by default). Skipped, with the reason in the result, when its binary or GGUF is
   missing (build both with ../shared/tools/build-llama-server.sh; never a dependency of shoal).
 
-The HTTP client is one asyncio loop of httpx streams (POST /v1/completions, `stream`, `stream_options:
-include_usage`, `ignore_eos`), on 127.0.0.1 only. Per stream: TTFT (the first chunk with text), end time,
+The HTTP client is one asyncio loop of aiohttp streams (httpx with client="httpx"; POST /v1/completions,
+`stream`, `stream_options: include_usage`, `ignore_eos`), on 127.0.0.1 only. Per stream: TTFT (the first chunk with text), end time,
 output tokens (the usage of the last chunk; llama.cpp's `timings.predicted_n` or the chunk count where a
 server sends no usage). Per load and side: total output tokens/s (all output tokens over the wall time from
 the first request sent to the last stream finished) and TTFT P50/P99; and the ratios shoal-HTTP /
