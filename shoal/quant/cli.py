@@ -72,11 +72,29 @@ def quantize(
         str,
         typer.Option(help="rtn, gptq, awq: group scales in the weights' dtype (auto) or float32."),
     ] = "auto",
+    weight_observer: Annotated[
+        str,
+        typer.Option(help="rtn, gptq: group ranges by minmax, or mse (shrunk where that lowers the error)."),
+    ] = "minmax",
+    act_order: Annotated[
+        bool, typer.Option("--act-order/--no-act-order", help="gptq: columns by decreasing Hessian diagonal.")
+    ] = False,
+    dampening_frac: Annotated[
+        float, typer.Option(help="gptq: fraction of the mean Hessian diagonal added to its diagonal.")
+    ] = 0.01,
+    true_sequential: Annotated[
+        bool,
+        typer.Option(
+            "--true-sequential/--no-true-sequential",
+            help="gptq: each linear calibrated on inputs after the block's earlier linears are quantized.",
+        ),
+    ] = False,
 ) -> None:
     """Quantize MODEL_DIR's decoder linear layers and write a servable model directory to --output."""
     from rich.progress import Progress
 
     from shoal.quant.activation_recipe import ActivationOptions
+    from shoal.quant.gptq import GPTQOptions
     from shoal.quant.groups import parse_group_size
     from shoal.quant.quantize import Calibration, quantize_model
 
@@ -96,6 +114,7 @@ def quantize(
                 ActivationOptions(weight_method, smoothquant_alpha, activation_scales, observer),
                 quantize_lm_head,
                 scale_dtype,
+                GPTQOptions(weight_observer, act_order, dampening_frac, true_sequential),
             )
     except (ValueError, OSError) as e:
         typer.echo(f"shoal quant quantize: error: {e}", err=True)

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from shoal.bench import workload
 from shoal.bench.latency import shoal_once
 from shoal.quant.activation_recipe import ActivationOptions
+from shoal.quant.gptq import GPTQOptions
 from shoal.quant.perplexity import eval_tokens, perplexity, window_size
 from shoal.quant.quantize import Calibration, quantize_model
 
@@ -49,7 +50,7 @@ KV_CACHE_BYTES = 256 << 20  # per engine: several engines are alive at once for 
 class MethodSpec:
     """One quantized row: its label, the method and bits, and settings of its own where they differ from
     the run's (group_size, symmetric: None takes EvalSettings'; activation: w8a8's options; scale_dtype:
-    quantize_model's, auto or float32)."""
+    quantize_model's, auto or float32; gptq: gptq's options and rtn's observer)."""
 
     label: str
     method: str
@@ -58,6 +59,7 @@ class MethodSpec:
     symmetric: bool | None = None
     activation: ActivationOptions | None = None
     scale_dtype: str = "auto"
+    gptq: GPTQOptions | None = None
 
 
 @dataclass
@@ -202,6 +204,7 @@ def quantize_all(model_dir: Path, s: EvalSettings, out_root: Path, log) -> tuple
                 s.calibration,
                 activation_options=spec.activation,
                 scale_dtype=spec.scale_dtype,
+                gptq_options=spec.gptq,
             )
         except (ValueError, NotImplementedError, RuntimeError, OSError) as e:
             skipped.append({"method": spec.label, "reason": str(e)})

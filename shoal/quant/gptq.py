@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.quant.observer import check_observer, mse_shrink
+
 
 @dataclass
 class QuantResult:
@@ -54,6 +56,26 @@ class QuantResult:
     symmetric: bool
 
 
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ runs over a model (shoal.quant.sequential.gptq_model); `observer` also serves rtn.
+
+    observer: "minmax" or "mse", how each group's scale and zero point are found (grid_params).
+    act_order: columns by decreasing Hessian diagonal, with static groups (gptq_quantize), so that the
+    checkpoint keeps plain groups and needs no g_idx.
+    dampening_frac: the fraction of the mean Hessian diagonal added to its diagonal (percdamp;
+    llm-compressor's `dampening_frac`).
+    true_sequential: within a block, capture each linear's inputs after the linears before it are
+    quantized (qkv, then o_proj, gate_up, down_proj), as the reference's `--true-sequential`; otherwise
+    one capture serves all four (llm-compressor's pipeline), one block forward instead of four.
+    """
+
+    observer: str = "minmax"
+    act_order: bool = False
+    dampening_frac: float = 0.01
+    true_sequential: bool = False
+
+
 def integer_range(bits: int) -> tuple[int, int]:
     """The integer values a weight may take, [-2^(b-1), 2^(b-1) - 1]; ValueError for bits outside 2..8."""
     if not 2 <= bits <= 8:
@@ -62,7 +84,11 @@ def integer_range(bits: int) -> tuple[int, int]:
 
 
 def grid_params(
-    w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float32,
+    observer: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point [rows] for the columns of w [rows, cols] (float32), round-to-nearest style.
 
@@ -71,14 +97,33 @@ def grid_params(
     compressed-tensors' `calculate_qparams` (as shoal.quant.rtn). An all-zero row gets scale 1.
     scale_dtype: the dtype scales will be stored in; they are rounded to it (upwards, so no weight leaves
     the range) before the zero point is computed, and returned as float32.
+    observer: "minmax" (the range as it is) or "mse" (each row's range shrunk by the factor of least
+    rounding error, shoal.quant.observer.mse_shrink). Raises ValueError for another observer.
     """
-    qmin, qmax = integer_range(bits)
-    if symmetric:
-        scale = w.abs().amax(dim=1) / ((qmax - qmin) / 2)
-        scale = _storable(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
-        return scale, torch.zeros_like(scale)
+    check_observer(observer)
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
+    if observer == "mse":
+
+        def fake_quantize(x: torch.Tensor, lo1: torch.Tensor, hi1: torch.Tensor) -> torch.Tensor:
+            scale, zero = _range_params(lo1, hi1, bits, symmetric, scale_dtype)
+            q = round_to_grid(x, scale, zero, bits)
+            return (q - zero[:, None]) * scale[:, None]
+
+        p = mse_shrink(w, fake_quantize)
+        lo, hi = lo * p, hi * p
+    return _range_params(lo, hi, bits, symmetric, scale_dtype)
+
+
+def _range_params(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [rows] that map the range [lo, hi] (lo <= 0 <= hi) onto the integers."""
+    qmin, qmax = integer_range(bits)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        scale = _storable(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+        return scale, torch.zeros_like(scale)
     scale = (hi - lo) / (qmax - qmin)
     scale = _storable(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
     zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
@@ -107,18 +152,19 @@ def rtn_quantize(
     group_size: int,
     symmetric: bool,
     scale_dtype: torch.dtype = torch.float32,
+    observer: str = "minmax",
 ) -> QuantResult:
     """Round-to-nearest with per-group scales: the baseline GPTQ and AWQ are measured against.
 
     weight: [out, in], any float dtype. group_size: a divisor of `in`, or -1 (or 0) for one group per row.
-    scale_dtype: the dtype the scales will be stored in (see grid_params).
-    Raises ValueError for a group size that does not divide `in` or bits outside 2..8.
+    scale_dtype: the dtype the scales will be stored in; observer: minmax or mse (see grid_params).
+    Raises ValueError for a group size that does not divide `in`, bits outside 2..8 or another observer.
     """
     w = weight.detach().float()
     out_features, in_features = w.shape
     gs = _group_size(in_features, group_size)
     groups = w.reshape(out_features * (in_features // gs), gs)
-    scale, zero = grid_params(groups, bits, symmetric, scale_dtype)
+    scale, zero = grid_params(groups, bits, symmetric, scale_dtype, observer)
     q = round_to_grid(groups, scale, zero, bits)
     deq = ((q - zero[:, None]) * scale[:, None]).reshape(out_features, in_features)
     return QuantResult(
@@ -168,6 +214,8 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float32,
+    observer: str = "minmax",
+    static_groups: bool = False,
 ) -> QuantResult:
     """Quantize weight [out, in] (any float dtype) with GPTQ given H [in, in] = 2 X^T X / n.
 
@@ -175,6 +223,10 @@ def gptq_quantize(
     decreasing Hessian diagonal; groups are then formed in that order and g_idx maps columns to them.
     scale_dtype: the dtype the scales will be stored in; GPTQ rounds with the stored scales, so that
     the errors it corrects for are the ones the stored checkpoint makes.
+    observer: how each group's scale and zero point are found, "minmax" or "mse" (grid_params).
+    static_groups: compute every group's scale and zero point from the weight before any correction, by
+    input column (the reference's `--static-groups`): with act_order the columns are still processed by
+    decreasing Hessian diagonal, but g_idx stays arange(in) // group_size, so the checkpoint needs none.
     Raises ValueError for mismatched shapes, a group size that does not divide `in`, bits outside 2..8,
     or a Hessian that stays indefinite after damping (raise percdamp).
     """
@@ -191,26 +243,27 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    static = static_groups or per_channel
+    scales, zeros = _static_params(w, gs, bits, symmetric, scale_dtype, observer, static)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, percdamp)
+    # the group of the column processed at each position
+    group_at = (perm if perm is not None and static else torch.arange(in_features)) // gs
 
     q_int = torch.zeros_like(w)
     deq = torch.zeros_like(w)
-    n_groups = in_features // gs
-    scales = torch.zeros(out_features, n_groups)
-    zeros = torch.zeros(out_features, n_groups)
-    if per_channel:
-        scales[:, 0], zeros[:, 0] = grid_params(w, bits, symmetric, scale_dtype)
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = col // gs
-            if not per_channel and col % gs == 0:
-                scales[:, g], zeros[:, g] = grid_params(w1[:, i : i + gs], bits, symmetric, scale_dtype)
+            g = int(group_at[col])
+            if not static and col % gs == 0:
+                scales[:, g], zeros[:, g] = grid_params(
+                    w1[:, i : i + gs], bits, symmetric, scale_dtype, observer
+                )
             q = round_to_grid(w1[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
             q_int[:, col] = q
             deq[:, col] = (q - zeros[:, g]) * scales[:, g]
@@ -223,7 +276,8 @@ def gptq_quantize(
     if perm is not None:
         inverse = torch.argsort(perm)
         q_int, deq = q_int[:, inverse], deq[:, inverse]
-        g_idx = g_idx[inverse]  # column perm[k] sits at position k of the processing order: group k // gs
+        if not static:  # column perm[k] sits at position k of the processing order: group k // gs
+            g_idx = g_idx[inverse]
     return QuantResult(
         qweight=q_int.to(torch.int8),
         scales=scales,
@@ -234,6 +288,26 @@ def gptq_quantize(
         group_size=group_size,
         symmetric=symmetric,
     )
+
+
+def _static_params(
+    w: torch.Tensor,
+    gs: int,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    observer: str,
+    static: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scales, zeros [out, groups] float32: every group's from w [out, in] as it is when static, else
+    zeros to be filled group by group during the column loop."""
+    out_features, in_features = w.shape
+    n_groups = in_features // gs
+    if not static:
+        return torch.zeros(out_features, n_groups), torch.zeros(out_features, n_groups)
+    groups = w.reshape(out_features * n_groups, gs)
+    scale, zero = grid_params(groups, bits, symmetric, scale_dtype, observer)
+    return scale.reshape(out_features, n_groups), zero.reshape(out_features, n_groups)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:

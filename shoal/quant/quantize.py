@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from shoal.quant.activation_recipe import ACTIVATION_METHODS, ActivationOptions, quantize_activation_method
 from shoal.quant.calibration import load_calibration_tokens
 from shoal.quant.format import compress
+from shoal.quant.gptq import GPTQOptions
 from shoal.quant.groups import PER_CHANNEL, GroupPlan, plan_groups
 from shoal.quant.naive_format import compress_naive
 from shoal.quant.rtn import quantize_rtn
@@ -135,6 +136,7 @@ def quantize_model(
     activation_options: ActivationOptions | None = None,
     quantize_lm_head: bool = False,
     scale_dtype: str = "auto",
+    gptq_options: GPTQOptions | None = None,
 ) -> QuantizeResult:
     """Quantize model_dir's decoder linears with method and write a servable model directory to output.
 
@@ -145,6 +147,8 @@ def quantize_model(
     scale_dtype (rtn/gptq/awq): "auto" stores group scales in the weights' dtype (bf16 for SmolLM2, as
     compressed-tensors does by default), "float32" in float32 (compressed-tensors' `scale_dtype`; 1/16 more
     bytes at g64): bf16 scales cost SmolLM2 RTN g64 1.50x against 1.385x perplexity (docs/quantization.md).
+    gptq_options: gptq's observer, act-order, dampening and true-sequential capture (GPTQOptions); its
+    observer also applies to rtn. Raises ValueError for an unknown observer.
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
@@ -167,6 +171,7 @@ def quantize_model(
             activation_options or ActivationOptions(),
             quantize_lm_head,
             scale_dtype,
+            gptq_options or GPTQOptions(),
         )
     finally:
         torch.set_num_threads(threads)
@@ -184,6 +189,7 @@ def _quantize_model(
     activation_options: ActivationOptions,
     quantize_lm_head: bool = False,
     scale_dtype_name: str = "auto",
+    gptq_options: GPTQOptions = GPTQOptions(),
 ) -> QuantizeResult:
     start = time.perf_counter()
     check_method(method)
@@ -215,7 +221,9 @@ def _quantize_model(
         quantized, fmt = naive.weights, naive.format
     elif method == "gptq":
         ids = _calibration_ids(src, calibration)
-        quantized = gptq_model(src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress)
+        quantized = gptq_model(
+            src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress, gptq_options
+        )
     elif method == "awq":
         ids = _calibration_ids(src, calibration)
         quantized, norms = awq_model(src, plan.group_sizes, bits, ids, scale_dtype, progress)
@@ -224,7 +232,7 @@ def _quantize_model(
     for name, size in plan.group_sizes.items():
         weight = tensors.pop(f"{name}.weight")
         if method == "rtn":  # its scales take the dtype of the weight it is given
-            qw = quantize_rtn(weight.to(scale_dtype), None, bits, size, symmetric=symmetric)
+            qw = quantize_rtn(weight.to(scale_dtype), None, bits, size, symmetric, gptq_options.observer)
         else:
             qw = quantized[name]
         if naive is None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from shoal.quant.groups import PER_CHANNEL
+from shoal.quant.observer import check_observer, mse_shrink
 
 
 @dataclass
@@ -82,30 +83,52 @@ def quantize_rtn(
     bits: int,
     group_size: int,
     symmetric: bool = True,
+    observer: str = "minmax",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of weight [out, in] (any float dtype).
 
     calib_activations is unused (the common method signature). group_size must divide in, or be
-    PER_CHANNEL. Raises ValueError for other bits or a group size that does not divide the input size."""
+    PER_CHANNEL. observer: "minmax" (compressed-tensors' range) or "mse" (each group's range shrunk where
+    that lowers its rounding error, shoal.quant.observer). Raises ValueError for other bits, a group size
+    that does not divide the input size, or another observer."""
     del calib_activations
+    check_observer(observer)
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: rtn quantizes to 4 or 8 bits")
     out, cols = weight.shape
     size = cols if group_size == PER_CHANNEL else group_size
     if size <= 0 or cols % size:
         raise ValueError(f"group_size={group_size} does not divide in_features={cols}")
-    qmin, qmax = integer_range(bits)
-    w = weight.detach().float().view(out, cols // size, size)
+    w = weight.detach().float().view(out * (cols // size), size)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     lo = w.amin(-1).clamp(max=0)
     hi = w.amax(-1).clamp(min=0)
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    if observer == "mse":
+
+        def fake_quantize(x: torch.Tensor, lo1: torch.Tensor, hi1: torch.Tensor) -> torch.Tensor:
+            q, scale, zp = _round(x, lo1, hi1, bits, symmetric, dtype)
+            return (q - (0 if zp is None else zp.unsqueeze(-1))) * scale.float().unsqueeze(-1)
+
+        p = mse_shrink(w, fake_quantize)
+        lo, hi = lo * p, hi * p
+    q, scale, zp = _round(w, lo, hi, bits, symmetric, dtype)
+    groups = cols // size
+    zero_point = None if zp is None else zp.to(torch.int8).view(out, groups)
+    return QuantizedWeight(
+        q.to(torch.int8).view(out, cols), scale.view(out, groups), zero_point, bits, group_size
+    )
+
+
+def _round(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integers (float32) of w [rows, size] on the range [lo, hi] [rows], the scales [rows] in dtype and the
+    zero points [rows] (float32; None when symmetric)."""
+    qmin, qmax = integer_range(bits)
     if symmetric:
         scale = _store_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2), dtype)
-        q = torch.round(w / scale.float().unsqueeze(-1)).clamp(qmin, qmax)
-        zero_point = None
-    else:
-        scale = _store_scale((hi - lo) / (qmax - qmin), dtype)
-        zp = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax)
-        q = torch.round(w / scale.float().unsqueeze(-1) + zp.unsqueeze(-1)).clamp(qmin, qmax)
-        zero_point = zp.to(torch.int8)
-    return QuantizedWeight(q.to(torch.int8).view(out, cols), scale, zero_point, bits, group_size)
+        return torch.round(w / scale.float().unsqueeze(-1)).clamp(qmin, qmax), scale, None
+    scale = _store_scale((hi - lo) / (qmax - qmin), dtype)
+    zp = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax)
+    q = torch.round(w / scale.float().unsqueeze(-1) + zp.unsqueeze(-1)).clamp(qmin, qmax)
+    return q, scale, zp

@@ -31,7 +31,7 @@ import torch
 from shoal.model.loader import load_model
 from shoal.quant.awq import awq_quantize
 from shoal.quant.calibration import BlockwiseCalibration
-from shoal.quant.gptq import QuantResult, gptq_quantize
+from shoal.quant.gptq import GPTQOptions, QuantResult, gptq_quantize
 from shoal.quant.rtn import QuantizedWeight
 
 # our fused linear -> the checkpoint linears it is made of, in row order
@@ -51,12 +51,15 @@ def gptq_model(
     calib_ids: torch.Tensor,
     scale_dtype: torch.dtype,
     progress=None,
+    options: GPTQOptions | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Checkpoint linear name -> its GPTQ-quantized weight, for every linear in group_sizes.
 
     group_sizes: as groups.plan_groups gives them (checkpoint names, PER_CHANNEL for one group a row).
     calib_ids: [samples, seq_len] int64 calibration windows. scale_dtype: the dtype scales are stored in.
-    progress: optional callable(block_index, num_blocks) after each block."""
+    progress: optional callable(block_index, num_blocks) after each block. options: observer, act-order,
+    dampening and true-sequential capture (default GPTQOptions())."""
+    options = options or GPTQOptions()
     model, cfg = load_model(model_dir, torch.float32, torch.device("cpu"), pack=False)
     blocks = BlockwiseCalibration(model, calib_ids)
     result: dict[str, QuantizedWeight] = {}
@@ -66,21 +69,13 @@ def gptq_model(
             for fused, parts in BLOCK_LINEARS.items()
             if f"model.layers.{i}.{parts[0]}" in group_sizes
         }
-        stats = blocks.capture(list(todo)) if todo else {}
+        stats = blocks.capture(list(todo)) if todo and not options.true_sequential else {}
         for name, parts in todo.items():
+            if options.true_sequential:  # this linear's inputs, after the ones before it were quantized
+                stats = blocks.capture([name])
             linear = model.get_submodule(name)
-            size = group_sizes[parts[0]]
-            q = gptq_quantize(
-                linear.weight,
-                stats[name].hessian.hessian(),
-                bits,
-                size or -1,
-                symmetric=symmetric,
-                scale_dtype=scale_dtype,
-            )
-            qw = QuantizedWeight(
-                q.qweight, q.scales.to(scale_dtype), None if symmetric else q.zeros, bits, size
-            )
+            qw = _gptq_linear(linear.weight, stats[name].hessian.hessian(), bits, group_sizes[parts[0]],
+                              symmetric, scale_dtype, options)  # fmt: skip
             with torch.no_grad():
                 linear.weight.copy_(qw.dequantize(torch.float32))
             result.update(zip(parts, _split_rows(qw, [_rows(model, cfg, p) for p in parts]), strict=True))
@@ -88,6 +83,30 @@ def gptq_model(
         if progress is not None:
             progress(i + 1, cfg.num_layers)
     return result
+
+
+def _gptq_linear(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    options: GPTQOptions,
+) -> QuantizedWeight:
+    q = gptq_quantize(
+        weight,
+        hessian,
+        bits,
+        size or -1,
+        symmetric=symmetric,
+        percdamp=options.dampening_frac,
+        act_order=options.act_order,
+        scale_dtype=scale_dtype,
+        observer=options.observer,
+        static_groups=options.act_order,  # act-order keeps plain groups: the checkpoint needs no g_idx
+    )
+    return QuantizedWeight(q.qweight, q.scales.to(scale_dtype), None if symmetric else q.zeros, bits, size)
 
 
 AWQ_SAMPLE_ROWS = 512  # input rows kept per linear for the scale and clipping searches
