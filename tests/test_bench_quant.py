@@ -38,6 +38,8 @@ def test_bench_quant_rows_and_errors():
     w8a8 = specs["w8a8-sq-gptq"].activation
     assert (w8a8.weight_method, w8a8.smoothquant_alpha, w8a8.activation_scales) == ("gptq", 0.8, "dynamic")
     assert s.calibration.text_file.name == "wikitext2-valid.txt" and s.eval_text.name == "wikitext2-test.txt"
+    assert specs["gptq-g64-mse"].gptq.observer == "mse" and specs["gptq-g64-act"].gptq.act_order
+    assert specs["gptq-g64"].gptq is None  # the default row keeps GPTQOptions' defaults
     with pytest.raises(ValueError, match="unknown row 'gptq-g128'"):
         settings(["gptq-g128"])
 

@@ -473,7 +473,10 @@ def quant(
     model: ModelOpt = None,
     rows: Annotated[
         str,
-        typer.Option(help="Comma-separated rows: rtn-g64, gptq-g64, awq-g64, gptq-auto, w8a8-sq-gptq, fp8."),
+        typer.Option(
+            help="Comma-separated rows: rtn-g64, gptq-g64, awq-g64, gptq-auto, w8a8-sq-gptq, fp8; also "
+            "rtn-g64-mse, gptq-g64-mse, gptq-g64-act, gptq-g64-ts (GPTQ options)."
+        ),
     ] = "rtn-g64,gptq-g64,awq-g64,gptq-auto,w8a8-sq-gptq,fp8",
     num_tokens: Annotated[
         int, typer.Option(help="Perplexity over the first N tokens of ../shared/eval/wikitext2-test.txt.")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shoal.quant.activation_recipe import ActivationOptions
 from shoal.quant.eval import DEFAULT_EVAL_TEXT, EvalSettings, MethodSpec, markdown_table, run_eval
+from shoal.quant.gptq import GPTQOptions
 from shoal.quant.hardware import detect
 from shoal.quant.quantize import DEFAULT_CALIB_TEXT, Calibration
 
@@ -34,6 +35,11 @@ ROWS = {
         "w8a8-sq-gptq", "w8a8", 8, activation=ActivationOptions(weight_method="gptq", smoothquant_alpha=0.8)
     ),
     "fp8": MethodSpec("fp8", "fp8", 8),
+    # opt-in rows (`--rows`): the weight observer and GPTQ options of issue 18's follow-up
+    "rtn-g64-mse": MethodSpec("rtn-g64-mse", "rtn", 4, GROUP_SIZE, gptq=GPTQOptions(observer="mse")),
+    "gptq-g64-mse": MethodSpec("gptq-g64-mse", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(observer="mse")),
+    "gptq-g64-act": MethodSpec("gptq-g64-act", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(act_order=True)),
+    "gptq-g64-ts": MethodSpec("gptq-g64-ts", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(true_sequential=True)),
 }
 # llm-compressor 0.14 on the issue's full protocol (SmolLM2-135M-Instruct; the issue's table): perplexity ratio
 # to 16-bit, and calibration seconds on 2 cores where measured
