@@ -40,6 +40,7 @@ ROWS = {
     "gptq-g64-mse": MethodSpec("gptq-g64-mse", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(observer="mse")),
     "gptq-g64-act": MethodSpec("gptq-g64-act", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(act_order=True)),
     "gptq-g64-ts": MethodSpec("gptq-g64-ts", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(true_sequential=True)),
+    "gptq-g64-ref": MethodSpec("gptq-g64-ref", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions()),  # the reference's
 }
 # llm-compressor 0.14 on the full protocol (SmolLM2-135M-Instruct; the table): perplexity ratio
 # to 16-bit, and calibration seconds on 2 cores where measured

@@ -77,11 +77,14 @@ def quantize(
         typer.Option(help="rtn, gptq: group ranges by minmax, or mse (shrunk where that lowers the error)."),
     ] = "minmax",
     act_order: Annotated[
-        bool, typer.Option("--act-order/--no-act-order", help="gptq: columns by decreasing Hessian diagonal.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--act-order/--no-act-order", help="gptq: columns by decreasing Hessian diagonal (static groups)."
+        ),
+    ] = True,  # gptq.GPTQ_METHOD_DEFAULT (not imported: torch stays out of module import)
     dampening_frac: Annotated[
         float, typer.Option(help="gptq: fraction of the mean Hessian diagonal added to its diagonal.")
-    ] = 0.01,
+    ] = 0.1,
     true_sequential: Annotated[
         bool,
         typer.Option(

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from shoal.quant.activation_recipe import ACTIVATION_METHODS, ActivationOptions, quantize_activation_method
 from shoal.quant.calibration import load_calibration_tokens
 from shoal.quant.format import compress
-from shoal.quant.gptq import GPTQOptions
+from shoal.quant.gptq import GPTQ_METHOD_DEFAULT, GPTQOptions
 from shoal.quant.groups import PER_CHANNEL, GroupPlan, plan_groups
 from shoal.quant.naive_format import compress_naive
 from shoal.quant.rtn import quantize_rtn
@@ -147,8 +147,9 @@ def quantize_model(
     scale_dtype (rtn/gptq/awq): "auto" stores group scales in the weights' dtype (bf16 for SmolLM2, as
     compressed-tensors does by default), "float32" in float32 (compressed-tensors' `scale_dtype`; 1/16 more
     bytes at g64): bf16 scales cost SmolLM2 RTN g64 1.50x against 1.385x perplexity (docs/quantization.md).
-    gptq_options: gptq's observer, act-order, dampening and true-sequential capture (GPTQOptions); its
-    observer also applies to rtn. Raises ValueError for an unknown observer.
+    gptq_options: gptq's observer, act-order, dampening and true-sequential capture (GPTQOptions; default
+    GPTQ_METHOD_DEFAULT for gptq, act-order with dampening 0.1); its observer also applies to rtn (w8a8's
+    GPTQ keeps GPTQOptions()). Raises ValueError for an unknown observer.
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
@@ -171,7 +172,7 @@ def quantize_model(
             activation_options or ActivationOptions(),
             quantize_lm_head,
             scale_dtype,
-            gptq_options or GPTQOptions(),
+            gptq_options or (GPTQ_METHOD_DEFAULT if method == "gptq" else GPTQOptions()),
         )
     finally:
         torch.set_num_threads(threads)
