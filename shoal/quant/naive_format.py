@@ -3,7 +3,7 @@
 
 Layout (compressors/naive_quantized/base.py in compressed-tensors 0.20, `compression_param_names`):
 - `<module>.weight`: the quantized weight itself, int8 or float8_e4m3fn [out, in];
-- `<module>.weight_scale`: [out, 1], the model's dtype (per channel);
+- `<module>.weight_scale`: [out, 1], the model's dtype (per channel; float32 for FP8);
 - `<module>.input_scale`: float32 [1], only with static per-tensor activation scales.
 Symmetric only (no `weight_zero_point`), as shoal writes and serves them.
 """
