@@ -649,9 +649,9 @@ def spike(
         max_requests,
         max_num_seqs=max_num_seqs,
     )
-    if output_json is not None:
-        bench_spike.save(result, output_json)
     typer.echo(bench_spike.markdown(result))
+    if output_json is not None:
+        workload.write_json(result, output_json)
 
 
 @bench_app.command()

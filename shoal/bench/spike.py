@@ -21,7 +21,6 @@ premium TTFT P95 under the spike within 25% of its unloaded value.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -256,7 +255,3 @@ def _pct(x: float | None) -> str:
 
 def _ms(x: float | None) -> str:
     return "" if x is None else f"{1000 * x:.0f} ms"
-
-
-def save(result: dict, path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2))
