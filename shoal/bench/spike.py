@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal import live_stats
+from shoal import metric_names as mn
 from shoal.bench.serve_compare import Server, machine, percentile, shoal_server
 
 CLASSES = ("premium", "standard")
@@ -215,7 +217,9 @@ def run_spike(
                         for _ in range(unloaded_requests)]  # fmt: skip
             times = arrival_times(factor * rate, spike_s, max_requests)
             plan = list(zip(times, class_schedule(len(times), premium_share), strict=True))
+            before = live_stats.fetch(server.url)
             outcomes = asyncio.run(_send(server.url, plan, side_headers, max_tokens, request_timeout_s))
+            server_ttft = live_stats.summarize(before, live_stats.fetch(server.url)).percentiles["TTFT"]
         finally:
             server.stop()
         base = percentile([o.ttft_s for o in unloaded if o.ttft_s is not None], 95)
@@ -225,6 +229,10 @@ def run_spike(
             "requests": len(plan),
             "unloaded_premium_ttft_p95_s": base,
             "premium_ttft_p95_ratio": p95 / base if p95 and base else None,
+            # The server's own TTFT histogram over the spike (all classes; from arrival at the HTTP
+            # side to the first token): beside the client's, it shows how much of the wait is the client's.
+            "server_ttft_p50_s": server_ttft[0.5],
+            "server_ttft_p95_s": server_ttft[0.95],
             "classes": summary,
         }
     return result
@@ -246,6 +254,13 @@ def markdown(result: dict) -> str:
                      _pct(c["success_rate"]), _ms(c["ttft_p50_s"]), _ms(c["ttft_p95_s"]), _ms(c["ttft_p99_s"]),
                      f"{ratio:.2f}x" if ratio else ""]  # fmt: skip
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    lines.append("")
+    for side in ("without policy", "with policy"):
+        r = result[side]
+        lines.append(
+            f"Server-side TTFT over the spike, {side} (all classes, `{mn.TIME_TO_FIRST_TOKEN}`): "
+            f"P50 {_ms(r.get('server_ttft_p50_s'))}, P95 {_ms(r.get('server_ttft_p95_s'))}."
+        )
     return "\n".join(lines)
 
 
