@@ -4,12 +4,16 @@ A pure ASGI middleware around the two generation routes. It reads the body (alre
 BodyLimitMiddleware), and for a cacheable request either replays the stored answer with
 `x-shoal-cache: hit` (no engine work at all), or runs the route, marks its answer `x-shoal-cache: miss`
 and stores it if it was a complete 200 (a stream that ended with `[DONE]` and carried no error event).
+The entry is stored before the answer's last message is sent, so a client that repeats the request as soon
+as it has the whole answer finds it.
 Anything it cannot parse goes to the route untouched, which answers it as it would without a cache.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +24,7 @@ from shoal.server.direct_body import needs_every_chunk
 
 CACHED_ROUTES = ("/v1/completions", "/v1/chat/completions")
 CACHE_HEADER = b"x-shoal-cache"
+logger = logging.getLogger("shoal.server")
 
 
 class ResponseCacheMiddleware:
@@ -44,10 +49,18 @@ class ResponseCacheMiddleware:
             await _send_cached(cached, send)
             return
         needs_every_chunk(scope)  # the recorder keeps the body: streamed chunks must pass through it
-        recorder = _Recorder(send)
-        await self.app(scope, replay, recorder.send)
-        if recorder.complete() and not _cut_short(scope):
-            await self.cache.put(key, CachedResponse(media_type=recorder.media_type, body=recorder.body()))
+
+        async def store(recorder: _Recorder) -> None:
+            if not recorder.complete() or _cut_short(scope):
+                return
+            try:
+                await self.cache.put(
+                    key, CachedResponse(media_type=recorder.media_type, body=recorder.body())
+                )
+            except Exception as e:  # noqa: BLE001 - the answer matters more than caching it
+                logger.warning("response cache: could not store an entry: %r", e)
+
+        await self.app(scope, replay, _Recorder(send, store).send)
 
     def _key(self, scope: Scope, body: bytes) -> str | None:
         try:
@@ -98,8 +111,10 @@ async def _send_cached(cached: CachedResponse, send: Send) -> None:
 class _Recorder:
     """Passes the route's answer through, adds `x-shoal-cache: miss`, and keeps a copy of a 200."""
 
-    def __init__(self, send: Send):
+    def __init__(self, send: Send, before_end: Callable[[_Recorder], Awaitable[None]]):
+        """before_end: awaited with the recorder once the body is whole, before its last message is sent."""
         self._send = send
+        self._before_end = before_end
         self.status = 0
         self.media_type = ""
         self._chunks: list[bytes] = []
@@ -114,6 +129,8 @@ class _Recorder:
         elif message["type"] == "http.response.body" and self.status == 200:
             self._chunks.append(message.get("body", b""))
             self._ended = not message.get("more_body", False)
+            if self._ended:
+                await self._before_end(self)
         await self._send(message)
 
     def body(self) -> bytes:
