@@ -42,8 +42,11 @@ def test_http_cpu_measures_both_processes_and_both_clients(stories_dir, tmp_path
     }
     for r in rows:
         assert r["output_tokens"] == (6 if r["load"] == "single" else 15)
-        assert r["http_ms_per_token"] >= 0 and r["core_ms_per_token"] > 0 and r["client_ms_per_token"] > 0
+        # A run of 6 tokens may fall inside one 10 ms clock tick of a process: each figure may read 0,
+        # but the engine core and the client do work in every load, so their totals cannot.
+        assert r["http_ms_per_token"] >= 0 and r["core_ms_per_token"] >= 0 and r["client_ms_per_token"] >= 0
         assert r["http_net_ms_per_token"] <= r["http_ms_per_token"]
+    assert sum(r["core_ms_per_token"] for r in rows) > 0 and sum(r["client_ms_per_token"] for r in rows) > 0
     # greedy on the same prompts: both clients read the same text from the same server
     assert pairs and all(a == b for a, b in pairs) and any(t for a, _ in pairs for t in a)
     assert len(result["summary"]) == 4
