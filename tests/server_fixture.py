@@ -148,6 +148,17 @@ def get_server(name: str) -> LiveServer:
     return server
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within timeout_s. A server drains on SIGTERM,
+    and on a loaded machine (CI shares 2 cores) an idle one can take over 10 s to stop."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 @atexit.register
 def _stop_all() -> None:
     servers = [*_servers.values(), *_own_servers]

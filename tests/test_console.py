@@ -22,9 +22,9 @@ from shoal.bench.serve_compare import die_with_parent, free_port
 from shoal.server.recent import RecentActivity, nearest_rank
 
 try:
-    from server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server  # noqa: F401 - fixture
+    from server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server, stop_process  # noqa: F401 - fixture
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server  # type: ignore[no-redef]  # noqa: F401
+    from tests.server_fixture import REPO, SERVED_NAME, TINY_MODEL, live_server, stop_process  # type: ignore[no-redef]  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 DATA_ROUTES = ("/ui/api/info", "/ui/api/live", "/ui/api/models", "/ui/api/deployments")
@@ -165,8 +165,7 @@ def gateway(live_server, tmp_path):
         except httpx.HTTPError:
             time.sleep(0.1)
     yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_process(proc)
 
 
 def test_deployments_reads_the_gateway_admin_endpoints(gateway, live_server):

@@ -16,9 +16,9 @@ import pytest
 from shoal.policy.content_filter import ContentFilter, ContentFilterPolicy, OutputGuard
 
 try:
-    from server_fixture import launch_own_server, wait_ready
+    from server_fixture import launch_own_server, stop_process, wait_ready
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import launch_own_server, wait_ready  # type: ignore[no-redef]
+    from tests.server_fixture import launch_own_server, stop_process, wait_ready  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.timeout(60)
 POLICY = """
@@ -37,8 +37,7 @@ def filter_server(tmp_path_factory):
     server = launch_own_server("content-filter", ["--policy", str(policy)])
     wait_ready(server)
     yield server
-    server.proc.terminate()
-    server.proc.wait(10)
+    stop_process(server.proc)
 
 
 def test_a_blocked_output_ends_before_the_match(filter_server):

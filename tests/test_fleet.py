@@ -25,9 +25,16 @@ import pytest
 from shoal.fleet.registry import load_registry
 
 try:
-    from server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready
+    from server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, stop_process, wait_ready
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import REPO, TINY_MODEL, launch_own_server, metric_samples, wait_ready  # type: ignore[no-redef]
+    from tests.server_fixture import (
+        REPO,
+        TINY_MODEL,
+        launch_own_server,
+        metric_samples,
+        stop_process,
+        wait_ready,
+    )  # type: ignore[no-redef]
 
 KEY = "fleet-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -262,5 +269,4 @@ def test_fallback_when_the_primary_sheds_load(tmp_path):
             for thread in backlog:
                 thread.join(60)
     finally:
-        server.proc.terminate()
-        server.proc.wait(10)
+        stop_process(server.proc)

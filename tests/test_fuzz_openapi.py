@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from server_fixture import launch_own_server, wait_ready
+    from server_fixture import launch_own_server, stop_process, wait_ready
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import launch_own_server, wait_ready  # type: ignore[no-redef]
+    from tests.server_fixture import launch_own_server, stop_process, wait_ready  # type: ignore[no-redef]
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
@@ -54,7 +54,6 @@ def test_schemathesis_finds_nothing():
             timeout=100,
         )
     finally:
-        server.proc.terminate()
-        server.proc.wait(10)
+        stop_process(server.proc)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1]

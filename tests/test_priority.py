@@ -14,12 +14,13 @@ import httpx
 import pytest
 
 try:
-    from server_fixture import launch_own_server, live_server, metric_samples, wait_ready  # noqa: F401
+    from server_fixture import launch_own_server, live_server, metric_samples, stop_process, wait_ready  # noqa: F401
 except ImportError:  # tests/ became a package
     from tests.server_fixture import (  # type: ignore[no-redef] # noqa: F401
         launch_own_server,
         live_server,
         metric_samples,
+        stop_process,
         wait_ready,
     )
 
@@ -39,8 +40,7 @@ def priority_server():
     )
     wait_ready(server)
     yield server
-    server.proc.terminate()
-    server.proc.wait(10)
+    stop_process(server.proc)
 
 
 def _complete(url: str, prompt: str, priority: int) -> str:

@@ -18,9 +18,9 @@ import pytest
 from shoal.policy.response_cache import MemoryStore, ResponseCache, ResponseCachePolicy
 
 try:
-    from server_fixture import launch_own_server, wait_ready
+    from server_fixture import launch_own_server, stop_process, wait_ready
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import launch_own_server, wait_ready  # type: ignore[no-redef]
+    from tests.server_fixture import launch_own_server, stop_process, wait_ready  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,8 +53,7 @@ def cache_server(tmp_path_factory):
     finally:
         for client in clients.values():
             client.close()
-        server.proc.terminate()
-        server.proc.wait(10)
+        stop_process(server.proc)
 
 
 def _engine_requests(server: CacheServer) -> int:

@@ -35,9 +35,9 @@ from shoal.policy.jwt_auth import JWTPolicy, JWTVerifier, TokenRejected
 from shoal.policy.tenancy import TenantsPolicy
 
 try:
-    from server_fixture import launch_own_server, metric_samples
+    from server_fixture import launch_own_server, metric_samples, stop_process
 except ImportError:  # tests/ became a package
-    from tests.server_fixture import launch_own_server, metric_samples  # type: ignore[no-redef]
+    from tests.server_fixture import launch_own_server, metric_samples, stop_process  # type: ignore[no-redef]
 
 ISSUER, AUDIENCE = "https://idp.test", "shoal"
 AUDIT_KEY = "k" * 40
@@ -224,8 +224,7 @@ def secure(tmp_path_factory):
     url = server.url.replace("http://", "https://")
     _wait_ready_tls(server, url, pki)
     yield SecureServer(url, pki, keys_file, audit_file, keys, signing_key, jwks, server.log_tail)
-    server.proc.terminate()
-    server.proc.wait(10)
+    stop_process(server.proc)
     jwks.httpd.shutdown()
 
 

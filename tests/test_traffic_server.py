@@ -13,7 +13,14 @@ import uuid
 
 import httpx
 import pytest
-from server_fixture import CHAT_TEMPLATE, LiveServer, launch_own_server, metric_samples, wait_ready
+from server_fixture import (
+    CHAT_TEMPLATE,
+    LiveServer,
+    launch_own_server,
+    metric_samples,
+    stop_process,
+    wait_ready,
+)
 from test_security import create_key
 from test_traffic_policies import REDIS_URL, delete_prefix, redis_or_skip
 
@@ -79,9 +86,7 @@ def servers(tmp_path_factory) -> dict:
         yield {**started, "keys": keys}
     finally:
         for server in started.values():
-            server.proc.terminate()
-        for server in started.values():
-            server.proc.wait(timeout=15)
+            stop_process(server.proc)
         delete_prefix(prefix)
 
 
