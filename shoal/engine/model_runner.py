@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.kernels import decode_step, triton_support
 from shoal.kernels import paged_attention as native
-from shoal.kernels import triton_support
 from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from shoal.model.fused_decode import decode_stack
 from shoal.model.transformer import Transformer
 
 MAX_DECODE_GROUP = 32
@@ -57,6 +58,11 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.deterministic = deterministic
+        # A decode step of 1-4 tokens as one native call where the model and machine allow (not under
+        # torch.compile or deterministic mode, which keep their own forward).
+        self.decode_stack = None
+        if self.native_decode and not compile_decode and not deterministic:
+            self.decode_stack = decode_stack(model, self.kv_caches, block_size)
         host_shape = (num_host_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         pin = device.type == "cuda"
         # torch.empty: the pool's pages are only touched when a block is swapped into them.
@@ -176,8 +182,15 @@ class ModelRunner:
             and not meta.prefills
             and meta.decodes[0].end - meta.decodes[0].start == 1
         )
-        forward = self.compiled if pure_decode else self.model
-        hidden = forward(ids, pos, self.kv_caches, meta)
+        if self._fused_decode(meta, ids):
+            group = meta.decodes[0]
+            embeddings = self.model.embed_tokens(ids)
+            hidden = self.decode_stack.run(
+                embeddings, pos, meta.slot_mapping, group.block_tables, group.context_lens
+            )
+        else:
+            forward = self.compiled if pure_decode else self.model
+            hidden = forward(ids, pos, self.kv_caches, meta)
         rows, offset = [], 0
         for ids_i, wanted in zip(inp.token_ids, inp.logit_rows, strict=True):
             rows.extend(offset + r for r in wanted)
@@ -186,6 +199,14 @@ class ModelRunner:
             return [torch.empty(0) for _ in inp.token_ids]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         return list(logits.split([len(w) for w in inp.logit_rows]))
+
+    def _fused_decode(self, meta: AttentionMetadata, ids: torch.Tensor) -> bool:
+        return (
+            self.decode_stack is not None
+            and not meta.prefills
+            and len(meta.decodes) == 1
+            and ids.shape[0] <= decode_step.MAX_TOKENS
+        )
 
     def close(self) -> None:
         """Release what outlives the runner (tensor-parallel workers, engine/tp_worker.py); nothing here."""

@@ -1,0 +1,156 @@
+/* A whole decode step of a decoder stack for 1-4 tokens in one native call (CPU, float32 or bfloat16).
+ *
+ * Why: a single-stream decode step of a small model is a few hundred kernel calls (per layer two RMSNorms,
+ * four matrix-vector products, rotary, the KV cache write, attention, SiLU-and-mul). Driven from Python, each
+ * call costs the interpreter, ctypes and the tensor views and allocations around it: ~1,000 torch ops and
+ * ~300 kernel calls a step, a few milliseconds next to a step that streams the weights in 10-20 ms. Here the
+ * layer loop runs in C and calls the same kernels (gemv.c, fused_ops.c, paged_decode_attention.c) through
+ * function pointers the caller hands in, so the numbers are the ones the per-op path computes, bit for bit.
+ * llama.cpp runs its whole graph natively for the same reason.
+ *
+ * Data flow per layer l (vLLM's residual convention: x is the previous sublayer's output, not yet added):
+ *   l == 0: residual = embeddings; x = rms_norm(residual) * input_norm
+ *   l >  0: residual += x; x = rms_norm(residual) * input_norm
+ *   qkv = x W_qkv^T (+ b); rotate the q and k heads of each token at its position (neox style)
+ *   k, v of token t -> cache slot slots[t]; q -> its own buffer; attn = paged attention over the blocks
+ *   x = attn W_o^T (+ b); residual += x; x = rms_norm(residual) * post_norm
+ *   x = silu(gate) * up of x W_gate_up^T; x = x W_down^T (+ b)
+ * and finally residual += x; x = rms_norm(residual) * final_norm: the final hidden states, left in x.
+ *
+ * Layouts (row-major, contiguous, elements of the model dtype unless said): embeddings, x and residual
+ * [T, hidden]; qkv [T, (H + 2 Hkv) D]; q and attn [T, H D]; gate_up [T, 2 I]; act [T, I]; cos_sin float32
+ * [max_positions, D] (cos in the first half of a row, sin in the second); positions and slots int64 [T];
+ * block_tables int32 [T, W]; context_lens int32 [T]; k/v caches [num_slots, Hkv, D].
+ *
+ * Inputs: the caller (decode_step.py) checks the dtypes, shapes and strides of every tensor once per model
+ * and per step. What depends on contents is checked here, in one serial pass before anything is written
+ * (SHOAL_BAD_INPUT): every position within the rotary table, every slot within the cache, every context
+ * length within its table row and every block id a sequence reads within the cache. A kernel's failure
+ * status (the bf16 gemv's allocation) is returned as is.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define SHOAL_OK 0
+#define SHOAL_BAD_INPUT 2
+
+/* The kernels' exported signatures (gemv.c, fused_ops.c, paged_decode_attention.c). */
+typedef void (*gemv_f32_fn)(const float *, const float *, const float *, float *, int, int, int, int);
+typedef int (*gemv_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int, int, int, int);
+typedef void (*rms_norm_fn)(const void *, void *, const void *, void *, int, int, float, int, int, int);
+typedef void (*rotary_fn)(void *, const float *, int, int, int, int64_t, int, int);
+typedef void (*silu_and_mul_fn)(const void *, void *, int, int, int, int);
+typedef int (*attention_fn)(const void *, const void *, const void *, const int32_t *, const int32_t *, void *, int,
+                            int, int, int, int, int, int, int, float, int, int);
+
+typedef struct {
+    gemv_f32_fn gemv_f32;
+    gemv_bf16_fn gemv_bf16;
+    rms_norm_fn rms_norm;
+    rotary_fn rotary;
+    silu_and_mul_fn silu_and_mul;
+    attention_fn attention;
+} kernels_t;
+
+typedef struct { /* one decoder layer; biases may be NULL */
+    const void *input_norm, *qkv_w, *qkv_b, *o_w, *o_b, *post_norm, *gate_up_w, *gate_up_b, *down_w, *down_b;
+    void *k_cache, *v_cache;
+    int64_t window; /* sliding window in keys, 0 for none */
+} layer_t;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, num_layers;
+    int64_t num_slots, block_size, max_positions, bf16;
+    float eps, scale;
+} dims_t;
+
+typedef struct { /* the step's inputs and scratch, as in the header */
+    const void *embeddings, *final_norm;
+    const float *cos_sin;
+    const int64_t *positions, *slots;
+    const int32_t *block_tables, *context_lens;
+    void *residual, *x, *qkv, *q, *attn, *gate_up, *act;
+    int64_t tokens, table_width, threads;
+} step_t;
+
+#define AT(p, elems) ((char *)(p) + (int64_t)(elems) * es)
+
+static int linear(const kernels_t *k, const dims_t *d, const void *in, const void *w, const void *b, void *out,
+                  int64_t rows, int64_t n, int64_t kdim, int threads) {
+    if (!d->bf16) {
+        k->gemv_f32(in, w, b, out, (int)rows, (int)n, (int)kdim, threads);
+        return SHOAL_OK;
+    }
+    return k->gemv_bf16(in, w, b, out, (int)rows, (int)n, (int)kdim, threads);
+}
+
+/* q and k heads rotated in place at each token's position; k and v written to the cache; q copied out. */
+static void rotate_and_cache(const kernels_t *k, const dims_t *d, const layer_t *layer, const step_t *s) {
+    const int64_t es = d->bf16 ? 2 : 4, D = d->head_dim, H = d->heads, Hkv = d->kv_heads;
+    const int64_t row = (H + 2 * Hkv) * D;
+    for (int64_t t = 0; t < s->tokens; t++) {
+        void *qkv_t = AT(s->qkv, t * row);
+        k->rotary(qkv_t, s->cos_sin + s->positions[t] * D, 1, (int)(H + Hkv), (int)D, row, (int)d->bf16, 1);
+        memcpy(AT(layer->k_cache, s->slots[t] * Hkv * D), AT(qkv_t, H * D), (size_t)(Hkv * D * es));
+        memcpy(AT(layer->v_cache, s->slots[t] * Hkv * D), AT(qkv_t, (H + Hkv) * D), (size_t)(Hkv * D * es));
+        memcpy(AT(s->q, t * H * D), qkv_t, (size_t)(H * D * es));
+    }
+}
+
+static int attention_block(const kernels_t *k, const dims_t *d, const layer_t *layer, const step_t *s) {
+    const int64_t H = d->heads, D = d->head_dim, T = s->tokens;
+    const int threads = (int)s->threads;
+    int status = linear(k, d, s->x, layer->qkv_w, layer->qkv_b, s->qkv, T, (H + 2 * d->kv_heads) * D, d->hidden,
+                        threads);
+    if (status != SHOAL_OK) return status;
+    rotate_and_cache(k, d, layer, s);
+    status = k->attention(s->q, layer->k_cache, layer->v_cache, s->block_tables, s->context_lens, s->attn, (int)T,
+                          (int)H, (int)d->kv_heads, (int)D, (int)s->table_width, (int)d->block_size,
+                          (int)(d->num_slots / d->block_size), (int)layer->window, d->scale, (int)d->bf16, threads);
+    if (status != SHOAL_OK) return status;
+    return linear(k, d, s->attn, layer->o_w, layer->o_b, s->x, T, d->hidden, H * D, threads);
+}
+
+static int mlp_block(const kernels_t *k, const dims_t *d, const layer_t *layer, const step_t *s) {
+    const int64_t T = s->tokens, I = d->intermediate;
+    const int threads = (int)s->threads;
+    int status = linear(k, d, s->x, layer->gate_up_w, layer->gate_up_b, s->gate_up, T, 2 * I, d->hidden, threads);
+    if (status != SHOAL_OK) return status;
+    k->silu_and_mul(s->gate_up, s->act, (int)T, (int)I, (int)d->bf16, threads);
+    return linear(k, d, s->act, layer->down_w, layer->down_b, s->x, T, d->hidden, I, threads);
+}
+
+/* Each token's position within the rotary table and slot within the cache; each sequence's context length
+ * within its table row and every block id it reads within the cache (the attention kernel's own rule). */
+static int check_step(const dims_t *d, const step_t *s) {
+    const int64_t num_blocks = d->num_slots / d->block_size, W = s->table_width;
+    for (int64_t t = 0; t < s->tokens; t++) {
+        if ((uint64_t)s->positions[t] >= (uint64_t)d->max_positions) return SHOAL_BAD_INPUT;
+        if ((uint64_t)s->slots[t] >= (uint64_t)d->num_slots) return SHOAL_BAD_INPUT;
+        const int64_t len = s->context_lens[t];
+        if (len < 1 || len > W * d->block_size) return SHOAL_BAD_INPUT;
+        for (int64_t i = 0; i < (len + d->block_size - 1) / d->block_size; i++)
+            if ((uint64_t)s->block_tables[t * W + i] >= (uint64_t)num_blocks) return SHOAL_BAD_INPUT;
+    }
+    return SHOAL_OK;
+}
+
+/* The final hidden states [T, hidden] in s->x; SHOAL_OK or the first failing check's or kernel's status. */
+int shoal_decode_step(const kernels_t *k, const dims_t *d, const layer_t *layers, const step_t *s) {
+    const int64_t es = d->bf16 ? 2 : 4, T = s->tokens, hidden = d->hidden;
+    const int threads = (int)s->threads, bf16 = (int)d->bf16;
+    int status = check_step(d, s);
+    if (status != SHOAL_OK) return status;
+    memcpy(s->residual, s->embeddings, (size_t)(T * hidden * es));
+    k->rms_norm(s->residual, NULL, layers[0].input_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 0, threads);
+    for (int64_t l = 0; l < d->num_layers; l++) {
+        const layer_t *layer = layers + l;
+        if (l > 0)
+            k->rms_norm(s->x, s->residual, layer->input_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 1, threads);
+        if ((status = attention_block(k, d, layer, s)) != SHOAL_OK) return status;
+        k->rms_norm(s->x, s->residual, layer->post_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 1, threads);
+        if ((status = mlp_block(k, d, layer, s)) != SHOAL_OK) return status;
+    }
+    k->rms_norm(s->x, s->residual, s->final_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 1, threads);
+    return SHOAL_OK;
+}

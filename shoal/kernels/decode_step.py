@@ -1,0 +1,326 @@
+"""A decode step of a whole decoder stack for 1-4 tokens in one native call (decode_step.c).
+
+The layer loop runs in C and calls the gemv, fused-op and paged-attention kernels through function
+pointers taken from their own libraries, so the results are those of the per-op path bit for bit, without
+its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for the data flow).
+
+`DecodeStack` is built once per model from plain tensors (`LayerWeights`, the caches, the rotary table),
+checks every dtype, shape and stride then, and allocates the scratch for 1-4 tokens. `run` checks the
+step's own tensors each call; positions and slots are checked against their tables in C, block ids and
+context lengths by the attention kernel, before anything is written (ValueError). On a machine without a
+C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps its per-op path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from shoal import kernels
+from shoal.kernels import fused_ops, gemv
+from shoal.kernels import paged_attention as attention_kernel
+
+MAX_TOKENS = gemv.MAX_ROWS  # the matrix-vector kernel's limit: beyond it a step is a matmul, not a stream
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [
+        (name, _P) for name in ("gemv_f32", "gemv_bf16", "rms_norm", "rotary", "silu_and_mul", "attention")
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        (name, _P)
+        for name in (
+            "input_norm",
+            "qkv_w",
+            "qkv_b",
+            "o_w",
+            "o_b",
+            "post_norm",
+            "gate_up_w",
+            "gate_up_b",
+            "down_w",
+            "down_b",
+            "k_cache",
+            "v_cache",
+        )
+    ] + [("window", _I64)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [
+        (name, _I64)
+        for name in (
+            "hidden",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "intermediate",
+            "num_layers",
+            "num_slots",
+            "block_size",
+            "max_positions",
+            "bf16",
+        )
+    ] + [("eps", _F), ("scale", _F)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        (name, _P)
+        for name in (
+            "embeddings",
+            "final_norm",
+            "cos_sin",
+            "positions",
+            "slots",
+            "block_tables",
+            "context_lens",
+            "residual",
+            "x",
+            "qkv",
+            "q",
+            "attn",
+            "gate_up",
+            "act",
+        )
+    ] + [("tokens", _I64), ("table_width", _I64), ("threads", _I64)]
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer as plain tensors: norms [hidden]; qkv [(H + 2 Hkv) D, hidden]; o [hidden, H D];
+    gate_up [2 I, hidden]; down [hidden, I]; biases [out] or None; window in keys or None."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    window: int | None
+
+
+def _address(library: str, symbol: str) -> int | None:
+    lib = kernels.load(library)
+    return None if lib is None else ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+
+
+def _step_function():
+    return kernels.function("decode_step", "shoal_decode_step", (_P, _P, _P, _P), ctypes.c_int)
+
+
+def available() -> bool:
+    """Whether the step kernel and every kernel it calls are built here."""
+    return _step_function() is not None and None not in _kernel_addresses()
+
+
+def _kernel_addresses() -> tuple[int | None, ...]:
+    return (
+        _address("gemv", "shoal_gemv_f32"),
+        _address("gemv", "shoal_gemv_bf16"),
+        _address("fused_ops", "shoal_rms_norm"),
+        _address("fused_ops", "shoal_rotary"),
+        _address("fused_ops", "shoal_silu_and_mul"),
+        _address("paged_decode_attention", "shoal_paged_decode_attention"),
+    )
+
+
+def _matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> None:
+    if not (t.dtype is dtype and t.is_cpu and t.shape == (rows, cols) and t.is_contiguous()):
+        raise ValueError(
+            f"decode_step: {name} must be a contiguous CPU {dtype} [{rows}, {cols}]; got {_desc(t)}"
+        )
+
+
+def _vector(name: str, t: torch.Tensor | None, size: int, dtype: torch.dtype, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if t is None or not (t.dtype is dtype and t.is_cpu and t.shape == (size,) and t.is_contiguous()):
+        raise ValueError(f"decode_step: {name} must be a contiguous CPU {dtype} [{size}]; got {_desc(t)}")
+
+
+def _desc(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}, strides {t.stride()}"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeStack:
+    """The whole decoder stack of one model for decode steps of 1-4 tokens.
+
+    heads, kv_heads, head_dim, intermediate, eps and scale describe the model; caches are per layer (K, V),
+    each [num_slots, kv_heads, head_dim] of the weights' dtype; cos_sin float32 [max_positions, head_dim];
+    final_norm [hidden]. ValueError if any tensor is not as described (see decode_step.c for every layout).
+    The tensors must outlive this object (it keeps them referenced)."""
+
+    def __init__(
+        self,
+        layers: list[LayerWeights],
+        caches: list[tuple[torch.Tensor, torch.Tensor]],
+        final_norm: torch.Tensor,
+        cos_sin: torch.Tensor,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        scale: float,
+        block_size: int,
+    ):
+        dtype = final_norm.dtype
+        if dtype not in _DTYPES or not layers or len(caches) != len(layers):
+            raise ValueError(
+                f"decode_step: float32/bfloat16 weights and one cache pair per layer; got {dtype}"
+            )
+        hidden, inter = final_norm.shape[0], layers[0].down.shape[1]
+        num_slots = caches[0][0].shape[0]
+        if num_slots % block_size:
+            raise ValueError(f"decode_step: {num_slots} cache slots are not whole blocks of {block_size}")
+        self.dtype, self.hidden = dtype, hidden
+        self.sizes = {"qkv": (heads + 2 * kv_heads) * head_dim, "q": heads * head_dim, "gate_up": 2 * inter}
+        self.sizes |= {"attn": heads * head_dim, "act": inter, "x": hidden, "residual": hidden}
+        self.dims = _Dims(hidden, heads, kv_heads, head_dim, inter, len(layers), num_slots, block_size)
+        self.dims.max_positions, self.dims.bf16 = cos_sin.shape[0], _DTYPES[dtype]
+        self.dims.eps, self.dims.scale = eps, scale
+        _matrix("cos_sin", cos_sin, cos_sin.shape[0], head_dim, torch.float32)
+        _vector("final_norm", final_norm, hidden, dtype)
+        self.layer_table = (_Layer * len(layers))()
+        for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+            self._check_layer(i, layer, cache, (num_slots, kv_heads, head_dim))
+            self.layer_table[i] = self._layer_struct(layer, cache)
+        self.kernels = _Kernels(*_kernel_addresses())
+        self._keep = (layers, caches, final_norm, cos_sin)
+        self.final_norm, self.cos_sin = final_norm, cos_sin
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _check_layer(self, i: int, w: LayerWeights, cache: tuple[torch.Tensor, torch.Tensor], shape) -> None:
+        dt, hidden, s = self.dtype, self.hidden, self.sizes
+        for name, norm in (("input_norm", w.input_norm), ("post_norm", w.post_norm)):
+            _vector(f"layer {i} {name}", norm, hidden, dt)
+        for name, mat, bias, rows, cols in (
+            ("qkv", w.qkv, w.qkv_bias, s["qkv"], hidden),
+            ("o", w.o, w.o_bias, hidden, s["attn"]),
+            ("gate_up", w.gate_up, w.gate_up_bias, s["gate_up"], hidden),
+            ("down", w.down, w.down_bias, hidden, s["act"]),
+        ):
+            _matrix(f"layer {i} {name}", mat, rows, cols, dt)
+            _vector(f"layer {i} {name} bias", bias, rows, dt, optional=True)
+        for name, c in zip(("k_cache", "v_cache"), cache, strict=True):
+            if not (c.dtype is dt and c.is_cpu and tuple(c.shape) == shape and c.is_contiguous()):
+                raise ValueError(
+                    f"decode_step: layer {i} {name} must be a contiguous CPU {dt} {shape}; got {_desc(c)}"
+                )
+
+    @staticmethod
+    def _layer_struct(w: LayerWeights, cache: tuple[torch.Tensor, torch.Tensor]) -> _Layer:
+        tensors = (w.input_norm, w.qkv, w.qkv_bias, w.o, w.o_bias, w.post_norm, w.gate_up, w.gate_up_bias)
+        return _Layer(*map(_ptr, tensors), _ptr(w.down), _ptr(w.down_bias), *map(_ptr, cache), w.window or 0)
+
+    def _buffers(self, tokens: int) -> dict[str, torch.Tensor]:
+        if tokens not in self._scratch:
+            self._scratch[tokens] = {
+                n: torch.empty(tokens, size, dtype=self.dtype) for n, size in self.sizes.items()
+            }
+        return self._scratch[tokens]
+
+    def run(
+        self,
+        embeddings: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] (a scratch buffer, valid until the next run with T tokens) for
+        embeddings [T, hidden] of the weights' dtype, positions and slots int64 [T], block_tables int32
+        [T, W] and context_lens int32 [T] (keys per sequence including the new token); 1 <= T <= 4.
+        ValueError for anything else, and for positions, slots, block ids or lengths out of range."""
+        tokens = embeddings.shape[0] if embeddings.dim() == 2 else 0
+        self._check_step(embeddings, positions, slots, block_tables, context_lens, tokens)
+        buf = self._buffers(tokens)
+        step = _Step(
+            embeddings.data_ptr(),
+            self.final_norm.data_ptr(),
+            self.cos_sin.data_ptr(),
+            positions.data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            *(buf[n].data_ptr() for n in ("residual", "x", "qkv", "q", "attn", "gate_up", "act")),
+        )
+        step.tokens, step.table_width, step.threads = tokens, block_tables.shape[1], torch.get_num_threads()
+        status = _step_function()(
+            ctypes.byref(self.kernels), ctypes.byref(self.dims), self.layer_table, ctypes.byref(step)
+        )
+        kernels.check_status(
+            status, "decode_step", lambda: self._explain(positions, slots, block_tables, context_lens)
+        )
+        return buf["x"]
+
+    def _check_step(self, embeddings, positions, slots, block_tables, context_lens, tokens: int) -> None:
+        i64, i32 = torch.int64, torch.int32
+        if not (
+            1 <= tokens <= MAX_TOKENS
+            and embeddings.dtype is self.dtype
+            and embeddings.shape == (tokens, self.hidden)
+            and all(
+                t.is_cpu and t.is_contiguous()
+                for t in (embeddings, positions, slots, block_tables, context_lens)
+            )
+            and positions.dtype is i64
+            and slots.dtype is i64
+            and positions.shape == (tokens,)
+            and slots.shape == (tokens,)
+            and block_tables.dtype is i32
+            and block_tables.dim() == 2
+            and block_tables.shape[0] == tokens
+            and block_tables.shape[1] >= 1
+            and context_lens.dtype is i32
+            and context_lens.shape == (tokens,)
+        ):
+            raise ValueError(
+                f"decode_step: 1-{MAX_TOKENS} tokens: embeddings {self.dtype} [T, {self.hidden}], positions and "
+                "slots int64 [T], block_tables int32 [T, W], context_lens int32 [T], contiguous on the CPU; got "
+                + ", ".join(_desc(t) for t in (embeddings, positions, slots, block_tables, context_lens))
+            )
+
+    def _explain(self, positions, slots, block_tables, context_lens) -> str:
+        """What the C check refused, found again here (only on failure)."""
+        d, width = self.dims, block_tables.shape[1]
+        for t, (pos, slot, n) in enumerate(
+            zip(positions.tolist(), slots.tolist(), context_lens.tolist(), strict=True)
+        ):
+            if not 0 <= pos < d.max_positions:
+                return f"token {t}: position {pos} outside the rotary table [0, {d.max_positions})"
+            if not 0 <= slot < d.num_slots:
+                return f"token {t}: slot {slot} outside the cache [0, {d.num_slots})"
+            if not 1 <= n <= width * d.block_size:
+                return f"sequence {t}: context length {n} outside [1, {width * d.block_size}] for its table"
+            used = block_tables[t, : -(-n // d.block_size)].tolist()
+            if any(not 0 <= b < d.num_slots // d.block_size for b in used):
+                return f"sequence {t}: a block id in {used} outside [0, {d.num_slots // d.block_size})"
+        return "an input out of range"
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps on this device and dtype can run here as one native call."""
+    return (
+        device.type == "cpu"
+        and dtype in _DTYPES
+        and fused_ops.supported(device, dtype)
+        and attention_kernel.supported(device, dtype)
+        and available()
+    )

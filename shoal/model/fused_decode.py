@@ -1,0 +1,84 @@
+"""Binds a loaded Transformer to the one-call native decode step (kernels/decode_step.py).
+
+The step kernel takes plain weight tensors, so it serves a model whose every layer is the standard one:
+dense float32/bfloat16 linears that the matrix-vector kernel serves (nn.Linear, or PackedLinear keeping
+its plain weight), no q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every
+kernel it calls is built. Anything else (quantized or split linears, LoRA-like wrappers, CUDA) gets None,
+and the model's own forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from shoal.kernels import decode_step
+from shoal.model.packed_linear import PackedLinear
+from shoal.model.transformer import DecoderLayer, Transformer
+
+
+def enabled() -> bool:
+    return os.environ.get("SHOAL_FUSED_DECODE", "1") != "0"
+
+
+def _plain(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias [out] or None) of a dense linear the gemv kernel serves, else None."""
+    if type(linear) is nn.Linear:
+        weight = linear.weight
+    elif type(linear) is PackedLinear and linear.use_gemv:
+        weight = linear.weight
+    else:
+        return None
+    bias = linear.bias
+    return (weight.detach(), None if bias is None else bias.detach())
+
+
+def _layer_weights(layer: DecoderLayer) -> decode_step.LayerWeights | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.q_norm is not None:
+        return None
+    parts = [_plain(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(p is None for p in parts):
+        return None
+    (qkv, qkv_b), (o, o_b), (gate_up, gate_up_b), (down, down_b) = parts
+    return decode_step.LayerWeights(
+        layer.input_layernorm.weight.detach(),
+        qkv,
+        qkv_b,
+        o,
+        o_b,
+        layer.post_attention_layernorm.weight.detach(),
+        gate_up,
+        gate_up_b,
+        down,
+        down_b,
+        attn.window,
+    )
+
+
+def decode_stack(
+    model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
+) -> decode_step.DecodeStack | None:
+    """The one-call decode step for this model and its caches, or None where it does not apply (see the
+    module docstring)."""
+    weight = model.embed_tokens.weight
+    if not (enabled() and type(model) is Transformer and decode_step.supported(weight.device, weight.dtype)):
+        return None
+    layers = [_layer_weights(layer) if type(layer) is DecoderLayer else None for layer in model.layers]
+    if any(layer is None for layer in layers):
+        return None
+    first = model.layers[0].self_attn
+    return decode_step.DecodeStack(
+        layers,
+        kv_caches,
+        model.norm.weight.detach(),
+        model.rope.cos_sin_cache,
+        heads=first.num_heads,
+        kv_heads=first.num_kv_heads,
+        head_dim=first.head_dim,
+        eps=model.norm.eps,
+        scale=first.scale,
+        block_size=block_size,
+    )
