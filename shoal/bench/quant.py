@@ -174,7 +174,9 @@ def decode_profile(models: dict[str, Path], tokens: int = 64, iters: int = 3, lo
     """Single-stream greedy decode of each model (label -> directory; `--dtype auto` engines, one process),
     iters rounds alternating between them on fresh 32-token prompts: per model, the best round's tok/s and
     its ms per generated token spent in lm_head, quantized linears and 16-bit linears (decode rows only);
-    the rest of a step is attention, norms and the engine. Shows where the bytes saved go (issue 18)."""
+    the rest of a step is attention, norms and the engine. Shows where the bytes saved go (issue 18). Every
+    model runs the per-op forward: the one-call native decode step (kernels/decode_step.c) that a 16-bit
+    model otherwise gets would hide its linears from the timers."""
     from shoal.bench import workload
     from shoal.bench.latency import shoal_once
 
@@ -185,6 +187,7 @@ def decode_profile(models: dict[str, Path], tokens: int = 64, iters: int = 3, lo
         return [(1000 + 37 * r + j) % vocab for j in range(32)]
 
     for e in engines.values():
+        e.runner.decode_stack = None
         e.warm_up()
         shoal_once(e, prompt(0), tokens)
     totals = {k: _time_decode_linears(e.runner.model) for k, e in engines.items()}
