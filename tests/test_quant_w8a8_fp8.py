@@ -180,6 +180,8 @@ VARIANTS = {
     "w8a8": ("w8a8", ActivationOptions()),
     "w8a8-sq-static": ("w8a8", ActivationOptions(smoothquant_alpha=0.5, activation_scales="static")),
     "w8a8-gptq": ("w8a8", ActivationOptions(weight_method="gptq")),
+    # SmoothQuant inside GPTQ's pass (smoothquant.smooth_block): float32 norm weights in the checkpoint
+    "w8a8-sq-gptq": ("w8a8", ActivationOptions(weight_method="gptq", smoothquant_alpha=0.5)),
     "fp8": ("fp8", ActivationOptions()),
 }
 
