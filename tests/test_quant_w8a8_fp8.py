@@ -19,14 +19,15 @@ from safetensors.torch import load_file, save_file
 
 from shoal.model.loader import load_model
 from shoal.quant.activation_recipe import ActivationOptions
-from shoal.quant.calibration import forward_windows, load_calibration_tokens
+from shoal.quant.calibration import BlockwiseCalibration, forward_windows, load_calibration_tokens
 from shoal.quant.fp8 import FP8_DTYPE, FP8Linear, quantize_fp8_weight
 from shoal.quant.quantize import Calibration, quantize_model
 from shoal.quant.rtn import quantize_rtn
-from shoal.quant.smoothquant import activation_absmax, smooth_checkpoint
+from shoal.quant.smoothquant import activation_absmax, smooth_block, smooth_checkpoint
 from shoal.quant.w8a8 import (
     W8A8Linear,
     int8_matmul,
+    int8_matmul_float,
     int8_matmul_reference,
     quantize_per_token,
     reference_forward,
@@ -62,6 +63,21 @@ def test_int8_round_trip_within_the_scale_bound(dtype):
     fe = (w.float() - fq.dequantize(torch.float32)).abs()
     bound = torch.maximum(w.float().abs() * 2**-4, fq.scale.float() * 2**-9)
     assert bool((fe <= bound * 1.0001).all())
+
+
+@pytest.mark.timeout(10)
+def test_int8_matmul_float_is_exact_past_float32_integers():
+    # k = 2,148: the extreme rows' sums (2148 * 128 * 128 ~ 2^25) pass float32's exact integers (2^24), so
+    # only the slicing by FLOAT_EXACT_K features (each slice's sum <= 2^24) keeps them exact
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-128, 128, (5, 2148), generator=g, dtype=torch.int8)
+    wq = torch.randint(-128, 128, (7, 2148), generator=g, dtype=torch.int8)
+    xq[0], wq[0] = -128, -128
+    xq[1], wq[1, 1:] = 127, -128
+    exact = xq.to(torch.int64) @ wq.to(torch.int64).t()
+    assert exact[0, 0] == 2148 * 128 * 128
+    assert torch.equal(int8_matmul_float(xq, wq).to(torch.int64), exact)
+    assert int8_matmul_float(xq[:, :0], wq[:, :0]).shape == (5, 7)
 
 
 @pytest.mark.timeout(10)
@@ -121,10 +137,51 @@ def test_smoothquant_folding_keeps_the_model_function(stories_dir, tmp_path):
     torch.testing.assert_close(smoothed, base, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timeout(30)
+def test_smooth_block_keeps_the_block_function_and_rescales_its_hessians(stories_dir):
+    """Smoothing inside GPTQ's pass: after smooth_block, the block's linears see x / s (their inputs captured
+    again equal the old ones rescaled, Hessians included) and the block's output is unchanged (fp32)."""
+    ids = load_calibration_tokens(stories_dir, EVAL / "tinystories-sample.txt", 4, 64, 0)
+    runs = []
+    for smoothed in (False, True):
+        model, cfg = load_model(stories_dir, torch.float32, CPU, pack=False)
+        blocks = BlockwiseCalibration(model, ids)
+        names = [
+            f"layers.0.{f}"
+            for f in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+        ]
+        stats = blocks.capture(names)
+        norms = smooth_block(model.layers[0], stats, 0.5, 0, cfg) if smoothed else {}
+        runs.append((blocks, stats, norms, blocks.capture(names), model))
+    (plain, before, _, _, base), (smooth, rescaled, norms, again, model) = runs
+    assert sorted(norms) == [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ]
+    assert torch.equal(norms["model.layers.0.input_layernorm.weight"], model.layers[0].input_layernorm.weight)
+    assert not torch.equal(model.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:  # float32 products: at the largest entry's precision
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))
+
+    for name in ("layers.0.self_attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj"):
+        assert not torch.allclose(again[name].abs_max, before[name].abs_max)  # the inputs did change
+        close(again[name].hessian.sum, rescaled[name].hessian.sum)
+    # stories260K has grouped-query attention: o_proj's input is left alone
+    close(again["layers.0.self_attn.o_proj"].hessian.sum, before["layers.0.self_attn.o_proj"].hessian.sum)
+    plain.advance()
+    smooth.advance()
+    for (x0, r0), (x1, r1) in zip(plain.states, smooth.states, strict=True):
+        torch.testing.assert_close(x1, x0, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r1, r0, rtol=1e-4, atol=1e-5)
+
+
 VARIANTS = {
     "w8a8": ("w8a8", ActivationOptions()),
     "w8a8-sq-static": ("w8a8", ActivationOptions(smoothquant_alpha=0.5, activation_scales="static")),
     "w8a8-gptq": ("w8a8", ActivationOptions(weight_method="gptq")),
+    # SmoothQuant inside GPTQ's pass (smoothquant.smooth_block): float32 norm weights in the checkpoint
+    "w8a8-sq-gptq": ("w8a8", ActivationOptions(weight_method="gptq", smoothquant_alpha=0.5)),
     "fp8": ("fp8", ActivationOptions()),
 }
 
@@ -259,7 +316,8 @@ def _engine_perplexity(model_dir: Path, tokens: int = 2048) -> float:
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=64 << 20))
+    # one 2,048-token sequence needs 94 MiB of KV cache in float32 (dtype auto on an AVX2-only CPU)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=128 << 20))
     ids = engine.tokenizer.encode((EVAL / "wikitext2-test.txt").read_text())[:tokens]
     window = min(1024, engine.config.max_model_len or 1024)
     nll = []

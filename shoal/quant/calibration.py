@@ -62,11 +62,13 @@ def load_calibration_tokens(
 class LinearInputs:
     """What calibration kept of one linear's inputs (in = its input features).
 
-    hessian: X^T X accumulated (None when not requested). abs_sum: [in] float64 sum of |x|; rows: the
-    number of input rows seen. samples: kept input rows, float32, concatenated by `sample_rows()`."""
+    hessian: X^T X accumulated (None when not requested). abs_sum: [in] float64 sum of |x|; abs_max: [in]
+    float32 max |x| (SmoothQuant's statistic); rows: the number of input rows seen. samples: kept input
+    rows, float32, concatenated by `sample_rows()`."""
 
     hessian: HessianAccumulator | None
     abs_sum: torch.Tensor
+    abs_max: torch.Tensor
     rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
 
@@ -140,10 +142,15 @@ class BlockwiseCalibration:
 
     Weights written into a PackedLinear after load are not seen by its oneDNN copies: quantize a model
     loaded without packing (or swap the modules), so that advance() computes with the new weights.
+    threads: torch threads for the block forwards and the hooks' Hessian products (large matrix products,
+    which threads speed up), whatever the caller runs its own elementwise work on; None: the current count.
     """
 
-    def __init__(self, model: nn.Module, token_ids: torch.Tensor, batch_size: int = 4):
+    def __init__(
+        self, model: nn.Module, token_ids: torch.Tensor, batch_size: int = 4, threads: int | None = None
+    ):
         self.model = model
+        self.threads = threads
         self.block = 0
         self.batches = list(token_ids.split(batch_size))
         with torch.inference_mode():
@@ -187,6 +194,14 @@ class BlockwiseCalibration:
             )
 
     def _run_block(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads or before)
+        try:
+            return self._block_forward(batch)
+        finally:
+            torch.set_num_threads(before)
+
+    def _block_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the native add + RMSNorm works in place: the block gets copies, so the kept state stays intact
         x, residual = self.states[batch]
         samples, seq_len = self.batches[batch].shape
@@ -247,6 +262,7 @@ def _watch(
         stats[name] = LinearInputs(
             hessian=HessianAccumulator(module.in_features) if hessian else None,
             abs_sum=torch.zeros(module.in_features, dtype=torch.float64),
+            abs_max=torch.zeros(module.in_features),
         )
         generator = torch.Generator().manual_seed(seed)
         handles.append(module.register_forward_hook(_recorder(stats[name], per_batch, generator)))
@@ -264,7 +280,9 @@ def _recorder(stats: LinearInputs, per_batch: int, generator: torch.Generator):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         if stats.hessian is not None:
             stats.hessian.add(x)
-        stats.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        magnitude = x.abs()
+        stats.abs_sum += magnitude.sum(0, dtype=torch.float64)
+        torch.maximum(stats.abs_max, magnitude.amax(0), out=stats.abs_max)
         stats.rows += x.shape[0]
         if per_batch:
             keep = torch.randperm(x.shape[0], generator=generator)[:per_batch]

@@ -149,14 +149,15 @@ def quantize_model(
     bytes at g64): bf16 scales cost SmolLM2 RTN g64 1.50x against 1.385x perplexity (docs/quantization.md).
     gptq_options: gptq's observer, act-order, dampening and true-sequential capture (GPTQOptions; default
     GPTQ_METHOD_DEFAULT for gptq, act-order with dampening 0.1); its observer also applies to rtn (w8a8's
-    GPTQ keeps GPTQOptions()). Raises ValueError for an unknown observer.
+    GPTQ has its own, activation_recipe.W8A8_GPTQ_OPTIONS). Raises ValueError for an unknown observer.
 
     Raises ValueError for an unknown or unimplemented method, unsupported bits, an explicit group size that
     does not divide a layer (naming it), or an already quantized input; FileNotFoundError for a missing
     config.json or weights. output may exist; its model files are overwritten.
     Runs on one torch thread: rounding a layer is a few elementwise passes over ~1M values, which threads do
     not speed up, and on a shared 2-core EPYC (load ~5) OpenMP's barriers made it 10x slower (SmolLM2
-    1536x576 bf16, int4 g64: 12 ms a layer on 1 thread, 126 ms on 2)."""
+    1536x576 bf16, int4 g64: 12 ms a layer on 1 thread, 126 ms on 2). GPTQ's block forwards (matrix
+    products of thousands of rows) run on the caller's thread count, as llm-compressor's do."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -173,6 +174,7 @@ def quantize_model(
             quantize_lm_head,
             scale_dtype,
             gptq_options or (GPTQ_METHOD_DEFAULT if method == "gptq" else GPTQOptions()),
+            threads,
         )
     finally:
         torch.set_num_threads(threads)
@@ -191,6 +193,7 @@ def _quantize_model(
     quantize_lm_head: bool = False,
     scale_dtype_name: str = "auto",
     gptq_options: GPTQOptions = GPTQOptions(),
+    threads: int | None = None,
 ) -> QuantizeResult:
     start = time.perf_counter()
     check_method(method)
@@ -217,13 +220,13 @@ def _quantize_model(
     if method in ACTIVATION_METHODS:
         naive = quantize_activation_method(
             src, tensors, list(linears), method, activation_options,
-            lambda: _calibration_ids(src, calibration), progress,
+            lambda: _calibration_ids(src, calibration), progress, threads,
         )  # fmt: skip
         quantized, fmt = naive.weights, naive.format
     elif method == "gptq":
         ids = _calibration_ids(src, calibration)
         quantized = gptq_model(
-            src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress, gptq_options
+            src, plan.group_sizes, bits, symmetric, ids, scale_dtype, progress, gptq_options, threads=threads
         )
     elif method == "awq":
         ids = _calibration_ids(src, calibration)

@@ -52,16 +52,23 @@ def gptq_model(
     scale_dtype: torch.dtype,
     progress=None,
     options: GPTQOptions | None = None,
+    smooth=None,
+    threads: int | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Checkpoint linear name -> its GPTQ-quantized weight, for every linear in group_sizes.
 
     group_sizes: as groups.plan_groups gives them (checkpoint names, PER_CHANNEL for one group a row).
     calib_ids: [samples, seq_len] int64 calibration windows. scale_dtype: the dtype scales are stored in.
     progress: optional callable(block_index, num_blocks) after each block. options: observer, act-order,
-    dampening and true-sequential capture (default GPTQOptions())."""
+    dampening and true-sequential capture (default GPTQOptions()). smooth: optional callable(block_index,
+    layer, stats) run on each block's first capture before anything is quantized, which may change the
+    block's weights and rescale the captured Hessians (smoothquant.smooth_block); not with true-sequential
+    capture (ValueError). threads: torch threads for the block forwards (BlockwiseCalibration)."""
     options = options or GPTQOptions()
+    if smooth is not None and options.true_sequential:
+        raise ValueError("smoothing inside GPTQ's pass needs one capture per block, not --true-sequential")
     model, cfg = load_model(model_dir, torch.float32, torch.device("cpu"), pack=False)
-    blocks = BlockwiseCalibration(model, calib_ids)
+    blocks = BlockwiseCalibration(model, calib_ids, threads=threads)
     result: dict[str, QuantizedWeight] = {}
     for i in range(cfg.num_layers):
         todo = {
@@ -70,6 +77,8 @@ def gptq_model(
             if f"model.layers.{i}.{parts[0]}" in group_sizes
         }
         stats = blocks.capture(list(todo)) if todo and not options.true_sequential else {}
+        if smooth is not None and stats:
+            smooth(i, model.layers[i], stats)
         for name, parts in todo.items():
             if options.true_sequential:  # this linear's inputs, after the ones before it were quantized
                 stats = blocks.capture([name])

@@ -8,9 +8,15 @@ produces x, so the served model costs nothing extra. Folded here, on the checkpo
 - down_proj: into the rows of up_proj (down's input is act(gate) * up, linear in up's rows);
 - o_proj: into the rows of v_proj only without grouped-query attention (o's input channel j is v's row j
   only when every head has its own v); with GQA (SmolLM2: 9 heads, 3 KV heads) o_proj is not smoothed.
-max|X_j| comes from one pass of the 16-bit model in float32 over calibration windows (llm-compressor's
-SmoothQuantModifier also calibrates on the unquantized model); max|W_j| is over the rows of every linear
-that shares the input. s is clamped to >= 1e-5, as in the reference implementation (smoothquant/smooth.py).
+max|X_j| comes from one pass of the 16-bit model in float32 over calibration windows (smooth_checkpoint);
+max|W_j| is over the rows of every linear that shares the input. s is clamped to >= 1e-5, as in the
+reference implementation (smoothquant/smooth.py).
+
+With GPTQ weights, `smooth_block` does the same inside GPTQ's block-by-block pass instead (as
+llm-compressor's sequential pipeline does): each block is smoothed from the inputs captured for its
+Hessians (the outputs of the blocks before it, already quantized), in float32, and the Hessians are
+rescaled to the smoothed inputs x / s (diag(1/s) X^T X diag(1/s), exact), so no separate pass of the model
+and no rounding of the smoothed weights to the checkpoint's dtype before they are quantized.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.quant.calibration import forward_windows
+from shoal.quant.calibration import LinearInputs, forward_windows
 
 # our fused linear -> (the checkpoint linears it reads, the producer of its input, fold kind)
 SMOOTH_TARGETS = {
@@ -74,11 +80,16 @@ def activation_absmax(
     return stats
 
 
+def check_alpha(alpha: float) -> None:
+    """ValueError for a smoothing strength outside [0, 1]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--smoothquant-alpha={alpha}: must lie in [0, 1]")
+
+
 def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """s [in] float32 = max|X_j|^alpha / max|W_j|^(1-alpha), W_j over all weights' column j; >= 1e-5.
     act_absmax float [in]; weights [out_i, in] each. ValueError for alpha outside [0, 1]."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--smoothquant-alpha={alpha}: must lie in [0, 1]")
+    check_alpha(alpha)
     w_max = torch.cat([w.float().abs() for w in weights]).amax(0).clamp(min=1e-5)
     s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)
     return s.clamp(min=1e-5)
@@ -122,3 +133,46 @@ def _divide_producer(tensors: dict[str, torch.Tensor], producer: str, s: torch.T
         t = tensors[name]
         divisor = s if t.dim() == 1 else s[:, None]
         tensors[name] = (t.float() / divisor).to(t.dtype)
+
+
+# the producer of each fused linear's input inside shoal's decoder block: a norm, or rows of a fused linear
+_BLOCK_PRODUCERS = {
+    "self_attn.qkv_proj": "input_layernorm",
+    "mlp.gate_up_proj": "post_attention_layernorm",
+    "mlp.down_proj": "mlp.gate_up_proj",  # its up rows
+    "self_attn.o_proj": "self_attn.qkv_proj",  # its v rows
+}
+
+
+@torch.no_grad()
+def smooth_block(
+    layer: nn.Module, stats: dict[str, LinearInputs], alpha: float, block: int, cfg
+) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant into decoder block `block` (`layer`, shoal's fused float32 modules) in place, from the
+    captured inputs `stats` (name -> LinearInputs with Hessians, as BlockwiseCalibration.capture gives them),
+    whose Hessians are rescaled to the smoothed inputs. Every fused linear in stats is smoothed, o_proj only
+    without grouped-query attention. Returns checkpoint norm weight name -> its new value (float32 [hidden]).
+    ValueError for alpha outside [0, 1]."""
+    norms: dict[str, torch.Tensor] = {}
+    gqa = cfg.num_heads != cfg.num_kv_heads
+    for fused, producer in _BLOCK_PRODUCERS.items():
+        name = f"layers.{block}.{fused}"
+        if name not in stats or (fused == "self_attn.o_proj" and gqa):
+            continue
+        linear = layer.get_submodule(fused)
+        s = smoothing_factors(stats[name].abs_max, [linear.weight], alpha)
+        linear.weight.mul_(s)
+        stats[name].hessian.scale_inputs(1 / s)
+        module = layer.get_submodule(producer)
+        if producer.endswith("layernorm"):
+            module.weight.div_(s)
+            norms[f"model.layers.{block}.{producer}.weight"] = module.weight.detach().float().clone()
+            continue
+        if fused == "mlp.down_proj":  # up rows follow the gate rows
+            start = cfg.intermediate_size
+        else:  # v rows follow q and k
+            start = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+        module.weight[start : start + s.numel()] /= s[:, None]
+        if module.bias is not None:
+            module.bias[start : start + s.numel()] /= s
+    return norms
