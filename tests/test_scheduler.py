@@ -238,6 +238,43 @@ def test_priority_policy_gives_a_more_urgent_arrival_the_seat_of_the_least_urgen
     assert not batch.preempted and not batch.admitted
 
 
+def _rows(batch: ScheduledBatch) -> list[tuple[str, int]]:
+    return sorted((s.request_id, n) for s, n in zip(batch.seqs, batch.num_tokens, strict=True))
+
+
+def test_priority_policy_runs_a_more_urgent_prompt_without_the_less_urgent_rows() -> None:
+    """Under `priority`, a step computing a premium prompt (every chunk of it, up to its first token)
+    carries no low-priority row: running low decodes sit it out, low arrivals are admitted after it. Once
+    premium decodes, low rows share its steps again; under fcfs every step batches them all."""
+    scheduler = Scheduler(
+        BlockManager(512, BLOCK), max_num_seqs=4, max_num_batched_tokens=8, policy="priority"
+    )
+    lows = _classed("low", 3, priority=5, first_token=100, max_tokens=20)
+    for seq in lows[:2]:
+        scheduler.add(seq)
+    run_step(scheduler)  # both low prompts (6 tokens each) take 8 tokens of budget: low0 whole, low1 a chunk
+    run_step(scheduler)
+    premium = Sequence("premium0", 0, [300] + [7] * 13, SamplingParams(max_tokens=3), None, 0)  # 14 tokens
+    scheduler.add(premium)
+    scheduler.add(lows[2])  # a low arrival behind it
+    steps = [_rows(run_step(scheduler)) for _ in range(3)]
+    assert steps[0] == [("premium0", 8)]  # its first chunk alone: low0 and low1 decode later
+    assert steps[1] == [("premium0", 6)]  # its last chunk alone: its first token
+    # Premium decodes: all share the step again (low2's prompt takes the 5 tokens of budget left).
+    assert steps[2] == [("low0", 1), ("low1", 1), ("low2", 5), ("premium0", 1)]
+    while scheduler.has_work():
+        run_step(scheduler)
+    assert all(s.finished for s in [*lows, premium])
+    # The same arrivals under fcfs: the low decodes run in every step, beside the premium prompt.
+    scheduler = Scheduler(BlockManager(512, BLOCK), max_num_seqs=4, max_num_batched_tokens=8)
+    for seq in _classed("low", 2, priority=5, first_token=100, max_tokens=20):
+        scheduler.add(seq)
+    run_step(scheduler)
+    run_step(scheduler)
+    scheduler.add(Sequence("premium0", 0, [300] + [7] * 13, SamplingParams(max_tokens=3), None, 0))
+    assert _rows(run_step(scheduler)) == [("low0", 1), ("low1", 1), ("premium0", 6)]
+
+
 def test_waiting_queues_remove_and_readd_at_scale() -> None:
     """Removal (aborts) from the middle of the priority heap, and re-adding (preemption), keep the order."""
     from shoal.engine.waiting_queue import PriorityQueue

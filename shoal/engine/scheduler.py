@@ -9,7 +9,12 @@ the newest running sequence is the victim, and it goes back to the front; under 
 urgent (highest priority value), newest first within a class (vLLM's policy; engine/waiting_queue.py).
 Under `priority` a waiting sequence more urgent than a running one also takes its seat when all
 `max_num_seqs` seats are taken (vLLM V0's `_schedule_priority_preemption`): a premium request waits one
-step, not until a low-priority one finishes.
+step, not until a low-priority one finishes. And a step that computes a prompt toward its first token
+runs only rows at least as urgent as that prompt: less urgent decodes and prompt chunks sit that step out
+(keeping their seats and blocks), and less urgent arrivals are admitted after it. A premium request's
+first token then costs a step of premium rows only, not a step batched with every standard decode; the
+price is one step of progress for the less urgent rows per such step (a steady stream of urgent prompts
+starves them, as strict priority does anyway).
 
 Swap preemption (`preemption_mode="swap"`, vLLM V0's policy): the victim's computed KV blocks are copied
 to the host pool (engine/swap_space.py) instead of being dropped, and it waits in the swapped queue with
@@ -129,6 +134,30 @@ class Scheduler:
             preempted.append(self._preempt(swap=False))
         return preempted
 
+    def _first_token_priority(self, rows, floor: int | None = None) -> int | None:
+        """Under `priority`: the most urgent priority among `rows` ((seq, tokens) pairs) still computing
+        toward their first output token, and `floor`; None under fcfs or when there is none. A step runs
+        only rows at least this urgent: the less urgent ones (decodes included) sit it out, so a premium
+        prompt's first token costs a step of its own class only, not one batched with standard rows."""
+        if self.policy != "priority":
+            return None
+        for seq, _ in rows:
+            if seq.num_output_tokens == 0 and (floor is None or seq.priority < floor):
+                floor = seq.priority
+        return floor
+
+    def _only_as_urgent_as(self, urgent: int, scheduled: dict) -> dict:
+        """The rows of `scheduled` at least as urgent as `urgent`; the budget the others leave goes to the
+        kept prompt chunks, in order, where blocks allow (the others keep their blocks for next step)."""
+        kept = {i: (seq, n) for i, (seq, n) in scheduled.items() if seq.priority <= urgent}
+        budget = self.max_num_batched_tokens - sum(n for _, n in kept.values())
+        for i, (seq, n) in kept.items():
+            more = min(seq.num_uncomputed - n, budget)
+            if more > 0 and self.blocks.allocate(seq, n + more):
+                kept[i] = (seq, n + more)
+                budget -= more
+        return kept
+
     def _try_swap_out(self, seq: Sequence) -> bool:
         """Move seq's computed blocks to the host pool, keeping its progress; False (nothing done) without
         a pool, with nothing computed, or when the pool cannot hold them all."""
@@ -193,9 +222,12 @@ class Scheduler:
             budget -= n
         swap_in = [] if preempted else self._swap_in(budget, scheduled)
         budget = self.max_num_batched_tokens - sum(n for _, n in scheduled.values())
+        urgent = self._first_token_priority(scheduled.values())
         # New sequences, in the waiting queue's order (none while any is swapped out).
         while not self.swapped and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
+            if urgent is not None and seq.priority > urgent:
+                break  # it would sit this step out (below): admitted next step
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             n = seq.num_uncomputed
@@ -219,6 +251,9 @@ class Scheduler:
             self.running[seq.seq_id] = seq
             scheduled[seq.seq_id] = (seq, n)
             budget -= n
+            urgent = self._first_token_priority([(seq, n)], urgent)
+        if urgent is not None:
+            scheduled = self._only_as_urgent_as(urgent, scheduled)
         batch = _decodes_first(list(scheduled.values()))
         batch.preempted, batch.admitted = preempted, admitted
         batch.swap_out, batch.swap_in, self._swap_out = self._swap_out, swap_in, []
