@@ -54,7 +54,7 @@ def test_json_access_line_carries_propagated_request_id_and_no_prompt(live_serve
     assert line["prompt_tokens"] == usage["prompt_tokens"]
     assert line["completion_tokens"] == usage["completion_tokens"] == 5
     assert line["finish_reasons"] == ["length"] and line["streamed"] is False
-    assert 0 < line["ttft_s"] <= line["latency_s"] < 30
+    assert 0 < line["queue_s"] < line["ttft_s"] <= line["latency_s"] < 30
     log = live_server.log_path.read_text()
     assert PROMPT not in log and "Marmaduke" not in log
     for text in log.splitlines():  # every line the process wrote (shoal, uvicorn, engine core) is JSON

@@ -2,7 +2,7 @@
 
 It replaces uvicorn's access log (run with access_log=False), which knows neither the request id nor the
 model's numbers. Fields (`--log-format json` makes them top-level JSON keys): request_id, method, path,
-status, model, prompt_tokens, completion_tokens, ttft_s and latency_s (seconds, from the HTTP arrival),
+status, model, prompt_tokens, completion_tokens, queue_s, ttft_s and latency_s (seconds, from the HTTP arrival),
 finish_reasons, streamed, and error_kind / timed_out / cache_hit / tenant when they apply. The prompt
 text is never logged unless the server runs with `--log-prompts` (prompts may hold personal data); it is
 then decoded from the prompt token ids after the fact, off the request path.
@@ -44,6 +44,7 @@ class AccessLog:
             "model": ctx.model or (self.model_name if ctx.outputs else None),
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.completion_tokens,
+            "queue_s": _rounded(summary.queue),
             "ttft_s": _rounded(summary.ttft),
             "latency_s": _rounded(summary.latency),
             "finish_reasons": summary.finish_reasons,

@@ -19,6 +19,7 @@ class RequestSummary:
     prompt_tokens: int
     completion_tokens: int
     ttft: float | None  # HTTP arrival -> first token of any choice (None when none was generated)
+    queue: float | None  # HTTP arrival -> the start of its first engine step (None when never scheduled)
     latency: float | None  # HTTP arrival -> response fully sent
     finish_reasons: list[str | None]
 
@@ -26,6 +27,7 @@ class RequestSummary:
 def summarize(ctx: RequestContext) -> RequestSummary:
     """The summary of `ctx`, once its response has been sent (called by the end listeners)."""
     first_tokens = [t for out in ctx.outputs if (t := out.metrics.get("first_token_time")) is not None]
+    scheduled = [t for out in ctx.outputs if (t := out.metrics.get("first_scheduled_time")) is not None]
     return RequestSummary(
         prompt_tokens=sum(len(out.prompt_token_ids) for out in ctx.outputs),
         # echo with max_tokens 0 generates one token it never returns: not a completion token
@@ -33,6 +35,7 @@ def summarize(ctx: RequestContext) -> RequestSummary:
         if ctx.hidden_output
         else sum(len(c.token_ids) for out in ctx.outputs for c in out.outputs),
         ttft=min(first_tokens) - ctx.arrival_time if first_tokens else None,
+        queue=min(scheduled) - ctx.arrival_time if scheduled else None,
         latency=ctx.latency,
         finish_reasons=[c.finish_reason for out in ctx.outputs for c in out.outputs],
     )
