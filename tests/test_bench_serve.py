@@ -149,3 +149,56 @@ def test_serve_diff_shows_ratios(tmp_path):
         app, ["bench", "serve-diff", str(tmp_path / "a.json"), str(tmp_path / "c.json")]
     )
     assert result.exit_code == 2 and "not a `shoal bench serve` result" in result.output
+
+
+@pytest.mark.timeout(60)
+def test_spike_client_sends_from_a_child_at_nice_19_and_records_each_send_lag(failing_url):
+    """The spike bench's client (shoal/bench/spike.py): niced, it runs in another process at nice 19;
+    not niced, here at this process's niceness. Every request's outcome comes back with its send lag."""
+    import os
+
+    from shoal.bench import spike
+
+    with spike.Client(nice=True) as client:
+        assert client.call(os.getpid) != os.getpid()
+        assert client.call(os.nice, 0) == 19
+        plan = [(0.0, "premium"), (0.05, "standard"), (0.1, "standard")]
+        outcomes = client.call(spike._run, spike._send, failing_url, plan, {}, 4, 10.0)
+    assert [(o.request_class, o.status, o.ttft_s) for o in outcomes] == [
+        ("premium", 500, None),
+        ("standard", 500, None),
+        ("standard", 500, None),
+    ]
+    assert all(o.send_lag_s >= 0 for o in outcomes)
+    with spike.Client(nice=False) as client:
+        assert client.call(os.getpid) == os.getpid()
+        assert client.call(os.nice, 0) == os.nice(0)
+
+
+@pytest.mark.timeout(10)
+def test_spike_server_side_reads_queue_and_ttft_per_class_from_the_access_log(tmp_path):
+    """shoal/bench/spike.py's server_side: only successful requests with the prefix's ids, per class; the
+    prompt step is TTFT minus queue, request by request."""
+    from shoal.bench.spike import server_side
+
+    def line(request_id: str, status: int, queue: float | None, ttft: float | None) -> str:
+        return json.dumps({"logger": "shoal.access", "request_id": request_id, "status": status,
+                           "queue_s": queue, "ttft_s": ttft})  # fmt: skip
+
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        '{"logger": "shoal.server", "message": "engine ready after 1.0 s"}',
+        line("spike-premium-0", 200, 0.010, 0.050),
+        line("spike-premium-3", 200, 0.030, 0.050),
+        line("spike-standard-1", 200, 1.0, 1.5),
+        line("spike-standard-2", 503, None, None),  # shed
+        line("unloaded0-premium-0", 200, 0.001, 0.020),  # another prefix
+        line("other", 200, 0.5, 0.6),
+    ]) + "\n")  # fmt: skip
+    report = server_side(log, "spike")
+    premium, standard = report["premium"], report["standard"]
+    assert premium["n"] == 2 and standard["n"] == 1
+    assert premium["queue_p50_s"] == pytest.approx(0.020) and premium["ttft_p95_s"] == pytest.approx(0.050)
+    assert premium["prompt_step_p50_s"] == pytest.approx(0.030)  # (0.040 + 0.020) / 2
+    assert standard["prompt_step_p95_s"] == pytest.approx(0.5)
+    assert server_side(log, "unloaded")["premium"]["ttft_p50_s"] == pytest.approx(0.020)

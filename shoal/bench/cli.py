@@ -631,6 +631,21 @@ def spike(
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 16,
     max_requests: Annotated[int, typer.Option(help="At most this many requests in the spike.")] = 3000,
     max_num_seqs: Annotated[int, typer.Option(help="--max-num-seqs of both servers.")] = 8,
+    nice_client: Annotated[
+        bool,
+        typer.Option(
+            help="Send the requests from a child process at nice 19 (clients are elsewhere in production)."
+        ),
+    ] = True,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Sustainable rate (req/s) to spike from, instead of measuring it (comparable runs)."
+        ),
+    ] = None,
+    without_policy: Annotated[
+        bool, typer.Option(help="Also run the spike against the server without the policy.")
+    ] = True,
     output_json: Annotated[Path | None, typer.Option(help="Write the result here.")] = None,
 ) -> None:
     """Issue 20's spike (shoal/bench/spike.py): factor x the sustainable rate for spike_s seconds against
@@ -648,6 +663,9 @@ def spike(
         max_tokens,
         max_requests,
         max_num_seqs=max_num_seqs,
+        nice_client=nice_client,
+        rate=rate,
+        without_policy=without_policy,
     )
     typer.echo(bench_spike.markdown(result))
     if output_json is not None:
