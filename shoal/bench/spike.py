@@ -21,7 +21,10 @@ The client (every request the bench sends: the rate, the unloaded and the spike 
 child process at the lowest CPU priority (nice 19) unless `nice_client=False`: on one machine it shares
 the cores with the server under test, where in production clients are elsewhere; niced, it runs on
 what the server leaves idle. Each spike request's send lag (how late it left against its planned
-arrival) is reported, so a client too starved to keep the planned rate shows.
+arrival) is reported, so a client too starved to keep the planned rate shows. A niced client yields to
+every other process, not only the server: when the engine's threads fill every core (`--threads` = the
+core count) or other jobs load the machine, it starves (send lags of seconds) and `nice_client=False`
+measures better (docs/benchmarks.md, the spike section).
 """
 
 from __future__ import annotations
