@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ from starlette.types import Receive, Scope, Send
 from shoal.gateway.health import Backend
 from shoal.gateway.routing import prompt_prefix
 from shoal.gateway.state import GatewayState, ModelState
+
+if sys.version_info >= (3, 11):  # a deadline without wait_for's extra task per call
+    from asyncio import timeout as within
+else:  # aiohttp requires async-timeout below 3.11
+    from async_timeout import timeout as within
 
 RETRYABLE_STATUS = (502, 503)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
@@ -234,9 +240,8 @@ class Proxy:
             return "timeout"
         backend.in_flight += 1
         try:
-            return await asyncio.wait_for(
-                self.session.post(backend.url + routed.path, data=routed.raw, headers=headers), budget_s
-            )
+            async with within(budget_s):
+                return await self.session.post(backend.url + routed.path, data=routed.raw, headers=headers)
         except asyncio.TimeoutError:
             backend.in_flight -= 1
             return "timeout"
@@ -269,7 +274,8 @@ class Proxy:
             self._record(routed, backend.url, resp.status, latency)
             return await self._relay(routed, backend, resp, headers, latency, shadowed, receive, send)
         try:
-            content = await asyncio.wait_for(resp.read(), max(0.001, deadline - time.monotonic()))
+            async with within(max(0.001, deadline - time.monotonic())):
+                content = await resp.read()
         except asyncio.TimeoutError:
             return await self._failed(routed, backend, start, 504, self._timeout_body())(scope, receive, send)
         except aiohttp.ClientError as e:  # the backend died or dropped the connection mid-body
