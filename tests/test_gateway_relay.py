@@ -150,3 +150,12 @@ def test_client_leaving_a_stream_closes_the_upstream_connection(gateway):
     while httpx.get(gw.url + "/admin/backends", trust_env=False).json()["backends"][0]["in_flight"]:
         assert time.monotonic() < deadline, "the gateway still counts the stream in flight"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(30)
+def test_other_methods_on_the_proxied_path_are_405_and_the_model_list_still_answers(gateway):
+    _, gw = gateway
+    assert httpx.get(gw.url + "/v1/completions", trust_env=False).status_code == 405
+    assert httpx.get(gw.url + "/v1/models", trust_env=False).json()["data"] == [
+        {"id": "up", "object": "model", "owned_by": "shoal-gateway"}
+    ]

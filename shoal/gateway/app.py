@@ -77,6 +77,8 @@ def build_app(config: GatewayConfig) -> GatewayApp:
 
     routes = [
         Route("/v1/models", list_models),
+        # never reached by a POST (GatewayApp sends those to the proxy first); answers other methods 405
+        Route("/v1/{path:path}", proxy, methods=["POST"]),
         Route("/ready", ready),
         Route("/health", health_route),
         *admin_routes(state),
