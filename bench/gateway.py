@@ -2,7 +2,8 @@
 (logic in shoal/bench/gateway.py) that writes bench/results/gateway.json and prints the markdown table for
 docs/benchmarks.md:
 
-    python bench/gateway.py [--model models/stories260K] [--concurrency 8] [any `shoal bench gateway` option]
+    python bench/gateway.py [--model models/stories260K] [--workloads tiny,chat,chat-stream]
+        [--chat-model models/SmolLM2-135M-Instruct] [any `shoal bench gateway` option]
 """
 
 from __future__ import annotations

@@ -679,8 +679,27 @@ def gateway(
     ),
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (the backends').")] = "float32",
     latency_requests: Annotated[int, typer.Option(help="Sequential requests per side.")] = 200,
-    throughput_requests: Annotated[int, typer.Option(help="Requests per throughput block (4 blocks).")] = 300,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight for throughput and prefix runs.")] = 8,
+    workloads: Annotated[
+        str,
+        typer.Option(
+            help="Throughput workloads, comma-separated: tiny (max_tokens 1 on MODEL: the worst case), chat "
+            "and chat-stream (chat completions on CHAT_MODEL, non-streamed and streamed)."
+        ),
+    ] = "tiny,chat,chat-stream",
+    throughput_requests: Annotated[int, typer.Option(help="Requests per tiny throughput block.")] = 300,
+    concurrency: Annotated[
+        int, typer.Option(help="Requests in flight for tiny throughput and prefix runs.")
+    ] = 8,
+    rounds: Annotated[int, typer.Option(help="ABBA rounds (4 blocks each) of the tiny workload.")] = 1,
+    chat_model: Annotated[str, typer.Option(help="Model of the chat workloads' backend.")] = str(
+        workload.REPO / "models" / "SmolLM2-135M-Instruct"
+    ),
+    chat_max_tokens: Annotated[int, typer.Option(help="Output tokens per chat request (EOS ignored).")] = 32,
+    chat_concurrency: Annotated[int, typer.Option(help="Chat requests in flight.")] = 8,
+    chat_requests: Annotated[int, typer.Option(help="Requests per chat throughput block.")] = 16,
+    chat_rounds: Annotated[int, typer.Option(help="ABBA rounds (4 blocks each) per chat workload.")] = 2,
+    chat_kv_cache_memory: Annotated[int, typer.Option(help="The chat backend's KV cache (bytes).")] = 128
+    << 20,
     groups: Annotated[int, typer.Option(help="Distinct system prompts in the prefix workload.")] = 12,
     per_group: Annotated[int, typer.Option(help="Questions per system prompt.")] = 8,
     kv_cache_memory: Annotated[
@@ -690,20 +709,26 @@ def gateway(
     output_json: JsonOpt = None,
     markdown: MarkdownOpt = False,
 ) -> None:
-    """The gateway's added latency and throughput loss against direct access, and prefix-aware against
-    round-robin routing over two replicas (see shoal/bench/gateway.py)."""
+    """The gateway's added latency and throughput loss against direct access (per workload), and
+    prefix-aware against round-robin routing over two replicas (see shoal/bench/gateway.py)."""
     import json
 
     from shoal.bench import gateway as gw
 
     def show(result: dict) -> None:
-        typer.echo(json.dumps({k: result[k] for k in ("latency", "throughput", "prefix_routing")}, indent=2))
+        brief = {k: result[k] for k in ("latency", "throughput", "prefix_routing")}
+        brief["throughput"] = {
+            name: {k: v for k, v in t.items() if k != "blocks"} for name, t in brief["throughput"].items()
+        }
+        typer.echo(json.dumps(brief, indent=2))
         if markdown:
             typer.echo(gw.markdown(result))
 
     _run(gw.run_gateway_bench, show, output_json, model=model, dtype=dtype, latency_requests=latency_requests,
-         throughput_requests=throughput_requests, concurrency=concurrency, groups=groups, per_group=per_group,
-         kv_cache_memory=kv_cache_memory, threads=threads)  # fmt: skip
+         workloads=workloads, throughput_requests=throughput_requests, concurrency=concurrency, rounds=rounds,
+         chat_model=chat_model, chat_max_tokens=chat_max_tokens, chat_concurrency=chat_concurrency,
+         chat_requests=chat_requests, chat_rounds=chat_rounds, chat_kv_cache_memory=chat_kv_cache_memory,
+         groups=groups, per_group=per_group, kv_cache_memory=kv_cache_memory, threads=threads)  # fmt: skip
 
 
 @bench_app.command()
