@@ -133,6 +133,37 @@ def _watch_start_up(url: str, proc) -> tuple[list[str], set[int], httpx.Response
     return phases, health, gated
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_core_does_not_outlive_a_server_killed_while_the_model_loads():
+    server = launch_own_server(
+        "orphan", ["--enable-fault-injection"], env={"SHOAL_FAULTS": json.dumps({"load_delay_s": 3.0})}
+    )
+    _wait_for(lambda: _children(server.proc.pid), 60, "the engine core process to start")
+    cores = _children(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait(10)
+    # It notices once the model has loaded (3 s of delay and the load itself) and exits.
+    _wait_for(
+        lambda: not any(_alive(pid) for pid in cores), 60, f"the orphaned core processes {cores} to exit"
+    )
+
+
 def _sdk(body: dict) -> dict:
     """A request body as openai-client keyword arguments (vLLM's extras in extra_body)."""
     return {"max_tokens": body["max_tokens"], "temperature": 0, "extra_body": {"ignore_eos": True}}

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -79,7 +80,13 @@ class EngineCoreClient:
         self.fault_injection_enabled = fault_plan is not None
         self._process = multiprocessing.get_context("spawn").Process(
             target=_run_core,
-            args=(config, f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/updates", fault_plan),
+            args=(
+                config,
+                f"ipc://{self._ipc_dir}/requests",
+                f"ipc://{self._ipc_dir}/updates",
+                fault_plan,
+                os.getpid(),
+            ),
             name="shoal-engine-core",
             daemon=True,
         )
@@ -382,8 +389,10 @@ class EngineCoreClient:
         return reply.payload
 
 
-def _run_core(config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None) -> None:
+def _run_core(
+    config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None, parent: int
+) -> None:
     """Spawned process target; imported there, so the parent never imports torch for it."""
     from shoal.engine.core_process import run_core
 
-    run_core(config, input_address, output_address, fault_plan)
+    run_core(config, input_address, output_address, fault_plan, parent)

@@ -170,8 +170,12 @@ class EngineCore:
         return asdict(self.engine.stats)
 
 
-def run_core(config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None) -> None:
-    """Process entry point (spawned): load, report Ready (or StartupFailed), then loop until shutdown."""
+def run_core(
+    config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None, parent: int
+) -> None:
+    """Process entry point (spawned): load, report Ready (or StartupFailed), then loop until shutdown or
+    until the server process (pid parent, given by the server: it may be gone before this process reads
+    its own parent) is no longer this process's parent."""
     configure_logging(
         os.environ.get("SHOAL_CORE_LOG_LEVEL", "WARNING"), os.environ.get(LOG_FORMAT_ENV, "text")
     )
@@ -204,14 +208,16 @@ def run_core(config: EngineConfig, input_address: str, output_address: str, faul
             )
         )
     )
-    _loop(EngineCore(engine, faults), inbox, outbox, encoder)
+    _loop(EngineCore(engine, faults), inbox, outbox, encoder, parent)
     engine.close()
     context.destroy(linger=1000)
 
 
-def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:
+def _loop(
+    core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
+) -> None:
+    """Serve the client until shutdown, or until the server process (pid parent) is gone."""
     decoder = msgspec.msgpack.Decoder(ClientMessage)
-    parent = os.getppid()
     while core.running:
         update = StepUpdate()
         busy = core.engine.has_unfinished()
