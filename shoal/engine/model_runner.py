@@ -59,9 +59,11 @@ class ModelRunner:
         ]
         self.deterministic = deterministic
         # A decode step of 1-4 tokens as one native call where the model and machine allow (not under
-        # torch.compile or deterministic mode, which keep their own forward).
+        # torch.compile or deterministic mode, which keep their own forward, nor where the Triton kernels
+        # serve this device: on the CPU that is the interpreter, which tests run the model through).
         self.decode_stack = None
-        if self.native_decode and not compile_decode and not deterministic:
+        triton = triton_support.serves_dtype(device, dtype)
+        if self.native_decode and not triton and not compile_decode and not deterministic:
             self.decode_stack = decode_stack(model, self.kv_caches, block_size)
         host_shape = (num_host_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         pin = device.type == "cuda"
