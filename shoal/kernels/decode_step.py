@@ -27,70 +27,33 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
+def _fields(ctype, names: str) -> list[tuple[str, type]]:
+    """ctypes fields of one type, in the order decode_step.c declares them (names space-separated)."""
+    return [(name, ctype) for name in names.split()]
+
+
 class _Kernels(ctypes.Structure):
-    _fields_ = [
-        (name, _P) for name in ("gemv_f32", "gemv_bf16", "rms_norm", "rotary", "silu_and_mul", "attention")
-    ]
+    _fields_ = _fields(_P, "gemv_f32 gemv_bf16 rms_norm rotary silu_and_mul attention")
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [
-        (name, _P)
-        for name in (
-            "input_norm",
-            "qkv_w",
-            "qkv_b",
-            "o_w",
-            "o_b",
-            "post_norm",
-            "gate_up_w",
-            "gate_up_b",
-            "down_w",
-            "down_b",
-            "k_cache",
-            "v_cache",
-        )
-    ] + [("window", _I64)]
+    _fields_ = _fields(
+        _P, "input_norm qkv_w qkv_b o_w o_b post_norm gate_up_w gate_up_b down_w down_b k_cache v_cache"
+    ) + _fields(_I64, "window")
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [
-        (name, _I64)
-        for name in (
-            "hidden",
-            "heads",
-            "kv_heads",
-            "head_dim",
-            "intermediate",
-            "num_layers",
-            "num_slots",
-            "block_size",
-            "max_positions",
-            "bf16",
-        )
-    ] + [("eps", _F), ("scale", _F)]
+    _fields_ = _fields(
+        _I64, "hidden heads kv_heads head_dim intermediate num_layers num_slots block_size max_positions bf16"
+    ) + _fields(_F, "eps scale")
 
 
 class _Step(ctypes.Structure):
-    _fields_ = [
-        (name, _P)
-        for name in (
-            "embeddings",
-            "final_norm",
-            "cos_sin",
-            "positions",
-            "slots",
-            "block_tables",
-            "context_lens",
-            "residual",
-            "x",
-            "qkv",
-            "q",
-            "attn",
-            "gate_up",
-            "act",
-        )
-    ] + [("tokens", _I64), ("table_width", _I64), ("threads", _I64)]
+    _fields_ = _fields(
+        _P,
+        "embeddings final_norm cos_sin positions slots block_tables context_lens "
+        "residual x qkv q attn gate_up act",
+    ) + _fields(_I64, "tokens table_width threads")
 
 
 @dataclass
@@ -202,7 +165,7 @@ class DecodeStack:
             self._check_layer(i, layer, cache, (num_slots, kv_heads, head_dim))
             self.layer_table[i] = self._layer_struct(layer, cache)
         self.kernels = _Kernels(*_kernel_addresses())
-        self._keep = (layers, caches, final_norm, cos_sin)
+        self._layers = (layers, caches)  # the table points into them: keep them alive
         self.final_norm, self.cos_sin = final_norm, cos_sin
         self._scratch: dict[int, dict[str, torch.Tensor]] = {}
 

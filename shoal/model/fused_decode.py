@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from shoal.kernels import decode_step
+from shoal.kernels import decode_step, gemv
 from shoal.model.packed_linear import PackedLinear
 from shoal.model.transformer import DecoderLayer, Transformer
 
@@ -25,14 +25,14 @@ def enabled() -> bool:
 
 def _plain(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], bias [out] or None) of a dense linear the gemv kernel serves, else None."""
-    if type(linear) is nn.Linear:
-        weight = linear.weight
-    elif type(linear) is PackedLinear and linear.use_gemv:
-        weight = linear.weight
+    if type(linear) is PackedLinear:
+        served = linear.use_gemv
     else:
+        served = type(linear) is nn.Linear and gemv.supported(linear.weight)
+    if not served:
         return None
     bias = linear.bias
-    return (weight.detach(), None if bias is None else bias.detach())
+    return (linear.weight.detach(), None if bias is None else bias.detach())
 
 
 def _layer_weights(layer: DecoderLayer) -> decode_step.LayerWeights | None:
