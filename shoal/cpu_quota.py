@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +85,20 @@ def choose_threads(
     return ThreadChoice(max(1, min(math.floor(quota), usable)), f"cgroup CPU quota {quota:g}")
 
 
-def apply_threads(choice: ThreadChoice, environ=None) -> int:
-    """Set the thread count for this process and for processes it spawns (the engine core reads
-    OMP_NUM_THREADS when it imports torch). Returns the effective count."""
-    import torch
+def apply_threads(choice: ThreadChoice, environ=None) -> int | None:
+    """Set the thread count for this process and for processes it spawns (the engine core, and torch in
+    this process if imported later, read OMP_NUM_THREADS when they import torch). Returns the effective
+    count, or None for torch's default where torch is not imported yet.
 
+    torch is not imported here: the HTTP process of `shoal serve` never needs it (its engine core is another
+    process), and importing it costs that process ~4 s and ~250 MB at start."""
     environ = os.environ if environ is None else environ
     if choice.threads is not None:
         for name in THREAD_ENV:
             environ[name] = str(choice.threads)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return choice.threads
+    if choice.threads is not None:
         torch.set_num_threads(choice.threads)
     return torch.get_num_threads()

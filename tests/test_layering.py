@@ -117,7 +117,8 @@ def test_autoscale_simulator_needs_no_torch_or_engine():
 def test_engine_runs_without_triton(stories_dir):
     """triton is a test dependency here and comes with CUDA builds of torch, but the engine must not need it:
     with `import triton` failing, the engine imports, the Triton kernels never serve (not even CUDA tensors:
-    the PyTorch paths run there), and a CPU model generates."""
+    the PyTorch paths run there), and a CPU model generates. An eager engine never imports torch._dynamo
+    either (~3 s of every engine start: a meta-device op through torch._refs, or a compiler decorator)."""
     code = (
         "import sys\n"
         "sys.modules['triton'] = None  # import triton raises ImportError, find_spec finds nothing\n"
@@ -130,11 +131,26 @@ def test_engine_runs_without_triton(stories_dir):
         f"engine = LLMEngine(EngineConfig(model={str(stories_dir)!r}, device='cpu', dtype='float32', "
         "max_model_len=64, kv_cache_memory=1 << 20))\n"
         "out = engine.generate([[1, 5, 9]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))\n"
-        "print(len(out[0].outputs[0].token_ids))\n"
+        "print('torch._dynamo' in sys.modules, len(out[0].outputs[0].token_ids))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "3"
+    assert out.stdout.strip().splitlines()[-1] == "False 3"
+
+
+@pytest.mark.timeout(60)
+def test_http_process_of_serve_imports_no_torch():
+    """With the engine core in its own process, `shoal serve`'s HTTP process needs no torch (~4 s and
+    ~250 MB of every start): the CLI, the app, the core client and the thread choice."""
+    code = (
+        "import sys\n"
+        "import shoal.cli, shoal.server.launch, shoal.engine.core_client\n"
+        "from shoal.cpu_quota import ThreadChoice, apply_threads\n"
+        "apply_threads(ThreadChoice(1, '--threads'), {})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.timeout(60)

@@ -75,7 +75,23 @@ def test_apply_sets_torch_and_the_environment_a_spawned_core_inherits():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True)
     assert out.stdout.split() == ["1", "1", "1"]
-    assert apply_threads(ThreadChoice(None, "torch default"), {}) >= 1
+    import torch
+
+    assert apply_threads(ThreadChoice(None, "torch default"), {}) == torch.get_num_threads()
+
+
+def test_apply_does_not_import_torch_into_the_http_process():
+    """The HTTP process of `shoal serve` only exports the count for its engine core: no torch import
+    (~4 s and ~250 MB at every start)."""
+    code = (
+        "import sys\n"
+        "from shoal.cpu_quota import ThreadChoice, apply_threads\n"
+        "env = {}\n"
+        "print(apply_threads(ThreadChoice(2, '--threads'), env), env['OMP_NUM_THREADS'], 'torch' in sys.modules)\n"
+        "print(apply_threads(ThreadChoice(None, 'torch default'), {}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True)
+    assert out.stdout.split() == ["2", "2", "False", "None"]
 
 
 def test_serve_logs_the_effective_thread_count_at_start(tmp_path):

@@ -32,7 +32,6 @@ def _fn(symbol: str, argtypes: tuple):
     return kernels.function("fused_ops", symbol, argtypes)
 
 
-@torch.compiler.assume_constant_result  # traced by dynamo as a constant, not into the loader's file checks
 def _built() -> bool:
     return _fn("shoal_rms_norm", _NORM_ARGS) is not None
 

@@ -7,8 +7,11 @@ import math
 import torch
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """[head_dim // 2] float32 on device (default: torch's default device)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if not scaling:
         return inv_freq
     if scaling["rope_type"] == "linear":
@@ -34,14 +37,19 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        # Computed on the CPU, then moved to the default device: on the meta device (the loader builds the
+        # model there) these ops would run through torch._refs, whose import of torch._dynamo costs every
+        # engine start ~3 s.
+        cpu, device = torch.device("cpu"), torch.get_default_device()
+        inv_freq = inverse_frequencies(head_dim, theta, scaling, cpu)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=cpu), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
         # [max_positions, head_dim] float32, cos of each frequency then its sin: vLLM's cos_sin_cache layout,
         # what the fused CPU kernel (kernels/fused_ops.c) reads.
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        self.register_buffer("cos_sin_cache", cos_sin.to(device), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Looked up once per forward pass and shared by every layer: [T, 1, D] each."""

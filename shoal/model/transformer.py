@@ -142,7 +142,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (the loader) an explicit weight skips nn.Embedding's random init: that init runs
+        # through torch._refs there, whose import of torch._dynamo costs every engine start ~3 s.
+        on_meta = torch.get_default_device().type == "meta"
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size) if on_meta else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -164,7 +168,9 @@ class Transformer(nn.Module):
         # Compiled, inductor fuses the PyTorch formulas itself: calling the kernels from its graph goes
         # through the dispatcher's Python custom-op path (13-30 us a call), which measured 1.5 ms slower a
         # step (SmolLM2 bf16 decode, 14.5 vs 13.0 ms, 1 thread).
-        native = fused_ops.supported(x.device, x.dtype) and not torch.compiler.is_compiling()
+        # is_compiling first: dynamo never traces into the loader's file checks (and importing torch._dynamo for a
+        # decorator that would let it costs every process 3.5 s at start)
+        native = not torch.compiler.is_compiling() and fused_ops.supported(x.device, x.dtype)
         rope = (
             self.rope.cos_sin_cache.index_select(0, positions)
             if native

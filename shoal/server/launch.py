@@ -134,7 +134,7 @@ def serve(
     configure_logging(log_level, log_format)
     os.environ[LOG_FORMAT_ENV] = log_format  # the engine core process, spawned below, formats alike
     if threads is not None:  # before the engine core is spawned: it inherits OMP_NUM_THREADS
-        logger.info("engine threads: %d (%s)", apply_threads(threads), threads.source)
+        logger.info("engine threads: %s (%s)", apply_threads(threads) or "torch's default", threads.source)
     engine_config = _local_model(engine_config)
     logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
     engine = _start_engine(engine_config, settings, engine_mode, health)
