@@ -11,7 +11,9 @@ def inverse_frequencies(
     head_dim: int, theta: float, scaling: dict | None, device: torch.device | None = None
 ) -> torch.Tensor:
     """[head_dim // 2] float32 on device (default: torch's default device)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
     if not scaling:
         return inv_freq
     if scaling["rope_type"] == "linear":
