@@ -335,9 +335,12 @@ def test_smollm2_w8a8_dynamic_perplexity_and_weight_memory(smollm2_dir, tmp_path
     perplexity on the first 2,048 tokens of wikitext2-test (issue 18's protocol):
     - with SmoothQuant alpha 0.8 (llm-compressor's W8A8 recipe; calibration 16 x 256 tokens of
       wikitext2-valid): within 1.03x of 16-bit (measured 0.997x);
-    - plain round to nearest, no smoothing: measured 1.0300x, right at the bound, so held to 1.035x here;
-    - stored int8 weights + bf16 scales <= 0.55x of bfloat16 (0.501x).
-    Cost: ~37 s on the 2-core EPYC (SmoothQuant's calibration ~15 s, three perplexity runs ~7 s each)."""
+    - stored int8 weights + bf16 scales <= 0.55x of bfloat16 (0.501x), with and without smoothing.
+    Plain round to nearest without smoothing measured 1.0300x, right at the bound; its perplexity run is
+    left to `make bench-quant` (it cost this test a third of its time: ~20 s on an AVX2-only EPYC, where
+    everything runs in float32 and the int8 products as exact float32 slices).
+    Cost: ~37 s on the 2-core AVX512 EPYC, ~80 s on the AVX2-only one (calibration ~30 s, two perplexity
+    runs of two 1,024-token windows)."""
     calibration = Calibration(EVAL / "wikitext2-valid.txt", 16, 256, 0)
     plain = quantize_model(smollm2_dir, tmp_path / "w8a8", "w8a8")
     assert not plain.ignored and plain.ratio_to_16bit <= 0.55, plain.ratio_to_16bit
@@ -346,10 +349,8 @@ def test_smollm2_w8a8_dynamic_perplexity_and_weight_memory(smollm2_dir, tmp_path
         activation_options=ActivationOptions(smoothquant_alpha=0.8),
     )  # fmt: skip
     assert smooth.ratio_to_16bit <= 0.55
-    base = _engine_perplexity(smollm2_dir)
-    ppl_smooth, ppl_plain = _engine_perplexity(smooth.output), _engine_perplexity(plain.output)
+    base, ppl_smooth = _engine_perplexity(smollm2_dir), _engine_perplexity(smooth.output)
     assert ppl_smooth / base <= 1.03, (base, ppl_smooth)
-    assert ppl_plain / base <= 1.035, (base, ppl_plain)
 
 
 def _edited(model_dir: Path, tmp_path: Path, edit) -> Path:
