@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal import metric_names as mn
+from shoal.gateway.health import parse_gauges
 from shoal.live_stats import Scrape
 
 try:
@@ -245,6 +246,18 @@ def test_exposition_parses_and_every_series_is_declared_with_its_labels(http):
     }
     assert not undeclared_process
     assert "process_resident_memory" in names or "process_resident_memory_bytes" in names
+
+
+def test_name_filter_returns_only_the_named_series(http):
+    """`name[]` (prometheus_client's filter, as vLLM's /metrics): only those series, a small fraction of the
+    full exposition, which the gateway's parser reads (its scrape every second asks for these two)."""
+    wanted = [mn.NUM_REQUESTS_WAITING, mn.KV_CACHE_USAGE]
+    r = http.get("/metrics", params={"name[]": wanted})
+    assert r.status_code == 200
+    families = list(text_string_to_metric_families(r.text))
+    assert {s.name for f in families for s in f.samples} == set(wanted)
+    assert len(r.content) < len(http.get("/metrics").content) / 20
+    assert parse_gauges(r.text, tuple(wanted))[mn.KV_CACHE_USAGE] >= 0
 
 
 def test_resources_state_and_cache_config(http):

@@ -17,6 +17,7 @@ from shoal.gateway.metrics import GatewayMetrics
 from shoal.metric_names import KV_CACHE_USAGE, NUM_REQUESTS_WAITING
 
 logger = logging.getLogger("shoal.gateway")
+SCRAPED = (NUM_REQUESTS_WAITING, KV_CACHE_USAGE)  # what routing reads from a backend's /metrics
 
 
 @dataclass
@@ -92,12 +93,13 @@ class HealthChecker:
     async def _scrape(self, backend: Backend) -> None:
         """Load metrics are optional: a server without them is routed by the gateway's in-flight count."""
         try:
-            resp = await self._client.get(backend.url + "/metrics")
+            # name[]: only the two gauges read here (a backend that ignores the filter sends them all)
+            resp = await self._client.get(backend.url + "/metrics", params={"name[]": SCRAPED})
         except httpx.HTTPError:
             return
         if resp.status_code != 200:
             return
-        values = parse_gauges(resp.text, (NUM_REQUESTS_WAITING, KV_CACHE_USAGE))
+        values = parse_gauges(resp.text, SCRAPED)
         backend.waiting, backend.kv_cache_usage = values[NUM_REQUESTS_WAITING], values[KV_CACHE_USAGE]
 
     def _export(self, b: Backend) -> None:

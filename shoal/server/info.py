@@ -72,5 +72,8 @@ async def version() -> dict[str, str]:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: vLLM's metric names, and shoal's (all in shoal/metric_names.py)."""
-    return Response(await get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format: vLLM's metric names, and shoal's (all in shoal/metric_names.py).
+    `?name[]=A&name[]=B` returns only those series (prometheus_client's filter, which vLLM's /metrics
+    honours too): the gateway scrapes two gauges a second without rendering the rest."""
+    names = request.query_params.getlist("name[]")
+    return Response(await get_state(request).metrics.render(names), media_type=CONTENT_TYPE_LATEST)

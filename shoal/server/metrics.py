@@ -203,10 +203,11 @@ class ServerMetrics:
             self._cost_total += cost
             self._costed_tokens += tokens
 
-    async def render(self) -> bytes:
-        """The text exposition, after fresh engine stats (refresh)."""
+    async def render(self, names: list[str] | None = None) -> bytes:
+        """The text exposition, after fresh engine stats (refresh). names: only these series (sample names,
+        e.g. vllm:num_requests_waiting), as prometheus_client's `name[]` query filter; None or [] for all."""
         await self.refresh()
-        return generate_latest(self.registry)
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)
 
     async def refresh(self) -> None:
         """Ask the engine for fresh stats (queue gauges move on adds and aborts, not only at steps); an

@@ -35,8 +35,26 @@ def family(name: str, rows: list[tuple[list[str], float]]) -> Metric:
     return metric
 
 
-class EngineStatsCollector:
+class DeclaredCollector:
+    """A scrape-time collector whose families are declared up front (NAMES): prometheus_client's registry
+    maps names to collectors through describe(), which is what its `name[]` filter (restricted_registry)
+    and its duplicate-name check read; without it a collector's series are invisible to the filter."""
+
+    NAMES: tuple[str, ...] = ()
+
+    def describe(self) -> list[Metric]:
+        return [family(name, []) for name in self.NAMES]
+
+
+class EngineStatsCollector(DeclaredCollector):
     """The engine's stats as of the last refresh (the /metrics route refreshes them before rendering)."""
+
+    NAMES = (
+        mn.NUM_REQUESTS_RUNNING, mn.NUM_REQUESTS_WAITING, mn.KV_CACHE_USAGE, mn.GPU_CACHE_USAGE,
+        mn.PREFIX_CACHE_QUERIES, mn.PREFIX_CACHE_HITS, mn.NUM_PREEMPTIONS, mn.NUM_REQUESTS_SWAPPED,
+        mn.CPU_CACHE_USAGE, mn.SWAPPED_OUT, mn.SWAPPED_IN, mn.CACHE_CONFIG_INFO, mn.ENGINE_LAST_STEP,
+        mn.GPU_MEMORY_ALLOCATED, mn.GPU_MEMORY_RESERVED,
+    )  # fmt: skip
 
     def __init__(self, engine: Any, model_name: str):
         self._engine = engine
@@ -65,8 +83,10 @@ class EngineStatsCollector:
             yield family(mn.GPU_MEMORY_RESERVED, [(device, s.cuda_memory_reserved)])
 
 
-class StateCollector:
+class StateCollector(DeclaredCollector):
     """shoal:ready and shoal:engine_healthy, read from the same properties as /ready and /health."""
+
+    NAMES = (mn.READY, mn.ENGINE_HEALTHY)
 
     def __init__(self, ready: Callable[[], bool], healthy: Callable[[], bool], model_name: str):
         self._ready = ready
@@ -78,10 +98,12 @@ class StateCollector:
         yield family(mn.ENGINE_HEALTHY, [([self._model], float(self._healthy()))])
 
 
-class GpuCollector:
+class GpuCollector(DeclaredCollector):
     """NVML (nvidia-ml-py) utilization and used memory of every device the driver lists, labelled by
     NVML index. Without a GPU nvmlInit raises NVMLError_LibraryNotFound (or another NVMLError): then
     this collector yields nothing, so the series are absent rather than zero."""
+
+    NAMES = (mn.GPU_UTILIZATION, mn.GPU_MEMORY_USED)
 
     def __init__(self, model_name: str):
         self._model = model_name
@@ -110,10 +132,12 @@ class GpuCollector:
         yield family(mn.GPU_MEMORY_USED, used)
 
 
-class ProcessResourcesCollector:
+class ProcessResourcesCollector(DeclaredCollector):
     """psutil: CPU seconds and resident memory per process ("server" is this one, "engine_core" the
     engine core process when the engine runs in one), and the host's (or container's) network bytes,
     since psutil has no per-process network counters on Linux."""
+
+    NAMES = (mn.CPU_SECONDS, mn.RESIDENT_MEMORY, mn.NETWORK_RECEIVE, mn.NETWORK_TRANSMIT)
 
     def __init__(self, engine: Any, model_name: str):
         self._model = model_name

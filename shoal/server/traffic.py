@@ -378,12 +378,19 @@ class _BreakerCollector:
     def __init__(self, breaker: CircuitBreaker):
         self.breaker = breaker
 
+    def describe(self):  # declared, so /metrics?name[]= can select it (DeclaredCollector's reason)
+        return [self._family()]
+
     def collect(self):
-        family = GaugeMetricFamily(
-            "shoal:circuit_breaker_state", "The engine's circuit breaker: 0 closed, 1 open, 2 half-open."
-        )
+        family = self._family()
         family.add_metric([], int(self.breaker.state))
         yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "shoal:circuit_breaker_state", "The engine's circuit breaker: 0 closed, 1 open, 2 half-open."
+        )
 
 
 def ticket_of(request: Request) -> Ticket | None:
