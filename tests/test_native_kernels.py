@@ -169,12 +169,14 @@ def test_kernel_rejects_out_of_contract_inputs() -> None:
 
 @needs_kernel
 def test_kernel_reports_failed_allocation() -> None:
-    """A context whose score buffer cannot be allocated raises MemoryError (malloc checked): 2^22 keys x
-    64 heads of fp32 scores is 1 GiB, refused under an address-space limit 256 MiB above current use."""
+    """A context whose score buffer cannot be allocated raises MemoryError (malloc checked): 2^24 keys x
+    64 heads of fp32 scores is 4 GiB, refused under an address-space limit 256 MiB above current use (4 GiB,
+    not 1: in a long pytest process another thread may unmap memory between the limit's reading of VmSize
+    and the call, which once left room for a 1 GiB buffer)."""
     q = torch.randn(1, 64, 8)
     kc = torch.randn(16, 1, 8)
-    tables = torch.zeros(1, 2**18, dtype=torch.int32)  # every position reads the one block (valid ids)
-    lens = torch.tensor([2**22], dtype=torch.int32)
+    tables = torch.zeros(1, 2**20, dtype=torch.int32)  # every position reads the one block (valid ids)
+    lens = torch.tensor([2**24], dtype=torch.int32)
     with _address_space_limit(256 << 20), pytest.raises(MemoryError, match="paged_decode_attention"):
         native.paged_decode_attention(q, kc, kc, tables, lens, 16, None, 1.0)
 
