@@ -35,6 +35,8 @@ def test_bench_quant_rows_and_errors():
     specs = {m.label: m for m in s.method_specs()}
     assert {specs[r].group_size for r in ("rtn-g64", "gptq-g64", "awq-g64")} == {64}
     assert specs["gptq-auto"].group_size == "auto"
+    assert (specs["w8a16"].method, specs["w8a16"].bits, specs["w8a16"].group_size) == ("rtn", 8, "auto")
+    assert specs["w8a16-channel"].group_size == 0  # PER_CHANNEL
     w8a8 = specs["w8a8-sq-gptq"].activation
     assert (w8a8.weight_method, w8a8.smoothquant_alpha, w8a8.activation_scales) == ("gptq", 0.8, "dynamic")
     assert s.calibration.text_file.name == "wikitext2-valid.txt" and s.eval_text.name == "wikitext2-test.txt"

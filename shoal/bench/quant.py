@@ -9,9 +9,9 @@ tokens of ../shared/eval/wikitext2-valid.txt. Every engine runs with `--dtype au
 
 Rows (ROWS): round to nearest, GPTQ and AWQ at 4 bits with an explicit group size of 64 (the scheme
 llm-compressor's comparison rows use), GPTQ with `auto` groups, W8A8 as llm-compressor's recipe
-(SmoothQuant 0.8, GPTQ int8 weights, dynamic per-token int8 activations) and FP8 dynamic. Each row's
-perplexity ratio is set beside llm-compressor 0.14's on the same protocol (LLMCOMPRESSOR, measured by the
-issue's author on this machine) and the issue's goal (GOALS).
+(SmoothQuant 0.8, GPTQ int8 weights, dynamic per-token int8 activations), FP8 dynamic and weight-only int8
+(W8A16, `auto` groups). Each row's perplexity ratio is set beside llm-compressor 0.14's on the same protocol
+(LLMCOMPRESSOR, measured by the issue's author on this machine) and the issue's goal (GOALS).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from shoal.quant.activation_recipe import ActivationOptions
 from shoal.quant.eval import DEFAULT_EVAL_TEXT, EvalSettings, MethodSpec, markdown_table, run_eval
 from shoal.quant.gptq import GPTQOptions
+from shoal.quant.groups import PER_CHANNEL
 from shoal.quant.hardware import detect
 from shoal.quant.quantize import DEFAULT_CALIB_TEXT, Calibration
 
@@ -35,11 +36,13 @@ ROWS = {
         "w8a8-sq-gptq", "w8a8", 8, activation=ActivationOptions(weight_method="gptq", smoothquant_alpha=0.8)
     ),
     "fp8": MethodSpec("fp8", "fp8", 8),
-    # opt-in rows (`--rows`): the weight observer and GPTQ options of issue 18's follow-up
+    "w8a16": MethodSpec("w8a16", "rtn", 8, "auto"),  # weight-only int8, `auto` groups (`rtn:8`)
+    # opt-in rows (`--rows`): W8A16 per channel (torch's int8 route), the weight observer and GPTQ options of issue 18's follow-up
     "rtn-g64-mse": MethodSpec("rtn-g64-mse", "rtn", 4, GROUP_SIZE, gptq=GPTQOptions(observer="mse")),
     "gptq-g64-mse": MethodSpec("gptq-g64-mse", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(observer="mse")),
     "gptq-g64-act": MethodSpec("gptq-g64-act", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(act_order=True)),
     "gptq-g64-ts": MethodSpec("gptq-g64-ts", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions(true_sequential=True)),
+    "w8a16-channel": MethodSpec("w8a16-channel", "rtn", 8, PER_CHANNEL),
     "gptq-g64-ref": MethodSpec("gptq-g64-ref", "gptq", 4, GROUP_SIZE, gptq=GPTQOptions()),  # the reference's
 }
 # llm-compressor 0.14 on the issue's full protocol (SmolLM2-135M-Instruct; the issue's table): perplexity ratio
@@ -57,6 +60,7 @@ GOALS = {
     "awq-g64": (1.20, 1.3),
     "gptq-auto": (None, 1.3),
     "rtn-g64": (None, 1.3),
+    "w8a16": (None, 1.15),
     "w8a8-sq-gptq": (1.013, None),
     "fp8": (1.03, None),
 }
