@@ -5,22 +5,33 @@ and against the per-op path in the same dtype, bit for bit where both run the sa
 the matrix-vector kernel). Tolerances: float32 5e-4 on the logits (both sides sum 30-odd products per
 output in a different order and the softmax-free logits of a random model reach ~5); bfloat16 one bf16
 rounding per op, 0.15 on logits of that size (measured max ~0.06).
+
+Quantized models (tiny random checkpoints quantized by shoal's own `quantize_model`, loaded as the engine
+loads them): the step calls qgemv.c where the per-op path's QuantizedLinear calls it, in the same order on
+the same inputs, so logits and KV cache are equal bit for bit, float32 and bfloat16.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from shoal.engine.model_runner import ModelRunner, StepInput
 from shoal.kernels import decode_step
 from shoal.model import fused_decode
 from shoal.model.config import ModelConfig
+from shoal.model.loader import load_model
 from shoal.model.packed_linear import pack_linears
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
+from shoal.quant.groups import PER_CHANNEL
+from shoal.quant.linear import QuantizedLinear
+from shoal.quant.quantize import quantize_model
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -216,3 +227,117 @@ def test_models_it_does_not_serve_keep_the_per_op_path(monkeypatch):
     )
     monkeypatch.setenv("SHOAL_FUSED_DECODE", "0")
     assert _runner(llama).decode_stack is None
+
+
+def _checkpoint(out: Path, intermediate: int, bias: bool) -> Path:
+    """A tiny random Llama checkpoint (float32 safetensors, Hugging Face names): hidden 64, 2 layers, 4 query
+    and 2 key/value heads of 16."""
+    hidden, heads, kv_heads, head_dim, vocab = 64, 4, 2, 16, 97
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        vocab_size=vocab, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+        tie_word_embeddings=False, attention_bias=bias, mlp_bias=bias, torch_dtype="float32",
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
+    for i in range(2):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        shapes |= {
+            f"{attn}.q_proj": (heads * head_dim, hidden),
+            f"{attn}.k_proj": (kv_heads * head_dim, hidden),
+        }
+        shapes |= {
+            f"{attn}.v_proj": (kv_heads * head_dim, hidden),
+            f"{attn}.o_proj": (hidden, heads * head_dim),
+        }
+        shapes |= {f"{mlp}.gate_proj": (intermediate, hidden), f"{mlp}.up_proj": (intermediate, hidden)}
+        shapes |= {f"{mlp}.down_proj": (hidden, intermediate)}
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith(".weight"):
+            tensors[name] = 0.2 * torch.randn(shape, generator=gen)
+            continue
+        tensors[f"{name}.weight"] = 0.2 * torch.randn(shape, generator=gen)
+        if bias:
+            tensors[f"{name}.bias"] = 0.1 * torch.randn(shape[0], generator=gen)
+    for i in range(2):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = 1 + 0.2 * torch.randn(hidden, generator=gen)
+    tensors["model.norm.weight"] = 1 + 0.2 * torch.randn(hidden, generator=gen)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+QUANTIZED = {  # name -> (intermediate size, biases, bits, group size, symmetric) for quantize_model
+    "int4-g32-asymmetric-biases": (128, True, 4, 32, False),
+    "int8-auto": (128, False, 8, "auto", True),  # groups of 64 (input 64) and 128 (input 128)
+    "int4-auto-down-kept-dense": (172, False, 4, "auto", True),  # 172: no group size, not whole words: dense
+}
+NOT_SERVED = {  # layouts qgemv does not take: one such linear keeps the whole model on the per-op path
+    "int8-per-channel": (128, False, 8, PER_CHANNEL, True),  # torch's int8 route
+    "int4-down-per-channel": (168, False, 4, "auto", True),  # 168 = 21 words of int4, no group size
+}
+
+
+def _quantized_runners(tmp_path: Path, variant: str, dtype: torch.dtype) -> tuple[ModelRunner, ModelRunner]:
+    """Two runners of one quantized checkpoint: the first with the one-call step where it binds, the
+    second on the per-op path."""
+    intermediate, bias, bits, group, symmetric = (QUANTIZED | NOT_SERVED)[variant]
+    src = _checkpoint(tmp_path / "base", intermediate, bias)
+    out = quantize_model(src, tmp_path / "quantized", "rtn", bits, group, symmetric).output
+    fused = _runner(load_model(out, dtype, torch.device("cpu"))[0])
+    per_op = _runner(load_model(out, dtype, torch.device("cpu"))[0])
+    per_op.decode_stack = None
+    return fused, per_op
+
+
+@pytest.mark.parametrize("sequences", [1, 2, 4])
+@pytest.mark.parametrize("variant", list(QUANTIZED))
+def test_quantized_step_matches_the_per_op_path_exactly(tmp_path, variant, sequences):
+    fused, per_op = _quantized_runners(tmp_path, variant, torch.float32)
+    assert fused.decode_stack is not None
+    assert sum(isinstance(m, QuantizedLinear) for m in fused.model.modules()) >= 4
+    prompts = [[(7 * i + 3 * j) % 97 for j in range(5 + 3 * i)] for i in range(sequences)]
+    steps = Lockstep([fused, per_op], prompts)
+    for step in range(6):
+        a, b = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+    for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+def test_quantized_bfloat16_step_matches_the_per_op_path_exactly(tmp_path):
+    fused, per_op = _quantized_runners(tmp_path, "int4-g32-asymmetric-biases", torch.bfloat16)
+    assert fused.decode_stack is not None
+    steps = Lockstep([fused, per_op], [[1, 2, 3, 4, 5], [9, 8, 7]])
+    for step in range(4):
+        a, b = steps.decode([step + 10, step + 20])
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("variant", list(NOT_SERVED))
+def test_quantized_layouts_qgemv_does_not_take_keep_the_per_op_path(tmp_path, variant):
+    fused, per_op = _quantized_runners(tmp_path, variant, torch.float32)
+    assert fused.decode_stack is None
+    a, b = Lockstep([fused, per_op], [[1, 2, 3]]).decode([4])
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "buffer, bad",
+    [
+        ("weight_zero_point", lambda t: t.to(torch.int16)),
+        ("weight_scale", lambda t: t.t().contiguous().t()),  # column-major
+        ("weight_scale", lambda t: t[:, :1]),  # one group short
+        ("weight_packed", lambda t: t[:-1]),  # one row short
+    ],
+)
+def test_a_quantized_linear_outside_qgemvs_layout_is_refused_at_construction(tmp_path, buffer, bad):
+    fused, _ = _quantized_runners(tmp_path, "int4-g32-asymmetric-biases", torch.float32)
+    qkv = fused.model.layers[1].self_attn.qkv_proj
+    setattr(qkv, buffer, bad(getattr(qkv, buffer)))
+    with pytest.raises(ValueError, match="layer 1 qkv must be qgemv's layout"):
+        fused_decode.decode_stack(fused.model, fused.kv_caches, BLOCK)

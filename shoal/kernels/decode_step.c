@@ -4,9 +4,14 @@
  * four matrix-vector products, rotary, the KV cache write, attention, SiLU-and-mul). Driven from Python, each
  * call costs the interpreter, ctypes and the tensor views and allocations around it: ~1,000 torch ops and
  * ~300 kernel calls a step, a few milliseconds next to a step that streams the weights in 10-20 ms. Here the
- * layer loop runs in C and calls the same kernels (gemv.c, fused_ops.c, paged_decode_attention.c) through
- * function pointers the caller hands in, so the numbers are the ones the per-op path computes, bit for bit.
- * llama.cpp runs its whole graph natively for the same reason.
+ * layer loop runs in C and calls the same kernels (gemv.c, qgemv.c, fused_ops.c, paged_decode_attention.c)
+ * through function pointers the caller hands in, so the numbers are the ones the per-op path computes, bit
+ * for bit. llama.cpp runs its whole graph natively for the same reason.
+ *
+ * Linears (linear_t): each is dense in the model dtype (gemv.c) or pack-quantized to int4/int8 with group
+ * scales and optional zero points (qgemv.c, the kernel QuantizedLinear calls for 1-4 rows); one dispatch
+ * function, `linear`, calls the right kernel, so a layer may mix the two (a layer kept 16-bit by the
+ * quantizer beside quantized ones).
  *
  * Data flow per layer l (vLLM's residual convention: x is the previous sublayer's output, not yet added):
  *   l == 0: residual = embeddings; x = rms_norm(residual) * input_norm
@@ -20,7 +25,9 @@
  * Layouts (row-major, contiguous, elements of the model dtype unless said): embeddings, x and residual
  * [T, hidden]; qkv [T, (H + 2 Hkv) D]; q and attn [T, H D]; gate_up [T, 2 I]; act [T, I]; cos_sin float32
  * [max_positions, D] (cos in the first half of a row, sin in the second); positions and slots int64 [T];
- * block_tables int32 [T, W]; context_lens int32 [T]; k/v caches [num_slots, Hkv, D].
+ * block_tables int32 [T, W]; context_lens int32 [T]; k/v caches [num_slots, Hkv, D]. A dense weight is
+ * [n, k]; a quantized one is qgemv.c's: packed int32 [n, k * bits / 32], scale [n, k / group] float32 or
+ * bfloat16, zero points int8 [n, k / group] or NULL; biases [n] of the model dtype or NULL.
  *
  * Inputs: the caller (decode_step.py) checks the dtypes, shapes and strides of every tensor once per model
  * and per step. What depends on contents is checked here, in one serial pass before anything is written
@@ -42,6 +49,8 @@ typedef void (*rotary_fn)(void *, const float *, int, int, int, int64_t, int, in
 typedef void (*silu_and_mul_fn)(const void *, void *, int, int, int, int);
 typedef int (*attention_fn)(const void *, const void *, const void *, const int32_t *, const int32_t *, void *, int,
                             int, int, int, int, int, int, int, float, int, int);
+typedef void (*qgemv_fn)(const void *, int, const int32_t *, const void *, int, const int8_t *, const void *, void *,
+                         int, int, int, int, int, int, int);
 
 typedef struct {
     gemv_f32_fn gemv_f32;
@@ -50,10 +59,22 @@ typedef struct {
     rotary_fn rotary;
     silu_and_mul_fn silu_and_mul;
     attention_fn attention;
+    qgemv_fn qgemv; /* NULL where qgemv.c is not built: then no linear is LINEAR_QUANT */
 } kernels_t;
 
-typedef struct { /* one decoder layer; biases may be NULL */
-    const void *input_norm, *qkv_w, *qkv_b, *o_w, *o_b, *post_norm, *gate_up_w, *gate_up_b, *down_w, *down_b;
+enum { LINEAR_F32 = 0, LINEAR_BF16 = 1, LINEAR_QUANT = 2 };
+
+typedef struct { /* one linear layer out[T, n] = in[T, k] W^T + bias, W as `kind` says (layouts in the header) */
+    int64_t kind;
+    const void *w, *bias; /* the dense weight or the packed int32 one; bias may be NULL */
+    const void *scale;    /* LINEAR_QUANT only, as are the fields below */
+    const int8_t *zero;   /* NULL: symmetric */
+    int64_t bits, group, scale_bf16;
+} linear_t;
+
+typedef struct { /* one decoder layer */
+    const void *input_norm, *post_norm;
+    linear_t qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t window; /* sliding window in keys, 0 for none */
 } layer_t;
@@ -75,13 +96,20 @@ typedef struct { /* the step's inputs and scratch, as in the header */
 
 #define AT(p, elems) ((char *)(p) + (int64_t)(elems) * es)
 
-static int linear(const kernels_t *k, const dims_t *d, const void *in, const void *w, const void *b, void *out,
-                  int64_t rows, int64_t n, int64_t kdim, int threads) {
-    if (!d->bf16) {
-        k->gemv_f32(in, w, b, out, (int)rows, (int)n, (int)kdim, threads);
+/* The activations' dtype (bf16) is the model's; qgemv's use_dot is 1, as QuantizedLinear's call passes it. */
+static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *in, void *out, int64_t rows,
+                  int64_t n, int64_t kdim, int threads) {
+    switch (w->kind) {
+    case LINEAR_F32:
+        k->gemv_f32(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
+        return SHOAL_OK;
+    case LINEAR_BF16:
+        return k->gemv_bf16(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
+    default:
+        k->qgemv(in, bf16, w->w, w->scale, (int)w->scale_bf16, w->zero, w->bias, out, (int)rows, (int)n, (int)kdim,
+                 (int)w->group, (int)w->bits, 1, threads);
         return SHOAL_OK;
     }
-    return k->gemv_bf16(in, w, b, out, (int)rows, (int)n, (int)kdim, threads);
 }
 
 /* q and k heads rotated in place at each token's position; k and v written to the cache; q copied out. */
@@ -99,25 +127,24 @@ static void rotate_and_cache(const kernels_t *k, const dims_t *d, const layer_t 
 
 static int attention_block(const kernels_t *k, const dims_t *d, const layer_t *layer, const step_t *s) {
     const int64_t H = d->heads, D = d->head_dim, T = s->tokens;
-    const int threads = (int)s->threads;
-    int status = linear(k, d, s->x, layer->qkv_w, layer->qkv_b, s->qkv, T, (H + 2 * d->kv_heads) * D, d->hidden,
-                        threads);
+    const int threads = (int)s->threads, bf16 = (int)d->bf16;
+    int status = linear(k, &layer->qkv, bf16, s->x, s->qkv, T, (H + 2 * d->kv_heads) * D, d->hidden, threads);
     if (status != SHOAL_OK) return status;
     rotate_and_cache(k, d, layer, s);
     status = k->attention(s->q, layer->k_cache, layer->v_cache, s->block_tables, s->context_lens, s->attn, (int)T,
                           (int)H, (int)d->kv_heads, (int)D, (int)s->table_width, (int)d->block_size,
-                          (int)(d->num_slots / d->block_size), (int)layer->window, d->scale, (int)d->bf16, threads);
+                          (int)(d->num_slots / d->block_size), (int)layer->window, d->scale, bf16, threads);
     if (status != SHOAL_OK) return status;
-    return linear(k, d, s->attn, layer->o_w, layer->o_b, s->x, T, d->hidden, H * D, threads);
+    return linear(k, &layer->o, bf16, s->attn, s->x, T, d->hidden, H * D, threads);
 }
 
 static int mlp_block(const kernels_t *k, const dims_t *d, const layer_t *layer, const step_t *s) {
     const int64_t T = s->tokens, I = d->intermediate;
-    const int threads = (int)s->threads;
-    int status = linear(k, d, s->x, layer->gate_up_w, layer->gate_up_b, s->gate_up, T, 2 * I, d->hidden, threads);
+    const int threads = (int)s->threads, bf16 = (int)d->bf16;
+    int status = linear(k, &layer->gate_up, bf16, s->x, s->gate_up, T, 2 * I, d->hidden, threads);
     if (status != SHOAL_OK) return status;
-    k->silu_and_mul(s->gate_up, s->act, (int)T, (int)I, (int)d->bf16, threads);
-    return linear(k, d, s->act, layer->down_w, layer->down_b, s->x, T, d->hidden, I, threads);
+    k->silu_and_mul(s->gate_up, s->act, (int)T, (int)I, bf16, threads);
+    return linear(k, &layer->down, bf16, s->act, s->x, T, d->hidden, I, threads);
 }
 
 /* Each token's position within the rotary table and slot within the cache; each sequence's context length

@@ -1,14 +1,16 @@
 """A decode step of a whole decoder stack for 1-4 tokens in one native call (decode_step.c).
 
-The layer loop runs in C and calls the gemv, fused-op and paged-attention kernels through function
+The layer loop runs in C and calls the gemv, qgemv, fused-op and paged-attention kernels through function
 pointers taken from their own libraries, so the results are those of the per-op path bit for bit, without
 its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for the data flow).
 
 `DecodeStack` is built once per model from plain tensors (`LayerWeights`, the caches, the rotary table),
-checks every dtype, shape and stride then, and allocates the scratch for 1-4 tokens. `run` checks the
-step's own tensors each call; positions and slots are checked against their tables in C, block ids and
-context lengths by the attention kernel, before anything is written (ValueError). On a machine without a
-C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps its per-op path.
+checks every dtype, shape and stride then, and allocates the scratch for 1-4 tokens. Each linear's weight
+is a dense tensor of the model dtype (gemv.c) or a `Quantized` one (int4/int8 pack-quantized, qgemv.c).
+`run` checks the step's own tensors each call; positions and slots are checked against their tables in C,
+block ids and context lengths by the attention kernel, before anything is written (ValueError). On a
+machine without a C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps
+its per-op path.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from shoal import kernels
-from shoal.kernels import fused_ops, gemv
+from shoal.kernels import fused_ops, gemv, qgemv
 from shoal.kernels import paged_attention as attention_kernel
 
 MAX_TOKENS = gemv.MAX_ROWS  # the matrix-vector kernel's limit: beyond it a step is a matmul, not a stream
+# the model dtypes, each also the kind of a dense linear in decode_step.c (LINEAR_F32, LINEAR_BF16)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_QUANTIZED = 2  # LINEAR_QUANT
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -33,13 +37,22 @@ def _fields(ctype, names: str) -> list[tuple[str, type]]:
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = _fields(_P, "gemv_f32 gemv_bf16 rms_norm rotary silu_and_mul attention")
+    _fields_ = _fields(_P, "gemv_f32 gemv_bf16 rms_norm rotary silu_and_mul attention qgemv")
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = (
+        _fields(_I64, "kind") + _fields(_P, "w bias scale zero") + _fields(_I64, "bits group scale_bf16")
+    )
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = _fields(
-        _P, "input_norm qkv_w qkv_b o_w o_b post_norm gate_up_w gate_up_b down_w down_b k_cache v_cache"
-    ) + _fields(_I64, "window")
+    _fields_ = (
+        _fields(_P, "input_norm post_norm")
+        + _fields(_Linear, "qkv o gate_up down")
+        + _fields(_P, "k_cache v_cache")
+        + _fields(_I64, "window")
+    )
 
 
 class _Dims(ctypes.Structure):
@@ -57,19 +70,37 @@ class _Step(ctypes.Structure):
 
 
 @dataclass
+class Quantized:
+    """A pack-quantized weight [out, in] as qgemv.c takes it (QuantizedLinear's buffers): packed int32
+    [out, in * bits / 32]; scale [out, in / group_size] float32 or bfloat16; zero int8 [out, in / group_size]
+    or None (symmetric); bits 4 or 8; group_size a multiple of 32 that divides in."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 32 // self.bits
+
+
+@dataclass
 class LayerWeights:
     """One decoder layer as plain tensors: norms [hidden]; qkv [(H + 2 Hkv) D, hidden]; o [hidden, H D];
-    gate_up [2 I, hidden]; down [hidden, I]; biases [out] or None; window in keys or None."""
+    gate_up [2 I, hidden]; down [hidden, I], each dense in the model dtype or Quantized; biases [out] of the
+    model dtype or None; window in keys or None."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: torch.Tensor | Quantized
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: torch.Tensor | Quantized
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | Quantized
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | Quantized
     down_bias: torch.Tensor | None
     window: int | None
 
@@ -84,7 +115,8 @@ def _step_function():
 
 
 def available() -> bool:
-    """Whether the step kernel and every kernel it calls are built here."""
+    """Whether the step kernel and every kernel a dense model needs are built here (quantized linears also
+    need qgemv's: `qgemv.supported`)."""
     return _step_function() is not None and None not in _kernel_addresses()
 
 
@@ -104,6 +136,34 @@ def _matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype
         raise ValueError(
             f"decode_step: {name} must be a contiguous CPU {dtype} [{rows}, {cols}]; got {_desc(t)}"
         )
+
+
+def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
+    groups = cols // q.group_size if q.group_size > 0 else 0
+    packed, scale, zero = q.packed, q.scale, q.zero
+    if not (
+        qgemv.supported(q.bits, q.group_size, cols, scale)
+        and packed.dtype is torch.int32
+        and packed.is_cpu
+        and packed.shape == (rows, cols * q.bits // 32)
+        and packed.is_contiguous()
+        and scale.shape == (rows, groups)
+        and scale.is_contiguous()
+        and (zero is None or (zero.dtype is torch.int8 and zero.is_cpu and zero.shape == (rows, groups) and zero.is_contiguous()))
+    ):  # fmt: skip
+        raise ValueError(
+            f"decode_step: {name} must be qgemv's layout for [{rows}, {cols}] (4/8 bits, groups of a multiple of "
+            f"32 dividing {cols}, contiguous CPU tensors); got bits {q.bits}, group {q.group_size}, packed "
+            f"{_desc(packed)}, scale {_desc(scale)}, zero {_desc(zero)}"
+        )
+
+
+def _linear(w: torch.Tensor | Quantized, bias: torch.Tensor | None) -> _Linear:
+    if isinstance(w, Quantized):
+        scale_bf16 = int(w.scale.dtype is torch.bfloat16)
+        return _Linear(_QUANTIZED, w.packed.data_ptr(), _ptr(bias), w.scale.data_ptr(), _ptr(w.zero), w.bits,
+                       w.group_size, scale_bf16)  # fmt: skip
+    return _Linear(_DTYPES[w.dtype], w.data_ptr(), _ptr(bias))
 
 
 def _vector(name: str, t: torch.Tensor | None, size: int, dtype: torch.dtype, optional: bool = False) -> None:
@@ -164,7 +224,7 @@ class DecodeStack:
         for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
             self._check_layer(i, layer, cache, (num_slots, kv_heads, head_dim))
             self.layer_table[i] = self._layer_struct(layer, cache)
-        self.kernels = _Kernels(*_kernel_addresses())
+        self.kernels = _Kernels(*_kernel_addresses(), _address("qgemv", "shoal_qgemv"))
         self._layers = (layers, caches)  # the table points into them: keep them alive
         self.final_norm, self.cos_sin = final_norm, cos_sin
         self._scratch: dict[int, dict[str, torch.Tensor]] = {}
@@ -179,7 +239,10 @@ class DecodeStack:
             ("gate_up", w.gate_up, w.gate_up_bias, s["gate_up"], hidden),
             ("down", w.down, w.down_bias, hidden, s["act"]),
         ):
-            _matrix(f"layer {i} {name}", mat, rows, cols, dt)
+            if isinstance(mat, Quantized):
+                _quantized(f"layer {i} {name}", mat, rows, cols)
+            else:
+                _matrix(f"layer {i} {name}", mat, rows, cols, dt)
             _vector(f"layer {i} {name} bias", bias, rows, dt, optional=True)
         for name, c in zip(("k_cache", "v_cache"), cache, strict=True):
             if not (c.dtype is dt and c.is_cpu and tuple(c.shape) == shape and c.is_contiguous()):
@@ -189,8 +252,9 @@ class DecodeStack:
 
     @staticmethod
     def _layer_struct(w: LayerWeights, cache: tuple[torch.Tensor, torch.Tensor]) -> _Layer:
-        tensors = (w.input_norm, w.qkv, w.qkv_bias, w.o, w.o_bias, w.post_norm, w.gate_up, w.gate_up_bias)
-        return _Layer(*map(_ptr, tensors), _ptr(w.down), _ptr(w.down_bias), *map(_ptr, cache), w.window or 0)
+        linears = (_linear(w.qkv, w.qkv_bias), _linear(w.o, w.o_bias), _linear(w.gate_up, w.gate_up_bias))
+        return _Layer(_ptr(w.input_norm), _ptr(w.post_norm), *linears, _linear(w.down, w.down_bias),
+                      *map(_ptr, cache), w.window or 0)  # fmt: skip
 
     def _buffers(self, tokens: int) -> dict[str, torch.Tensor]:
         if tokens not in self._scratch:

@@ -1,10 +1,13 @@
 """Binds a loaded Transformer to the one-call native decode step (kernels/decode_step.py).
 
 The step kernel takes plain weight tensors, so it serves a model whose every layer is the standard one:
-dense float32/bfloat16 linears that the matrix-vector kernel serves (nn.Linear, or PackedLinear keeping
-its plain weight), no q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every
-kernel it calls is built. Anything else (quantized or split linears, LoRA-like wrappers, CUDA) gets None,
-and the model's own forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
+linears that the per-op path would run through the matrix-vector kernels for 1-4 rows, dense float32/
+bfloat16 (nn.Linear, or PackedLinear keeping its plain weight; gemv.c) or pack-quantized int4/int8 with
+group scales (QuantizedLinear routed to qgemv.c, without an input permutation), in any mix; no q/k norms
+(Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every kernel it calls is built.
+Anything else (split linears, 8-bit per-channel linears on torch's int8 route, act-order permutations,
+W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model, and the model's own
+forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -17,29 +20,39 @@ from torch import nn
 from shoal.kernels import decode_step, gemv
 from shoal.model.packed_linear import PackedLinear
 from shoal.model.transformer import DecoderLayer, Transformer
+from shoal.quant.linear import QuantizedLinear
 
 
 def enabled() -> bool:
     return os.environ.get("SHOAL_FUSED_DECODE", "1") != "0"
 
 
-def _plain(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight [out, in], bias [out] or None) of a dense linear the gemv kernel serves, else None."""
-    if type(linear) is PackedLinear:
-        served = linear.use_gemv
+def _plain(
+    linear: nn.Module, dtype: torch.dtype
+) -> tuple[torch.Tensor | decode_step.Quantized, torch.Tensor | None] | None:
+    """(weight, bias [out] in dtype or None) of a linear that the per-op path runs through the gemv or qgemv
+    kernel for 1-4 rows, else None: the dense weight [out, in], or QuantizedLinear's buffers as
+    decode_step.Quantized (its forward converts the bias to the input's dtype; so does this)."""
+    if type(linear) is QuantizedLinear:
+        if not linear.use_qgemv or linear.input_perm is not None:
+            return None
+        weight = decode_step.Quantized(linear.weight_packed, linear.weight_scale, linear.weight_zero_point,
+                                       linear.bits, linear.group_size)  # fmt: skip
+    elif (type(linear) is PackedLinear and linear.use_gemv) or (
+        type(linear) is nn.Linear and gemv.supported(linear.weight)
+    ):
+        weight = linear.weight.detach()
     else:
-        served = type(linear) is nn.Linear and gemv.supported(linear.weight)
-    if not served:
         return None
     bias = linear.bias
-    return (linear.weight.detach(), None if bias is None else bias.detach())
+    return weight, None if bias is None else bias.detach().to(dtype)
 
 
-def _layer_weights(layer: DecoderLayer) -> decode_step.LayerWeights | None:
+def _layer_weights(layer: DecoderLayer, dtype: torch.dtype) -> decode_step.LayerWeights | None:
     attn, mlp = layer.self_attn, layer.mlp
     if attn.q_norm is not None:
         return None
-    parts = [_plain(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    parts = [_plain(m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     if any(p is None for p in parts):
         return None
     (qkv, qkv_b), (o, o_b), (gate_up, gate_up_b), (down, down_b) = parts
@@ -66,7 +79,9 @@ def decode_stack(
     weight = model.embed_tokens.weight
     if not (enabled() and type(model) is Transformer and decode_step.supported(weight.device, weight.dtype)):
         return None
-    layers = [_layer_weights(layer) if type(layer) is DecoderLayer else None for layer in model.layers]
+    layers = [
+        _layer_weights(layer, weight.dtype) if type(layer) is DecoderLayer else None for layer in model.layers
+    ]
     if any(layer is None for layer in layers):
         return None
     first = model.layers[0].self_attn
