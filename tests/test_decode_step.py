@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from shoal.engine.model_runner import ModelRunner, StepInput
-from shoal.kernels import decode_step
+from shoal.kernels import decode_step, qgemv
 from shoal.model import fused_decode
 from shoal.model.config import ModelConfig
 from shoal.model.loader import load_model
@@ -275,11 +275,13 @@ QUANTIZED = {  # name -> (intermediate size, biases, bits, group size, symmetric
     "int4-g32-asymmetric-biases": (128, True, 4, 32, False),
     "int8-auto": (128, False, 8, "auto", True),  # groups of 64 (input 64) and 128 (input 128)
     "int4-auto-down-kept-dense": (172, False, 4, "auto", True),  # 172: no group size, not whole words: dense
+    "int4-per-channel": (128, False, 4, PER_CHANNEL, True),  # qgemv with one group of all the columns
 }
 NOT_SERVED = {  # layouts qgemv does not take: one such linear keeps the whole model on the per-op path
-    "int8-per-channel": (128, False, 8, PER_CHANNEL, True),  # torch's int8 route
-    "int4-down-per-channel": (168, False, 4, "auto", True),  # 168 = 21 words of int4, no group size
+    "int4-down-per-channel": (168, False, 4, "auto", True),  # 168 = 21 words of int4, not groups of 32
 }
+# 8-bit per channel: qgemv where it runs its AVX2 row, else torch's int8 route (QuantizedLinear's docstring)
+(QUANTIZED if qgemv.avx2_row() else NOT_SERVED)["int8-per-channel"] = (128, False, 8, PER_CHANNEL, True)
 
 
 def _quantized_runners(tmp_path: Path, variant: str, dtype: torch.dtype) -> tuple[ModelRunner, ModelRunner]:
@@ -322,6 +324,7 @@ def test_quantized_bfloat16_step_matches_the_per_op_path_exactly(tmp_path):
 def test_quantized_layouts_qgemv_does_not_take_keep_the_per_op_path(tmp_path, variant):
     fused, per_op = _quantized_runners(tmp_path, variant, torch.float32)
     assert fused.decode_stack is None
+    assert any(isinstance(m, QuantizedLinear) and not m.use_qgemv for m in fused.model.modules())
     a, b = Lockstep([fused, per_op], [[1, 2, 3]]).decode([4])
     assert torch.equal(a, b)
 

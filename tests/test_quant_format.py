@@ -240,7 +240,9 @@ def test_quantize_lm_head_unties_and_matches_compressed_tensors(stories_dir, tmp
     raw = json.loads((out / "config.json").read_text())
     assert raw["tie_word_embeddings"] is False and "lm_head" not in raw["quantization_config"]["ignore"]
     model, cfg = load_model(out, torch.float32, CPU)
-    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.int8_route
+    head = model.lm_head
+    assert isinstance(head, QuantizedLinear) and (head.bits, head.group_size) == (8, 0)  # per channel
+    assert head.int8_route != head.use_qgemv  # torch's int8 route, or qgemv's AVX2 row (QuantizedLinear)
     ours, theirs = shoal_dequantized(model, cfg, torch.float32), _ct_decompressed(out)
     assert torch.equal(ours["lm_head"], theirs["lm_head"])
     base, _ = load_model(stories_dir, torch.float32, CPU)

@@ -19,6 +19,7 @@ import torch
 from quant_helpers import serve_completion, shoal_dequantized
 from safetensors.torch import load_file, save_file
 
+from shoal.kernels import qgemv
 from shoal.model.config import ModelConfigError, load_config
 from shoal.model.loader import WeightLoadError, load_model
 from shoal.quant.linear import QuantizedLinear
@@ -67,12 +68,15 @@ def test_dequantized_weights_equal_the_upstream_dequantization(variant):
 )
 def test_gptq_symmetry_and_groups_map_onto_shoal_kernels(variant, symmetric, group_size):
     """GPTQ `sym` zero points (2^(bits-1), stored minus one in v1 files) become a symmetric layer, so int8
-    per channel takes torch's _weight_int8pack_mm and int4 groups of 32 take qgemv."""
+    per channel takes torch's _weight_int8pack_mm (qgemv where it runs its AVX2 row and the input size is
+    a multiple of 32) and int4 groups of 32 take qgemv."""
     model, _ = load_model(FIXTURES / variant, torch.bfloat16, CPU)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert {(m.weight_zero_point is None, m.group_size) for m in layers} == {(symmetric, group_size)}
     bits8 = variant.endswith("int8_channel")
-    assert all(m.int8_route == bits8 for m in layers)
+    for m in layers:
+        assert m.int8_route == (bits8 and not (qgemv.avx2_row() and m.in_features % 32 == 0))
+        assert m.use_qgemv == (not m.int8_route and m.in_features % 32 == 0)
 
 
 def _dense_twin(model_dir: Path, variant: str, out: Path) -> Path:

@@ -71,6 +71,7 @@ static inline float hsum(v16f v) {
 }
 
 int shoal_qgemv_bf16_native(void) { return HAVE_AVX512_BF16; }
+int shoal_qgemv_avx2_row(void) { return HAVE_AVX2_ROW; }
 
 static inline float scale_at(const void *scale, int scale_bf16, int64_t i) {
     if (!scale_bf16) return ((const float *)scale)[i];

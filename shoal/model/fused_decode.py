@@ -3,11 +3,11 @@
 The step kernel takes plain weight tensors, so it serves a model whose every layer is the standard one:
 linears that the per-op path would run through the matrix-vector kernels for 1-4 rows, dense float32/
 bfloat16 (nn.Linear, or PackedLinear keeping its plain weight; gemv.c) or pack-quantized int4/int8 with
-group scales (QuantizedLinear routed to qgemv.c, without an input permutation), in any mix; no q/k norms
-(Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every kernel it calls is built.
-Anything else (split linears, 8-bit per-channel linears on torch's int8 route, act-order permutations,
-W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model, and the model's own
-forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
+group or channel scales (QuantizedLinear routed to qgemv.c, without an input permutation), in any mix; no
+q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every kernel it calls is
+built. Anything else (split linears, 8-bit per-channel linears on torch's int8 route (CPUs with AVX512F),
+act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model,
+and the model's own forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _plain(
         if not linear.use_qgemv or linear.input_perm is not None:
             return None
         weight = decode_step.Quantized(linear.weight_packed, linear.weight_scale, linear.weight_zero_point,
-                                       linear.bits, linear.group_size)  # fmt: skip
+                                       linear.bits, linear.qgemv_group)  # fmt: skip
     elif (type(linear) is PackedLinear and linear.use_gemv) or (
         type(linear) is nn.Linear and gemv.supported(linear.weight)
     ):

@@ -3,10 +3,13 @@
 Routes, by device and the number of rows (as PackedLinear routes its float weights):
 - on CUDA with triton installed, every call where the layout allows (4/8 bits, groups of a multiple of 16
   columns): the Triton GEMM over the packed weight (shoal/kernels/triton_w4a16.py);
-- 1-4 rows (decode) where the layout allows (4/8 bits, groups a multiple of 32 columns): shoal's qgemv
-  kernel (shoal/kernels/qgemv.c), which reads the packed weight once per call;
-- 8-bit symmetric per-channel layers keep an unpacked int8 weight (the same bytes) and run bfloat16 inputs
-  through torch's `_weight_int8pack_mm` (1 row, 3072x576: 14-45 us, as fast as shoal's bf16 gemv);
+- 1-4 rows (decode) where the layout allows (4/8 bits, groups a multiple of 32 columns; per channel is one
+  group of all the columns): shoal's qgemv kernel (shoal/kernels/qgemv.c), which reads the packed weight
+  once per call;
+- 8-bit symmetric per-channel layers, except where qgemv runs its AVX2 row (CPUs without AVX512F:
+  `qgemv.avx2_row`, measured 1.4-10x faster there), keep an unpacked int8 weight (the same bytes) and run
+  bfloat16 inputs through torch's `_weight_int8pack_mm` (AVX512 EPYC, 1 row, 3072x576: 14-45 us, as fast
+  as shoal's bf16 gemv);
 - everything else (prompt chunks, fp16, other layouts): the reference path, dequantize to the input's dtype
   (w_hat = (q - zero_point) * scale) and F.linear; every faster path is tested against it.
 Measured decode speeds (SmolLM2-135M-Instruct, bfloat16, against bf16) are in docs/quantization.md.
@@ -45,7 +48,12 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("input_perm", input_perm)
         self.out_features, self.in_features = qw.qweight.shape
         self.bits, self.group_size = qw.bits, qw.group_size
-        self.int8_route = qw.bits == 8 and qw.symmetric and qw.group_size == PER_CHANNEL
+        # qgemv's group size: all the columns for a per-channel layer
+        self.qgemv_group = self.in_features if qw.group_size == PER_CHANNEL else qw.group_size
+        self.use_qgemv = qgemv.supported(qw.bits, self.qgemv_group, self.in_features, qw.scale)
+        per_channel_int8 = qw.bits == 8 and qw.symmetric and qw.group_size == PER_CHANNEL
+        self.int8_route = per_channel_int8 and not (self.use_qgemv and qgemv.avx2_row())
+        self.use_qgemv &= not self.int8_route
         if self.int8_route:
             self.register_buffer("weight_int8", qw.qweight.contiguous())
             self.weight_packed = None
@@ -55,9 +63,6 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", qw.scale.contiguous())
         self.register_buffer("weight_zero_point", qw.zero_point)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.use_qgemv = not self.int8_route and qgemv.supported(
-            qw.bits, qw.group_size, self.in_features, self.weight_scale
-        )
         self.triton_layout = not self.int8_route and (
             triton_support.w4a16_block_k(qw.bits, qw.group_size, self.in_features) is not None
         )
@@ -90,7 +95,7 @@ class QuantizedLinear(nn.Module):
         elif self.use_qgemv and x2.shape[0] <= qgemv.MAX_ROWS and x.device.type == "cpu":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             out = qgemv.qgemv(x2, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
-                              self.bits, self.group_size)  # fmt: skip
+                              self.bits, self.qgemv_group)  # fmt: skip
         elif self.int8_route and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             out = torch._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale.view(-1).to(x.dtype))
             if self.bias is not None:
