@@ -1,0 +1,157 @@
+/* Small-batch float32 matmul for the CPU: y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] (shoal_gemm_f32), for
+ * any number of rows M, built to be fast for a batched decode step (about 5-64 rows).
+ *
+ * Why: torch's CPU matmuls (MKL through F.linear, oneDNN with pre-packed weights) reach 20-60 GF/s at 8-64
+ * rows on SmolLM2's shapes on a 2-core AVX2 EPYC whose FMA peak is about 150-190 GF/s (numbers in gemm.py).
+ *
+ * How: a register tile of TM = 3 rows of x by TN = 3 rows of w, in dot-product form: nine 8-float
+ * accumulators each sum 8 lanes of products along k, and one horizontal sum per output ends the tile. Three
+ * weight vectors and one x vector are loaded per step of 8 columns (13 of the 16 AVX2 registers): 6 loads
+ * for 9 FMAs. Left to itself GCC folds the loads into the FMAs as memory operands (4x3 tile: 16 loads for
+ * 12 FMAs) or spills accumulators, so an empty asm statement pins each loaded vector in a register. Measured
+ * on the AVX2 EPYC, 1 thread, in-cache 1536x576 at 8-64 rows: 70-77 GF/s for 3x3 and 2x4 pinned, 57-61 for
+ * GCC's own 4x3 (load ~4, noisy).
+ *
+ * The weight keeps its nn.Linear layout [N, K] (no packed copy). Each thread takes a contiguous range of
+ * TN-row weight blocks; a block (3 x K floats: 7 KB at K = 576, 18 KB at 1536) stays in L1 while every row
+ * tile of x (from L2) passes over it, so the weight is read from memory once per call. The first tile of a
+ * block prefetches the block PREFETCH_BLOCKS further on: a weight streamed from memory (the 49152x576
+ * lm_head, 113 MB) then overlaps its reads with the FMAs (8 rows, 1 thread: 17-22 -> 25-33 GF/s). For many
+ * rows x is cut into chunks of about X_CHUNK_BYTES (L2-sized) and the weight is streamed once per chunk.
+ *
+ * Summation order: every output is accumulated the same way whatever M, the tile it falls in or the thread
+ * that computes it (lane j sums k = j, j + 8, ... in order; the lanes are added in a fixed tree; the K % 8
+ * tail is summed in order and added after; then the bias). So a row's result does not depend on the other
+ * rows of the call: the kernel is batch-invariant by construction (tests/test_gemm.py checks it bitwise).
+ *
+ * Layouts (row-major, contiguous): x [M, K], w [N, K], bias [N] or NULL, y [M, N]; M, N, K >= 1. The caller
+ * (gemm.py) checks all of this: these functions trust their arguments.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __FMA__
+#include <immintrin.h>
+#endif
+
+#define VW 8
+#define TM 3 /* rows of x per register tile */
+#define TN 3 /* rows of w per register tile */
+#define PREFETCH_BLOCKS 2
+#define X_CHUNK_BYTES (192 * 1024)
+typedef float v8f __attribute__((vector_size(VW * sizeof(float))));
+typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc + a * b rounded once, spelled out: GCC contracts `acc += a * b` into an FMA for some tile shapes and
+ * not for others (the 1x1 tile got vmulps + vaddps), which made a row's result depend on its tile. */
+static inline v8f fma8(v8f a, v8f b, v8f acc) {
+#ifdef __FMA__
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+    return acc + a * b; /* no FMA unit: the same instructions for every tile shape */
+#endif
+}
+
+/* Lanes (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then the two: a fixed order. */
+static inline float hsum(v8f v) {
+    v4f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    v4f s = lo + hi;
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+/* A prefetch never faults, so one past the end of w is harmless; the address is formed as an integer so
+ * that no out-of-bounds pointer is ever made (as in gemv.c). */
+static inline void prefetch(const float *p, int64_t elems) {
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 3);
+}
+
+/* A tile of MT rows of x (row stride K) by NT rows of w (row stride K) into y (row stride N); PF: also
+ * prefetch the weight block PREFETCH_BLOCKS on. Always inlined with constant MT, NT and PF, so that every
+ * tile shape gets its own fully unrolled copy. */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *bias,
+                                                       float *y, int MT, int NT, int N, int K, int PF) {
+    v8f acc[TM][TN];
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < NT; r++) acc[m][r] = (v8f){0};
+    int k = 0;
+    for (; k + VW <= K; k += VW) {
+        v8f wv[TN];
+        for (int r = 0; r < NT; r++) {
+            wv[r] = load8(w + (int64_t)r * K + k);
+            __asm__("" : "+x"(wv[r])); /* keep it in a register (see the top of the file) */
+        }
+        if (PF)
+            for (int r = 0; r < NT; r++) prefetch(w, (int64_t)(r + PREFETCH_BLOCKS * TN) * K + k);
+        for (int m = 0; m < MT; m++) {
+            v8f xv = load8(x + (int64_t)m * K + k);
+            __asm__("" : "+x"(xv));
+            for (int r = 0; r < NT; r++) acc[m][r] = fma8(xv, wv[r], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < NT; r++) {
+            float tail = 0.0f;
+            /* an explicit fma too, for the same reason */
+            for (int kk = k; kk < K; kk++)
+                tail = __builtin_fmaf(x[(int64_t)m * K + kk], w[(int64_t)r * K + kk], tail);
+            float b = bias ? bias[r] : 0.0f;
+            y[(int64_t)m * N + r] = (hsum(acc[m][r]) + tail) + b;
+        }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const float *x, const float *w, const float *bias,
+                                                            float *y, int MT, int NT, int N, int K, int PF) {
+    switch (MT) { /* the unrolled copy for this many rows */
+    case 3: tile(x, w, bias, y, 3, NT, N, K, PF); break;
+    case 2: tile(x, w, bias, y, 2, NT, N, K, PF); break;
+    default: tile(x, w, bias, y, 1, NT, N, K, PF); break;
+    }
+}
+
+/* Rows [m0, m1) of x against weight rows [n, n + NT), in tiles of TM rows; a remainder of one row after a
+ * full tile becomes 2 + 2 rather than 3 + 1 (one row alone keeps too few FMA chains in flight). */
+static inline __attribute__((always_inline)) void block(const float *x, const float *w, const float *bias,
+                                                        float *y, int m0, int m1, int n, int NT, int N, int K) {
+    const float *wb = w + (int64_t)n * K, *bb = bias ? bias + n : NULL;
+    for (int m = m0; m < m1;) {
+        int left = m1 - m, rows = left >= TM ? TM : left;
+        if (left == TM + 1) rows = TM - 1;
+        if (m == m0) tile_rows(x + (int64_t)m * K, wb, bb, y + (int64_t)m * N + n, rows, NT, N, K, 1);
+        else tile_rows(x + (int64_t)m * K, wb, bb, y + (int64_t)m * N + n, rows, NT, N, K, 0);
+        m += rows;
+    }
+}
+
+void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y, int M, int N, int K,
+                    int num_threads) {
+    int64_t chunk = X_CHUNK_BYTES / ((int64_t)K * sizeof(float));
+    chunk = chunk < 4 * TM ? 4 * TM : chunk - chunk % TM;
+    int blocks = (N + TN - 1) / TN;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        /* A contiguous range of weight blocks per thread, as schedule(static) would give. */
+        int b0 = (int)((int64_t)blocks * t / nt), b1 = (int)((int64_t)blocks * (t + 1) / nt);
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+            int m1 = (int)(m0 + chunk < M ? m0 + chunk : M);
+            for (int b = b0; b < b1; b++) {
+                int n = b * TN;
+                if (n + TN <= N) block(x, w, bias, y, (int)m0, m1, n, TN, N, K);
+                else if (N - n == 2) block(x, w, bias, y, (int)m0, m1, n, 2, N, K);
+                else block(x, w, bias, y, (int)m0, m1, n, 1, N, K);
+            }
+        }
+    }
+}
