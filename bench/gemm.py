@@ -1,12 +1,14 @@
-"""Float32 CPU linears by row count: shoal's gemm kernel against the routes PackedLinear has besides it
-(oneDNN pre-packed weights, torch's F.linear, i.e. MKL) on SmolLM2-135M's linear shapes, in GF/s.
+"""Float32 CPU linears by row count: shoal's gemm kernel (over packed panels, and over the plain weight)
+against the routes PackedLinear had before it (oneDNN pre-packed weights, torch's F.linear, i.e. MKL) on
+SmolLM2-135M's linear shapes, in GF/s.
 
     flock /work/notes/bench.lock python bench/gemm.py [--threads 2] [--rows 5,8,16,32,48,64,128,256]
     flock /work/notes/bench.lock python bench/gemm.py --step 32,64 [--model DIR]
 
 --step: whole batched decode steps of SmolLM2 in float32 instead: one LLMEngine, N sequences of 32 prompt
-tokens decoding together; steps alternate between PackedLinear routing rows to the gemm kernel and not
-(packed_linear.GEMM_MAX_ROWS set to 0: the routes before the kernel), and each side reports its median.
+tokens decoding together; steps alternate between every PackedLinear routing 5+ rows to the gemm kernel
+(its panels) and routing them as before the kernel (a oneDNN copy below 48 rows, MKL above), and each
+side reports its median step.
 
 Each (shape, rows) times the routes interleaved, call after call, and reports each one's best and median
 call (a shared machine slows all of them alike at a given moment; with 2 threads on 2 busy cores the
@@ -52,9 +54,10 @@ def measure(n: int, k: int, rows: int, budget_s: float) -> dict[str, tuple[float
     """(best, median) seconds per call of each route for x [rows, k] @ w [n, k].T + bias."""
     g = torch.Generator().manual_seed(0)
     w, bias, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g), torch.randn(rows, k)
-    packed = _pack(w, PACK_ROWS_HINT)
+    packed, panels = _pack(w, PACK_ROWS_HINT), gemm.pack_panels(w)
     routes = {
-        "gemm": lambda: gemm.gemm(x, w, bias),
+        "panels": lambda: gemm.gemm_panels(x, panels, n, bias),
+        "plain": lambda: gemm.gemm(x, w, bias),
         "onednn_packed": lambda: _linear(x, packed, bias),
         "f_linear": lambda: F.linear(x, w, bias),
     }
@@ -62,7 +65,7 @@ def measure(n: int, k: int, rows: int, budget_s: float) -> dict[str, tuple[float
     for fn in routes.values():
         fn()  # warm-up
     deadline = time.perf_counter() + budget_s
-    while len(times["gemm"]) < 5 or (time.perf_counter() < deadline and len(times["gemm"]) < 200):
+    while len(times["plain"]) < 5 or (time.perf_counter() < deadline and len(times["plain"]) < 200):
         for name, fn in routes.items():
             t = time.perf_counter()
             fn()
@@ -82,7 +85,9 @@ def step_times(model: str, seqs: int, steps: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(seqs)
     for i in range(seqs):
         engine.add_request(f"s{i}", torch.randint(100, 20000, (32,), generator=g).tolist(), params)
-    default_rows = packed_linear.GEMM_MAX_ROWS
+    layers = [m for m in engine.model.modules() if isinstance(m, packed_linear.PackedLinear)]
+    assert layers and all(m.panels is not None for m in layers), "the gemm kernel's panels were not made"
+    onednn = [_pack(m.weight, PACK_ROWS_HINT) for m in layers]
     times: dict[str, list[float]] = {"gemm": [], "before": []}
     with torch.inference_mode():
         full = 0
@@ -90,12 +95,12 @@ def step_times(model: str, seqs: int, steps: int) -> dict[str, float]:
             full = full + 1 if len(engine.step()) == seqs else 0
         for i in range(2 * steps):
             side = "gemm" if i % 2 == 0 else "before"
-            packed_linear.GEMM_MAX_ROWS = default_rows if side == "gemm" else 0
+            for m, copy in zip(layers, onednn, strict=True):
+                m.use_gemm, m.packed = (True, None) if side == "gemm" else (False, copy)
             t = time.perf_counter()
             outs = engine.step()
             times[side].append(time.perf_counter() - t)
             assert len(outs) == seqs, f"{len(outs)} sequences in a step, expected {seqs}"
-    packed_linear.GEMM_MAX_ROWS = default_rows
     return {side: statistics.median(ts) for side, ts in times.items()}
 
 
@@ -120,10 +125,11 @@ def main() -> None:
             )
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return
+    print("GF/s of the best call (of the median call in brackets)")
     print(
-        "| linear | N x K | rows | gemm GF/s | oneDNN packed GF/s | F.linear GF/s | gemm speed-up vs best |"
+        "| linear | N x K | rows | gemm panels | gemm plain | oneDNN packed | F.linear | panels vs the faster other |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     wanted = args.shapes.split(",")
     for name, n, k in (s for s in SHAPES if s[0] in wanted):
         for rows in (int(r) for r in args.rows.split(",")):
@@ -134,8 +140,8 @@ def main() -> None:
             }
             best_other = min(t["onednn_packed"][0], t["f_linear"][0])
             print(
-                f"| {name} | {n}x{k} | {rows} | {gf['gemm']} | {gf['onednn_packed']} "
-                f"| {gf['f_linear']} | {best_other / t['gemm'][0]:.2f}x |",
+                f"| {name} | {n}x{k} | {rows} | {gf['panels']} | {gf['plain']} | {gf['onednn_packed']} "
+                f"| {gf['f_linear']} | {best_other / t['panels'][0]:.2f}x |",
                 flush=True,
             )
     print(f"load after: {os.getloadavg()[0]:.2f}")
