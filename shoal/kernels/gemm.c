@@ -1,7 +1,8 @@
 /* Small-batch float32 matmuls for the CPU: y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], for any number of
  * rows M, built to be fast for a batched decode step (about 5-128 rows). Two forms:
  *   - shoal_gemm_f32_panels: outer products over a weight packed once into k-major panels of 16 rows (the
- *     fast one: 1.1-2.4x oneDNN's pre-packed linears at 5-128 rows; numbers in gemm.py);
+ *     fast one: 1.0-2.5x oneDNN's pre-packed linears at 5-128 rows, 1.0x only where the 113 MB lm_head
+ *     is bound by memory at 8-16 rows; numbers in gemm.py);
  *   - shoal_gemm_f32: dot products over the weight in its nn.Linear layout [N, K], for where no packed copy
  *     is made (RAM); about 1.0-1.5x oneDNN at 5-16 rows, on par at 32-128.
  *

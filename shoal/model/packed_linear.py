@@ -19,7 +19,7 @@ Measured facts about torch's CPU matmuls that this module exists for:
   faster with one thread (numbers in shoal/kernels/gemv.py).
 - For float32 batches of 5-256 rows (a batched decode step), oneDNN and MKL reach a third to two thirds of
   the FMA peak on that AVX2 EPYC; shoal's gemm kernel (shoal/kernels/gemm.c) over the weight packed in
-  16-row panels runs 1.1-2.4x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
+  16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
   for float32 its panels replace the oneDNN copy; where no copy fits in RAM it runs over the plain weight.
 The kernels read the plain weight, so the plain weight stays wherever it serves; the copies for mid-size
 batches (oneDNN's, or gemm's panels) and the fp32 copy for big ones cost weight memory and are made only
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
 # float32: 5 to GEMM_MAX_ROWS - 1 rows run on shoal's gemm kernel. Measured on the 2-core AVX2 EPYC, 2
 # threads, SmolLM2's shapes: faster than oneDNN's packed copy and MKL at every size from 5 to 256 rows
-# (1.1-2.4x up to 128 rows, numbers in kernels/gemm.py); at 512 rows MKL won on one of four shapes (the
+# (1.0-2.5x up to 128 rows, numbers in kernels/gemm.py); at 512 rows MKL won on one of four shapes (the
 # lm_head) on a busy machine, so prompt chunks stay on MKL.
 GEMM_MAX_ROWS = 257
 COPY_MAX_SHARE_OF_RAM = 0.15
