@@ -4,7 +4,8 @@
  *     fast one: 1.0-2.5x oneDNN's pre-packed linears at 5-128 rows, 1.0x only where the 113 MB lm_head
  *     is bound by memory at 8-16 rows; numbers in gemm.py);
  *   - shoal_gemm_f32: dot products over the weight in its nn.Linear layout [N, K], for where no packed copy
- *     is made (RAM); about 1.0-1.5x oneDNN at 5-16 rows, on par at 32-128.
+ *     is made (RAM): 1.0-1.6x oneDNN at 5-16 rows, 0.75-1.15x at 32-128; without a copy the alternative is
+ *     MKL, which was below oneDNN throughout.
  *
  * Why: torch's CPU matmuls (MKL through F.linear, oneDNN with pre-packed weights) reach 20-60 GF/s at 8-64
  * rows on SmolLM2's shapes on a 2-core AVX2 EPYC whose FMA peak is about 150-190 GF/s.
