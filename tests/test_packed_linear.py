@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.kernels import gemv
-from shoal.model.packed_linear import BIG_BATCH_ROWS, PackedLinear, pack_linears, packing_available
+from shoal.kernels import gemm, gemv
+from shoal.model.packed_linear import (
+    BIG_BATCH_ROWS,
+    GEMM_MAX_ROWS,
+    PackedLinear,
+    pack_linears,
+    packing_available,
+)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.timeout(60)
@@ -72,9 +78,12 @@ def test_float32_keeps_the_plain_weight_and_packs_only_when_ram_allows() -> None
         return pack_linears(nn.Sequential(copy.deepcopy(linear)), available_ram=ram)[0]
 
     roomy, tight = swapped(1 << 34), swapped(64 * 64 * 4)  # tight: the copy would not be small next to RAM
-    assert roomy.packed is not None and tight.packed is None
+    # The copy: the gemm kernel's panels where it is built, else oneDNN's packed weight.
+    assert (roomy.panels if roomy.use_gemm else roomy.packed) is not None
+    assert roomy.packed is None or roomy.panels is None
+    assert tight.packed is None and tight.panels is None
     assert roomy.weight is not None and tight.weight is not None and roomy.big_route == "plain"
-    for rows in (1, 7, BIG_BATCH_ROWS + 1):
+    for rows in (1, 7, BIG_BATCH_ROWS + 1, GEMM_MAX_ROWS):
         x = torch.randn(rows, 64)
         want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
         for route in (roomy, tight):
@@ -85,17 +94,38 @@ def test_float32_keeps_the_plain_weight_and_packs_only_when_ram_allows() -> None
     "dtype", [pytest.param(torch.float32, marks=needs_fp32), pytest.param(torch.bfloat16, marks=needs_bf16)]
 )
 def test_decode_rows_run_on_gemv(dtype, monkeypatch) -> None:
-    """Where the kernel builds, pack_linears keeps the plain weight and 1-4 rows go to gemv, more to oneDNN."""
+    """Where the kernel builds, pack_linears keeps the plain weight and 1-4 rows go to gemv, more elsewhere."""
     if not gemv.supported(torch.zeros(1, 1, dtype=dtype)):
         pytest.skip("no C compiler: native kernels off")
     model = pack_linears(nn.Sequential(nn.Linear(64, 48).to(dtype)), available_ram=1 << 34)
     layer = model[0]
-    assert layer.use_gemv and layer.weight is not None and layer.packed is not None
+    assert layer.use_gemv and layer.weight is not None
+    assert (layer.panels if layer.use_gemm else layer.packed) is not None
     calls = []
     monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(args[0].shape[0]) or gemv._run(*args))
     for rows in (1, 4, 5):
         layer(torch.randn(rows, 64, dtype=dtype))
     assert calls == [1, 4]
+
+
+def test_float32_batches_run_on_gemm(monkeypatch) -> None:
+    """Where the kernel builds, float32 batches of 5 to GEMM_MAX_ROWS - 1 rows go to the gemm kernel: over
+    its panels where the copy fits in RAM, else over the plain weight."""
+    if not gemm.supported(torch.zeros(1, 1)):
+        pytest.skip("no C compiler: native kernels off")
+    roomy, tight = (pack_linears(nn.Sequential(nn.Linear(64, 48)), available_ram=r)[0] for r in (1 << 34, 1))
+    assert roomy.use_gemm and not PackedLinear(nn.Linear(4, 4).bfloat16(), False, None, True).use_gemm
+    calls = []
+    for name in ("gemm", "gemm_panels"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(
+            gemm, name, lambda *a, real=real, name=name: calls.append((name, len(a[0]))) or real(*a)
+        )
+    for layer in (roomy, tight):
+        for rows in (4, 5, GEMM_MAX_ROWS - 1, GEMM_MAX_ROWS):
+            layer(torch.randn(rows, 64))
+    last = GEMM_MAX_ROWS - 1
+    assert calls == [("gemm_panels", 5), ("gemm_panels", last), ("gemm", 5), ("gemm", last)]
 
 
 @pytest.mark.timeout(120)

@@ -1,5 +1,5 @@
 """CPU linears through oneDNN with weights pre-packed once at load time, for float32 and bfloat16, and
-shoal's matrix-vector kernel for decode.
+shoal's own kernels: matrix-vector for decode, a small-batch GEMM for float32 batches.
 
 Measured facts about torch's CPU matmuls that this module exists for:
 - For a few rows (decode), torch's stock linear re-lays out or streams the weight poorly: pre-packed
@@ -17,9 +17,14 @@ Measured facts about torch's CPU matmuls that this module exists for:
   kernel (shoal/kernels/gemv.c): fp32 on that AVX2 EPYC about 24 GB/s instead of 11; bf16 (vdpbf16ps) on
   a 2-core AVX512-BF16 EPYC 1.0-1.3x oneDNN's packed linears per weight, SmolLM2 decode step 1.21-1.25x
   faster with one thread (numbers in shoal/kernels/gemv.py).
-The kernel reads the plain weight, so the plain weight stays wherever it serves; the oneDNN copy for
-mid-size batches and the fp32 copy for big ones cost weight memory and are made only when small next to
-free RAM (bf16 without the kernel: the packed weight replaces the plain one, as before the kernel).
+- For float32 batches of 5-256 rows (a batched decode step), oneDNN and MKL reach a third to two thirds of
+  the FMA peak on that AVX2 EPYC; shoal's gemm kernel (shoal/kernels/gemm.c) over the weight packed in
+  16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
+  for float32 its panels replace the oneDNN copy; where no copy fits in RAM it runs over the plain weight.
+The kernels read the plain weight, so the plain weight stays wherever it serves; the copies for mid-size
+batches (oneDNN's, or gemm's panels) and the fp32 copy for big ones cost weight memory and are made only
+when small next to free RAM (bf16 without the kernel: the packed weight replaces the plain one, as before
+the kernel).
 oneDNN's bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; bf16 models elsewhere keep torch's linears.
 Like gpt-fast's quantizers, this is a transformation that swaps nn.Linear modules, not a flag in the model.
 """
@@ -34,10 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.kernels import gemv
+from shoal.kernels import gemm, gemv
 
 log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
+# float32: 5 to GEMM_MAX_ROWS - 1 rows run on shoal's gemm kernel. Measured on the 2-core AVX2 EPYC, 2
+# threads, SmolLM2's shapes: faster than oneDNN's packed copy and MKL at every size from 5 to 256 rows
+# (1.0-2.5x up to 128 rows, numbers in kernels/gemm.py); at 512 rows MKL won on one of four shapes (the
+# lm_head) on a busy machine, so prompt chunks stay on MKL.
+GEMM_MAX_ROWS = 257
 COPY_MAX_SHARE_OF_RAM = 0.15
 PACK_ROWS_HINT = 32
 
@@ -105,6 +115,8 @@ def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: 
 class PackedLinear(nn.Module):
     """A linear that routes each call by its number of rows:
     - up to gemv.MAX_ROWS: the native matrix-vector kernel over the plain weight (decode), where kept;
+    - float32 where the gemm kernel is built, below GEMM_MAX_ROWS: that kernel, over its packed panels where
+      a copy fits in RAM, else over the plain weight;
     - below BIG_BATCH_ROWS: the oneDNN pre-packed weight, where one was made;
     - otherwise the big-batch route: "fp32" (bf16 weights as an fp32 GEMM) or "plain" (torch's own linear).
     """
@@ -116,10 +128,14 @@ class PackedLinear(nn.Module):
         # torch.compile traces F.linear over the plain weight (inductor packs it itself when freezing).
         self.weight = linear.weight if keep_weight else None
         self.use_gemv = self.weight is not None and gemv.supported(self.weight)
+        self.use_gemm = self.weight is not None and gemm.supported(self.weight)
+        # float32 with the gemm kernel: its panels take the place of oneDNN's copy (faster over the whole
+        # range the copy served); without room for a copy the kernel runs over the plain weight.
+        self.panels = gemm.pack_panels(self.weight) if packed and self.use_gemm else None
         # oneDNN lays the weight out for the batch size it is told: 1 where it serves decode, else the
         # middle of its range (fp32, 5-47 rows: 10-35% faster than packed for 1, measured at 8 and 32 rows).
         hint = PACK_ROWS_HINT if self.use_gemv else 1
-        self.packed = _pack(linear.weight, hint) if packed else None
+        self.packed = _pack(linear.weight, hint) if packed and not self.use_gemm else None
         self.big_route = big_route
         with_fp32 = big_route == "fp32"
         self.packed_fp32 = _pack(linear.weight.float(), BIG_BATCH_ROWS) if with_fp32 else None
@@ -133,6 +149,12 @@ class PackedLinear(nn.Module):
             out = gemv.gemv(x2, self.weight, self.bias)
         elif torch.compiler.is_compiling() and self.weight is not None:
             out = F.linear(x2, self.weight, self.bias)
+        elif self.use_gemm and rows < GEMM_MAX_ROWS:
+            x2 = x2.contiguous()
+            if self.panels is not None:
+                out = gemm.gemm_panels(x2, self.panels, self.out_features, self.bias)
+            else:
+                out = gemm.gemm(x2, self.weight, self.bias)
         elif self.packed is not None and (self.big_route is None or rows < BIG_BATCH_ROWS):
             out = _linear(x2, self.packed, self.bias)
         elif self.big_route == "fp32":
@@ -150,7 +172,8 @@ def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weight
     """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile.
 
     The plain weight stays where the gemv kernel serves its dtype (decode, and MKL for fp32 prompt chunks)
-    and the oneDNN copy for mid-size batches is made if it fits in RAM. bfloat16 without the kernel: the
+    and the copy for mid-size batches (fp32 with the gemm kernel: its panels; else oneDNN's) is made if it
+    fits in RAM. bfloat16 without the kernel: the
     packed weight replaces the plain one. bfloat16's fp32 copy for big batches is made if it fits and is
     measured faster (see the module docstring)."""
     linears = [(m, n, c) for m in model.modules() for n, c in m.named_children() if type(c) is nn.Linear]

@@ -140,7 +140,7 @@ class BlockwiseCalibration:
     with whatever weights it has by then (e.g. quantized) and makes its output the next block's input.
     token_ids: [samples, seq_len] int64.
 
-    Weights written into a PackedLinear after load are not seen by its oneDNN copies: quantize a model
+    Weights written into a PackedLinear after load are not seen by its packed copies: quantize a model
     loaded without packing (or swap the modules), so that advance() computes with the new weights.
     threads: torch threads for the block forwards and the hooks' Hessian products (large matrix products,
     which threads speed up), whatever the caller runs its own elementwise work on; None: the current count.

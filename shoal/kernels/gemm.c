@@ -1,0 +1,259 @@
+/* Small-batch float32 matmuls for the CPU: y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], for any number of
+ * rows M, built to be fast for a batched decode step (about 5-128 rows). Two forms:
+ *   - shoal_gemm_f32_panels: outer products over a weight packed once into k-major panels of 16 rows (the
+ *     fast one: 1.0-2.5x oneDNN's pre-packed linears at 5-128 rows, 1.0x only where the 113 MB lm_head
+ *     is bound by memory at 8-16 rows; numbers in gemm.py);
+ *   - shoal_gemm_f32: dot products over the weight in its nn.Linear layout [N, K], for where no packed copy
+ *     is made (RAM): 1.0-1.6x oneDNN at 5-16 rows, 0.75-1.15x at 32-128; without a copy the alternative is
+ *     MKL, which was below oneDNN throughout.
+ *
+ * Why: torch's CPU matmuls (MKL through F.linear, oneDNN with pre-packed weights) reach 20-60 GF/s at 8-64
+ * rows on SmolLM2's shapes on a 2-core AVX2 EPYC whose FMA peak is about 150-190 GF/s.
+ *
+ * Both are batch-invariant: every output is accumulated in one fixed order whatever M, the tile it falls
+ * in or the thread that computes it, so a row's result does not depend on the other rows of the call
+ * (tests/test_gemm.py checks it bitwise). The FMAs are spelled out (fma8, __builtin_fmaf) because GCC's
+ * contraction of a * b + c differed between tile shapes.
+ *
+ * Layouts (row-major, contiguous): x [M, K], w [N, K] or its panels [ceil(N / 16), K, 16], bias [N] or
+ * NULL, y [M, N]; M, N, K >= 1. The caller (gemm.py) checks all of this: these functions trust their
+ * arguments.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __FMA__
+#include <immintrin.h>
+#endif
+
+/* ---- Dot-product form over the plain weight (shoal_gemm_f32) ----
+ *
+ * A register tile of TM = 3 rows of x by TN = 3 rows of w: nine 8-float accumulators each sum 8 lanes of
+ * products along k, and one horizontal sum per output ends the tile. Three weight vectors and one x vector
+ * are loaded per step of 8 columns (13 of the 16 AVX2 registers): 6 loads for 9 FMAs. Left to itself GCC
+ * folds the loads into the FMAs as memory operands (4x3 tile: 16 loads for 12 FMAs) or spills
+ * accumulators, so an empty asm statement pins each loaded vector in a register. Measured on the AVX2 EPYC,
+ * 1 thread, in-cache 1536x576 at 8-64 rows: 70-77 GF/s for 3x3 and 2x4 pinned, 57-61 for GCC's own 4x3.
+ *
+ * Each thread takes a contiguous range of TN-row weight blocks; a block (3 x K floats: 7 KB at K = 576,
+ * 18 KB at 1536) stays in L1 while every row tile of x (from L2) passes over it, so the weight is read
+ * from memory once per call. The first tile of a block prefetches the block PREFETCH_BLOCKS further on: a
+ * weight streamed from memory (the 49152x576 lm_head, 113 MB) then overlaps its reads with the FMAs
+ * (8 rows, 1 thread: 17-22 -> 25-33 GF/s). For many rows x is cut into chunks of about X_CHUNK_BYTES
+ * (L2-sized) and the weight is streamed once per chunk. Order per output: lane j sums k = j, j + 8, ...;
+ * the lanes are added in a fixed tree; the K % 8 tail is summed in order and added; then the bias.
+ * Its limit: one x vector (from L2) feeds only 3 FMAs, so at 32+ rows it waits on L2 (the panels below).
+ */
+#define VW 8
+#define TM 3 /* rows of x per register tile */
+#define TN 3 /* rows of w per register tile */
+#define PREFETCH_BLOCKS 2
+#define X_CHUNK_BYTES (192 * 1024)
+typedef float v8f __attribute__((vector_size(VW * sizeof(float))));
+typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc + a * b rounded once, spelled out: GCC contracts `acc += a * b` into an FMA for some tile shapes and
+ * not for others (the 1x1 tile got vmulps + vaddps), which made a row's result depend on its tile. */
+static inline v8f fma8(v8f a, v8f b, v8f acc) {
+#ifdef __FMA__
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+    return acc + a * b; /* no FMA unit: the same instructions for every tile shape */
+#endif
+}
+
+/* Lanes (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then the two: a fixed order. */
+static inline float hsum(v8f v) {
+    v4f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    v4f s = lo + hi;
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+/* A prefetch never faults, so one past the end of w is harmless; the address is formed as an integer so
+ * that no out-of-bounds pointer is ever made (as in gemv.c). */
+static inline void prefetch(const float *p, int64_t elems) {
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 3);
+}
+
+/* A tile of MT rows of x (row stride K) by NT rows of w (row stride K) into y (row stride N); PF: also
+ * prefetch the weight block PREFETCH_BLOCKS on. Always inlined with constant MT, NT and PF, so that every
+ * tile shape gets its own fully unrolled copy. */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *bias,
+                                                       float *y, int MT, int NT, int N, int K, int PF) {
+    v8f acc[TM][TN];
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < NT; r++) acc[m][r] = (v8f){0};
+    int k = 0;
+    for (; k + VW <= K; k += VW) {
+        v8f wv[TN];
+        for (int r = 0; r < NT; r++) {
+            wv[r] = load8(w + (int64_t)r * K + k);
+            __asm__("" : "+x"(wv[r])); /* keep it in a register (see the top of the file) */
+        }
+        if (PF)
+            for (int r = 0; r < NT; r++) prefetch(w, (int64_t)(r + PREFETCH_BLOCKS * TN) * K + k);
+        for (int m = 0; m < MT; m++) {
+            v8f xv = load8(x + (int64_t)m * K + k);
+            __asm__("" : "+x"(xv));
+            for (int r = 0; r < NT; r++) acc[m][r] = fma8(xv, wv[r], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < NT; r++) {
+            float tail = 0.0f;
+            /* an explicit fma too, for the same reason */
+            for (int kk = k; kk < K; kk++)
+                tail = __builtin_fmaf(x[(int64_t)m * K + kk], w[(int64_t)r * K + kk], tail);
+            float b = bias ? bias[r] : 0.0f;
+            y[(int64_t)m * N + r] = (hsum(acc[m][r]) + tail) + b;
+        }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const float *x, const float *w, const float *bias,
+                                                            float *y, int MT, int NT, int N, int K, int PF) {
+    switch (MT) { /* the unrolled copy for this many rows */
+    case 3: tile(x, w, bias, y, 3, NT, N, K, PF); break;
+    case 2: tile(x, w, bias, y, 2, NT, N, K, PF); break;
+    default: tile(x, w, bias, y, 1, NT, N, K, PF); break;
+    }
+}
+
+/* Rows [m0, m1) of x against weight rows [n, n + NT), in tiles of TM rows; a remainder of one row after a
+ * full tile becomes 2 + 2 rather than 3 + 1 (one row alone keeps too few FMA chains in flight). */
+static inline __attribute__((always_inline)) void block(const float *x, const float *w, const float *bias,
+                                                        float *y, int m0, int m1, int n, int NT, int N, int K) {
+    const float *wb = w + (int64_t)n * K, *bb = bias ? bias + n : NULL;
+    for (int m = m0; m < m1;) {
+        int left = m1 - m, rows = left >= TM ? TM : left;
+        if (left == TM + 1) rows = TM - 1;
+        if (m == m0) tile_rows(x + (int64_t)m * K, wb, bb, y + (int64_t)m * N + n, rows, NT, N, K, 1);
+        else tile_rows(x + (int64_t)m * K, wb, bb, y + (int64_t)m * N + n, rows, NT, N, K, 0);
+        m += rows;
+    }
+}
+
+void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y, int M, int N, int K,
+                    int num_threads) {
+    int64_t chunk = X_CHUNK_BYTES / ((int64_t)K * sizeof(float));
+    chunk = chunk < 4 * TM ? 4 * TM : chunk - chunk % TM;
+    int blocks = (N + TN - 1) / TN;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        /* A contiguous range of weight blocks per thread, as schedule(static) would give. */
+        int b0 = (int)((int64_t)blocks * t / nt), b1 = (int)((int64_t)blocks * (t + 1) / nt);
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+            int m1 = (int)(m0 + chunk < M ? m0 + chunk : M);
+            for (int b = b0; b < b1; b++) {
+                int n = b * TN;
+                if (n + TN <= N) block(x, w, bias, y, (int)m0, m1, n, TN, N, K);
+                else if (N - n == 2) block(x, w, bias, y, (int)m0, m1, n, 2, N, K);
+                else block(x, w, bias, y, (int)m0, m1, n, 1, N, K);
+            }
+        }
+    }
+}
+
+/* ---- Outer-product form over a weight packed in panels (shoal_gemm_f32_panels) ----
+ *
+ * The dot-product tiles above load one x vector for every TN = 3 FMAs: at 32+ rows, with x re-read from L2
+ * for every weight block, they stall on L2 well below the FMA peak. Here the weight is packed once (at
+ * load time) into panels of PW = 16 weight rows laid out k-major, wp[p][k][j] = w[16p + j, k] (rows past
+ * N are zeros), so that one k step of a tile of PM = 6 rows of x is: two weight vectors, six broadcast
+ * x values, twelve FMAs into twelve 8-float accumulators (15 registers), and no horizontal sums. A panel's
+ * k-block of KC columns (16 KB) stays in L1 while every row tile of x passes over it; partial sums of a
+ * k-block wait in a per-thread buffer. x is cut into chunks of at most MC_MAX rows (and about
+ * X_CHUNK_BYTES) as above.
+ *
+ * Summation order: y[m, n] = (((block 0) + block 1) ...) + bias, each k-block summed in k order by one FMA
+ * chain, whatever M, the tile or the thread: batch-invariant as well (not the same order as the dot-product
+ * tiles above, so a layer keeps to one of the two functions).
+ */
+#define PW 16
+#define PM 6
+#define KC 256
+#define MC_MAX 192 /* a multiple of PM */
+
+static inline __attribute__((always_inline)) void panel_tile(const float *x, const float *wp, float *part, int MT,
+                                                             int K, int kc, int first) {
+    v8f acc[PM][2];
+    for (int m = 0; m < MT; m++) {
+        acc[m][0] = first ? (v8f){0} : load8(part + m * PW);
+        acc[m][1] = first ? (v8f){0} : load8(part + m * PW + VW);
+    }
+    for (int k = 0; k < kc; k++) {
+        v8f w0 = load8(wp + k * PW), w1 = load8(wp + k * PW + VW);
+        __asm__("" : "+x"(w0), "+x"(w1));
+        for (int m = 0; m < MT; m++) {
+            float s = x[(int64_t)m * K + k];
+            /* Not (v8f){0} + s: 0 + s is an add GCC must keep (-0.0), one more uop a row (45 -> 85 GF/s). */
+            v8f xb = {s, s, s, s, s, s, s, s};
+            acc[m][0] = fma8(xb, w0, acc[m][0]);
+            acc[m][1] = fma8(xb, w1, acc[m][1]);
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        memcpy(part + m * PW, &acc[m][0], sizeof acc[m][0]);
+        memcpy(part + m * PW + VW, &acc[m][1], sizeof acc[m][1]);
+    }
+}
+
+static inline void panel_tile_rows(const float *x, const float *wp, float *part, int MT, int K, int kc,
+                                   int first) {
+    switch (MT) { /* the unrolled copy for this many rows */
+    case 6: panel_tile(x, wp, part, 6, K, kc, first); break;
+    case 5: panel_tile(x, wp, part, 5, K, kc, first); break;
+    case 4: panel_tile(x, wp, part, 4, K, kc, first); break;
+    case 3: panel_tile(x, wp, part, 3, K, kc, first); break;
+    case 2: panel_tile(x, wp, part, 2, K, kc, first); break;
+    default: panel_tile(x, wp, part, 1, K, kc, first); break;
+    }
+}
+
+void shoal_gemm_f32_panels(const float *x, const float *wp, const float *bias, float *y, int M, int N, int K,
+                           int num_threads) {
+    int64_t chunk = X_CHUNK_BYTES / ((int64_t)K * sizeof(float));
+    chunk = chunk < PM ? PM : chunk > MC_MAX ? MC_MAX : chunk - chunk % PM;
+    int panels = (N + PW - 1) / PW;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        float part[MC_MAX * PW] __attribute__((aligned(32)));
+        int p0 = (int)((int64_t)panels * t / nt), p1 = (int)((int64_t)panels * (t + 1) / nt);
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+            int rows = (int)(m0 + chunk < M ? chunk : M - m0);
+            const float *xc = x + m0 * K;
+            for (int p = p0; p < p1; p++) {
+                const float *panel = wp + (int64_t)p * K * PW;
+                for (int k0 = 0; k0 < K; k0 += KC) {
+                    int kc = K - k0 < KC ? K - k0 : KC;
+                    for (int m = 0; m < rows; m += PM) {
+                        int mt = rows - m < PM ? rows - m : PM;
+                        panel_tile_rows(xc + (int64_t)m * K + k0, panel + (int64_t)k0 * PW, part + m * PW, mt, K,
+                                        kc, k0 == 0);
+                    }
+                }
+                int n0 = p * PW, width = N - n0 < PW ? N - n0 : PW;
+                for (int m = 0; m < rows; m++)
+                    for (int j = 0; j < width; j++)
+                        y[(m0 + m) * N + n0 + j] = part[m * PW + j] + (bias ? bias[n0 + j] : 0.0f);
+            }
+        }
+    }
+}
