@@ -91,12 +91,12 @@ class _Core:
             engine.between_layers = self._between_layers
         self.step, self.layer, self.calls = 0, 0, []
 
-    def _between_layers(self, floor: int) -> bool:
+    def _between_layers(self, least_urgent: int) -> bool:
         self.layer += 1
-        self.calls.append((self.step, self.layer, floor))
+        self.calls.append((self.step, self.layer, least_urgent))
         if (self.step, self.layer) == self.at:
             self.send_urgent()
-        return self.check(floor)
+        return self.check(least_urgent)
 
     def send_urgent(self) -> None:
         params = asdict(URGENT[1])
@@ -141,15 +141,18 @@ def _state(engine: LLMEngine) -> dict:
     }
 
 
-def _run(engine: LLMEngine, at: tuple[int, int] | None, priority: int = 0, standard_priority: int = 1):
+def _run(engine: LLMEngine, at: tuple[int, int] | None, priority: int = 0, standard_priority: int | list = 1):
     """The standard requests, and the urgent one (priority) sent at `at` = (step, layer), or between steps
     URGENT_STEP and the next (at None), run to the end. Returns the tokens of each request's choices, the
     outputs of the step after URGENT_STEP, the engine's state before and after step URGENT_STEP, the
-    steps interrupted, and the between-layers calls (step, layer, floor)."""
+    steps interrupted, and the between-layers calls (step, layer, least_urgent)."""
     core = _Core(engine, at, priority)
     interrupted = engine.stats.num_steps_interrupted
-    for i, (prompt, params) in enumerate(zip(STANDARD, PARAMS, strict=True)):
-        engine.add_request(f"s{i}", prompt, params, priority=standard_priority)
+    priorities = (
+        standard_priority if isinstance(standard_priority, list) else [standard_priority] * len(STANDARD)
+    )
+    for i, (prompt, params, p) in enumerate(zip(STANDARD, PARAMS, priorities, strict=True)):
+        engine.add_request(f"s{i}", prompt, params, priority=p)
     finished, next_step, states = {}, None, []
     try:
         while engine.has_unfinished():
@@ -173,8 +176,8 @@ def test_an_urgent_arrival_interrupts_the_step_and_leaves_no_trace(engines):
     assert none == 0
     tokens, next_step, (before, after), interrupted, calls = _run(engine, (URGENT_STEP, URGENT_LAYER))
     assert interrupted == 1
-    # Consulted between layers only (5 layers: 4 calls a step) with the step's most urgent priority, and
-    # left at the layer where the urgent request arrived.
+    # Consulted between layers only (5 layers: 4 calls a step) with the priority of the step's least
+    # urgent row, and left at the layer where the urgent request arrived.
     assert {layer for _, layer, _ in calls} == {1, 2, 3, 4}
     assert [c for c in calls if c[0] == URGENT_STEP] == [(URGENT_STEP, 1, 1), (URGENT_STEP, 2, 1)]
     assert (URGENT_STEP + 1, 1, 0) in calls
@@ -187,9 +190,20 @@ def test_an_urgent_arrival_interrupts_the_step_and_leaves_no_trace(engines):
     assert tokens == reference
 
 
-@pytest.mark.parametrize("priority", [1, 2])
-def test_an_equally_or_less_urgent_arrival_never_interrupts(engines, priority):
-    _, _, _, interrupted, calls = _run(engines["priority"], (URGENT_STEP, URGENT_LAYER), priority)
+def test_a_step_with_a_row_as_urgent_as_the_arrival_is_interrupted_for_its_less_urgent_rows(engines):
+    """A premium request decoding (priority 0) beside standard rows: another premium arrival interrupts
+    their step (its prompt step would leave the standard rows out), and every token is as without it."""
+    priorities = [0, 1, 1, 1, 1, 1]
+    engine = engines["priority"]
+    reference, _, _, _, _ = _run(engine, None, standard_priority=priorities)
+    tokens, next_step, _, interrupted, _ = _run(engine, (URGENT_STEP, URGENT_LAYER), 0, priorities)
+    assert interrupted == 1 and tokens == reference
+    assert set(next_step) == {"urgent", "s0"}  # the premium rows only: its prompt and the premium decode
+
+
+@pytest.mark.parametrize(("priority", "standard"), [(1, 1), (2, 1), (0, 0)])
+def test_an_arrival_no_more_urgent_than_every_row_never_interrupts(engines, priority, standard):
+    _, _, _, interrupted, calls = _run(engines["priority"], (URGENT_STEP, URGENT_LAYER), priority, standard)
     assert interrupted == 0 and len(calls) > 4 * URGENT_STEP
 
 
@@ -199,7 +213,7 @@ def test_fcfs_never_interrupts(engines):
     tokens, _, _, interrupted, calls = _run(engine, (URGENT_STEP, URGENT_LAYER), standard_priority=0)
     assert interrupted == 0 and calls == [] and tokens == reference  # the core installs no call at all
     # Even a between-layers call that says "urgent" at every layer never abandons an fcfs step.
-    engine.between_layers = lambda floor: True
+    engine.between_layers = lambda least_urgent: True
     try:
         out = engine.generate([STANDARD[0]], PARAMS[0])[0]
     finally:
@@ -222,7 +236,7 @@ def test_the_inbox_holds_what_arrives_mid_step_and_flags_only_a_more_urgent_requ
         ]
         push.send(encoder.encode(sent[0]))
         push.send(encoder.encode(sent[1]))
-        assert not _eventually(lambda: inbox.urgent_arrival(1), seconds=0.2)  # priority 1 vs a floor of 1
+        assert not _eventually(lambda: inbox.urgent_arrival(1), seconds=0.2)  # priority 1: not below 1
         push.send(encoder.encode(sent[2]))
         assert _eventually(lambda: inbox.urgent_arrival(1))
         assert not inbox.urgent_arrival(0)  # equally urgent: no

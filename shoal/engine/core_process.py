@@ -73,12 +73,12 @@ class EngineCore:
         if self._inbox is not None or faults is not None:  # fcfs without faults: no call at all
             engine.between_layers = self._between_layers
 
-    def _between_layers(self, floor: int) -> bool:
+    def _between_layers(self, least_urgent: int) -> bool:
         """Between two decoder layers: the fault plan's layer delay, then whether a request more urgent
-        than priority floor has arrived (engine/interrupt.py)."""
+        than the step's least urgent row (priority least_urgent) has arrived (engine/interrupt.py)."""
         if self.faults is not None:
             self.faults.between_layers()
-        return self._inbox is not None and self._inbox.urgent_arrival(floor)
+        return self._inbox is not None and self._inbox.urgent_arrival(least_urgent)
 
     def _on_step(self, step: StepStats) -> None:
         self._step = step

@@ -7,11 +7,19 @@ removes the first part.
 
 The rule (`--scheduling-policy priority` only; under `fcfs` nothing here runs): between two decoder
 layers of a step's forward, the engine core reads its inbox without blocking (`Inbox.urgent_arrival`).
-If a request has arrived whose `priority` is lower (more urgent) than that of every row of the step, the
-forward raises `StepInterrupted` and the engine drops the step (`LLMEngine.step`): the core applies the
-messages held meanwhile, in order, and the next step is scheduled as usual, so the urgent request's
-prompt runs next and only rows at least as urgent run with it (engine/scheduler.py); the abandoned rows
-run again after it. An equally or less urgent arrival waits for the step to end, as before.
+If a request has arrived whose `priority` is lower (more urgent) than that of the step's least urgent
+row, the forward raises `StepInterrupted` and the engine drops the step (`LLMEngine.step`): the core
+applies the messages held meanwhile, in order, and the next step is scheduled as usual, so the urgent
+request's prompt runs next and only rows at least as urgent run with it (engine/scheduler.py); the
+other rows run again after it. An arrival no more urgent than every row of the step waits for the step
+to end, as before: interrupting would not change who runs with its prompt.
+
+Why the least urgent row and not every row: a premium request decodes for many steps, during which
+those steps carry its decode beside the standard rows; were only an arrival more urgent than every row
+to interrupt, a premium arrival would almost never find a step to interrupt (measured: 3 steps of 294
+under the spike of docs/benchmarks.md). The premium rows of the abandoned step lose the part of it that
+ran, and run in the next step with the new prompt (a step of premium rows only, shorter than the one
+abandoned).
 
 What an abandoned step leaves behind, and why it is harmless:
 - Tokens, logits, sampling: nothing. No row's `num_computed` moves, no prompt logprob is collected, and
@@ -76,10 +84,10 @@ class Inbox:
         messages, self._held, self._most_urgent = self._held, [], None
         return messages
 
-    def urgent_arrival(self, floor: int) -> bool:
-        """Whether a request with priority < floor (more urgent than every row of the step) has arrived."""
+    def urgent_arrival(self, least_urgent: int) -> bool:
+        """Whether a request with priority < least_urgent (the step's least urgent row's) has arrived."""
         self._receive()
-        return self._most_urgent is not None and self._most_urgent < floor
+        return self._most_urgent is not None and self._most_urgent < least_urgent
 
     def _receive(self) -> None:
         while self._socket.poll(0):

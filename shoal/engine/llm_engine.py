@@ -98,7 +98,7 @@ class LLMEngine:
             self.stats.cuda_device = self.device.index if self.device.index is not None else 0
         self._cuda_memory_read_at = 0.0
         self.step_listeners: list = []
-        # Called between the decoder layers of a step with the most urgent (lowest) priority of its rows;
+        # Called between the decoder layers of a step with the least urgent (highest) priority of its rows;
         # True abandons the step under scheduling_policy "priority" (engine/interrupt.py). The engine core
         # sets it; None (the default) costs nothing.
         self.between_layers: Callable[[int], bool] | None = None
@@ -316,16 +316,16 @@ class LLMEngine:
         return [self._pop_if_finished(rid) for rid in touched if rid in self.requests]
 
     def _layer_check(self, batch: ScheduledBatch) -> Callable[[], None] | None:
-        """The runner's between-layers call for this step: consult between_layers with the step's most
-        urgent priority, and raise StepInterrupted if it says so under the priority policy."""
+        """The runner's between-layers call for this step: consult between_layers with the priority of the
+        step's least urgent row, and raise StepInterrupted if it says so under the priority policy."""
         if self.between_layers is None:
             return None
-        ask, floor = self.between_layers, min(seq.priority for seq in batch.seqs)
+        ask, least_urgent = self.between_layers, max(seq.priority for seq in batch.seqs)
         interruptible = self.config.scheduling_policy == "priority"
 
         def check() -> None:
-            if ask(floor) and interruptible:
-                raise StepInterrupted(f"a request more urgent than priority {floor} arrived")
+            if ask(least_urgent) and interruptible:
+                raise StepInterrupted(f"a request more urgent than priority {least_urgent} arrived")
 
         return check
 
