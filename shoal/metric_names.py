@@ -58,6 +58,7 @@ REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
 REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
 BATCH_SIZE = "shoal:batch_size"
 STEP_DURATION = "shoal:step_duration_seconds"
+STEPS_INTERRUPTED = "shoal:engine_steps_interrupted_total"
 NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
 NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
 # ---- resources ---------------------------------------------------------------------------------------
@@ -159,6 +160,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(ITERATION_TOKENS, HISTOGRAM, "Tokens computed per engine step (prefill + decode).", _T),
     MetricSpec(BATCH_SIZE, HISTOGRAM, "Sequences per engine step.", _T),
     MetricSpec(STEP_DURATION, HISTOGRAM, "Seconds per engine step.", _T),
+    MetricSpec(
+        STEPS_INTERRUPTED,
+        COUNTER,
+        "Engine steps abandoned between layers for a more urgent request (--scheduling-policy priority).",
+        _T,
+    ),
     MetricSpec(NUM_REQUESTS_RUNNING, GAUGE, "Sequences in the running batch.", _T),
     MetricSpec(NUM_REQUESTS_WAITING, GAUGE, "Sequences waiting to be scheduled.", _T),
     MetricSpec(KV_CACHE_USAGE, GAUGE, "Share of KV cache blocks in use (0 to 1).", _R),

@@ -347,7 +347,9 @@ def _measure(client: Client, server: Server, headers: dict, load: SpikeLoad, rat
         _run, _send, server.url, plan, headers, load.max_tokens, load.request_timeout_s, "spike"
     )
     cpu1, wall = server_cpu_s(server), time.perf_counter() - wall0
-    server_ttft = live_stats.summarize(before, live_stats.fetch(server.url)).percentiles["TTFT"]
+    after = live_stats.fetch(server.url)
+    server_ttft = live_stats.summarize(before, after).percentiles["TTFT"]
+    steps = after.minus(before)
     time.sleep(1.0)  # the access lines of the last answers
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
@@ -371,6 +373,9 @@ def _measure(client: Client, server: Server, headers: dict, load: SpikeLoad, rat
         "http_cpu_share": (cpu1[0] - cpu0[0]) / wall,
         "core_cpu_share": (cpu1[1] - cpu0[1]) / wall,
         "http_cpu_ms_per_request": 1000 * (cpu1[0] - cpu0[0]) / max(len(plan), 1),
+        # Engine steps over the spike: completed, and abandoned for a more urgent arrival (interrupt.py).
+        "steps_completed": steps.total(mn.STEP_DURATION + "_count"),
+        "steps_interrupted": steps.total(mn.STEPS_INTERRUPTED),
         "classes": summary,
         # Per class, from the server's access log: where the successful requests' TTFT went; and the
         # unloaded premium requests' (the server's own premium TTFT P95 ratio, without the client's part).
@@ -419,6 +424,11 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"- {side}, CPU over the spike: HTTP process {r['http_cpu_share']:.2f} cores "
                 f"({r['http_cpu_ms_per_request']:.1f} ms per request sent), engine core {r['core_cpu_share']:.2f} cores."
+            )
+        if "steps_interrupted" in r:
+            lines.append(
+                f"- {side}, engine steps over the spike: {r['steps_completed']:.0f} completed, "
+                f"{r['steps_interrupted']:.0f} interrupted for a more urgent request."
             )
         unloaded, ratio = r.get("unloaded_server_side"), r.get("premium_server_ttft_p95_ratio")
         if unloaded:

@@ -8,7 +8,9 @@ streams. Measured in docs/performance.md.
 The loop: take every waiting message (blocking only while idle), apply adds, aborts and control calls,
 run one step (fault plan first), and send one StepUpdate with each touched request's delta. A step that
 raises fails every request in flight (each gets an error) and the loop goes on. The loop ends on a
-"shutdown" call, or when the parent process dies.
+"shutdown" call, or when the parent process dies. Under `--scheduling-policy priority` the inbox is also
+read between the decoder layers of a step, and a more urgent arrival abandons the step
+(engine/interrupt.py); what was read then is applied before the next step, in order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zmq
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.faults import FaultInjector, FaultPlan
+from shoal.engine.interrupt import Inbox
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.messages import (
     AbortRequests,
@@ -59,13 +62,23 @@ class _Sent:
 class EngineCore:
     """Owns the LLMEngine, turns its cumulative outputs into deltas, applies client messages."""
 
-    def __init__(self, engine: LLMEngine, faults: FaultInjector | None):
+    def __init__(self, engine: LLMEngine, faults: FaultInjector | None, inbox: Inbox | None = None):
         self.engine = engine
         self.faults = faults
         self._sent: dict[str, list[_Sent]] = {}
         self._step: StepStats | None = None
         self._running = True
         engine.step_listeners.append(self._on_step)
+        self._inbox = inbox if engine.config.scheduling_policy == "priority" else None
+        if self._inbox is not None or faults is not None:  # fcfs without faults: no call at all
+            engine.between_layers = self._between_layers
+
+    def _between_layers(self, least_urgent: int) -> bool:
+        """Between two decoder layers: the fault plan's layer delay, then whether a request more urgent
+        than the step's least urgent row (priority least_urgent) has arrived (engine/interrupt.py)."""
+        if self.faults is not None:
+            self.faults.between_layers()
+        return self._inbox is not None and self._inbox.urgent_arrival(least_urgent)
 
     def _on_step(self, step: StepStats) -> None:
         self._step = step
@@ -208,23 +221,23 @@ def run_core(
             )
         )
     )
-    _loop(EngineCore(engine, faults), inbox, outbox, encoder, parent)
+    messages = Inbox(inbox, msgspec.msgpack.Decoder(ClientMessage))
+    _loop(EngineCore(engine, faults, messages), messages, outbox, encoder, parent)
     engine.close()
     context.destroy(linger=1000)
 
 
 def _loop(
-    core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
+    core: EngineCore, inbox: Inbox, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
 ) -> None:
     """Serve the client until shutdown, or until the server process (pid parent) is gone."""
-    decoder = msgspec.msgpack.Decoder(ClientMessage)
     while core.running:
         update = StepUpdate()
         busy = core.engine.has_unfinished()
         applied = False
-        if busy or inbox.poll(IDLE_POLL_MS):
-            while inbox.poll(0):
-                core.apply(decoder.decode(inbox.recv()), update)
+        if busy or inbox.wait(IDLE_POLL_MS):
+            for message in inbox.take():
+                core.apply(message, update)
                 applied = True
             if update.replies:  # answered before the step: a step told to hang or die must not hold them
                 # Fresh stats ride along: a /metrics scrape's "stats" call is answered by them.

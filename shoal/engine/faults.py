@@ -11,6 +11,9 @@ A plan (all keys optional; `{}` clears everything):
 - `step_hang_s: s`: the next step sleeps s seconds first (a stuck step, for liveness);
 - `step_delay_s: s`: every step sleeps s seconds first, until cleared (a slow engine: requests stay in
   flight long enough to time out or to be drained);
+- `layer_delay_s: s`: every decoder layer of a step's per-op forward after the first sleeps s seconds
+  first, until cleared, in the engine core process (a slow forward: requests arrive while a step is in flight, which under
+  `--scheduling-policy priority` may interrupt it, engine/interrupt.py);
 - `load_delay_s: s`: the next model load takes s seconds longer (for readiness; at start-up it is read
   from the environment variable SHOAL_FAULTS, a JSON plan);
 - `warmup_delay_s: s`: the next warm-up takes s seconds longer (readiness says "warming up");
@@ -46,6 +49,7 @@ class FaultPlan:
     step_raise_rate: float = 0.0
     step_hang_s: float = 0.0
     step_delay_s: float = 0.0
+    layer_delay_s: float = 0.0
     load_delay_s: float = 0.0
     warmup_delay_s: float = 0.0
     engine_die: int = 0
@@ -74,7 +78,7 @@ class FaultPlan:
             raise ValueError(f"engine_die must be 0 or 1, got {self.engine_die}")
         if not 0.0 <= self.step_raise_rate <= 1.0:
             raise ValueError(f"step_raise_rate must be in [0, 1], got {self.step_raise_rate}")
-        for name in ("step_hang_s", "step_delay_s", "load_delay_s", "warmup_delay_s"):
+        for name in ("step_hang_s", "step_delay_s", "layer_delay_s", "load_delay_s", "warmup_delay_s"):
             if not 0.0 <= getattr(self, name) <= MAX_SECONDS:
                 raise ValueError(f"{name} must be in [0, {MAX_SECONDS:g}] seconds, got {getattr(self, name)}")
 
@@ -129,6 +133,12 @@ class FaultInjector:
             raise InjectedDeath("injected fault: the engine was told to die")
         if fail:
             raise InjectedFault("injected fault: this engine step was told to fail")
+
+    def between_layers(self) -> None:
+        """Called between the decoder layers of a step: sleep layer_delay_s."""
+        delay = self._plan.layer_delay_s  # one float read: no lock on this per-layer path
+        if delay:
+            time.sleep(delay)
 
     def before_load(self) -> None:
         """Called before a model load: the load takes load_delay_s longer (once)."""

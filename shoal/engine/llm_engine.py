@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from shoal.engine.admission import check_request
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig
 from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.engine.interrupt import StepInterrupted
 from shoal.engine.model_runner import ModelRunner, StepInput
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.engine.sampler import Sampler, SamplerOutput, SamplingRow, token_logprobs
@@ -96,6 +98,10 @@ class LLMEngine:
             self.stats.cuda_device = self.device.index if self.device.index is not None else 0
         self._cuda_memory_read_at = 0.0
         self.step_listeners: list = []
+        # Called between the decoder layers of a step with the least urgent (highest) priority of its rows;
+        # True abandons the step under scheduling_policy "priority" (engine/interrupt.py). The engine core
+        # sets it; None (the default) costs nothing.
+        self.between_layers: Callable[[int], bool] | None = None
         self._added_since_step: list[str] = []  # with config.record_schedule
         log.info("shoal engine: %s", self.describe())
 
@@ -284,10 +290,14 @@ class LLMEngine:
         self.runner.swap_blocks(batch.swap_out, batch.swap_in)  # before any block is reused
         if batch.empty:
             return []
+        try:
+            logits = self.runner.run(self._step_input(batch), self._layer_check(batch))
+        except StepInterrupted:  # nothing computed: the rows run again later (engine/interrupt.py)
+            self._record_stats(batch, time.monotonic() - t0, interrupted=True)
+            return []
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = t0
-        logits = self.runner.run(self._step_input(batch))
         sample_seqs, sample_logits = [], []
         for seq, n, seq_logits in zip(batch.seqs, batch.num_tokens, logits, strict=True):
             start = seq.num_computed
@@ -304,6 +314,20 @@ class LLMEngine:
         self._record_stats(batch, seconds)
         touched = dict.fromkeys(seq.request_id for seq in batch.seqs)
         return [self._pop_if_finished(rid) for rid in touched if rid in self.requests]
+
+    def _layer_check(self, batch: ScheduledBatch) -> Callable[[], None] | None:
+        """The runner's between-layers call for this step: consult between_layers with the priority of the
+        step's least urgent row, and raise StepInterrupted if it says so under the priority policy."""
+        if self.between_layers is None:
+            return None
+        ask, least_urgent = self.between_layers, max(seq.priority for seq in batch.seqs)
+        interruptible = self.config.scheduling_policy == "priority"
+
+        def check() -> None:
+            if ask(least_urgent) and interruptible:
+                raise StepInterrupted(f"a request more urgent than priority {least_urgent} arrived")
+
+        return check
 
     def _step_input(self, batch: ScheduledBatch) -> StepInput:
         inp = StepInput([], [], [], [])
@@ -426,11 +450,15 @@ class LLMEngine:
         self.stats.cuda_memory_allocated = torch.cuda.memory_allocated(self.device)
         self.stats.cuda_memory_reserved = torch.cuda.memory_reserved(self.device)
 
-    def _record_stats(self, batch: ScheduledBatch, seconds: float) -> None:
+    def _record_stats(self, batch: ScheduledBatch, seconds: float, interrupted: bool = False) -> None:
+        """After a step; an interrupted one counts apart (its StepStats says what it would have run)."""
         self.refresh_stats()
         s = self.stats
-        s.last_batch_size = len(batch.seqs)
-        s.num_steps += 1
+        if interrupted:
+            s.num_steps_interrupted += 1
+        else:
+            s.last_batch_size = len(batch.seqs)
+            s.num_steps += 1
         s.last_step_unix = time.time()
         if self.step_listeners:
             decode = sum(1 for n in batch.num_tokens if n == 1)
@@ -443,11 +471,14 @@ class LLMEngine:
                 kv_cache_usage=s.kv_cache_usage,
                 step_seconds=seconds,
                 num_preempted=batch.num_preempted,
+                interrupted=interrupted,
             )
             if self.config.record_schedule:
                 step.admitted = [[s.request_id, s.arrival_time, s.priority] for s in batch.admitted]
                 step.added, self._added_since_step = self._added_since_step, []
                 step.preempted = [s.request_id for s in batch.preempted]
+                if interrupted:
+                    step.abandoned = list(dict.fromkeys(s.request_id for s in batch.seqs))
             for listener in self.step_listeners:
                 listener(step)
 

@@ -11,6 +11,7 @@ computed the same way whatever else is in the step and however its prompt was ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -171,8 +172,10 @@ class ModelRunner:
         return DecodeGroup(start, end, lens_t, slots=slots.to(self.device), same_length=same)
 
     @torch.inference_mode()
-    def run(self, inp: StepInput) -> list[torch.Tensor]:
-        """Per sequence, float32 logits [len(logit_rows[i]), vocab] for the rows asked for."""
+    def run(self, inp: StepInput, between_layers: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """Per sequence, float32 logits [len(logit_rows[i]), vocab] for the rows asked for. between_layers:
+        called between the decoder layers of the per-op forward (it may raise StepInterrupted,
+        engine/interrupt.py); the one-call native decode step and the compiled forward do not call it."""
         ids, pos, meta = self._metadata(inp)
         # Only a single decoding sequence is compiled (the latency case, where per-op overhead decides the
         # step time): one graph with a dynamic context length. Batched steps are dominated by the matmuls,
@@ -191,8 +194,10 @@ class ModelRunner:
                 embeddings, pos, meta.slot_mapping, group.block_tables, group.context_lens
             )
         else:
-            forward = self.compiled if pure_decode else self.model
-            hidden = forward(ids, pos, self.kv_caches, meta)
+            if pure_decode:
+                hidden = self.compiled(ids, pos, self.kv_caches, meta)
+            else:
+                hidden = self.model(ids, pos, self.kv_caches, meta, between_layers)
         rows, offset = [], 0
         for ids_i, wanted in zip(inp.token_ids, inp.logit_rows, strict=True):
             rows.extend(offset + r for r in wanted)

@@ -17,12 +17,16 @@ class StepStats:
     kv_cache_usage: float
     step_seconds: float
     num_preempted: int = 0
+    # Abandoned between layers for a more urgent arrival (engine/interrupt.py): nothing of it was computed,
+    # the counts above are what it would have run, step_seconds the time it ran before it was dropped.
+    interrupted: bool = False
     # With EngineConfig.record_schedule: [request_id, arrival_time, priority] of each sequence taken from
     # the waiting queue in this step, in the order taken, and the request ids preempted in it. Empty
     # otherwise (it costs lists every step).
     admitted: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
     added: list = field(default_factory=list)  # request ids added to the engine since the previous step
+    abandoned: list = field(default_factory=list)  # an interrupted step's rows' request ids
 
 
 @dataclass
@@ -38,7 +42,8 @@ class EngineStats:
     num_swapped_in: int = 0  # swap-ins so far
     swap_usage: float = 0.0  # share of the host swap pool in use, 0..1
     last_batch_size: int = 0
-    num_steps: int = 0
+    num_steps: int = 0  # completed steps
+    num_steps_interrupted: int = 0  # steps abandoned for a more urgent arrival (engine/interrupt.py)
     last_step_unix: float = 0.0  # time.time() at the end of the last step (0: none yet)
     block_size: int = 0  # tokens per KV cache block
     num_kv_blocks: int = 0  # KV cache blocks in all (vLLM's num_gpu_blocks)

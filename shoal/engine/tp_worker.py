@@ -165,7 +165,10 @@ class TensorParallelRunner(ModelRunner):
         workers.send(num_blocks)
         workers.group.barrier()  # every worker has loaded its slice and allocated its KV cache
 
-    def run(self, inp: StepInput) -> list[torch.Tensor]:
+    def run(self, inp: StepInput, between_layers=None) -> list[torch.Tensor]:
+        """As ModelRunner.run, never interrupted: the workers run the same forward in lockstep, and a
+        rank that left it between layers would leave them waiting in a collective (between_layers is
+        ignored)."""
         if self._failed_step is not None:
             raise RuntimeError(
                 f"tensor-parallel ranks are out of step since a failed step ({self._failed_step}); "

@@ -43,7 +43,7 @@ async def get_faults(request: Request) -> dict:
 @router.post("/debug/faults", include_in_schema=False)
 async def set_faults(request: Request, plan: dict[str, Any] = Body(...)) -> dict:
     """Replace the plan: {"step_raise": N}, {"step_raise_rate": p}, {"step_hang_s": s},
-    {"load_delay_s": s}, or {} to clear. Returns the plan now in force."""
+    {"layer_delay_s": s}, {"load_delay_s": s}, or {} to clear. Returns the plan now in force."""
     engine = _engine(get_state(request))
     try:
         return await engine.set_faults(plan)
@@ -60,7 +60,7 @@ class ScheduleRecord:
 
     def on_step(self, step: Any) -> None:
         self._count += 1
-        if step.admitted or step.preempted or step.added:
+        if step.admitted or step.preempted or step.added or step.interrupted:
             self.steps.append(
                 {
                     "step": self._count,
@@ -68,6 +68,8 @@ class ScheduleRecord:
                     "added": step.added,
                     "admitted": step.admitted,
                     "preempted": step.preempted,
+                    "interrupted": step.interrupted,
+                    "abandoned": step.abandoned,
                 }
             )
 
@@ -75,9 +77,12 @@ class ScheduleRecord:
 @router.get("/debug/schedule", include_in_schema=False)
 async def get_schedule(request: Request) -> dict:
     """{"steps": [{"step": n, "time": t, "added": [request_id, ...], "admitted": [[request_id,
-    arrival_time, priority], ...], "preempted": [request_id, ...]}, ...]}: the recent steps that took
-    requests into the engine ("added" since the previous step), from the waiting queue ("admitted", in
-    the order taken) or preempted some, oldest first; times are the server's time.monotonic()."""
+    arrival_time, priority], ...], "preempted": [request_id, ...], "interrupted": bool, "abandoned":
+    [request_id, ...]}, ...]}: the recent steps that took requests into the engine ("added" since the
+    previous step), from the waiting queue ("admitted", in the order taken), preempted some, or were
+    abandoned between layers for a more urgent arrival ("interrupted", with their rows' requests in
+    "abandoned": none of it was computed, engine/interrupt.py), oldest first; times are the server's
+    time.monotonic()."""
     record = get_state(request).schedule_record
     if record is None:
         raise APIError(

@@ -162,7 +162,10 @@ class ServerMetrics:
 
     def on_step(self, step: StepStats) -> None:
         """Engine step listener (the engine thread, or the core client's reader; prometheus_client is
-        thread-safe)."""
+        thread-safe). An interrupted step computed nothing: it counts in
+        shoal:engine_steps_interrupted_total only (from EngineStats)."""
+        if step.interrupted:
+            return
         self.iteration_tokens.observe(step.num_prefill_tokens + step.num_decode_tokens)
         self.batch_size.observe(step.batch_size)
         self.step_seconds.observe(step.step_seconds)

@@ -51,7 +51,8 @@ class EngineStatsCollector(DeclaredCollector):
 
     NAMES = (
         mn.NUM_REQUESTS_RUNNING, mn.NUM_REQUESTS_WAITING, mn.KV_CACHE_USAGE, mn.GPU_CACHE_USAGE,
-        mn.PREFIX_CACHE_QUERIES, mn.PREFIX_CACHE_HITS, mn.NUM_PREEMPTIONS, mn.NUM_REQUESTS_SWAPPED,
+        mn.PREFIX_CACHE_QUERIES, mn.PREFIX_CACHE_HITS, mn.NUM_PREEMPTIONS, mn.STEPS_INTERRUPTED,
+        mn.NUM_REQUESTS_SWAPPED,
         mn.CPU_CACHE_USAGE, mn.SWAPPED_OUT, mn.SWAPPED_IN, mn.CACHE_CONFIG_INFO, mn.ENGINE_LAST_STEP,
         mn.GPU_MEMORY_ALLOCATED, mn.GPU_MEMORY_RESERVED,
     )  # fmt: skip
@@ -70,6 +71,7 @@ class EngineStatsCollector(DeclaredCollector):
         yield family(mn.PREFIX_CACHE_QUERIES, [(one, s.prefix_cache_queries)])
         yield family(mn.PREFIX_CACHE_HITS, [(one, s.prefix_cache_hits)])
         yield family(mn.NUM_PREEMPTIONS, [(one, s.num_preemptions)])
+        yield family(mn.STEPS_INTERRUPTED, [(one, s.num_steps_interrupted)])
         yield family(mn.NUM_REQUESTS_SWAPPED, [(one, s.num_swapped)])
         yield family(mn.CPU_CACHE_USAGE, [(one, s.swap_usage)])
         yield family(mn.SWAPPED_OUT, [(one, s.num_swapped_out)])
