@@ -60,6 +60,14 @@ def _running(url: str) -> float:
     return sum(metric_samples(httpx.get(f"{url}/metrics").text, "vllm:num_requests_running").values())
 
 
+def _arrived(url: str) -> float:
+    """Requests the engine has: running, waiting, or already finished (a short one may end before the last
+    one arrives, so the running count alone can be reached with a request still on its way)."""
+    text = httpx.get(f"{url}/metrics").text
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:request_success_total")
+    return sum(sum(metric_samples(text, name).values()) for name in names)
+
+
 # ---- start-up and drain ---------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_ready_only_after_load_and_warm_up_then_sigterm_drains_every_request():
@@ -88,6 +96,7 @@ def test_ready_only_after_load_and_warm_up_then_sigterm_drains_every_request():
             pool.submit(client.completions.create, model=str(server.model), prompt="One day", **_sdk(LONG))
             for _ in range(2)
         ]
+        _wait_for(lambda: _arrived(server.url) >= len(streams) + len(plain), 30, "every request to arrive")
         _wait_for(lambda: _running(server.url) >= 18, 30, "the requests to run")
         t_term = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
