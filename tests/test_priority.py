@@ -43,10 +43,10 @@ def priority_server():
     stop_process(server.proc)
 
 
-def _complete(url: str, prompt: str, priority: int) -> str:
+def _complete(client: httpx.Client, prompt: str, priority: int) -> str:
     """The engine request id of a finished completion (the response id + "-0")."""
     body = {"prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0, "priority": priority}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    r = client.post("/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["id"] + "-0"
 
@@ -62,19 +62,26 @@ def _waiting(url: str) -> float:
 @pytest.mark.timeout(90)
 def test_premium_requests_are_admitted_before_every_low_request_waiting_at_their_arrival(priority_server):
     url = priority_server.url
-    httpx.post(f"{url}/debug/faults", json={"step_delay_s": 0.03}).raise_for_status()
+    # Steps of 80 ms: the 40 low requests (3 tokens each, 2 seats) take seconds to drain, so the backlog
+    # builds even where the client is slow to send them (with 30 ms steps a CI run once drained them as
+    # fast as they arrived, and the premium requests then found no backlog). One client for every thread:
+    # no TLS context built per request.
+    httpx.post(f"{url}/debug/faults", json={"step_delay_s": 0.08}).raise_for_status()
     try:
-        with ThreadPoolExecutor(50) as pool:
-            lows = [pool.submit(_complete, url, f"low {i}", 1) for i in range(40)]
+        with (
+            ThreadPoolExecutor(50) as pool,
+            httpx.Client(base_url=url, limits=httpx.Limits(max_connections=60)) as client,
+        ):
+            lows = [pool.submit(_complete, client, f"low {i}", 1) for i in range(40)]
             deadline = time.monotonic() + 20
             while _waiting(url) < 30 and time.monotonic() < deadline:
                 time.sleep(0.02)
             # Hold the engine for a moment so that the premium requests reach it while the backlog
             # waits, however slow this machine's HTTP side is under load.
             httpx.post(
-                f"{url}/debug/faults", json={"step_delay_s": 0.03, "step_hang_s": 2.0}
+                f"{url}/debug/faults", json={"step_delay_s": 0.08, "step_hang_s": 2.0}
             ).raise_for_status()
-            premiums = [pool.submit(_complete, url, f"premium {i}", 0) for i in range(10)]
+            premiums = [pool.submit(_complete, client, f"premium {i}", 0) for i in range(10)]
             low_ids = {f.result(timeout=60) for f in lows}
             premium_ids = {f.result(timeout=60) for f in premiums}
     finally:
