@@ -140,6 +140,17 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
     }
 }
 
+/* This OpenMP thread's contiguous range [*begin, *end) of count items, as schedule(static) would give. */
+static inline void thread_share(int count, int *begin, int *end) {
+#ifdef _OPENMP
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    int t = 0, nt = 1;
+#endif
+    *begin = (int)((int64_t)count * t / nt);
+    *end = (int)((int64_t)count * (t + 1) / nt);
+}
+
 void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y, int M, int N, int K,
                     int num_threads) {
     int64_t chunk = X_CHUNK_BYTES / ((int64_t)K * sizeof(float));
@@ -147,13 +158,8 @@ void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y,
     int blocks = (N + TN - 1) / TN;
 #pragma omp parallel num_threads(num_threads)
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int t = 0, nt = 1;
-#endif
-        /* A contiguous range of weight blocks per thread, as schedule(static) would give. */
-        int b0 = (int)((int64_t)blocks * t / nt), b1 = (int)((int64_t)blocks * (t + 1) / nt);
+        int b0, b1;
+        thread_share(blocks, &b0, &b1);
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             int m1 = (int)(m0 + chunk < M ? m0 + chunk : M);
             for (int b = b0; b < b1; b++) {
@@ -229,13 +235,9 @@ void shoal_gemm_f32_panels(const float *x, const float *wp, const float *bias, f
     int panels = (N + PW - 1) / PW;
 #pragma omp parallel num_threads(num_threads)
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int t = 0, nt = 1;
-#endif
         float part[MC_MAX * PW] __attribute__((aligned(32)));
-        int p0 = (int)((int64_t)panels * t / nt), p1 = (int)((int64_t)panels * (t + 1) / nt);
+        int p0, p1;
+        thread_share(panels, &p0, &p1);
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             int rows = (int)(m0 + chunk < M ? chunk : M - m0);
             const float *xc = x + m0 * K;
