@@ -200,3 +200,23 @@ def test_detect_hardware_is_sane():
     }
     assert all(g.memory_bytes > 0 for g in hw.gpus)
     assert json.dumps(hw.to_json())
+
+
+@pytest.mark.timeout(60)
+def test_speed_only_eval_skips_quality(stories_dir, tmp_path):
+    """quality=False (bench quant --speed-only): decode speed and memory measured, no perplexity or
+    agreement computed (NaN), so a speed run does not pay for them."""
+    settings = EvalSettings(
+        methods=["rtn:8"],
+        eval_text=_need_text(EVAL_TEXT),
+        eval_tokens=256,
+        decode_tokens=8,
+        decode_iters=1,
+        quality=False,
+    )
+    rows = run_eval(stories_dir, settings, tmp_path, log=lambda m: None)["rows"]
+    assert [r["method"] for r in rows] == ["base", "rtn:8"]
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["speed_ratio"] > 0
+        assert math.isnan(r["perplexity"]) and math.isnan(r["agreement"])
+    assert 0.4 < rows[1]["linear_ratio"] < 0.6

@@ -492,12 +492,20 @@ def quant(
     scale_dtype: Annotated[
         str, typer.Option(help="4-bit rows: group scales in the weights' dtype (auto) or float32.")
     ] = "auto",
+    threads: ThreadsOpt = None,
+    speed_only: Annotated[
+        bool,
+        typer.Option(
+            "--speed-only", help="Decode speed and memory only: no perplexity or agreement (minutes saved)."
+        ),
+    ] = False,
 ) -> None:
     """Issue 18's quantization benchmark (shoal/bench/quant.py): perplexity, memory, decode speed and
     calibration time of each row against the 16-bit model, beside llm-compressor 0.14's ratios."""
     from shoal.bench import quant as bench_quant
 
     try:
+        workload.set_threads(threads)
         s = bench_quant.settings(
             [r.strip() for r in rows.split(",") if r.strip()],
             num_tokens,
@@ -507,6 +515,7 @@ def quant(
             decode_iters,
             seed,
             scale_dtype,
+            quality=not speed_only,
         )
         result = bench_quant.run(Path(model or workload.default_model()), s, output_dir, log=typer.echo)
     except (ValueError, OSError) as e:

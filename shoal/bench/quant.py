@@ -16,6 +16,7 @@ llm-compressor's comparison rows use), GPTQ with `auto` groups, W8A8 as llm-comp
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,9 +76,11 @@ def settings(
     decode_iters: int = 3,
     seed: int = 0,
     scale_dtype: str = "auto",
+    quality: bool = True,
 ) -> EvalSettings:
     """The EvalSettings of a benchmark run over rows (names of ROWS); ValueError naming an unknown row.
-    scale_dtype (auto or float32) applies to the 4-bit rows (quantize_model's)."""
+    scale_dtype (auto or float32) applies to the 4-bit rows (quantize_model's); quality False measures
+    decode speed and memory only."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
@@ -91,6 +94,7 @@ def settings(
         decode_tokens=decode_tokens,
         decode_iters=decode_iters,
         seed=seed,
+        quality=quality,
     )
 
 
@@ -118,7 +122,11 @@ def comparison_table(result: dict) -> str:
     for r in result["rows"][1:]:
         ref = LLMCOMPRESSOR.get(r["method"], (None, None))[0]
         max_ppl, min_speed = GOALS.get(r["method"], (None, None))
-        met = "" if max_ppl is None else ("yes" if r["ppl_ratio"] <= max_ppl else "no")
+        met = (
+            ""
+            if max_ppl is None or math.isnan(r["ppl_ratio"])
+            else ("yes" if r["ppl_ratio"] <= max_ppl else "no")
+        )
         lines.append(
             f"| {r['method']} | {r['ppl_ratio']:.3f} | {_cell(ref, '.3f')} | {_cell(max_ppl, '.3f')} | {met} "
             f"| {r['speed_ratio']:.2f} | {_cell(min_speed, '.2f')} |"

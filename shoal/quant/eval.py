@@ -79,6 +79,9 @@ class EvalSettings:
     agreement_prompts: int = 4
     agreement_tokens: int = 16
     seed: int = 0
+    # False: decode speed and memory only (perplexity and agreement stay NaN), for speed runs that must
+    # not wait minutes for perplexities that do not change with the kernels
+    quality: bool = True
     specs: list[MethodSpec] = field(default_factory=list)
 
     def method_specs(self) -> list[MethodSpec]:
@@ -241,13 +244,12 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
     size = window_size(base.config.max_model_len)
     prompts = _slices(tokens, s.agreement_prompts, 32, s.seed)
     speed_prompts = _slices(tokens, s.decode_iters + 1, 32, s.seed + 1)
-    continuations = greedy_continuations(base, prompts, s.agreement_tokens)
+    continuations = greedy_continuations(base, prompts, s.agreement_tokens) if s.quality else []
     log("decode speed")
     speeds = decode_speeds(engines, speed_prompts, s.decode_tokens)
     lin16, tot16 = (n * 2 for n in weight_bytes(model_dir)[2:])
     rows = []
     for (method, d, secs, bits), engine, (tok_s, best) in zip(dirs, engines, speeds, strict=True):
-        log(f"perplexity: {method}")
         lin, tot, _, _ = weight_bytes(d)
         bits = engine.dtype.itemsize * 8 if method == "base" else bits
         if method == "base":
@@ -264,10 +266,12 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
                 best,
                 calibration_s=secs,
                 model_dir=str(d),
-                perplexity=perplexity(engine, tokens, size),
-                agreement=1.0 if method == "base" else agreement(engine, prompts, continuations),
             )
         )
+        if s.quality:
+            log(f"perplexity: {method}")
+            rows[-1].perplexity = perplexity(engine, tokens, size)
+            rows[-1].agreement = 1.0 if method == "base" else agreement(engine, prompts, continuations)
     for r in rows:
         r.speed_ratio = r.best_decode_tok_s / rows[0].best_decode_tok_s
         r.ppl_ratio = r.perplexity / rows[0].perplexity
