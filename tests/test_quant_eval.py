@@ -63,6 +63,25 @@ def test_perplexity_matches_transformers(stories_dir):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("n_tokens", [1, 700, 5000])
+def test_eval_tokens_are_the_whole_files_first_tokens(stories_dir, tmp_path, n_tokens):
+    """eval_tokens tokenizes only a prefix of the text: its ids are still the whole file's first ones, also
+    for a file with no line end after the first cut, and a file too short to score is refused."""
+    from shoal.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(stories_dir)
+    text = _need_text(EVAL_TEXT).read_text(encoding="utf-8")
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text(text[:40000].replace("\n", " "), encoding="utf-8")
+    for path in (EVAL_TEXT, one_line):
+        whole = tokenizer.encode(path.read_text(encoding="utf-8"))
+        assert eval_tokens(tokenizer, path, n_tokens) == whole[:n_tokens]
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        eval_tokens(tokenizer, tmp_path / "empty.txt", 10)
+
+
+@pytest.mark.timeout(30)
 def test_prompt_logits_fills_the_whole_context(stories_dir):
     """A prompt of max_model_len tokens is scored (even with a KV cache of exactly one such sequence), as
     an engine with room to spare scores it; one token more is refused."""

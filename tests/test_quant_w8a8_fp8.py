@@ -21,6 +21,7 @@ from shoal.model.loader import load_model
 from shoal.quant.activation_recipe import ActivationOptions
 from shoal.quant.calibration import BlockwiseCalibration, forward_windows, load_calibration_tokens
 from shoal.quant.fp8 import FP8_DTYPE, FP8Linear, quantize_fp8_weight
+from shoal.quant.perplexity import eval_tokens
 from shoal.quant.quantize import Calibration, quantize_model
 from shoal.quant.rtn import quantize_rtn
 from shoal.quant.smoothquant import activation_absmax, smooth_block, smooth_checkpoint
@@ -318,7 +319,7 @@ def _engine_perplexity(model_dir: Path, tokens: int = 2048) -> float:
 
     # one 2,048-token sequence needs 94 MiB of KV cache in float32 (dtype auto on an AVX2-only CPU)
     engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=128 << 20))
-    ids = engine.tokenizer.encode((EVAL / "wikitext2-test.txt").read_text())[:tokens]
+    ids = eval_tokens(engine.tokenizer, EVAL / "wikitext2-test.txt", tokens)
     window = min(1024, engine.config.max_model_len or 1024)
     nll = []
     for start in range(0, len(ids) - 1, window):

@@ -21,11 +21,27 @@ import torch.nn.functional as F
 
 
 def eval_tokens(tokenizer, text_file: Path, n_tokens: int) -> list[int]:
-    """The first n_tokens token ids of the whole file, tokenized with special tokens as by default."""
-    ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+    """The first n_tokens token ids of the whole file, tokenized with special tokens as by default.
+
+    Only a prefix of the text is tokenized (wikitext2-test is 1.3 MB: 1.4 s for the whole file on a 2-core
+    EPYC), cut at a line end and grown until it gives CUT_MARGIN tokens more than asked for, so the ids
+    kept are those of the whole file: a cut can only change the tokens at its own end. ValueError for a
+    file of fewer than 2 tokens."""
+    text = Path(text_file).read_text(encoding="utf-8")
+    chars = max(4096, n_tokens * 8)
+    while True:
+        cut = text.find("\n", chars)
+        prefix = text if cut < 0 else text[: cut + 1]
+        ids = tokenizer.encode(prefix)
+        if cut < 0 or len(ids) >= n_tokens + CUT_MARGIN:
+            break
+        chars *= 2
     if len(ids) < 2:
         raise ValueError(f"{text_file}: fewer than 2 tokens, nothing to score")
     return ids[:n_tokens]
+
+
+CUT_MARGIN = 64  # tokens past the ones kept, so that a cut of the text cannot reach them
 
 
 def window_size(max_model_len: int, cap: int = 1024) -> int:
