@@ -130,6 +130,23 @@ def launch_own_server(name: str, extra: list[str], env: dict | None = None) -> L
     return server
 
 
+def launch_priority_server(name: str, max_num_seqs: int) -> LiveServer:
+    """A ready server of the test's own with the priority policy, max_num_seqs seats, the schedule
+    recorded (/debug/schedule) and fault injection on (/debug/faults slows its steps)."""
+    flags = ["--scheduling-policy", "priority", "--max-num-seqs", str(max_num_seqs), "--record-schedule"]
+    server = launch_own_server(name, [*flags, "--enable-fault-injection"])
+    wait_ready(server)
+    return server
+
+
+def completion_request_id(client: httpx.Client, prompt: str, priority: int, max_tokens: int) -> str:
+    """The engine request id (the response id + "-0") of a finished greedy completion, EOS ignored."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+    r = client.post("/v1/completions", json={**body, "priority": priority}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["id"] + "-0"
+
+
 def wait_ready(server: LiveServer) -> None:
     """Until /ready answers 200 (RuntimeError with the log if the server exits or takes too long)."""
     _wait_ready(server)

@@ -26,13 +26,13 @@ from shoal.engine.messages import AbortRequests, AddRequest, ClientMessage, Step
 from shoal.engine.sampling_params import SamplingParams
 
 try:
-    from server_fixture import launch_own_server, metric_samples, stop_process, wait_ready
+    from server_fixture import completion_request_id, launch_priority_server, metric_samples, stop_process
 except ImportError:  # tests/ became a package
     from tests.server_fixture import (  # type: ignore[no-redef]
-        launch_own_server,
+        completion_request_id,
+        launch_priority_server,
         metric_samples,
         stop_process,
-        wait_ready,
     )
 
 pytestmark = pytest.mark.timeout(60)
@@ -258,34 +258,9 @@ def _eventually(condition, seconds: float = 5.0) -> bool:
 
 @pytest.fixture(scope="module")
 def priority_server():
-    server = launch_own_server(
-        "interrupt",
-        [
-            "--scheduling-policy",
-            "priority",
-            "--max-num-seqs",
-            "8",
-            "--record-schedule",
-            "--enable-fault-injection",
-        ],
-    )
-    wait_ready(server)
+    server = launch_priority_server("interrupt", max_num_seqs=8)
     yield server
     stop_process(server.proc)
-
-
-def _complete(url: str, prompt: str, priority: int, max_tokens: int) -> str:
-    """The engine request id of a finished completion (the response id + "-0")."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "priority": priority,
-    }
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["id"] + "-0"
 
 
 def _metric(url: str, name: str) -> float:
@@ -300,10 +275,10 @@ def test_over_http_a_premium_request_interrupts_the_step_in_flight(priority_serv
     url = priority_server.url
     httpx.post(f"{url}/debug/faults", json={"layer_delay_s": 0.1}).raise_for_status()
     try:
-        with ThreadPoolExecutor(8) as pool:
-            standard = [pool.submit(_complete, url, f"standard {i}", 1, 12) for i in range(6)]
+        with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=url) as client:
+            standard = [pool.submit(completion_request_id, client, f"standard {i}", 1, 12) for i in range(6)]
             assert _eventually(lambda: _metric(url, "vllm:num_requests_running") >= 6, seconds=30)
-            premium = pool.submit(_complete, url, "premium", 0, 1).result(timeout=60)
+            premium = pool.submit(completion_request_id, client, "premium", 0, 1).result(timeout=60)
             standard_ids = {f.result(timeout=60) for f in standard}
     finally:
         httpx.post(f"{url}/debug/faults", json={})

@@ -14,41 +14,32 @@ import httpx
 import pytest
 
 try:
-    from server_fixture import launch_own_server, live_server, metric_samples, stop_process, wait_ready  # noqa: F401
-except ImportError:  # tests/ became a package
-    from tests.server_fixture import (  # type: ignore[no-redef] # noqa: F401
-        launch_own_server,
+    from server_fixture import (  # noqa: F401
+        completion_request_id,
+        launch_priority_server,
         live_server,
         metric_samples,
         stop_process,
-        wait_ready,
+    )
+except ImportError:  # tests/ became a package
+    from tests.server_fixture import (  # type: ignore[no-redef] # noqa: F401
+        completion_request_id,
+        launch_priority_server,
+        live_server,
+        metric_samples,
+        stop_process,
     )
 
 
 @pytest.fixture(scope="module")
 def priority_server():
-    server = launch_own_server(
-        "priority",
-        [
-            "--scheduling-policy",
-            "priority",
-            "--max-num-seqs",
-            "2",
-            "--record-schedule",
-            "--enable-fault-injection",
-        ],
-    )
-    wait_ready(server)
+    server = launch_priority_server("priority", max_num_seqs=2)
     yield server
     stop_process(server.proc)
 
 
 def _complete(client: httpx.Client, prompt: str, priority: int) -> str:
-    """The engine request id of a finished completion (the response id + "-0")."""
-    body = {"prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0, "priority": priority}
-    r = client.post("/v1/completions", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["id"] + "-0"
+    return completion_request_id(client, prompt, priority, max_tokens=3)
 
 
 def _hits(client: httpx.Client) -> float:
