@@ -187,6 +187,32 @@ def test_out_of_range_contents_are_refused_before_anything_is_written(
     assert all(torch.equal(a, c) for a, c in zip(before, after, strict=True))
 
 
+def test_between_layers_runs_between_every_two_layers_and_what_it_raises_stops_the_step(stack_and_inputs):
+    """Called after layers 0 and 1 of 3; a call that raises stops the step there (the layers after it
+    write nothing to their caches) and its exception comes out of run()."""
+    runner, stack, inputs = stack_and_inputs
+    calls = []
+    out = stack.run(**inputs, between_layers=lambda: calls.append("go")).clone()
+    assert calls == ["go", "go"]
+    assert torch.equal(out, stack.run(**inputs))  # the same K/V written again, the same result
+
+    class Urgent(Exception):
+        pass
+
+    def stop_after_first_layer() -> None:
+        calls.append("stop")
+        raise Urgent("a more urgent request")
+
+    for k, v in runner.kv_caches:
+        k.zero_()
+        v.zero_()
+    with pytest.raises(Urgent, match="more urgent"):
+        stack.run(**inputs, between_layers=stop_after_first_layer)
+    assert calls.count("stop") == 1
+    written = [bool(k[inputs["slots"]].abs().sum() > 0) for k, _ in runner.kv_caches]
+    assert written == [True, False, False]
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

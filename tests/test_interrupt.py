@@ -141,8 +141,14 @@ def _state(engine: LLMEngine) -> dict:
     }
 
 
-def _run(engine: LLMEngine, at: tuple[int, int] | None, priority: int = 0, standard_priority: int | list = 1):
-    """The standard requests, and the urgent one (priority) sent at `at` = (step, layer), or between steps
+def _run(
+    engine: LLMEngine,
+    at: tuple[int, int] | None,
+    priority: int = 0,
+    standard_priority: int | list = 1,
+    rows: int = len(STANDARD),
+):
+    """The first `rows` standard requests, and the urgent one (priority) sent at `at` = (step, layer), or between steps
     URGENT_STEP and the next (at None), run to the end. Returns the tokens of each request's choices, the
     outputs of the step after URGENT_STEP, the engine's state before and after step URGENT_STEP, the
     steps interrupted, and the between-layers calls (step, layer, least_urgent)."""
@@ -151,7 +157,9 @@ def _run(engine: LLMEngine, at: tuple[int, int] | None, priority: int = 0, stand
     priorities = (
         standard_priority if isinstance(standard_priority, list) else [standard_priority] * len(STANDARD)
     )
-    for i, (prompt, params, p) in enumerate(zip(STANDARD, PARAMS, priorities, strict=True)):
+    for i, (prompt, params, p) in enumerate(
+        zip(STANDARD[:rows], PARAMS[:rows], priorities[:rows], strict=True)
+    ):
         engine.add_request(f"s{i}", prompt, params, priority=p)
     finished, next_step, states = {}, None, []
     try:
@@ -187,6 +195,21 @@ def test_an_urgent_arrival_interrupts_the_step_and_leaves_no_trace(engines):
     # sit out its prompt step).
     assert list(next_step) == ["urgent"] and len(next_step["urgent"][0]) == 1
     # Token for token what the uninterrupted run produced, greedy and seeded.
+    assert tokens == reference
+
+
+def test_the_one_call_native_decode_step_is_interrupted_between_its_layers(engines):
+    """Three standard rows (greedy, seeded, greedy): their decode steps run as one native call
+    (kernels/decode_step.c), whose layer loop makes the same between-layers call through a ctypes
+    callback; the urgent arrival stops it there, and every token is as without it."""
+    engine = engines["priority"]
+    if engine.runner.decode_stack is None:
+        pytest.skip("no one-call native decode step here (no C compiler, or SHOAL_NATIVE_KERNELS=0)")
+    reference, _, _, none, _ = _run(engine, None, rows=3)
+    tokens, next_step, (before, after), interrupted, calls = _run(engine, (URGENT_STEP, URGENT_LAYER), rows=3)
+    assert none == 0 and interrupted == 1
+    assert [c for c in calls if c[0] == URGENT_STEP] == [(URGENT_STEP, 1, 1), (URGENT_STEP, 2, 1)]
+    assert after == before and list(next_step) == ["urgent"]
     assert tokens == reference
 
 

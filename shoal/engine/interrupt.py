@@ -42,8 +42,9 @@ What an abandoned step leaves behind, and why it is harmless:
   counts in `EngineStats.num_steps_interrupted` (`shoal:engine_steps_interrupted_total`), and step
   listeners get its StepStats with `interrupted=True` (the schedule record shows it).
 
-Where a step is not interruptible: the one-call native decode step (kernels/decode_step.c, 1-4 decode
-rows: a short step), a compiled forward, tensor parallelism (the workers run the forward in lockstep),
+The one-call native decode step (kernels/decode_step.c) makes the same call between its layers through a
+ctypes callback (measured in docs/benchmarks.md). Where a step is not interruptible: a compiled forward,
+tensor parallelism (the workers run the forward in lockstep),
 and the in-process thread engine (its adds wait for the step anyway). The check costs one non-blocking
 `zmq` poll per layer (measured in docs/benchmarks.md).
 """

@@ -174,8 +174,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inp: StepInput, between_layers: Callable[[], None] | None = None) -> list[torch.Tensor]:
         """Per sequence, float32 logits [len(logit_rows[i]), vocab] for the rows asked for. between_layers:
-        called between the decoder layers of the per-op forward (it may raise StepInterrupted,
-        engine/interrupt.py); the one-call native decode step and the compiled forward do not call it."""
+        called between the decoder layers of the per-op forward and of the one-call native decode step (it
+        may raise StepInterrupted, engine/interrupt.py); the compiled forward does not call it."""
         ids, pos, meta = self._metadata(inp)
         # Only a single decoding sequence is compiled (the latency case, where per-op overhead decides the
         # step time): one graph with a dynamic context length. Batched steps are dominated by the matmuls,
@@ -191,7 +191,7 @@ class ModelRunner:
             group = meta.decodes[0]
             embeddings = self.model.embed_tokens(ids)
             hidden = self.decode_stack.run(
-                embeddings, pos, meta.slot_mapping, group.block_tables, group.context_lens
+                embeddings, pos, meta.slot_mapping, group.block_tables, group.context_lens, between_layers
             )
         else:
             if pure_decode:

@@ -40,6 +40,7 @@
 
 #define SHOAL_OK 0
 #define SHOAL_BAD_INPUT 2
+#define SHOAL_STOPPED 3 /* between_layers asked to stop: the step is abandoned (engine/interrupt.py) */
 
 /* The kernels' exported signatures (gemv.c, fused_ops.c, paged_decode_attention.c). */
 typedef void (*gemv_f32_fn)(const float *, const float *, const float *, float *, int, int, int, int);
@@ -92,6 +93,10 @@ typedef struct { /* the step's inputs and scratch, as in the header */
     const int32_t *block_tables, *context_lens;
     void *residual, *x, *qkv, *q, *attn, *gate_up, *act;
     int64_t tokens, table_width, threads;
+    /* NULL, or called after every layer but the last, outside any parallel region; non-zero stops the step
+     * there (SHOAL_STOPPED), with the layers before it already written to the KV cache, as the per-op
+     * forward leaves them when its between-layers call raises */
+    int (*between_layers)(void);
 } step_t;
 
 #define AT(p, elems) ((char *)(p) + (int64_t)(elems) * es)
@@ -177,6 +182,7 @@ int shoal_decode_step(const kernels_t *k, const dims_t *d, const layer_t *layers
         if ((status = attention_block(k, d, layer, s)) != SHOAL_OK) return status;
         k->rms_norm(s->x, s->residual, layer->post_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 1, threads);
         if ((status = mlp_block(k, d, layer, s)) != SHOAL_OK) return status;
+        if (s->between_layers != NULL && l + 1 < d->num_layers && s->between_layers()) return SHOAL_STOPPED;
     }
     k->rms_norm(s->x, s->residual, s->final_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 1, threads);
     return SHOAL_OK;

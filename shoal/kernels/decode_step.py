@@ -16,6 +16,7 @@ its per-op path.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ MAX_TOKENS = gemv.MAX_ROWS  # the matrix-vector kernel's limit: beyond it a step
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _QUANTIZED = 2  # LINEAR_QUANT
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_BetweenLayers = ctypes.CFUNCTYPE(ctypes.c_int)
+_STOPPED = 3  # SHOAL_STOPPED: between_layers stopped the step
 
 
 def _fields(ctype, names: str) -> list[tuple[str, type]]:
@@ -62,11 +65,15 @@ class _Dims(ctypes.Structure):
 
 
 class _Step(ctypes.Structure):
-    _fields_ = _fields(
-        _P,
-        "embeddings final_norm cos_sin positions slots block_tables context_lens "
-        "residual x qkv q attn gate_up act",
-    ) + _fields(_I64, "tokens table_width threads")
+    _fields_ = (
+        _fields(
+            _P,
+            "embeddings final_norm cos_sin positions slots block_tables context_lens "
+            "residual x qkv q attn gate_up act",
+        )
+        + _fields(_I64, "tokens table_width threads")
+        + [("between_layers", _BetweenLayers)]
+    )
 
 
 @dataclass
@@ -270,11 +277,14 @@ class DecodeStack:
         slots: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (a scratch buffer, valid until the next run with T tokens) for
         embeddings [T, hidden] of the weights' dtype, positions and slots int64 [T], block_tables int32
         [T, W] and context_lens int32 [T] (keys per sequence including the new token); 1 <= T <= 4.
-        ValueError for anything else, and for positions, slots, block ids or lengths out of range."""
+        ValueError for anything else, and for positions, slots, block ids or lengths out of range.
+        between_layers: called between every two decoder layers, as the per-op forward calls it; what it
+        raises (StepInterrupted, engine/interrupt.py) stops the step there and is raised again here."""
         tokens = embeddings.shape[0] if embeddings.dim() == 2 else 0
         self._check_step(embeddings, positions, slots, block_tables, context_lens, tokens)
         buf = self._buffers(tokens)
@@ -289,9 +299,14 @@ class DecodeStack:
             *(buf[n].data_ptr() for n in ("residual", "x", "qkv", "q", "attn", "gate_up", "act")),
         )
         step.tokens, step.table_width, step.threads = tokens, block_tables.shape[1], torch.get_num_threads()
+        raised: list[BaseException] = []
+        if between_layers is not None:
+            step.between_layers = _BetweenLayers(lambda: _call_catching(between_layers, raised))
         status = _step_function()(
             ctypes.byref(self.kernels), ctypes.byref(self.dims), self.layer_table, ctypes.byref(step)
         )
+        if status == _STOPPED and raised:
+            raise raised[0]
         kernels.check_status(
             status, "decode_step", lambda: self._explain(positions, slots, block_tables, context_lens)
         )
@@ -340,6 +355,17 @@ class DecodeStack:
             if any(not 0 <= b < d.num_slots // d.block_size for b in used):
                 return f"sequence {t}: a block id in {used} outside [0, {d.num_slots // d.block_size})"
         return "an input out of range"
+
+
+def _call_catching(fn: Callable[[], None], raised: list[BaseException]) -> int:
+    """fn() from the C layer loop: 0, or 1 with what it raised kept in raised (an exception must not cross
+    the C frames: ctypes would print it and go on)."""
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - raised again by run() once the C call has returned
+        raised.append(e)
+        return 1
+    return 0
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
