@@ -1,7 +1,8 @@
-"""The float32 small-batch GEMM kernels (shoal/kernels/gemm.c: over the plain weight, and over its packed
-panels) compute x @ w.T + bias to within fp32 summation error of a float64 reference for any row count and
-any K and N tails, give a row bitwise the same output whatever batch it is in, and refuse what they do not
-serve before touching memory."""
+"""The small-batch GEMM kernels (shoal/kernels/gemm.c: float32 over the plain weight and over its packed
+panels; bfloat16 over its panels on AVX512-BF16) compute x @ w.T + bias to within fp32 summation error of a
+float64 reference (bfloat16: plus its one rounding) for any row count and any K and N tails, give a row
+bitwise the same output whatever batch it is in, and refuse what they do not serve before touching
+memory."""
 
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def test_gemm_rejects_what_it_does_not_serve(form) -> None:
     for args in value_errors:
         with pytest.raises(ValueError, match="gemm"):
             FORMS[form](*args)
-    assert gemm.supported(w) and not gemm.supported(w.t()) and not gemm.supported(w.bfloat16())
+    assert gemm.supported(w) and not gemm.supported(w.t()) and not gemm.supported(w.half())
+    assert gemm.supported(w.bfloat16()) == gemm.bf16_available()
 
 
 def test_gemm_panels_must_match_their_weight() -> None:
@@ -143,3 +145,145 @@ def test_gemm_panels_must_match_their_weight() -> None:
     ]:
         with pytest.raises(ValueError, match="gemm"):
             gemm.gemm_panels(*args)
+
+
+# ---- bfloat16 panels (vdpbf16ps) ----
+
+needs_bf16 = pytest.mark.skipif(
+    not gemm.bf16_available(),
+    reason="gemm.c was built without AVX512-BF16 (no vdpbf16ps for this CPU/compiler): no bf16 kernel here",
+)
+BF16_ROWS = [1, 2, 5, 7, 8, 9, 16, 17, 63, 193, 300]
+# (N, K): K of 1, odd K (a pair with a zero half), K = 513 (256-column blocks and a 1-column tail), 576;
+# N around the 32-row panels: 1, 31, 32, 33, 65.
+BF16_SHAPES = [(1, 1), (31, 7), (32, 2), (33, 513), (65, 576), (5, 3)]
+
+
+def _bf16_case(rows: int, n: int, k: int, with_bias: bool, seed: int = 0):
+    x, w, bias = _case(rows, n, k, with_bias, seed)
+    return x.bfloat16(), w.bfloat16(), None if bias is None else bias.bfloat16()
+
+
+def _bf16_gemm(x, w, bias=None):
+    return gemm.gemm_panels(x, gemm.pack_panels(w), w.shape[0], bias)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", BF16_ROWS)
+@pytest.mark.parametrize(("n", "k"), BF16_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemm_bf16_matches_float64_reference(rows, n, k, with_bias) -> None:
+    """Bound: fp32 accumulation of exact bf16 products (_bound: (K + 2) * 2^-23 * sum |x||w|), then one
+    rounding to bf16, whose unit roundoff is 2^-8 (8 significant bits): |got - exact| <= acc + 2^-8 *
+    (|exact| + acc). A dropped or doubled pair (error about |x||w|) is far outside it."""
+    x, w, bias = _bf16_case(rows, n, k, with_bias)
+    got = _bf16_gemm(x, w, bias)
+    exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    acc = _bound(x.float(), w.float(), None if bias is None else bias.float())
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    assert ((got.double() - exact).abs() <= acc + 2**-8 * (exact.abs() + acc)).all()
+
+
+@needs_bf16
+@pytest.mark.parametrize("k", [7, 576, 700])
+def test_gemm_bf16_rounds_once_after_the_bias(k) -> None:
+    """With small integers every product and sum is exact in fp32 (|sum| < 2^24), so the output must be
+    bitwise bf16(sum + bias) rounded once to nearest even (torch's float -> bfloat16), not a sum of rounded
+    parts; bias = integer + 0.5 is exact in bf16 and makes ties and non-ties."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-8, 9, (40, k), generator=g).bfloat16()
+    w = torch.randint(-8, 9, (70, k), generator=g).bfloat16()
+    bias = (torch.randint(-60, 60, (70,), generator=g) + 0.5).bfloat16()
+    exact = x.double() @ w.double().T + bias.double()
+    want = exact.float().bfloat16()  # exact in float32, then one rounding
+    got = _bf16_gemm(x, w, bias)
+    assert torch.equal(got, want)
+    assert (want.double() != exact).any()  # the rounding did something
+
+
+@needs_bf16
+def test_gemm_bf16_rows_are_batch_invariant() -> None:
+    """A row's output is bitwise the same whatever M and wherever it sits (tile of 8, remainder tiles, x
+    chunks of 88 rows at K = 1100, so 200 rows span 3 chunks), against rows computed one at a time."""
+    x, w, bias = _bf16_case(200, 45, 1100, True)
+    panels = gemm.pack_panels(w)
+    alone = torch.cat([gemm.gemm_panels(x[i : i + 1], panels, 45, bias) for i in range(200)])
+    for rows in (2, 5, 8, 9, 13, 64, 89, 200):
+        for start in (0, 3, 200 - rows):
+            part = x[start : start + rows].contiguous()
+            got = gemm.gemm_panels(part, panels, 45, bias)
+            assert torch.equal(got, alone[start : start + rows]), (rows, start)
+
+
+@needs_bf16
+def test_gemm_bf16_threads_do_not_change_results() -> None:
+    x, w, bias = _bf16_case(20, 101, 96, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _bf16_gemm(x, w, bias)
+        torch.set_num_threads(max(2, before))
+        assert torch.equal(_bf16_gemm(x, w, bias), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_bf16
+def test_gemm_bf16_zero_rows_and_special_values() -> None:
+    """NaN and inf propagate to their own row only; with an odd K the last column's pair is zero-padded,
+    so a NaN at the start of the next row of x is never read into the row before it."""
+    x, w, bias = _bf16_case(5, 40, 25, True)
+    assert _bf16_gemm(x[:0], w, bias).shape == (0, 40)
+    x[1, 3], x[2, 0], x[4, 0] = float("nan"), float("inf"), float("nan")
+    w[:, 0] = w[:, 0].abs() + 1  # positive: row 2 is +inf everywhere
+    got = _bf16_gemm(x, w, bias)
+    assert got[1].isnan().all() and (got[2] == float("inf")).all() and got[4].isnan().all()
+    assert got[[0, 3]].isfinite().all()
+
+
+def test_pack_panels_bf16_layout() -> None:
+    """panels[p, i, j, h] = w[32p + j, 2i + h], zeros past N and past an odd K (tensor work: any CPU)."""
+    w = torch.randn(40, 7).bfloat16()
+    panels = gemm.pack_panels(w)
+    assert panels.shape == (2, 4, 32, 2) and panels.dtype == torch.bfloat16 and panels.is_contiguous()
+    assert torch.equal(panels[1, 2, 7], w[39, 4:6]) and torch.equal(panels[0, 3, 5, 0], w[5, 6])
+    assert not panels[0, 3, :, 1].any() and not panels[1, :, 8:].any()
+
+
+@needs_bf16
+def test_gemm_bf16_rejects_what_it_does_not_serve() -> None:
+    """Mismatched dtypes raise TypeError; panels for another shape, devices and strides ValueError; the
+    plain-weight kernel is float32 only."""
+    w, x, b = torch.randn(40, 16).bfloat16(), torch.randn(5, 16).bfloat16(), torch.randn(40).bfloat16()
+    panels = gemm.pack_panels(w)
+    for args in [(x.float(), panels, 40), (x, panels, 40, b.float()), (x.half(), panels, 40)]:
+        with pytest.raises(TypeError, match="gemm"):
+            gemm.gemm_panels(*args)
+    with pytest.raises(TypeError, match="gemm"):
+        gemm.gemm_panels(x, gemm.pack_panels(w.float()), 40)  # float32 panels, bf16 x
+    with pytest.raises(TypeError, match="gemm"):
+        gemm.gemm(x, w, b)  # no plain-weight bf16 kernel
+    value_errors = [
+        (x, panels, 32),  # panels for 1-32 rows
+        (x, panels, 65),  # panels for 65-96 rows
+        (x, panels, 40.0),  # not an int
+        (torch.randn(5, 18).bfloat16(), panels, 40),  # K = 18: 9 pairs, the panels hold 8
+        (torch.randn(5, 14).bfloat16(), panels, 40),
+        (torch.randn(5, 32).bfloat16()[:, :16], panels, 40),  # non-contiguous x
+        (x, panels[:, :4], 40),  # non-contiguous panels
+        (x, panels.to("meta"), 40),
+        (x.to("meta"), panels, 40),
+        (x, panels, 40, b[:39]),
+        (x, panels, 40, torch.randn(80).bfloat16()[::2]),
+    ]
+    for args in value_errors:
+        with pytest.raises(ValueError, match="gemm"):
+            gemm.gemm_panels(*args)
+
+
+@pytest.mark.skipif(gemm.bf16_available(), reason="this CPU has the bf16 kernel: nothing to refuse")
+def test_gemm_bf16_without_the_kernel_is_unsupported() -> None:
+    w = torch.randn(40, 16).bfloat16()
+    assert not gemm.supported(w)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        gemm.gemm_panels(torch.randn(5, 16).bfloat16(), gemm.pack_panels(w), 40)

@@ -128,6 +128,34 @@ def test_float32_batches_run_on_gemm(monkeypatch) -> None:
     assert calls == [("gemm_panels", 5), ("gemm_panels", last), ("gemm", 5), ("gemm", last)]
 
 
+@pytest.mark.skipif(not gemm.bf16_available(), reason="gemm.c built without AVX512-BF16: no bf16 kernel here")
+def test_bfloat16_batches_run_on_the_bf16_panels(monkeypatch) -> None:
+    """Where the bf16 kernel is built and a copy fits, bfloat16 batches of 5+ rows go to its panels (which
+    replace oneDNN's copy); with the fp32 big-batch route, from BIG_BATCH_ROWS on that route instead; with
+    no room for a copy, not at all."""
+    linear = nn.Linear(64, 48).bfloat16()
+    roomy = PackedLinear(linear, True, None, True)
+    with_fp32 = PackedLinear(linear, True, "fp32", True)
+    tight = PackedLinear(linear, False, None, True)
+    assert roomy.panels is not None and roomy.packed is None and roomy.use_gemm
+    assert with_fp32.panels is not None and with_fp32.packed_fp32 is not None
+    assert tight.panels is None and not tight.use_gemm
+    calls = []
+    real = gemm.gemm_panels
+    monkeypatch.setattr(gemm, "gemm_panels", lambda *a: calls.append(len(a[0])) or real(*a))
+    for layer, want in ((roomy, [5, 47, 48, 600]), (with_fp32, [5, 47]), (tight, [])):
+        calls.clear()
+        for rows in (4, 5, BIG_BATCH_ROWS - 1, BIG_BATCH_ROWS, 600):
+            x = torch.randn(rows, 64, dtype=torch.bfloat16)
+            exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+            got = layer(x)
+            assert (
+                got.dtype == torch.bfloat16
+                and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+            )
+        assert calls == want
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "dtype", [pytest.param("float32", marks=needs_fp32), pytest.param("bfloat16", marks=needs_bf16)]

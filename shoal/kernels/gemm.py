@@ -1,5 +1,5 @@
-"""Float32 matmuls for a few dozen rows (gemm.c): y = x @ weight.T + bias, for the batched decode step on
-CPUs where torch's matmuls are slow at that size.
+"""Float32 and bfloat16 matmuls for a few dozen rows (gemm.c): y = x @ weight.T + bias, for the batched
+decode step on CPUs where torch's matmuls are slow at that size.
 
 Two entry points, computing the same product in different (each fixed) summation orders:
 - gemm_panels(x, panels, bias): over a copy of the weight packed once by pack_panels(weight), k-major
@@ -15,6 +15,14 @@ Errors, raised before any memory is touched: TypeError for a dtype other than fl
 ValueError for devices, dimensions, mismatched K or N, non-contiguous tensors, and sizes of 2^31 or more.
 RuntimeError where the native kernel cannot be had (no C compiler, or SHOAL_NATIVE_KERNELS=0): callers ask
 supported() first.
+
+bfloat16: gemm_panels only, over pack_panels(weight) of a bfloat16 weight, panels of 32 weight rows with
+k-pairs interleaved [ceil(N / 32), ceil(K / 2), 32, 2] (zeros past N and K), register tiles of 8 rows of x
+by 32 outputs on vdpbf16ps (AVX512-BF16). x, bias and the panels all bfloat16 (TypeError otherwise); returns
+a new bfloat16 [M, N]: products and sums in fp32, the bias added in fp32, one rounding to bf16 (nearest
+even), so torch's bf16 linear up to summation order (and vdpbf16ps' flushing of denormals, below ~1e-38).
+The kernel exists only where gemm.c was compiled with AVX512-BF16 (bf16_available(), asked of the built
+library); elsewhere supported() is False for bfloat16 and gemm_panels raises RuntimeError.
 
 Numerics: fp32 products and fp32 accumulation in a fixed order per output whatever M and wherever the row
 sits in the batch, so a row gives bitwise the same output in any batch (batch-invariant); each differs from
@@ -41,37 +49,58 @@ shapes, GF/s (oneDNN pre-packed as PackedLinear made it before this kernel; load
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 
 import torch
 
 from shoal import kernels
 
-PANEL = 16  # weight rows per panel, as PW in gemm.c
+PANEL = 16  # float32: weight rows per panel, as PW in gemm.c
+PANEL_BF16 = 32  # bfloat16: weight rows per panel, as BW in gemm.c
 _INT_MAX = 2**31 - 1
 _ARGTYPES = (ctypes.c_void_p,) * 4 + (ctypes.c_int,) * 4  # x, w or panels, bias, y; M, N, K, threads
+_PANEL_SYMBOLS = {torch.float32: "shoal_gemm_f32_panels", torch.bfloat16: "shoal_gemm_bf16_panels"}
 
 
 def _kernel(symbol: str = "shoal_gemm_f32"):
+    if symbol == "shoal_gemm_bf16_panels" and not bf16_available():
+        return None  # not compiled on this CPU: the symbol does not exist
     return kernels.function("gemm", symbol, _ARGTYPES, None)
 
 
+@lru_cache
+def bf16_available() -> bool:
+    """Whether gemm.c was built with the bfloat16 kernel (the compiler had AVX512-BF16 for -march=native):
+    asked of the library itself, never of the CPU's flags."""
+    probe = kernels.function("gemm", "shoal_gemm_bf16_available", (), ctypes.c_int)
+    return probe is not None and probe() == 1
+
+
 def supported(weight: torch.Tensor) -> bool:
-    """Whether the kernels serve this weight (contiguous float32 [N, K] on the CPU) and are built here."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
-        and weight.is_contiguous()
-        and _kernel() is not None
-    )
+    """Whether the kernels serve this weight (a contiguous [N, K] matrix on the CPU) and are built here:
+    float32 (gemm and gemm_panels), or bfloat16 where the AVX512-BF16 kernel was built (gemm_panels only)."""
+    if not (weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()):
+        return False
+    if weight.dtype == torch.float32:
+        return _kernel() is not None
+    return weight.dtype == torch.bfloat16 and bf16_available()
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] float32 -> new panels [ceil(N / 16), K, 16], panels[p, k, j] = weight[16p + j, k]
-    (zeros past N), for gemm_panels. TypeError/ValueError for a weight gemm would refuse."""
-    if not _weight_ok(weight):
-        _refuse_weight(weight)
+    """weight [N, K] -> new panels for gemm_panels, in the weight's dtype, zeros past N (and past K):
+    - float32: [ceil(N / 16), K, 16], panels[p, k, j] = weight[16p + j, k];
+    - bfloat16: [ceil(N / 32), ceil(K / 2), 32, 2], panels[p, i, j, h] = weight[32p + j, 2i + h] (k-pairs
+      interleaved for vdpbf16ps). Packing is tensor work, so bfloat16 packs anywhere; gemm_panels needs the
+      kernel.
+    TypeError for another dtype, ValueError for a weight gemm would refuse (device, shape, strides)."""
+    if not _weight_ok(weight, weight.dtype) or weight.dtype not in _PANEL_SYMBOLS:
+        _refuse_weight(weight, tuple(_PANEL_SYMBOLS))
     n, k = weight.shape
+    if weight.dtype is torch.bfloat16:
+        count, pairs = -(-n // PANEL_BF16), -(-k // 2)
+        padded = torch.zeros(count * PANEL_BF16, 2 * pairs, dtype=torch.bfloat16)
+        padded[:n, :k] = weight.detach()
+        return padded.view(count, PANEL_BF16, pairs, 2).transpose(1, 2).contiguous()
     count = -(-n // PANEL)
     padded = torch.zeros(count * PANEL, k, dtype=torch.float32)
     padded[:n] = weight.detach()
@@ -82,10 +111,10 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 # only where one fails does a _refuse function work out which input breaks what, and raise.
 
 
-def _weight_ok(weight: torch.Tensor) -> bool:
+def _weight_ok(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
     ws = weight.shape
     return (
-        weight.dtype is torch.float32
+        weight.dtype is dtype
         and weight.is_cpu
         and len(ws) == 2
         and weight.is_contiguous()
@@ -94,25 +123,29 @@ def _weight_ok(weight: torch.Tensor) -> bool:
     )
 
 
-def _panels_ok(panels: torch.Tensor, n: int) -> bool:
+def _panels_ok(panels: torch.Tensor, n: int, k: int) -> bool:
+    """float32 panels [ceil(n / 16), k, 16] or bfloat16 [ceil(n / 32), ceil(k / 2), 32, 2], contiguous."""
     ps = panels.shape
+    f32 = panels.dtype is torch.float32
     return (
-        panels.dtype is torch.float32
+        (f32 or panels.dtype is torch.bfloat16)
         and panels.is_cpu
-        and len(ps) == 3
-        and ps[2] == PANEL
-        and panels.is_contiguous()
         and type(n) is int
         and 1 <= n <= _INT_MAX
-        and ps[0] == -(-n // PANEL)
-        and 1 <= ps[1] <= _INT_MAX
+        and 1 <= k <= _INT_MAX
+        and panels.is_contiguous()
+        and (
+            ps == (-(-n // PANEL), k, PANEL)
+            if f32
+            else ps == (-(-n // PANEL_BF16), -(-k // 2), PANEL_BF16, 2)
+        )
     )
 
 
-def _x_bias_ok(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> bool:
+def _x_bias_ok(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
     xs = x.shape
     return (
-        x.dtype is torch.float32
+        x.dtype is dtype
         and x.is_cpu
         and len(xs) == 2
         and x.is_contiguous()
@@ -120,14 +153,18 @@ def _x_bias_ok(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> bo
         and xs[1] == k
         and (
             bias is None
-            or (bias.dtype is torch.float32 and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous())
+            or (bias.dtype is dtype and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous())
         )
     )
 
 
-def _refuse_weight(weight: torch.Tensor) -> None:
-    if weight.dtype != torch.float32:
-        raise TypeError(f"gemm: weight dtype {weight.dtype}, expected float32")
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _refuse_weight(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    if weight.dtype not in dtypes:
+        raise TypeError(f"gemm: weight dtype {weight.dtype}, expected {_names(dtypes)}")
     if not weight.is_cpu:
         raise ValueError(f"gemm: weight on {weight.device}, expected the CPU")
     if weight.dim() != 2 or not weight.is_contiguous():
@@ -135,19 +172,24 @@ def _refuse_weight(weight: torch.Tensor) -> None:
     raise ValueError(f"gemm: weight shape {tuple(weight.shape)}: N and K must be in [1, 2^31)")
 
 
-def _refuse_panels(panels: torch.Tensor, n: int) -> None:
-    if panels.dtype != torch.float32:
-        raise TypeError(f"gemm: panels dtype {panels.dtype}, expected float32")
+def _refuse_panels(panels: torch.Tensor, n: int, k: int) -> None:
+    if panels.dtype not in _PANEL_SYMBOLS:
+        raise TypeError(f"gemm: panels dtype {panels.dtype}, expected {_names(tuple(_PANEL_SYMBOLS))}")
+    want = (
+        f"[ceil({n} / {PANEL}), {k}, {PANEL}]"
+        if panels.dtype is torch.float32
+        else f"[ceil({n} / {PANEL_BF16}), ceil({k} / 2), {PANEL_BF16}, 2]"
+    )
     raise ValueError(
-        f"gemm: panels of shape {tuple(panels.shape)} on {panels.device} (contiguous: {panels.is_contiguous()}) "
-        f"are not pack_panels' contiguous [ceil({n} / {PANEL}), K, {PANEL}] on the CPU"
+        f"gemm: {panels.dtype} panels of shape {tuple(panels.shape)} on {panels.device} (contiguous: "
+        f"{panels.is_contiguous()}) are not pack_panels' contiguous {want} on the CPU for x [M, {k}]"
     )
 
 
-def _refuse_x_bias(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
+def _refuse_x_bias(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
     for name, t in (("x", x), ("bias", bias)):
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"gemm: {name} dtype {t.dtype}, expected float32")
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"gemm: {name} dtype {t.dtype}, expected the weight's {dtype}")
     if not (x.is_cpu and (bias is None or bias.is_cpu)):
         raise ValueError("gemm: x and bias must be on the CPU")
     if x.dim() != 2 or x.shape[1] != k or x.shape[0] > _INT_MAX:
@@ -160,9 +202,11 @@ def _refuse_x_bias(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -
 def _call(symbol: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     fn = _kernel(symbol)
     if fn is None:
+        if symbol == "shoal_gemm_bf16_panels" and kernels.load("gemm") is not None:
+            raise RuntimeError("gemm: no bfloat16 kernel on this CPU (built without AVX512-BF16)")
         raise RuntimeError("gemm: native kernels unavailable (no C compiler or SHOAL_NATIVE_KERNELS=0)")
     rows, k = x.shape
-    out = torch.empty(rows, n, dtype=torch.float32)
+    out = torch.empty(rows, n, dtype=x.dtype)
     if rows:
         b = None if bias is None else bias.data_ptr()
         fn(x.data_ptr(), w.data_ptr(), b, out.data_ptr(), rows, n, k, torch.get_num_threads())
@@ -175,8 +219,8 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if not _weight_ok(weight):
         _refuse_weight(weight)
     n, k = weight.shape
-    if not _x_bias_ok(x, n, k, bias):
-        _refuse_x_bias(x, n, k, bias)
+    if not _x_bias_ok(x, n, k, bias, torch.float32):
+        _refuse_x_bias(x, n, k, bias, torch.float32)
     return _call("shoal_gemm_f32", x, weight, bias, n)
 
 
@@ -184,10 +228,15 @@ def gemm_panels(
     x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T + bias[N] -> new [M, N] with N = out_features, over panels =
-    pack_panels(weight) (module docstring: contract, errors, numbers)."""
-    if not _panels_ok(panels, out_features):
-        _refuse_panels(panels, out_features)
-    k = panels.shape[1]
-    if not _x_bias_ok(x, out_features, k, bias):
-        _refuse_x_bias(x, out_features, k, bias)
-    return _call("shoal_gemm_f32_panels", x, panels, bias, out_features)
+    pack_panels(weight), in the panels' dtype (float32, or bfloat16 where bf16_available(); module
+    docstring: contract, errors, numbers). x and bias must have the panels' dtype (TypeError)."""
+    if panels.dtype is torch.bfloat16:
+        k = x.shape[-1] if x.dim() else -1  # bf16 panels hold ceil(K / 2) pairs: K is x's
+    else:
+        k = panels.shape[1] if panels.dim() == 3 else -1
+    if not _panels_ok(panels, out_features, k):
+        _refuse_panels(panels, out_features, k)
+    dtype = panels.dtype
+    if not _x_bias_ok(x, out_features, k, bias, dtype):
+        _refuse_x_bias(x, out_features, k, bias, dtype)
+    return _call(_PANEL_SYMBOLS[dtype], x, panels, bias, out_features)

@@ -1,16 +1,20 @@
 """CPU linears through oneDNN with weights pre-packed once at load time, for float32 and bfloat16, and
-shoal's own kernels: matrix-vector for decode, a small-batch GEMM for float32 batches.
+shoal's own kernels: matrix-vector for decode, a small-batch GEMM for float32 batches and (on AVX512-BF16)
+bfloat16 batches.
 
 Measured facts about torch's CPU matmuls that this module exists for:
 - For a few rows (decode), torch's stock linear re-lays out or streams the weight poorly: pre-packed
   oneDNN weights are faster. bf16 on an AVX512-BF16 Xeon: SmolLM2 decode linears 22 -> 16 ms per step.
   fp32 on a 2-core AVX2 EPYC, 32 rows: 1.2-1.4x faster per layer matmul, 1.7x for the 49152-row lm_head.
 - For many rows (a prompt chunk) the packed route loses its edge or falls behind:
-  - bf16: oneDNN's bf16 GEMM runs at about half its fp32 speed on AVX512-BF16 without AMX
-    (3072x576 weight, 512 rows: 10.5 ms bf16 vs 5.6 ms fp32). So a big batch runs as an fp32 GEMM over an
-    fp32 copy of the same bf16 weights: products of bf16 values are exact in fp32, accumulation is fp32 as
-    in a bf16 GEMM, and the result is rounded back to bf16, so numerically it is the same bf16 matmul up to
-    summation order.
+  - bf16: oneDNN's bf16 GEMM ran at about half its fp32 speed on the AVX512-BF16 CPU without AMX where
+    this was first measured (3072x576 weight, 512 rows: 10.5 ms bf16 vs 5.6 ms fp32). There a big batch
+    runs as an fp32 GEMM over an fp32 copy of the same bf16 weights: products of bf16 values are exact in
+    fp32, accumulation is fp32 as in a bf16 GEMM, and the result is rounded back to bf16, so numerically it
+    is the same bf16 matmul up to summation order. On the 2-core Zen4 EPYC (AVX512-BF16, no AMX) it is the
+    other way round: that fp32 route runs at half of oneDNN's bf16 speed (same shape, 512 rows, 1 thread:
+    98 vs 197 GF/s; 2 threads: 32 ms vs 12 ms). So the choice is measured at load (fp32_gemm_is_faster),
+    against the bf16 GEMM that would otherwise run.
   - fp32: MKL's GEMM through F.linear is 5-15% faster than oneDNN's packed one at 512 rows, so the plain
     weight is kept for big batches.
 - For 1-4 rows both stream the weight below memory bandwidth, so those run on shoal's own matrix-vector
@@ -21,10 +25,18 @@ Measured facts about torch's CPU matmuls that this module exists for:
   the FMA peak on that AVX2 EPYC; shoal's gemm kernel (shoal/kernels/gemm.c) over the weight packed in
   16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
   for float32 its panels replace the oneDNN copy; where no copy fits in RAM it runs over the plain weight.
+- For bfloat16 batches on the 2-core Zen4 EPYC (AVX512-BF16, no AMX), shoal's gemm kernel over bf16
+  panels (vdpbf16ps, 8x32 tiles) runs per SmolLM2 weight, against oneDNN's pre-packed bf16 linear: 1.2-1.7x
+  at 5-8 rows, 1.1-1.25x at 16, 1.04-1.17x at 32 (1 thread), 1.2-1.6x at 5-32 rows (2 threads, busy
+  machine), 0.95-1.05x at 64-512 (the lm_head 0.93-0.95x at 256-512); the fp32-copy route runs at about
+  half the panels' speed at every size from 5 to 512 rows, and F.linear below oneDNN (numbers in
+  shoal/kernels/gemm.py). So where the kernel is built its panels replace the oneDNN copy for every bf16
+  batch of 5+ rows; the fp32 route takes rows from BIG_BATCH_ROWS on only where fp32_gemm_is_faster()
+  measures it faster than the panels (not on that EPYC: 32 vs 16 ms at 512 rows, 2 threads).
 The kernels read the plain weight, so the plain weight stays wherever it serves; the copies for mid-size
-batches (oneDNN's, or gemm's panels) and the fp32 copy for big ones cost weight memory and are made only
-when small next to free RAM (bf16 without the kernel: the packed weight replaces the plain one, as before
-the kernel).
+batches (oneDNN's, or gemm's panels, which serve every bf16 batch of 5+ rows) and the fp32 copy for big
+ones cost weight memory and are made only when small next to free RAM (bf16 without the kernel: the packed
+weight replaces the plain one, as before the kernel).
 oneDNN's bf16 linears need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; bf16 models elsewhere keep torch's linears.
 Like gpt-fast's quantizers, this is a transformation that swaps nn.Linear modules, not a flag in the model.
 """
@@ -48,6 +60,11 @@ BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover
 # (1.0-2.5x up to 128 rows, numbers in kernels/gemm.py); at 512 rows MKL won on one of four shapes (the
 # lm_head) on a busy machine, so prompt chunks stay on MKL.
 GEMM_MAX_ROWS = 257
+# bfloat16 where the gemm kernel has its AVX512-BF16 panels: every batch of 5+ rows runs on them (none
+# of oneDNN's bf16 copy, the fp32-copy route or F.linear was faster at 5-1024 rows, see the module
+# docstring), except that from BIG_BATCH_ROWS on the fp32 route takes over where fp32_gemm_is_faster()
+# measured it faster than the panels on this CPU.
+GEMM_BF16_MAX_ROWS = 2**31
 COPY_MAX_SHARE_OF_RAM = 0.15
 PACK_ROWS_HINT = 32
 
@@ -85,11 +102,15 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 @lru_cache
-def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: int = 512) -> bool:
-    """Time one big bf16 GEMM against the fp32 route on this CPU (about 50 ms, once per process)."""
+def fp32_gemm_is_faster(
+    in_features: int = 576, out_features: int = 3072, rows: int = 512, panels: bool = False
+) -> bool:
+    """Time one big bf16 GEMM against the fp32 route on this CPU (about 50 ms, once per process): the bf16
+    GEMM that would otherwise run, oneDNN's packed one or (panels) shoal's gemm kernel's bf16 panels."""
     w = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
     x = torch.randn(rows, in_features, dtype=torch.bfloat16)
     packed_bf16, packed_fp32 = _pack(w, rows), _pack(w.float(), rows)
+    gemm_panels = gemm.pack_panels(w) if panels else None
 
     def best(fn) -> float:
         times = []
@@ -99,13 +120,17 @@ def fp32_gemm_is_faster(in_features: int = 576, out_features: int = 3072, rows: 
             times.append(time.perf_counter() - t)
         return min(times)
 
-    bf16 = best(lambda: _linear(x, packed_bf16, None))
+    if gemm_panels is not None:
+        bf16 = best(lambda: gemm.gemm_panels(x, gemm_panels, out_features))
+    else:
+        bf16 = best(lambda: _linear(x, packed_bf16, None))
     fp32 = best(lambda: _linear(x.float(), packed_fp32, None).to(torch.bfloat16))
     log.info(
-        "CPU GEMM %dx%dx%d: bf16 %.2f ms, fp32 route %.2f ms",
+        "CPU GEMM %dx%dx%d: bf16 (%s) %.2f ms, fp32 route %.2f ms",
         rows,
         in_features,
         out_features,
+        "gemm panels" if panels else "oneDNN",
         bf16 * 1e3,
         fp32 * 1e3,
     )
@@ -117,6 +142,8 @@ class PackedLinear(nn.Module):
     - up to gemv.MAX_ROWS: the native matrix-vector kernel over the plain weight (decode), where kept;
     - float32 where the gemm kernel is built, below GEMM_MAX_ROWS: that kernel, over its packed panels where
       a copy fits in RAM, else over the plain weight;
+    - bfloat16 where the kernel has its AVX512-BF16 panels and a copy fits in RAM: those panels, for every
+      row count (below BIG_BATCH_ROWS only, where the big-batch route is "fp32");
     - below BIG_BATCH_ROWS: the oneDNN pre-packed weight, where one was made;
     - otherwise the big-batch route: "fp32" (bf16 weights as an fp32 GEMM) or "plain" (torch's own linear).
     """
@@ -128,10 +155,16 @@ class PackedLinear(nn.Module):
         # torch.compile traces F.linear over the plain weight (inductor packs it itself when freezing).
         self.weight = linear.weight if keep_weight else None
         self.use_gemv = self.weight is not None and gemv.supported(self.weight)
-        self.use_gemm = self.weight is not None and gemm.supported(self.weight)
-        # float32 with the gemm kernel: its panels take the place of oneDNN's copy (faster over the whole
-        # range the copy served); without room for a copy the kernel runs over the plain weight.
+        fp32 = linear.weight.dtype == torch.float32
+        # bfloat16 has no kernel over the plain weight: only over panels, made where a copy fits.
+        self.use_gemm = self.weight is not None and gemm.supported(self.weight) and (fp32 or packed)
+        # With the gemm kernel its panels take the place of oneDNN's copy (faster over the whole range the
+        # copy served); float32 without room for a copy runs the kernel over the plain weight.
         self.panels = gemm.pack_panels(self.weight) if packed and self.use_gemm else None
+        if fp32:
+            self.gemm_max_rows = GEMM_MAX_ROWS
+        else:
+            self.gemm_max_rows = BIG_BATCH_ROWS if big_route == "fp32" else GEMM_BF16_MAX_ROWS
         # oneDNN lays the weight out for the batch size it is told: 1 where it serves decode, else the
         # middle of its range (fp32, 5-47 rows: 10-35% faster than packed for 1, measured at 8 and 32 rows).
         hint = PACK_ROWS_HINT if self.use_gemv else 1
@@ -149,7 +182,7 @@ class PackedLinear(nn.Module):
             out = gemv.gemv(x2, self.weight, self.bias)
         elif torch.compiler.is_compiling() and self.weight is not None:
             out = F.linear(x2, self.weight, self.bias)
-        elif self.use_gemm and rows < GEMM_MAX_ROWS:
+        elif self.use_gemm and rows < self.gemm_max_rows:
             x2 = x2.contiguous()
             if self.panels is not None:
                 out = gemm.gemm_panels(x2, self.panels, self.out_features, self.bias)
@@ -172,10 +205,10 @@ def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weight
     """Replace every nn.Linear in model by a PackedLinear (in place); keep_weights for torch.compile.
 
     The plain weight stays where the gemv kernel serves its dtype (decode, and MKL for fp32 prompt chunks)
-    and the copy for mid-size batches (fp32 with the gemm kernel: its panels; else oneDNN's) is made if it
-    fits in RAM. bfloat16 without the kernel: the
-    packed weight replaces the plain one. bfloat16's fp32 copy for big batches is made if it fits and is
-    measured faster (see the module docstring)."""
+    and the copy for mid-size batches (with the gemm kernel for the dtype: its panels; else oneDNN's) is
+    made if it fits in RAM. bfloat16 without the gemv kernel: the packed weight replaces the plain one.
+    bfloat16's fp32 copy for big batches is made if it fits and is measured faster than the bf16 GEMM it
+    would replace (the gemm kernel's panels where they are made, else oneDNN's; see the module docstring)."""
     linears = [(m, n, c) for m in model.modules() for n, c in m.named_children() if type(c) is nn.Linear]
     if not linears:
         return model
@@ -187,7 +220,8 @@ def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weight
         packed, big_route = fits, "plain"
     else:
         packed = fits or not keep  # without the plain weight the packed one is the only one
-        big_route = "fp32" if fits and fp32_gemm_is_faster() else None
+        panels = packed and keep and gemm.supported(weight)  # PackedLinear then runs the bf16 panels
+        big_route = "fp32" if fits and fp32_gemm_is_faster(panels=panels) else None
     if big_route == "fp32":
         log.info(
             "batched CPU matmuls run as fp32 GEMMs over the bf16 weights (%.0f MB copy)", fp32_bytes / 1e6
