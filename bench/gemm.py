@@ -1,14 +1,18 @@
-"""Float32 CPU linears by row count: shoal's gemm kernel (over packed panels, and over the plain weight)
-against the routes PackedLinear had before it (oneDNN pre-packed weights, torch's F.linear, i.e. MKL) on
-SmolLM2-135M's linear shapes, in GF/s.
+"""CPU linears by row count: shoal's gemm kernel (over packed panels, and over the plain weight) against the
+routes PackedLinear had before it (oneDNN pre-packed weights, torch's F.linear, i.e. MKL) on SmolLM2-135M's
+linear shapes, in GF/s; float32, or bfloat16 (--dtype bfloat16: the bf16 panels on vdpbf16ps against
+oneDNN's pre-packed bf16 linear, the fp32 GEMM over an fp32 copy that PackedLinear runs for big batches,
+and F.linear in bf16).
 
     flock /work/notes/bench.lock python bench/gemm.py [--threads 2] [--rows 5,8,16,32,48,64,128,256]
-    flock /work/notes/bench.lock python bench/gemm.py --step 32,64 [--model DIR]
+    flock /work/notes/bench.lock python bench/gemm.py --dtype bfloat16 [--rows ...,512]
+    flock /work/notes/bench.lock python bench/gemm.py --step 32,64 [--model DIR] [--dtype bfloat16]
 
---step: whole batched decode steps of SmolLM2 in float32 instead: one LLMEngine, N sequences of 32 prompt
-tokens decoding together; steps alternate between every PackedLinear routing 5+ rows to the gemm kernel
-(its panels) and routing them as before the kernel (a oneDNN copy below 48 rows, MKL above), and each
-side reports its median step.
+--step: whole batched decode steps of SmolLM2 instead: one LLMEngine, N sequences of 32 prompt tokens
+decoding together; steps alternate between every PackedLinear routing its rows as now (5+ rows to the gemm
+kernel's panels, up to its limit for the dtype) and routing them as before the kernel (float32: a oneDNN
+copy below 48 rows, MKL above; bfloat16: the oneDNN bf16 copy, or from 48 rows the fp32 copy where the
+engine made one), and each side reports its median step.
 
 Each (shape, rows) times the routes interleaved, call after call, and reports each one's best and median
 call (a shared machine slows all of them alike at a given moment; with 2 threads on 2 busy cores the
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.kernels import gemm
-from shoal.model.packed_linear import PACK_ROWS_HINT, _linear, _pack
+from shoal.model.packed_linear import BIG_BATCH_ROWS, PACK_ROWS_HINT, _linear, _pack
 
 # (name, N, K): SmolLM2-135M's qkv, o_proj, gate_up, down and lm_head as nn.Linear weights [N, K].
 SHAPES = [
@@ -50,22 +54,34 @@ def cpu_flags() -> str:
     return " ".join(f for f in line.split()[2:] if f in wanted)
 
 
-def measure(n: int, k: int, rows: int, budget_s: float) -> dict[str, tuple[float, float]]:
-    """(best, median) seconds per call of each route for x [rows, k] @ w [n, k].T + bias."""
+def measure(
+    n: int, k: int, rows: int, budget_s: float, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[float, float]]:
+    """(best, median) seconds per call of each route for x [rows, k] @ w [n, k].T + bias, in dtype."""
     g = torch.Generator().manual_seed(0)
     w, bias, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g), torch.randn(rows, k)
+    w, bias, x = w.to(dtype), bias.to(dtype), x.to(dtype)
     packed, panels = _pack(w, PACK_ROWS_HINT), gemm.pack_panels(w)
-    routes = {
-        "panels": lambda: gemm.gemm_panels(x, panels, n, bias),
-        "plain": lambda: gemm.gemm(x, w, bias),
-        "onednn_packed": lambda: _linear(x, packed, bias),
-        "f_linear": lambda: F.linear(x, w, bias),
-    }
+    if dtype == torch.float32:
+        routes = {
+            "panels": lambda: gemm.gemm_panels(x, panels, n, bias),
+            "plain": lambda: gemm.gemm(x, w, bias),
+            "onednn_packed": lambda: _linear(x, packed, bias),
+            "f_linear": lambda: F.linear(x, w, bias),
+        }
+    else:  # as PackedLinear builds them: oneDNN's bf16 copy for 32 rows, the fp32 copy for BIG_BATCH_ROWS
+        packed_fp32, bias_fp32 = _pack(w.float(), BIG_BATCH_ROWS), bias.float()
+        routes = {
+            "panels": lambda: gemm.gemm_panels(x, panels, n, bias),
+            "fp32_copy": lambda: _linear(x.float(), packed_fp32, bias_fp32).to(dtype),
+            "onednn_packed": lambda: _linear(x, packed, bias),
+            "f_linear": lambda: F.linear(x, w, bias),
+        }
     times: dict[str, list[float]] = {name: [] for name in routes}
     for fn in routes.values():
         fn()  # warm-up
     deadline = time.perf_counter() + budget_s
-    while len(times["plain"]) < 5 or (time.perf_counter() < deadline and len(times["plain"]) < 200):
+    while len(times["panels"]) < 5 or (time.perf_counter() < deadline and len(times["panels"]) < 200):
         for name, fn in routes.items():
             t = time.perf_counter()
             fn()
@@ -73,14 +89,14 @@ def measure(n: int, k: int, rows: int, budget_s: float) -> dict[str, tuple[float
     return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
 
 
-def step_times(model: str, seqs: int, steps: int) -> dict[str, float]:
+def step_times(model: str, seqs: int, steps: int, dtype: str = "float32") -> dict[str, float]:
     """Median seconds of a decode step with `seqs` sequences, with the gemm kernel and without."""
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm_engine import LLMEngine
     from shoal.engine.sampling_params import SamplingParams
     from shoal.model import packed_linear
 
-    engine = LLMEngine(EngineConfig(model=model, dtype="float32", kv_cache_memory=256 << 20))
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=256 << 20))
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=2 * steps + 8)
     g = torch.Generator().manual_seed(seqs)
     for i in range(seqs):
@@ -113,35 +129,38 @@ def main() -> None:
     parser.add_argument("--step", default="", help="sequence counts: time decode steps instead")
     parser.add_argument("--steps", type=int, default=20, help="--step: steps per side")
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU flags: {cpu_flags()}; threads {args.threads}; float32; load {os.getloadavg()[0]:.2f}")
+    dtype = getattr(torch, args.dtype)
+    print(f"CPU flags: {cpu_flags()}; threads {args.threads}; {args.dtype}; load {os.getloadavg()[0]:.2f}")
     if args.step:
         print("| sequences | step ms, gemm | step ms, before | speed-up |\n|---|---|---|---|")
         for seqs in (int(n) for n in args.step.split(",")):
-            t = step_times(args.model, seqs, args.steps)
+            t = step_times(args.model, seqs, args.steps, args.dtype)
             print(
                 f"| {seqs} | {t['gemm'] * 1e3:.1f} | {t['before'] * 1e3:.1f} | {t['before'] / t['gemm']:.2f}x |"
             )
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return
+    if dtype == torch.bfloat16 and not gemm.bf16_available():
+        raise SystemExit("gemm.c was built without AVX512-BF16 here: no bf16 kernel to measure")
+    second = "gemm plain" if dtype == torch.float32 else "fp32 copy"
     print("GF/s of the best call (of the median call in brackets)")
     print(
-        "| linear | N x K | rows | gemm panels | gemm plain | oneDNN packed | F.linear | panels vs the faster other |"
+        f"| linear | N x K | rows | gemm panels | {second} | oneDNN packed | F.linear | panels vs the faster other |"
     )
     print("|---|---|---|---|---|---|---|---|")
     wanted = args.shapes.split(",")
     for name, n, k in (s for s in SHAPES if s[0] in wanted):
         for rows in (int(r) for r in args.rows.split(",")):
-            t = measure(n, k, rows, args.budget_s)
-            gf = {
-                route: f"{2 * rows * n * k / b / 1e9:.1f} ({2 * rows * n * k / m / 1e9:.1f})"
-                for route, (b, m) in t.items()
-            }
-            best_other = min(t["onednn_packed"][0], t["f_linear"][0])
+            t = measure(n, k, rows, args.budget_s, dtype)
+            gf = [
+                f"{2 * rows * n * k / b / 1e9:.1f} ({2 * rows * n * k / m / 1e9:.1f})" for b, m in t.values()
+            ]
+            best_other = min(b for route, (b, _) in t.items() if route not in ("panels", "plain"))
             print(
-                f"| {name} | {n}x{k} | {rows} | {gf['panels']} | {gf['plain']} | {gf['onednn_packed']} "
-                f"| {gf['f_linear']} | {best_other / t['panels'][0]:.2f}x |",
+                f"| {name} | {n}x{k} | {rows} | {' | '.join(gf)} | {best_other / t['panels'][0]:.2f}x |",
                 flush=True,
             )
     print(f"load after: {os.getloadavg()[0]:.2f}")

@@ -203,9 +203,10 @@ def test_gemm_bf16_rounds_once_after_the_bias(k) -> None:
 
 @needs_bf16
 def test_gemm_bf16_rows_are_batch_invariant() -> None:
-    """A row's output is bitwise the same whatever M and wherever it sits (tile of 8, remainder tiles, x
-    chunks of 88 rows at K = 1100, so 200 rows span 3 chunks), against rows computed one at a time."""
-    x, w, bias = _bf16_case(200, 45, 1100, True)
+    """A row's output is bitwise the same whatever M and wherever it sits (tile of 8, remainder tiles, x in
+    chunks of at most 88 rows at K = 2200, cut in equal parts: 200 rows are 72 + 72 + 56, 89 rows 48 + 48),
+    against rows computed one at a time."""
+    x, w, bias = _bf16_case(200, 45, 2200, True)
     panels = gemm.pack_panels(w)
     alone = torch.cat([gemm.gemm_panels(x[i : i + 1], panels, 45, bias) for i in range(200)])
     for rows in (2, 5, 8, 9, 13, 64, 89, 200):

@@ -279,8 +279,7 @@ void shoal_gemm_f32_panels(const float *x, const float *wp, const float *bias, f
  * tile picks up its chain where the last left it.
  *
  * Summation order: one vdpbf16ps chain per output, over k-pairs in order (the last pair of an odd K has a
- * zero second half), whatever M, the tile or the thread: batch-invariant. Rows are cut into chunks of
- * about X_CHUNK_BYTES as above.
+ * zero second half), whatever M, the tile, the chunk of x or the thread: batch-invariant.
  *
  * Compiled only where the compiler has AVX512-BF16 (-march=native on such a CPU);
  * shoal_gemm_bf16_available() says whether it was.
@@ -298,7 +297,11 @@ int shoal_gemm_bf16_available(void) { return HAVE_AVX512_BF16; }
 #define BW 32  /* weight rows per panel */
 #define BM 8   /* rows of x per register tile */
 #define BKC 256 /* columns per k-block: even, so that a pair never straddles two blocks */
-#define BMC_MAX 192 /* a multiple of BM */
+/* x in chunks of about 384 KB (half the L2), in equal parts (512 rows at K = 576: 2 x 256 rather than
+ * 168 + 168 + 168 + 8), so that a weight streamed from memory (the lm_head) is read once per chunk, fewer
+ * times: lm_head at 512-1024 rows, 2 threads, 385-390 -> 399-400 GF/s (1 thread 1-2%); others alike. */
+#define BMC_MAX 384 /* a multiple of BM */
+#define BF16_X_CHUNK_BYTES (384 * 1024)
 /* While the first row tile reads a k-block, it asks for the next one (the weight is contiguous, so past the
  * panel's last block that is the next panel's first) into L2 (prefetcht1: the L1 holds the block being
  * read). Measured, SmolLM2's lm_head (49152x576 bf16, 56 MB from memory), 1 thread, 8 / 32 / 256 rows:
@@ -388,8 +391,11 @@ static inline void bf16_tile_rows(const uint16_t *x, const uint16_t *wp, float *
 
 void shoal_gemm_bf16_panels(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int M,
                             int N, int K, int num_threads) {
-    int64_t chunk = X_CHUNK_BYTES / ((int64_t)K * sizeof(uint16_t));
+    if (M < 1) return;
+    int64_t chunk = BF16_X_CHUNK_BYTES / ((int64_t)K * sizeof(uint16_t));
     chunk = chunk < BM ? BM : chunk > BMC_MAX ? BMC_MAX : chunk - chunk % BM;
+    int64_t count = (M + chunk - 1) / chunk, even = ((M + count - 1) / count + BM - 1) / BM * BM;
+    chunk = even < chunk ? even : chunk; /* equal chunks: no short last one streaming the weight for a few rows */
     int panels = (N + BW - 1) / BW;
     int64_t panel_elems = (int64_t)((K + 1) / 2) * 2 * BW;
 #pragma omp parallel num_threads(num_threads)

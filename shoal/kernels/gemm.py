@@ -44,6 +44,29 @@ shapes, GF/s (oneDNN pre-packed as PackedLinear made it before this kernel; load
                    plain         45     57     72    122    137    138
                    oneDNN        45     56     83    121    135    148
 (bench/gemm.py; the lm_head's 113 MB come from memory: at 5-16 rows it is bound by memory bandwidth.)
+
+bfloat16, measured on the 2-core AMD EPYC (Zen4: AVX512F/BW/VL + AVX512-BF16, no AMX; 32 KB L1d and 1 MB
+L2 a core), best call of 7-200 interleaved, SmolLM2-135M shapes, GF/s; oneDNN is the pre-packed bf16 linear
+PackedLinear used before this kernel, fp32 copy the big-batch route (x.float() through oneDNN's fp32 packed
+copy, rounded back). 2 threads, load ~1.8-2.3 (before the equal x chunks, which changed only the lm_head
+at 512 rows, by about +3%):
+    weight [N x K]       rows:    5      8     16     32     64    128    256    512
+    qkv 960x576    panels       195    250    312    356    357    374    375    354
+                   oneDNN       140    176    256    322    318    332    348    362
+                   fp32 copy     74     95    126    157    160    164    169    174
+    gate_up 3072x576 panels     294    329    372    355    362    381    398    400
+                   oneDNN       224    253    315    289    324    382    387    385
+                   fp32 copy    124    140    162    147    157    177    189    192
+    down 576x1536  panels       247    294    348    386    391    385    398    405
+                   oneDNN       180    222    290    337    330    358    378    390
+                   fp32 copy     86    107    133    144    162    171    184    189
+    lm_head 49152x576 panels    120    213    269    335    362    377    372    294
+                   oneDNN        98    130    213    276    347    370    401    309
+                   fp32 copy     52     74    116    148    178    190    158    136
+1 thread (load ~2): panels / oneDNN 1.23-1.52x at 5-8 rows, 1.08-1.28x at 16, 1.04-1.11x at 32,
+1.00-1.09x at 64-512 except the lm_head (0.97-0.98x at 128-512); the panels reach 190-214 GF/s from 32
+rows (in-cache weights: 220 GF/s in a quiet A/B, about one 512-bit vdpbf16ps a cycle at ~3.5 GHz).
+(bench/gemm.py --dtype bfloat16; the lm_head's 56 MB come from memory.)
 """
 
 from __future__ import annotations

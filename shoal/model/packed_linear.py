@@ -26,11 +26,10 @@ Measured facts about torch's CPU matmuls that this module exists for:
   16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
   for float32 its panels replace the oneDNN copy; where no copy fits in RAM it runs over the plain weight.
 - For bfloat16 batches on the 2-core Zen4 EPYC (AVX512-BF16, no AMX), shoal's gemm kernel over bf16
-  panels (vdpbf16ps, 8x32 tiles) runs per SmolLM2 weight, against oneDNN's pre-packed bf16 linear: 1.2-1.7x
-  at 5-8 rows, 1.1-1.25x at 16, 1.04-1.17x at 32 (1 thread), 1.2-1.6x at 5-32 rows (2 threads, busy
-  machine), 0.95-1.05x at 64-512 (the lm_head 0.93-0.95x at 256-512); the fp32-copy route runs at about
-  half the panels' speed at every size from 5 to 512 rows, and F.linear below oneDNN (numbers in
-  shoal/kernels/gemm.py). So where the kernel is built its panels replace the oneDNN copy for every bf16
+  panels (vdpbf16ps, 8x32 tiles) runs per SmolLM2 weight, against oneDNN's pre-packed bf16 linear, 1 and
+  2 threads: 1.2-1.6x at 5-8 rows, 1.1-1.3x at 16, 1.04-1.23x at 32, 0.93-1.19x at 64-512 (below 1.0 only
+  the lm_head at 128-512 rows, 0.93-0.98x); the fp32-copy route runs at about half the panels' speed at
+  every size from 5 to 512 rows, F.linear below oneDNN (numbers in shoal/kernels/gemm.py). So where the kernel is built its panels replace the oneDNN copy for every bf16
   batch of 5+ rows; the fp32 route takes rows from BIG_BATCH_ROWS on only where fp32_gemm_is_faster()
   measures it faster than the panels (not on that EPYC: 32 vs 16 ms at 512 rows, 2 threads).
 The kernels read the plain weight, so the plain weight stays wherever it serves; the copies for mid-size
