@@ -26,7 +26,7 @@ from shoal.kernels import decode_step, qgemv
 from shoal.model import fused_decode
 from shoal.model.config import ModelConfig
 from shoal.model.loader import load_model
-from shoal.model.packed_linear import pack_linears
+from shoal.model.packed_linear import GEMM_MAX_ROWS, pack_linears
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
 from shoal.quant.groups import PER_CHANNEL
@@ -79,17 +79,18 @@ def _reference_model(cfg: ModelConfig) -> Transformer:
     return model
 
 
-def _cast(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """As the loader does: weights in dtype, the rotary tables built fresh (float32), linears packed."""
+def _cast(model: Transformer, dtype: torch.dtype, panels: bool = False) -> Transformer:
+    """As the loader does: weights in dtype, the rotary tables built fresh (float32), linears packed (with
+    the copies for mid-size batches, float32's gemm panels, where panels says RAM allows them)."""
     out = copy.deepcopy(model).to(dtype)
     cfg = out.config
     out.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-    return pack_linears(out)
+    return pack_linears(out, available_ram=2**40 if panels else None)
 
 
-def _runner(model: Transformer) -> ModelRunner:
+def _runner(model: Transformer, num_blocks: int = NUM_BLOCKS) -> ModelRunner:
     dtype = model.embed_tokens.weight.dtype
-    return ModelRunner(model, NUM_BLOCKS, BLOCK, torch.device("cpu"), dtype)
+    return ModelRunner(model, num_blocks, BLOCK, torch.device("cpu"), dtype)
 
 
 class Lockstep:
@@ -143,6 +144,96 @@ def test_bfloat16_within_tolerance_of_float64():
     for step in range(6):
         a, r = steps.decode([step + 10, step + 20])
         assert (a.double() - r).abs().max() < 0.15, (step, (a.double() - r).abs().max())
+
+
+def _batch_prompts(sequences: int) -> list[list[int]]:
+    """Prompts of 1-13 tokens: with 8 decode steps each sequence stays within its 8 blocks of 4 slots."""
+    return [[(7 * i + 3 * j) % 97 for j in range(1 + (5 * i) % 13)] for i in range(sequences)]
+
+
+@pytest.mark.parametrize("sequences", [5, 17, decode_step.MAX_TOKENS])
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "plain-weight"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"qkv_bias": True, "o_bias": True, "mlp_bias": True, "layer_windows": [None, 6, None]}],
+    ids=["llama", "biases-window"],
+)
+def test_float32_batches_past_gemv_match_the_per_op_path_exactly(sequences, panels, variant):
+    """5-MAX_TOKENS tokens: the step's linears run the gemm kernel PackedLinear runs for those rows (over
+    its panels, or over the weight where no copy was made), so logits and caches are the per-op path's."""
+    ref = _reference_model(_config(**variant))
+    fused_model, per_op_model = _cast(ref, torch.float32, panels), _cast(ref, torch.float32, panels)
+    assert (fused_model.layers[0].mlp.down_proj.panels is not None) == panels
+    blocks = 8 * sequences
+    fused, per_op, reference = (
+        _runner(fused_model, blocks),
+        _runner(per_op_model, blocks),
+        _runner(ref, blocks),
+    )
+    per_op.decode_stack = None
+    assert fused.decode_stack.max_tokens == decode_step.MAX_TOKENS
+    steps = Lockstep([fused, per_op, reference], _batch_prompts(sequences))
+    for step in range(8):
+        a, b, r = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+        assert (a.double() - r).abs().max() < 5e-4, (step, (a.double() - r).abs().max())
+    assert fused.decode_stack._capacity >= sequences  # the one-call step ran these batches
+    for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+def test_a_sequences_step_is_the_same_in_any_batch_past_gemv():
+    """Batch invariance from 5 tokens on: the first 5 sequences' logits are bitwise the same whether 5, 23
+    or MAX_TOKENS sequences share the step (gemm.c sums each output in one order whatever the batch)."""
+    model = _cast(_reference_model(_config()), torch.float32, panels=True)
+    prompts = _batch_prompts(decode_step.MAX_TOKENS)
+    runners = [_runner(copy.deepcopy(model), 8 * n) for n in (5, 23, decode_step.MAX_TOKENS)]
+    lockstep = [
+        Lockstep([r], prompts[:n]) for r, n in zip(runners, (5, 23, decode_step.MAX_TOKENS), strict=True)
+    ]
+    for step in range(3):
+        logits = [ls.decode([(13 * step + i) % 97 for i in range(len(ls.tokens))])[0][:5] for ls in lockstep]
+        assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2]), step
+
+
+def test_a_batched_step_calls_between_layers_and_stops_where_it_raises():
+    """A one-call step of 12 tokens (the gemm route) makes the between-layers call after layers 0 and 1 of
+    3, and a raise there stops it: only layer 0's caches are written."""
+    runner = _runner(_cast(_reference_model(_config()), torch.float32, panels=True))
+    inputs, calls = _step_inputs(12), []
+    runner.decode_stack.run(**inputs, between_layers=lambda: calls.append("go"))
+    assert calls == ["go", "go"]
+    for k, v in runner.kv_caches:
+        k.zero_()
+        v.zero_()
+
+    def stop() -> None:
+        raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.decode_stack.run(**inputs, between_layers=stop)
+    written = [bool(k[inputs["slots"]].abs().sum() > 0) for k, _ in runner.kv_caches]
+    assert written == [True, False, False]
+
+
+def test_steps_past_gemv_without_a_gemm_route_keep_the_per_op_path():
+    """bfloat16 (no bf16 gemm kernel on this branch) and plain nn.Linear float32 weights (F.linear past 4
+    rows): the stack takes 1-4 tokens, the runner sends larger steps to the per-op forward, and the stack
+    refuses them itself."""
+    ref = _reference_model(_config())
+    bf16 = _runner(_cast(ref, torch.bfloat16), 64)
+    unpacked = copy.deepcopy(ref).to(torch.float32)
+    unpacked.rope = _cast(ref, torch.float32).rope
+    plain = _runner(unpacked, 64)
+    for runner in (bf16, plain):
+        if not decode_step.gemm_bf16_available() or runner is plain:
+            assert runner.decode_stack.max_tokens == decode_step.GEMV_ROWS
+        Lockstep([runner], _batch_prompts(6)).decode(list(range(6)))
+        assert runner.decode_stack._capacity <= decode_step.GEMV_ROWS
+    stack = plain.decode_stack
+    with pytest.raises(ValueError, match="1-4 tokens"):
+        stack.run(torch.randn(5, 64), torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+                  torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, dtype=torch.int32))  # fmt: skip
 
 
 @pytest.fixture
@@ -230,6 +321,62 @@ def test_bad_dtypes_shapes_and_strides_are_refused(stack_and_inputs, field, valu
     inputs[field] = value
     with pytest.raises(ValueError, match="decode_step"):
         stack.run(**inputs)
+
+
+def _step_inputs(tokens: int) -> dict[str, torch.Tensor]:
+    """A valid step of `tokens` sequences, one block each (block t, slot 4t + 3: the 4th key)."""
+    return dict(
+        embeddings=torch.randn(tokens, 64),
+        positions=torch.full((tokens,), 3),
+        slots=torch.arange(tokens) * BLOCK + 3,
+        block_tables=torch.stack([torch.arange(tokens), torch.zeros(tokens, dtype=torch.long)], 1).to(
+            torch.int32
+        ),
+        context_lens=torch.full((tokens,), 4, dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "slots",
+            lambda t: t.index_fill(0, torch.tensor([5]), NUM_BLOCKS * BLOCK),
+            "token 5: slot 128 outside",
+        ),
+        ("positions", lambda t: t.index_fill(0, torch.tensor([6]), -1), "token 6: position -1 outside"),
+        ("block_tables", lambda t: t.index_fill(0, torch.tensor([9]), NUM_BLOCKS), "sequence 9: a block id"),
+        ("context_lens", lambda t: t.index_fill(0, torch.tensor([7]), 9), "sequence 7: context length 9"),
+    ],
+)
+def test_a_batched_step_with_contents_out_of_range_is_refused_before_anything_is_written(
+    field, value, message
+):
+    runner = _runner(_cast(_reference_model(_config()), torch.float32, panels=True))
+    before = [c.clone() for pair in runner.kv_caches for c in pair]
+    inputs = _step_inputs(12)
+    runner.decode_stack.run(**inputs)  # the valid step runs (and writes its slots)
+    assert not all(
+        torch.equal(a, c) for a, c in zip(before, (c for p in runner.kv_caches for c in p), strict=True)
+    )
+    before = [c.clone() for pair in runner.kv_caches for c in pair]
+    inputs[field] = value(inputs[field])
+    with pytest.raises(ValueError, match=message):
+        runner.decode_stack.run(**inputs)
+    after = [c for pair in runner.kv_caches for c in pair]
+    assert all(torch.equal(a, c) for a, c in zip(before, after, strict=True))
+
+
+def test_more_tokens_than_max_tokens_are_refused():
+    runner = _runner(
+        _cast(_reference_model(_config()), torch.float32, panels=True), 8 * decode_step.MAX_TOKENS
+    )
+    inputs = _step_inputs(decode_step.MAX_TOKENS + 1)
+    with pytest.raises(ValueError, match=f"1-{decode_step.MAX_TOKENS} tokens"):
+        runner.decode_stack.run(**inputs)
+    with pytest.raises(ValueError, match="decode_step"):
+        runner.decode_stack.run(**(inputs | {"embeddings": torch.randn(0, 64)}))
+    assert decode_step.MAX_TOKENS < GEMM_MAX_ROWS  # past it the per-op path leaves the gemm kernel
 
 
 def test_a_mismatched_cache_is_refused_at_construction():

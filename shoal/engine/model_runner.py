@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.kernels import decode_step, triton_support
 from shoal.kernels import paged_attention as native
+from shoal.kernels import triton_support
 from shoal.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from shoal.model.fused_decode import decode_stack
 from shoal.model.transformer import Transformer
@@ -59,9 +59,10 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.deterministic = deterministic
-        # A decode step of 1-4 tokens as one native call where the model and machine allow (not under
-        # torch.compile or deterministic mode, which keep their own forward, nor where the Triton kernels
-        # serve this device: on the CPU that is the interpreter, which tests run the model through).
+        # A decode step of 1-4 tokens (up to decode_step.MAX_TOKENS where every linear has a gemm route) as
+        # one native call where the model and machine allow (not under torch.compile or deterministic mode,
+        # which keep their own forward, nor where the Triton kernels serve this device: on the CPU that is
+        # the interpreter, which tests run the model through).
         self.decode_stack = None
         triton = triton_support.serves_dtype(device, dtype)
         if self.native_decode and not triton and not compile_decode and not deterministic:
@@ -208,11 +209,13 @@ class ModelRunner:
         return list(logits.split([len(w) for w in inp.logit_rows]))
 
     def _fused_decode(self, meta: AttentionMetadata, ids: torch.Tensor) -> bool:
+        """Whether this step runs as the one-call native decode step: a pure decode step of at most the
+        stack's max_tokens (kernels/decode_step.py)."""
         return (
             self.decode_stack is not None
             and not meta.prefills
             and len(meta.decodes) == 1
-            and ids.shape[0] <= decode_step.MAX_TOKENS
+            and ids.shape[0] <= self.decode_stack.max_tokens
         )
 
     def close(self) -> None:

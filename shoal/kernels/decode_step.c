@@ -1,4 +1,5 @@
-/* A whole decode step of a decoder stack for 1-4 tokens in one native call (CPU, float32 or bfloat16).
+/* A whole decode step of a decoder stack in one native call (CPU, float32 or bfloat16): 1-4 tokens, or a
+ * batched step of up to decode_step.MAX_TOKENS (64) where every linear has a gemm route.
  *
  * Why: a single-stream decode step of a small model is a few hundred kernel calls (per layer two RMSNorms,
  * four matrix-vector products, rotary, the KV cache write, attention, SiLU-and-mul). Driven from Python, each
@@ -11,7 +12,12 @@
  * Linears (linear_t): each is dense in the model dtype (gemv.c) or pack-quantized to int4/int8 with group
  * scales and optional zero points (qgemv.c, the kernel QuantizedLinear calls for 1-4 rows); one dispatch
  * function, `linear`, calls the right kernel, so a layer may mix the two (a layer kept 16-bit by the
- * quantizer beside quantized ones).
+ * quantizer beside quantized ones). Steps of more than GEMV_ROWS (4) tokens: every linear must be dense with
+ * a gemm route (`gemm` set), the kernel PackedLinear runs for those rows: float32 shoal_gemm_f32_panels over
+ * the layer's panels [ceil(n / 16), k, 16] (gemm.pack_panels, PackedLinear's own copy) or shoal_gemm_f32
+ * over the weight where no panels were made; bfloat16 shoal_gemm_bf16_panels over its panels, a hook for
+ * the bf16 kernel (NULL until it is built: then bf16 linears carry no gemm route). qgemv has no form past
+ * 4 rows, so quantized models keep 1-4 tokens. check_step refuses a step that breaks this (SHOAL_BAD_INPUT).
  *
  * Data flow per layer l (vLLM's residual convention: x is the previous sublayer's output, not yet added):
  *   l == 0: residual = embeddings; x = rms_norm(residual) * input_norm
@@ -23,7 +29,8 @@
  * and finally residual += x; x = rms_norm(residual) * final_norm: the final hidden states, left in x.
  *
  * Layouts (row-major, contiguous, elements of the model dtype unless said): embeddings, x and residual
- * [T, hidden]; qkv [T, (H + 2 Hkv) D]; q and attn [T, H D]; gate_up [T, 2 I]; act [T, I]; cos_sin float32
+ * [T, hidden]; qkv [T, (H + 2 Hkv) D]; q and attn [T, H D]; gate_up [T, 2 I]; act [T, I] (any T, the first
+ * rows of buffers sized for the largest step); cos_sin float32
  * [max_positions, D] (cos in the first half of a row, sin in the second); positions and slots int64 [T];
  * block_tables int32 [T, W]; context_lens int32 [T]; k/v caches [num_slots, Hkv, D]. A dense weight is
  * [n, k]; a quantized one is qgemv.c's: packed int32 [n, k * bits / 32], scale [n, k / group] float32 or
@@ -41,6 +48,7 @@
 #define SHOAL_OK 0
 #define SHOAL_BAD_INPUT 2
 #define SHOAL_STOPPED 3 /* between_layers asked to stop: the step is abandoned (engine/interrupt.py) */
+#define GEMV_ROWS 4 /* gemv.c's and qgemv.c's MAX_ROWS: more rows go to a gemm kernel */
 
 /* The kernels' exported signatures (gemv.c, fused_ops.c, paged_decode_attention.c). */
 typedef void (*gemv_f32_fn)(const float *, const float *, const float *, float *, int, int, int, int);
@@ -52,6 +60,9 @@ typedef int (*attention_fn)(const void *, const void *, const void *, const int3
                             int, int, int, int, int, int, int, float, int, int);
 typedef void (*qgemv_fn)(const void *, int, const int32_t *, const void *, int, const int8_t *, const void *, void *,
                          int, int, int, int, int, int, int);
+/* gemm.c's (and the bf16 panels kernel's): x, w or panels, bias, y; M, N, K, threads. */
+typedef void (*gemm_f32_fn)(const float *, const float *, const float *, float *, int, int, int, int);
+typedef void (*gemm_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int, int, int, int);
 
 typedef struct {
     gemv_f32_fn gemv_f32;
@@ -61,6 +72,9 @@ typedef struct {
     silu_and_mul_fn silu_and_mul;
     attention_fn attention;
     qgemv_fn qgemv; /* NULL where qgemv.c is not built: then no linear is LINEAR_QUANT */
+    gemm_f32_fn gemm_f32;             /* over the plain weight [n, k] */
+    gemm_f32_fn gemm_f32_panels;      /* over gemm.c's panels [ceil(n / 16), k, 16] */
+    gemm_bf16_fn gemm_bf16_panels;    /* over the bf16 kernel's panels; NULL where it is not built */
 } kernels_t;
 
 enum { LINEAR_F32 = 0, LINEAR_BF16 = 1, LINEAR_QUANT = 2 };
@@ -71,6 +85,8 @@ typedef struct { /* one linear layer out[T, n] = in[T, k] W^T + bias, W as `kind
     const void *scale;    /* LINEAR_QUANT only, as are the fields below */
     const int8_t *zero;   /* NULL: symmetric */
     int64_t bits, group, scale_bf16;
+    const void *panels; /* dense only: the weight packed for the gemm kernel (rows > GEMV_ROWS), or NULL */
+    int64_t gemm;       /* dense only: 1 where steps of more than GEMV_ROWS rows may run this linear */
 } linear_t;
 
 typedef struct { /* one decoder layer */
@@ -101,9 +117,21 @@ typedef struct { /* the step's inputs and scratch, as in the header */
 
 #define AT(p, elems) ((char *)(p) + (int64_t)(elems) * es)
 
-/* The activations' dtype (bf16) is the model's; qgemv's use_dot is 1, as QuantizedLinear's call passes it. */
+/* The activations' dtype (bf16) is the model's; qgemv's use_dot is 1, as QuantizedLinear's call passes it.
+ * Up to GEMV_ROWS rows: the matrix-vector kernels. More: the gemm kernel that PackedLinear runs for the same
+ * rows (float32 over its panels, else over the plain weight; bfloat16 over its panels), which
+ * gemm_ready() has checked is there for every linear before the step began. */
 static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *in, void *out, int64_t rows,
                   int64_t n, int64_t kdim, int threads) {
+    if (rows > GEMV_ROWS) {
+        if (w->kind == LINEAR_BF16)
+            k->gemm_bf16_panels(in, w->panels, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
+        else if (w->panels)
+            k->gemm_f32_panels(in, w->panels, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
+        else
+            k->gemm_f32(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
+        return SHOAL_OK;
+    }
     switch (w->kind) {
     case LINEAR_F32:
         k->gemv_f32(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
@@ -115,6 +143,14 @@ static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *i
                  (int)w->group, (int)w->bits, 1, threads);
         return SHOAL_OK;
     }
+}
+
+/* Whether linear() can run this linear for more than GEMV_ROWS rows: a dense one marked for it, with the
+ * kernel (and for bfloat16 the panels) it will call. */
+static int gemm_ready(const kernels_t *k, const linear_t *w) {
+    if (!w->gemm) return 0;
+    if (w->kind == LINEAR_F32) return w->panels ? k->gemm_f32_panels != NULL : k->gemm_f32 != NULL;
+    return w->kind == LINEAR_BF16 && w->panels && k->gemm_bf16_panels;
 }
 
 /* q and k heads rotated in place at each token's position; k and v written to the cache; q copied out. */
@@ -152,10 +188,19 @@ static int mlp_block(const kernels_t *k, const dims_t *d, const layer_t *layer, 
     return linear(k, &layer->down, bf16, s->act, s->x, T, d->hidden, I, threads);
 }
 
-/* Each token's position within the rotary table and slot within the cache; each sequence's context length
- * within its table row and every block id it reads within the cache (the attention kernel's own rule). */
-static int check_step(const dims_t *d, const step_t *s) {
+/* At least one token, and for more than GEMV_ROWS a gemm kernel for every linear; each token's position
+ * within the rotary table and slot within the cache; each sequence's context length within its table row and
+ * every block id it reads within the cache (the attention kernel's own rule). */
+static int check_step(const kernels_t *k, const dims_t *d, const layer_t *layers, const step_t *s) {
     const int64_t num_blocks = d->num_slots / d->block_size, W = s->table_width;
+    if (s->tokens < 1) return SHOAL_BAD_INPUT;
+    if (s->tokens > GEMV_ROWS)
+        for (int64_t l = 0; l < d->num_layers; l++) {
+            const layer_t *layer = layers + l;
+            if (!(gemm_ready(k, &layer->qkv) && gemm_ready(k, &layer->o) && gemm_ready(k, &layer->gate_up) &&
+                  gemm_ready(k, &layer->down)))
+                return SHOAL_BAD_INPUT;
+        }
     for (int64_t t = 0; t < s->tokens; t++) {
         if ((uint64_t)s->positions[t] >= (uint64_t)d->max_positions) return SHOAL_BAD_INPUT;
         if ((uint64_t)s->slots[t] >= (uint64_t)d->num_slots) return SHOAL_BAD_INPUT;
@@ -171,7 +216,7 @@ static int check_step(const dims_t *d, const step_t *s) {
 int shoal_decode_step(const kernels_t *k, const dims_t *d, const layer_t *layers, const step_t *s) {
     const int64_t es = d->bf16 ? 2 : 4, T = s->tokens, hidden = d->hidden;
     const int threads = (int)s->threads, bf16 = (int)d->bf16;
-    int status = check_step(d, s);
+    int status = check_step(k, d, layers, s);
     if (status != SHOAL_OK) return status;
     memcpy(s->residual, s->embeddings, (size_t)(T * hidden * es));
     k->rms_norm(s->residual, NULL, layers[0].input_norm, s->x, (int)T, (int)hidden, d->eps, bf16, 0, threads);

@@ -1,12 +1,18 @@
-"""A decode step of a whole decoder stack for 1-4 tokens in one native call (decode_step.c).
+"""A decode step of a whole decoder stack in one native call (decode_step.c): 1-4 tokens, or batched
+steps of up to MAX_TOKENS where every linear has a gemm route (`Dense`).
 
 The layer loop runs in C and calls the gemv, qgemv, fused-op and paged-attention kernels through function
 pointers taken from their own libraries, so the results are those of the per-op path bit for bit, without
 its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for the data flow).
 
 `DecodeStack` is built once per model from plain tensors (`LayerWeights`, the caches, the rotary table),
-checks every dtype, shape and stride then, and allocates the scratch for 1-4 tokens. Each linear's weight
-is a dense tensor of the model dtype (gemv.c) or a `Quantized` one (int4/int8 pack-quantized, qgemv.c).
+checks every dtype, shape and stride then, and allocates one set of scratch buffers, grown to the largest
+step run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64). Each linear's weight is a dense tensor of the
+model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256 rows:
+gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8 pack-quantized,
+qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with its kernel
+built (float32 today; bfloat16 once shoal_gemm_bf16_panels is), else GEMV_ROWS: the runner sends larger
+steps to the per-op forward.
 `run` checks the step's own tensors each call; positions and slots are checked against their tables in C,
 block ids and context lengths by the attention kernel, before anything is written (ValueError). On a
 machine without a C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps
@@ -22,10 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from shoal import kernels
-from shoal.kernels import fused_ops, gemv, qgemv
+from shoal.kernels import fused_ops, gemm, gemv, qgemv
 from shoal.kernels import paged_attention as attention_kernel
 
-MAX_TOKENS = gemv.MAX_ROWS  # the matrix-vector kernel's limit: beyond it a step is a matmul, not a stream
+GEMV_ROWS = gemv.MAX_ROWS  # the matrix-vector kernels' limit (also qgemv's): beyond it a linear is a gemm
+# The most tokens a step takes where every linear has a gemm route (`Dense`); at most
+# packed_linear.GEMM_MAX_ROWS - 1, the rows the per-op path sends to the same gemm kernel.
+MAX_TOKENS = 64
 # the model dtypes, each also the kind of a dense linear in decode_step.c (LINEAR_F32, LINEAR_BF16)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _QUANTIZED = 2  # LINEAR_QUANT
@@ -40,12 +49,19 @@ def _fields(ctype, names: str) -> list[tuple[str, type]]:
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = _fields(_P, "gemv_f32 gemv_bf16 rms_norm rotary silu_and_mul attention qgemv")
+    _fields_ = _fields(
+        _P,
+        "gemv_f32 gemv_bf16 rms_norm rotary silu_and_mul attention qgemv gemm_f32 gemm_f32_panels gemm_bf16_panels",
+    )
 
 
 class _Linear(ctypes.Structure):
     _fields_ = (
-        _fields(_I64, "kind") + _fields(_P, "w bias scale zero") + _fields(_I64, "bits group scale_bf16")
+        _fields(_I64, "kind")
+        + _fields(_P, "w bias scale zero")
+        + _fields(_I64, "bits group scale_bf16")
+        + _fields(_P, "panels")
+        + _fields(_I64, "gemm")
     )
 
 
@@ -94,27 +110,55 @@ class Quantized:
 
 
 @dataclass
+class Dense:
+    """A dense weight [out, in] of the model dtype that also serves steps of more than GEMV_ROWS tokens,
+    through the gemm kernel PackedLinear runs for those rows: float32 over panels = gemm.pack_panels(weight)
+    (float32 [ceil(out / 16), in, 16]) or, with panels None, over the weight itself (gemm.gemm); bfloat16
+    over the bf16 gemm kernel's panels (required, and that kernel built: `gemm_bf16_available()`). A bare
+    weight tensor serves 1-GEMV_ROWS tokens only."""
+
+    weight: torch.Tensor
+    panels: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1]
+
+
+@dataclass
 class LayerWeights:
     """One decoder layer as plain tensors: norms [hidden]; qkv [(H + 2 Hkv) D, hidden]; o [hidden, H D];
-    gate_up [2 I, hidden]; down [hidden, I], each dense in the model dtype or Quantized; biases [out] of the
-    model dtype or None; window in keys or None."""
+    gate_up [2 I, hidden]; down [hidden, I], each dense in the model dtype (a tensor, or Dense with its gemm
+    route) or Quantized; biases [out] of the model dtype or None; window in keys or None."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor | Quantized
+    qkv: torch.Tensor | Dense | Quantized
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor | Quantized
+    o: torch.Tensor | Dense | Quantized
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor | Quantized
+    gate_up: torch.Tensor | Dense | Quantized
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor | Quantized
+    down: torch.Tensor | Dense | Quantized
     down_bias: torch.Tensor | None
     window: int | None
 
 
 def _address(library: str, symbol: str) -> int | None:
     lib = kernels.load(library)
-    return None if lib is None else ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+    if lib is None or not hasattr(lib, symbol):
+        return None
+    return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+
+
+def _gemm_addresses() -> tuple[int | None, int | None, int | None]:
+    """gemm_f32, gemm_f32_panels, gemm_bf16_panels (None where not built: the bf16 one is not yet)."""
+    return tuple(_address("gemm", f"shoal_gemm_{name}") for name in ("f32", "f32_panels", "bf16_panels"))
+
+
+def gemm_bf16_available() -> bool:
+    """Whether the bf16 panels gemm kernel (shoal_gemm_bf16_panels) is built here."""
+    return _gemm_addresses()[2] is not None
 
 
 def _step_function():
@@ -165,11 +209,33 @@ def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
         )
 
 
-def _linear(w: torch.Tensor | Quantized, bias: torch.Tensor | None) -> _Linear:
+def _panels(name: str, d: Dense, rows: int, cols: int, dtype: torch.dtype) -> None:
+    """Dense's panels: gemm.pack_panels' layout for float32; for bfloat16 (the bf16 kernel's own layout, not
+    yet on this branch) a contiguous CPU bf16 tensor of at least the weight's size."""
+    p = d.panels
+    if dtype is torch.float32:
+        ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous()
+                           and p.shape == (-(-rows // gemm.PANEL), cols, gemm.PANEL))  # fmt: skip
+    else:
+        ok = (
+            p is not None and p.dtype is dtype and p.is_cpu and p.is_contiguous() and p.numel() >= rows * cols
+        )
+    if not ok:
+        raise ValueError(
+            f"decode_step: {name} panels must be the gemm kernel's for a {dtype} [{rows}, {cols}] weight; got "
+            f"{_desc(p)}"
+        )
+
+
+def _linear(w: torch.Tensor | Dense | Quantized, bias: torch.Tensor | None) -> _Linear:
     if isinstance(w, Quantized):
         scale_bf16 = int(w.scale.dtype is torch.bfloat16)
         return _Linear(_QUANTIZED, w.packed.data_ptr(), _ptr(bias), w.scale.data_ptr(), _ptr(w.zero), w.bits,
                        w.group_size, scale_bf16)  # fmt: skip
+    if isinstance(w, Dense):
+        out = _Linear(_DTYPES[w.weight.dtype], w.weight.data_ptr(), _ptr(bias))
+        out.panels, out.gemm = _ptr(w.panels), 1
+        return out
     return _Linear(_DTYPES[w.dtype], w.data_ptr(), _ptr(bias))
 
 
@@ -189,7 +255,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class DecodeStack:
-    """The whole decoder stack of one model for decode steps of 1-4 tokens.
+    """The whole decoder stack of one model for decode steps of 1 to max_tokens tokens (module docstring).
 
     heads, kv_heads, head_dim, intermediate, eps and scale describe the model; caches are per layer (K, V),
     each [num_slots, kv_heads, head_dim] of the weights' dtype; cos_sin float32 [max_positions, head_dim];
@@ -231,10 +297,19 @@ class DecodeStack:
         for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
             self._check_layer(i, layer, cache, (num_slots, kv_heads, head_dim))
             self.layer_table[i] = self._layer_struct(layer, cache)
-        self.kernels = _Kernels(*_kernel_addresses(), _address("qgemv", "shoal_qgemv"))
+        gemms = _gemm_addresses()
+        self.kernels = _Kernels(*_kernel_addresses(), _address("qgemv", "shoal_qgemv"), *gemms)
         self._layers = (layers, caches)  # the table points into them: keep them alive
         self.final_norm, self.cos_sin = final_norm, cos_sin
-        self._scratch: dict[int, dict[str, torch.Tensor]] = {}
+        # Steps of more than GEMV_ROWS tokens where every linear has a gemm route whose kernel is built.
+        linears = [m for w in layers for m in (w.qkv, w.o, w.gate_up, w.down)]
+        batched = all(
+            isinstance(m, Dense) and gemms[(0 if m.panels is None else 1) if dtype is torch.float32 else 2]
+            for m in linears
+        )
+        self.max_tokens = MAX_TOKENS if batched else GEMV_ROWS
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._capacity = 0
 
     def _check_layer(self, i: int, w: LayerWeights, cache: tuple[torch.Tensor, torch.Tensor], shape) -> None:
         dt, hidden, s = self.dtype, self.hidden, self.sizes
@@ -248,6 +323,9 @@ class DecodeStack:
         ):
             if isinstance(mat, Quantized):
                 _quantized(f"layer {i} {name}", mat, rows, cols)
+            elif isinstance(mat, Dense):
+                _matrix(f"layer {i} {name}", mat.weight, rows, cols, dt)
+                _panels(f"layer {i} {name}", mat, rows, cols, dt)
             else:
                 _matrix(f"layer {i} {name}", mat, rows, cols, dt)
             _vector(f"layer {i} {name} bias", bias, rows, dt, optional=True)
@@ -264,11 +342,15 @@ class DecodeStack:
                       *map(_ptr, cache), w.window or 0)  # fmt: skip
 
     def _buffers(self, tokens: int) -> dict[str, torch.Tensor]:
-        if tokens not in self._scratch:
-            self._scratch[tokens] = {
-                n: torch.empty(tokens, size, dtype=self.dtype) for n, size in self.sizes.items()
+        """One set of scratch buffers [capacity, size] for every step: the first `tokens` rows of each are
+        the step's contiguous [tokens, size] (same base address), so its capacity grows by doubling to the
+        largest step seen (at most max_tokens; SmolLM2-135M: 31.5 KB a token in float32, 2 MB for 64)."""
+        if tokens > self._capacity:
+            self._capacity = min(max(GEMV_ROWS, 1 << (tokens - 1).bit_length()), self.max_tokens)
+            self._scratch = {
+                n: torch.empty(self._capacity, size, dtype=self.dtype) for n, size in self.sizes.items()
             }
-        return self._scratch[tokens]
+        return self._scratch
 
     def run(
         self,
@@ -279,12 +361,14 @@ class DecodeStack:
         context_lens: torch.Tensor,
         between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] (a scratch buffer, valid until the next run with T tokens) for
+        """Final hidden states [T, hidden] (a view of a scratch buffer, valid until the next run) for
         embeddings [T, hidden] of the weights' dtype, positions and slots int64 [T], block_tables int32
-        [T, W] and context_lens int32 [T] (keys per sequence including the new token); 1 <= T <= 4.
-        ValueError for anything else, and for positions, slots, block ids or lengths out of range.
-        between_layers: called between every two decoder layers, as the per-op forward calls it; what it
-        raises (StepInterrupted, engine/interrupt.py) stops the step there and is raised again here."""
+        [T, W] and context_lens int32 [T] (keys per sequence including the new token); 1 <= T <= max_tokens
+        (MAX_TOKENS where every linear is Dense with its gemm kernel built, else GEMV_ROWS). ValueError for
+        anything else, and for positions, slots, block ids or lengths out of range, raised before anything
+        is written. between_layers: called between every two decoder layers, as the per-op forward calls
+        it; what it raises (StepInterrupted, engine/interrupt.py) stops the step there and is raised again
+        here."""
         tokens = embeddings.shape[0] if embeddings.dim() == 2 else 0
         self._check_step(embeddings, positions, slots, block_tables, context_lens, tokens)
         buf = self._buffers(tokens)
@@ -310,12 +394,12 @@ class DecodeStack:
         kernels.check_status(
             status, "decode_step", lambda: self._explain(positions, slots, block_tables, context_lens)
         )
-        return buf["x"]
+        return buf["x"][:tokens]
 
     def _check_step(self, embeddings, positions, slots, block_tables, context_lens, tokens: int) -> None:
         i64, i32 = torch.int64, torch.int32
         if not (
-            1 <= tokens <= MAX_TOKENS
+            1 <= tokens <= self.max_tokens
             and embeddings.dtype is self.dtype
             and embeddings.shape == (tokens, self.hidden)
             and all(
@@ -334,7 +418,7 @@ class DecodeStack:
             and context_lens.shape == (tokens,)
         ):
             raise ValueError(
-                f"decode_step: 1-{MAX_TOKENS} tokens: embeddings {self.dtype} [T, {self.hidden}], positions and "
+                f"decode_step: 1-{self.max_tokens} tokens: embeddings {self.dtype} [T, {self.hidden}], positions and "
                 "slots int64 [T], block_tables int32 [T, W], context_lens int32 [T], contiguous on the CPU; got "
                 + ", ".join(_desc(t) for t in (embeddings, positions, slots, block_tables, context_lens))
             )

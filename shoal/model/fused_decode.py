@@ -7,7 +7,9 @@ group or channel scales (QuantizedLinear routed to qgemv.c, without an input per
 q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every kernel it calls is
 built. Anything else (split linears, 8-bit per-channel linears on torch's int8 route (CPUs with AVX512F),
 act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model,
-and the model's own forward runs as before. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
+and the model's own forward runs as before. Batched steps of 5 to decode_step.MAX_TOKENS tokens run as one
+call too where every linear is a PackedLinear that the per-op path sends to shoal's gemm kernel for those
+rows (float32: its panels, else its plain weight; `decode_step.Dense`); other models take 1-4 tokens. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ def _plain(
             return None
         weight = decode_step.Quantized(linear.weight_packed, linear.weight_scale, linear.weight_zero_point,
                                        linear.bits, linear.qgemv_group)  # fmt: skip
-    elif (type(linear) is PackedLinear and linear.use_gemv) or (
-        type(linear) is nn.Linear and gemv.supported(linear.weight)
-    ):
+    elif type(linear) is PackedLinear and linear.use_gemv:
+        weight = linear.weight.detach()
+        if linear.use_gemm:  # rows past gemv's go to the gemm kernel, over the panels where it made them
+            weight = decode_step.Dense(weight, linear.panels)
+    elif type(linear) is nn.Linear and gemv.supported(linear.weight):
         weight = linear.weight.detach()
     else:
         return None
