@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,13 +153,19 @@ def _batch_prompts(sequences: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 97 for j in range(1 + (5 * i) % 13)] for i in range(sequences)]
 
 
-@pytest.mark.parametrize("sequences", [5, 17, decode_step.MAX_TOKENS])
-@pytest.mark.parametrize("panels", [True, False], ids=["panels", "plain-weight"])
-@pytest.mark.parametrize(
-    "variant",
-    [{}, {"qkv_bias": True, "o_bias": True, "mlp_bias": True, "layer_windows": [None, 6, None]}],
-    ids=["llama", "biases-window"],
+_LLAMA, _BIASES_WINDOW = (
+    {},
+    {"qkv_bias": True, "o_bias": True, "mlp_bias": True, "layer_windows": [None, 6, None]},
 )
+_BATCHED = [  # (sequences, panels, variant): 5-64 in every combination, and the largest step once
+    pytest.param(n, panels, variant, id=f"{n}-{'panels' if panels else 'plain-weight'}-{name}")
+    for n in (5, 17, 64)
+    for panels in (True, False)
+    for name, variant in (("llama", _LLAMA), ("biases-window", _BIASES_WINDOW))
+] + [pytest.param(decode_step.MAX_TOKENS, True, _BIASES_WINDOW, id="max-tokens-panels-biases-window")]
+
+
+@pytest.mark.parametrize("sequences, panels, variant", _BATCHED)
 def test_float32_batches_past_gemv_match_the_per_op_path_exactly(sequences, panels, variant):
     """5-MAX_TOKENS tokens: the step's linears run the gemm kernel PackedLinear runs for those rows (over
     its panels, or over the weight where no copy was made), so logits and caches are the per-op path's."""
@@ -517,3 +525,14 @@ def test_a_quantized_linear_outside_qgemvs_layout_is_refused_at_construction(tmp
     setattr(qkv, buffer, bad(getattr(qkv, buffer)))
     with pytest.raises(ValueError, match="layer 1 qkv must be qgemv's layout"):
         fused_decode.decode_stack(fused.model, fused.kv_caches, BLOCK)
+
+
+def test_the_step_benchmark_runs_both_sides(stories_dir):
+    """bench/decode_step.py end to end on stories260K (timings meaningless here): a row per sequence count,
+    and the one-call step took the 5-token steps."""
+    script = Path(__file__).parent.parent / "bench" / "decode_step.py"
+    args = ["--model", str(stories_dir), "--sequences", "2,5", "--steps", "3", "--threads", "1"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 2", "| 5"))]
+    assert len(rows) == 2 and "both per-op" not in done.stdout, done.stdout

@@ -1,5 +1,5 @@
 /* A whole decode step of a decoder stack in one native call (CPU, float32 or bfloat16): 1-4 tokens, or a
- * batched step of up to decode_step.MAX_TOKENS (64) where every linear has a gemm route.
+ * batched step of up to decode_step.MAX_TOKENS (256) where every linear has a gemm route.
  *
  * Why: a single-stream decode step of a small model is a few hundred kernel calls (per layer two RMSNorms,
  * four matrix-vector products, rotary, the KV cache write, attention, SiLU-and-mul). Driven from Python, each

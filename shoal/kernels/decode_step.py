@@ -7,7 +7,7 @@ its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for th
 
 `DecodeStack` is built once per model from plain tensors (`LayerWeights`, the caches, the rotary table),
 checks every dtype, shape and stride then, and allocates one set of scratch buffers, grown to the largest
-step run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64). Each linear's weight is a dense tensor of the
+step run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64, 8 MB at 256). Each linear's weight is a dense tensor of the
 model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256 rows:
 gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8 pack-quantized,
 qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with its kernel
@@ -32,9 +32,11 @@ from shoal.kernels import fused_ops, gemm, gemv, qgemv
 from shoal.kernels import paged_attention as attention_kernel
 
 GEMV_ROWS = gemv.MAX_ROWS  # the matrix-vector kernels' limit (also qgemv's): beyond it a linear is a gemm
-# The most tokens a step takes where every linear has a gemm route (`Dense`); at most
-# packed_linear.GEMM_MAX_ROWS - 1, the rows the per-op path sends to the same gemm kernel.
-MAX_TOKENS = 64
+# The most tokens a step takes where every linear has a gemm route (`Dense`): packed_linear.GEMM_MAX_ROWS - 1,
+# the most rows the per-op path sends to the same gemm kernel (past it, MKL: results would differ). The step
+# only removes per-op overhead, so it is not slower than the per-op path at any size (measured at 4-256,
+# docs/performance.md); 256 is also the engine's default max_num_seqs.
+MAX_TOKENS = 256
 # the model dtypes, each also the kind of a dense linear in decode_step.c (LINEAR_F32, LINEAR_BF16)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _QUANTIZED = 2  # LINEAR_QUANT
@@ -344,7 +346,7 @@ class DecodeStack:
     def _buffers(self, tokens: int) -> dict[str, torch.Tensor]:
         """One set of scratch buffers [capacity, size] for every step: the first `tokens` rows of each are
         the step's contiguous [tokens, size] (same base address), so its capacity grows by doubling to the
-        largest step seen (at most max_tokens; SmolLM2-135M: 31.5 KB a token in float32, 2 MB for 64)."""
+        largest step seen (at most max_tokens; SmolLM2-135M: 31.5 KB a token in float32, 8 MB for 256)."""
         if tokens > self._capacity:
             self._capacity = min(max(GEMV_ROWS, 1 << (tokens - 1).bit_length()), self.max_tokens)
             self._scratch = {
