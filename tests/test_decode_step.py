@@ -190,6 +190,28 @@ def test_float32_batches_past_gemv_match_the_per_op_path_exactly(sequences, pane
         assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
 
 
+@pytest.mark.skipif(
+    not decode_step.gemm_bf16_available(), reason="bf16 gemm kernel not built (not on this branch)"
+)
+@pytest.mark.parametrize("sequences", [5, 17, 64])
+def test_bfloat16_batches_past_gemv_match_the_per_op_path_exactly(sequences):
+    """Where shoal_gemm_bf16_panels is built and PackedLinear runs bf16 batches on it: the step calls it
+    over the same panels, so logits and caches are the per-op path's bit for bit."""
+    ref = _reference_model(_config(**_BIASES_WINDOW))
+    fused_model, per_op_model = _cast(ref, torch.bfloat16, True), _cast(ref, torch.bfloat16, True)
+    blocks = 8 * sequences
+    fused, per_op = _runner(fused_model, blocks), _runner(per_op_model, blocks)
+    per_op.decode_stack = None
+    assert fused.decode_stack.max_tokens == decode_step.MAX_TOKENS
+    steps = Lockstep([fused, per_op], _batch_prompts(sequences))
+    for step in range(6):
+        a, b = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+    assert fused.decode_stack._capacity >= sequences
+    for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
 def test_a_sequences_step_is_the_same_in_any_batch_past_gemv():
     """Batch invariance from 5 tokens on: the first 5 sequences' logits are bitwise the same whether 5, 23
     or MAX_TOKENS sequences share the step (gemm.c sums each output in one order whatever the batch)."""
@@ -233,9 +255,9 @@ def test_steps_past_gemv_without_a_gemm_route_keep_the_per_op_path():
     unpacked = copy.deepcopy(ref).to(torch.float32)
     unpacked.rope = _cast(ref, torch.float32).rope
     plain = _runner(unpacked, 64)
-    for runner in (bf16, plain):
-        if not decode_step.gemm_bf16_available() or runner is plain:
-            assert runner.decode_stack.max_tokens == decode_step.GEMV_ROWS
+    runners = (plain,) if decode_step.gemm_bf16_available() else (bf16, plain)
+    for runner in runners:
+        assert runner.decode_stack.max_tokens == decode_step.GEMV_ROWS
         Lockstep([runner], _batch_prompts(6)).decode(list(range(6)))
         assert runner.decode_stack._capacity <= decode_step.GEMV_ROWS
     stack = plain.decode_stack

@@ -116,8 +116,9 @@ class Dense:
     """A dense weight [out, in] of the model dtype that also serves steps of more than GEMV_ROWS tokens,
     through the gemm kernel PackedLinear runs for those rows: float32 over panels = gemm.pack_panels(weight)
     (float32 [ceil(out / 16), in, 16]) or, with panels None, over the weight itself (gemm.gemm); bfloat16
-    over the bf16 gemm kernel's panels (required, and that kernel built: `gemm_bf16_available()`). A bare
-    weight tensor serves 1-GEMV_ROWS tokens only."""
+    over the bf16 gemm kernel's panels where that kernel is built (`gemm_bf16_available()`). A bare weight
+    tensor, or a Dense without a kernel built for it (bfloat16 without panels or the kernel), serves
+    1-GEMV_ROWS tokens only."""
 
     weight: torch.Tensor
     panels: torch.Tensor | None = None
@@ -212,21 +213,27 @@ def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
 
 
 def _panels(name: str, d: Dense, rows: int, cols: int, dtype: torch.dtype) -> None:
-    """Dense's panels: gemm.pack_panels' layout for float32; for bfloat16 (the bf16 kernel's own layout, not
-    yet on this branch) a contiguous CPU bf16 tensor of at least the weight's size."""
+    """Dense's panels, or None: gemm.pack_panels' layout for float32; for bfloat16 (the bf16 kernel's own
+    layout, not yet on this branch) a contiguous CPU bf16 tensor of at least the weight's size."""
     p = d.panels
     if dtype is torch.float32:
         ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous()
                            and p.shape == (-(-rows // gemm.PANEL), cols, gemm.PANEL))  # fmt: skip
-    else:
-        ok = (
-            p is not None and p.dtype is dtype and p.is_cpu and p.is_contiguous() and p.numel() >= rows * cols
-        )
+    else:  # to tighten when the bf16 kernel lands: [ceil(rows / 32), ceil(cols / 2), 32, 2] on its branch
+        ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous() and p.numel() >= rows * cols)
     if not ok:
         raise ValueError(
             f"decode_step: {name} panels must be the gemm kernel's for a {dtype} [{rows}, {cols}] weight; got "
             f"{_desc(p)}"
         )
+
+
+def _gemm_for(d: Dense, dtype: torch.dtype, gemms: tuple[int | None, ...]) -> int | None:
+    """The address of the gemm kernel decode_step.c's linear() calls for d past GEMV_ROWS rows (None: not
+    built here, or bfloat16 without panels)."""
+    if dtype is torch.float32:
+        return gemms[0] if d.panels is None else gemms[1]
+    return gemms[2] if d.panels is not None else None
 
 
 def _linear(w: torch.Tensor | Dense | Quantized, bias: torch.Tensor | None) -> _Linear:
@@ -305,10 +312,7 @@ class DecodeStack:
         self.final_norm, self.cos_sin = final_norm, cos_sin
         # Steps of more than GEMV_ROWS tokens where every linear has a gemm route whose kernel is built.
         linears = [m for w in layers for m in (w.qkv, w.o, w.gate_up, w.down)]
-        batched = all(
-            isinstance(m, Dense) and gemms[(0 if m.panels is None else 1) if dtype is torch.float32 else 2]
-            for m in linears
-        )
+        batched = all(isinstance(m, Dense) and _gemm_for(m, dtype, gemms) for m in linears)
         self.max_tokens = MAX_TOKENS if batched else GEMV_ROWS
         self._scratch: dict[str, torch.Tensor] = {}
         self._capacity = 0
