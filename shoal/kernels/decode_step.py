@@ -6,13 +6,15 @@ pointers taken from their own libraries, so the results are those of the per-op 
 its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for the data flow).
 
 `DecodeStack` is built once per model from plain tensors (`LayerWeights`, the caches, the rotary table),
-checks every dtype, shape and stride then, and allocates one set of scratch buffers, grown to the largest
-step run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64, 8 MB at 256). Each linear's weight is a dense tensor of the
-model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256 rows:
-gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8 pack-quantized,
-qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with its kernel
-built (float32 today; bfloat16 once shoal_gemm_bf16_panels is), else GEMV_ROWS: the runner sends larger
-steps to the per-op forward.
+checks every dtype, shape and stride then, and allocates one set of scratch buffers, grown to the largest step
+run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64, 8 MB at 256). Each linear's weight is a dense tensor
+of the model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256
+rows: gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8
+pack-quantized, qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with
+its kernel built (float32 today; bfloat16 once shoal_gemm_bf16_panels is), else GEMV_ROWS: the runner sends
+larger steps to the per-op forward. Measured (float32 SmolLM2-135M, 2 threads, 2-core Zen 4 EPYC,
+bench/decode_step.py): a step of 8/32/64 sequences 1.18/1.15/1.08x the per-op path's, 128-256 1.00-1.06x
+(docs/performance.md).
 `run` checks the step's own tensors each call; positions and slots are checked against their tables in C,
 block ids and context lengths by the attention kernel, before anything is written (ValueError). On a
 machine without a C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps
