@@ -523,6 +523,20 @@ def test_quantized_bfloat16_step_matches_the_per_op_path_exactly(tmp_path):
         assert torch.equal(a, b), (step, (a - b).abs().max())
 
 
+def test_a_quantized_model_takes_1_to_4_tokens_and_larger_steps_run_per_op(tmp_path):
+    """qgemv stops at 4 rows: the stack of a quantized model takes 1-4 tokens, and a step of 6 runs the
+    per-op forward, equal to a runner without the stack."""
+    fused, per_op = _quantized_runners(tmp_path, "int4-g32-asymmetric-biases", torch.float32)
+    assert fused.decode_stack.max_tokens == decode_step.GEMV_ROWS
+    for runner in (fused, per_op):  # room for 6 sequences of 8 blocks
+        runner.kv_caches[:] = [(torch.zeros(48 * BLOCK, *k.shape[1:]), torch.zeros(48 * BLOCK, *v.shape[1:]))
+                               for k, v in runner.kv_caches]  # fmt: skip
+    fused.decode_stack = fused_decode.decode_stack(fused.model, fused.kv_caches, BLOCK)
+    a, b = Lockstep([fused, per_op], _batch_prompts(6)).decode(list(range(6)))
+    assert torch.equal(a, b)
+    assert fused.decode_stack._capacity <= decode_step.GEMV_ROWS  # the 6-token step went per-op
+
+
 @pytest.mark.parametrize("variant", list(NOT_SERVED))
 def test_quantized_layouts_qgemv_does_not_take_keep_the_per_op_path(tmp_path, variant):
     fused, per_op = _quantized_runners(tmp_path, variant, torch.float32)
