@@ -191,18 +191,22 @@ def test_float32_batches_past_gemv_match_the_per_op_path_exactly(sequences, pane
 
 
 @pytest.mark.skipif(
-    not decode_step.gemm_bf16_available(), reason="bf16 gemm kernel not built (not on this branch)"
+    not decode_step.gemm_bf16_available(), reason="bf16 gemm kernel not built (gemm.c without AVX512-BF16)"
 )
 @pytest.mark.parametrize("sequences", [5, 17, 64])
 def test_bfloat16_batches_past_gemv_match_the_per_op_path_exactly(sequences):
-    """Where shoal_gemm_bf16_panels is built and PackedLinear runs bf16 batches on it: the step calls it
-    over the same panels, so logits and caches are the per-op path's bit for bit."""
+    """Where shoal_gemm_bf16_panels is built, PackedLinear runs bf16 batches on its panels (up to
+    gemm_max_rows: all rows, or 47 where the fp32 route measured faster from 48); the step calls the same
+    kernel over the same panels up to there, so logits and caches are the per-op path's bit for bit."""
     ref = _reference_model(_config(**_BIASES_WINDOW))
     fused_model, per_op_model = _cast(ref, torch.bfloat16, True), _cast(ref, torch.bfloat16, True)
     blocks = 8 * sequences
     fused, per_op = _runner(fused_model, blocks), _runner(per_op_model, blocks)
     per_op.decode_stack = None
-    assert fused.decode_stack.max_tokens == decode_step.MAX_TOKENS
+    most = fused_model.layers[0].mlp.down_proj.gemm_max_rows - 1
+    assert fused_model.layers[0].mlp.down_proj.panels.dtype is torch.bfloat16
+    assert fused.decode_stack.max_tokens == min(decode_step.MAX_TOKENS, most)
+    sequences = min(sequences, most)
     steps = Lockstep([fused, per_op], _batch_prompts(sequences))
     for step in range(6):
         a, b = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
@@ -210,6 +214,18 @@ def test_bfloat16_batches_past_gemv_match_the_per_op_path_exactly(sequences):
     assert fused.decode_stack._capacity >= sequences
     for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
         assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+def test_a_step_takes_no_more_tokens_than_its_narrowest_gemm_route():
+    """A linear whose per-op gemm route stops early (bfloat16's stops at 47 rows where the fp32 route
+    measured faster from 48) caps the stack's max_tokens: a larger step would not match the per-op path."""
+    model = _cast(_reference_model(_config()), torch.float32, panels=True)
+    model.layers[1].self_attn.o_proj.gemm_max_rows = 11
+    runner = _runner(model, 64)
+    assert runner.decode_stack.max_tokens == 10
+    runner.decode_stack.run(**_step_inputs(10))
+    with pytest.raises(ValueError, match="1-10 tokens"):
+        runner.decode_stack.run(**_step_inputs(11))
 
 
 def test_a_sequences_step_is_the_same_in_any_batch_past_gemv():
@@ -247,16 +263,15 @@ def test_a_batched_step_calls_between_layers_and_stops_where_it_raises():
 
 
 def test_steps_past_gemv_without_a_gemm_route_keep_the_per_op_path():
-    """bfloat16 (no bf16 gemm kernel on this branch) and plain nn.Linear float32 weights (F.linear past 4
-    rows): the stack takes 1-4 tokens, the runner sends larger steps to the per-op forward, and the stack
-    refuses them itself."""
+    """bfloat16 without panels (no room for a copy: the bf16 gemm kernel runs only over panels) and plain
+    nn.Linear float32 weights (F.linear past 4 rows): the stack takes 1-4 tokens, the runner sends larger
+    steps to the per-op forward, and the stack refuses them itself."""
     ref = _reference_model(_config())
     bf16 = _runner(_cast(ref, torch.bfloat16), 64)
     unpacked = copy.deepcopy(ref).to(torch.float32)
     unpacked.rope = _cast(ref, torch.float32).rope
     plain = _runner(unpacked, 64)
-    runners = (plain,) if decode_step.gemm_bf16_available() else (bf16, plain)
-    for runner in runners:
+    for runner in (bf16, plain):
         assert runner.decode_stack.max_tokens == decode_step.GEMV_ROWS
         Lockstep([runner], _batch_prompts(6)).decode(list(range(6)))
         assert runner.decode_stack._capacity <= decode_step.GEMV_ROWS

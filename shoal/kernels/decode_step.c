@@ -15,8 +15,10 @@
  * quantizer beside quantized ones). Steps of more than GEMV_ROWS (4) tokens: every linear must be dense with
  * a gemm route (`gemm` set), the kernel PackedLinear runs for those rows: float32 shoal_gemm_f32_panels over
  * the layer's panels [ceil(n / 16), k, 16] (gemm.pack_panels, PackedLinear's own copy) or shoal_gemm_f32
- * over the weight where no panels were made; bfloat16 shoal_gemm_bf16_panels over its panels, a hook for
- * the bf16 kernel (NULL until it is built: then bf16 linears carry no gemm route). qgemv has no form past
+ * over the weight where no panels were made; bfloat16 shoal_gemm_bf16_panels over its panels
+ * [ceil(n / 32), ceil(k / 2), 32, 2] (NULL where gemm.c was built without AVX512-BF16: then bf16 linears
+ * carry no gemm route), up to the rows PackedLinear sends it (all, or 47 where its fp32 route measured
+ * faster from 48: decode_step.py caps the step there). qgemv has no form past
  * 4 rows, so quantized models keep 1-4 tokens. check_step refuses a step that breaks this (SHOAL_BAD_INPUT).
  * What a batched step saves is the per-op path's overhead, 5-12 ms a step (float32 SmolLM2-135M, 2 threads,
  * 2-core Zen 4 EPYC: 8/32/64 sequences 1.18/1.15/1.08x a step, 128-256 1.00-1.06x; docs/performance.md).

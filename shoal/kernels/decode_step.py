@@ -11,10 +11,10 @@ run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64, 8 MB at 256). Each linea
 of the model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256
 rows: gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8
 pack-quantized, qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with
-its kernel built (float32 today; bfloat16 once shoal_gemm_bf16_panels is), else GEMV_ROWS: the runner sends
-larger steps to the per-op forward. Measured (float32 SmolLM2-135M, 2 threads, 2-core Zen 4 EPYC,
-bench/decode_step.py): a step of 8/32/64 sequences 1.18/1.15/1.08x the per-op path's, 128-256 1.00-1.06x
-(docs/performance.md).
+its kernel built (float32; bfloat16 where shoal_gemm_bf16_panels is, with panels), capped by the rows each
+route takes in the per-op path (Dense.max_rows), else GEMV_ROWS: the runner sends larger steps to the per-op
+forward. Measured (float32 SmolLM2-135M, 2 threads, 2-core Zen 4 EPYC, bench/decode_step.py): a step of
+8/32/64 sequences 1.18/1.15/1.08x the per-op path's, 128-256 1.00-1.06x (docs/performance.md).
 `run` checks the step's own tensors each call; positions and slots are checked against their tables in C,
 block ids and context lengths by the attention kernel, before anything is written (ValueError). On a
 machine without a C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps
@@ -118,12 +118,15 @@ class Dense:
     """A dense weight [out, in] of the model dtype that also serves steps of more than GEMV_ROWS tokens,
     through the gemm kernel PackedLinear runs for those rows: float32 over panels = gemm.pack_panels(weight)
     (float32 [ceil(out / 16), in, 16]) or, with panels None, over the weight itself (gemm.gemm); bfloat16
-    over the bf16 gemm kernel's panels where that kernel is built (`gemm_bf16_available()`). A bare weight
-    tensor, or a Dense without a kernel built for it (bfloat16 without panels or the kernel), serves
-    1-GEMV_ROWS tokens only."""
+    over its panels = gemm.pack_panels(weight) (bfloat16 [ceil(out / 32), ceil(in / 2), 32, 2]) where that
+    kernel is built (`gemm_bf16_available()`). max_rows: the most rows that route takes in the per-op path
+    (PackedLinear.gemm_max_rows - 1): a step takes at most the smallest of its linears' (and MAX_TOKENS). A
+    bare weight tensor, or a Dense without a kernel built for it (bfloat16 without panels or the kernel),
+    serves 1-GEMV_ROWS tokens only."""
 
     weight: torch.Tensor
     panels: torch.Tensor | None = None
+    max_rows: int = MAX_TOKENS
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,8 +160,10 @@ def _address(library: str, symbol: str) -> int | None:
 
 
 def _gemm_addresses() -> tuple[int | None, int | None, int | None]:
-    """gemm_f32, gemm_f32_panels, gemm_bf16_panels (None where not built: the bf16 one is not yet)."""
-    return tuple(_address("gemm", f"shoal_gemm_{name}") for name in ("f32", "f32_panels", "bf16_panels"))
+    """gemm_f32, gemm_f32_panels, gemm_bf16_panels (None where not built: the bf16 one only exists where
+    gemm.c was compiled with AVX512-BF16, gemm.bf16_available())."""
+    bf16 = _address("gemm", "shoal_gemm_bf16_panels") if gemm.bf16_available() else None
+    return _address("gemm", "shoal_gemm_f32"), _address("gemm", "shoal_gemm_f32_panels"), bf16
 
 
 def gemm_bf16_available() -> bool:
@@ -215,18 +220,18 @@ def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
 
 
 def _panels(name: str, d: Dense, rows: int, cols: int, dtype: torch.dtype) -> None:
-    """Dense's panels, or None: gemm.pack_panels' layout for float32; for bfloat16 (the bf16 kernel's own
-    layout, not yet on this branch) a contiguous CPU bf16 tensor of at least the weight's size."""
+    """Dense's panels, None or gemm.pack_panels' layout: float32 [ceil(rows / 16), cols, 16], bfloat16
+    [ceil(rows / 32), ceil(cols / 2), 32, 2]."""
     p = d.panels
     if dtype is torch.float32:
-        ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous()
-                           and p.shape == (-(-rows // gemm.PANEL), cols, gemm.PANEL))  # fmt: skip
-    else:  # to tighten when the bf16 kernel lands: [ceil(rows / 32), ceil(cols / 2), 32, 2] on its branch
-        ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous() and p.numel() >= rows * cols)
-    if not ok:
+        shape = (-(-rows // gemm.PANEL), cols, gemm.PANEL)
+    else:
+        shape = (-(-rows // gemm.PANEL_BF16), -(-cols // 2), gemm.PANEL_BF16, 2)
+    ok = p is None or (p.dtype is dtype and p.is_cpu and p.is_contiguous() and p.shape == shape)
+    if not (ok and type(d.max_rows) is int):
         raise ValueError(
-            f"decode_step: {name} panels must be the gemm kernel's for a {dtype} [{rows}, {cols}] weight; got "
-            f"{_desc(p)}"
+            f"decode_step: {name} panels must be the gemm kernel's for a {dtype} [{rows}, {cols}] weight and "
+            f"max_rows an int; got {_desc(p)}, max_rows {d.max_rows!r}"
         )
 
 
@@ -315,7 +320,8 @@ class DecodeStack:
         # Steps of more than GEMV_ROWS tokens where every linear has a gemm route whose kernel is built.
         linears = [m for w in layers for m in (w.qkv, w.o, w.gate_up, w.down)]
         batched = all(isinstance(m, Dense) and _gemm_for(m, dtype, gemms) for m in linears)
-        self.max_tokens = MAX_TOKENS if batched else GEMV_ROWS
+        most = min([MAX_TOKENS] + [m.max_rows for m in linears if isinstance(m, Dense)])
+        self.max_tokens = max(GEMV_ROWS, most) if batched else GEMV_ROWS
         self._scratch: dict[str, torch.Tensor] = {}
         self._capacity = 0
 

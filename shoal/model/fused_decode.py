@@ -9,7 +9,9 @@ built. Anything else (split linears, 8-bit per-channel linears on torch's int8 r
 act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model,
 and the model's own forward runs as before. Batched steps of 5 to decode_step.MAX_TOKENS tokens run as one
 call too where every linear is a PackedLinear that the per-op path sends to shoal's gemm kernel for those
-rows (float32: its panels, else its plain weight; `decode_step.Dense`); other models take 1-4 tokens. SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
+rows (float32: its panels, else its plain weight; bfloat16: its panels, where gemm.c has the AVX512-BF16
+kernel; `decode_step.Dense`, up to the rows that route takes); other models take 1-4 tokens.
+SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _plain(
     elif type(linear) is PackedLinear and linear.use_gemv:
         weight = linear.weight.detach()
         if linear.use_gemm:  # rows past gemv's go to the gemm kernel, over the panels where it made them
-            weight = decode_step.Dense(weight, linear.panels)
+            weight = decode_step.Dense(weight, linear.panels, linear.gemm_max_rows - 1)
     elif type(linear) is nn.Linear and gemv.supported(linear.weight):
         weight = linear.weight.detach()
     else:
