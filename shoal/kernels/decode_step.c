@@ -20,8 +20,9 @@
  * carry no gemm route), up to the rows PackedLinear sends it (all, or 47 where its fp32 route measured
  * faster from 48: decode_step.py caps the step there). qgemv has no form past
  * 4 rows, so quantized models keep 1-4 tokens. check_step refuses a step that breaks this (SHOAL_BAD_INPUT).
- * What a batched step saves is the per-op path's overhead, 5-12 ms a step (float32 SmolLM2-135M, 2 threads,
- * 2-core Zen 4 EPYC: 8/32/64 sequences 1.18/1.15/1.08x a step, 128-256 1.00-1.06x; docs/performance.md).
+ * What a batched step saves is the per-op path's overhead, 5-15 ms a step (SmolLM2-135M, 2 threads, 2-core
+ * Zen 4 EPYC, 8/32/64 sequences: float32 1.18/1.15/1.08x a step, bfloat16 1.45/1.25/1.22x; at 128-256
+ * 1.00-1.11x; docs/performance.md).
  *
  * Data flow per layer l (vLLM's residual convention: x is the previous sublayer's output, not yet added):
  *   l == 0: residual = embeddings; x = rms_norm(residual) * input_norm

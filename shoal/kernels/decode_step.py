@@ -13,8 +13,9 @@ rows: gemm.c's panels kernel over its panels, or its plain-weight one) or `Quant
 pack-quantized, qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with
 its kernel built (float32; bfloat16 where shoal_gemm_bf16_panels is, with panels), capped by the rows each
 route takes in the per-op path (Dense.max_rows), else GEMV_ROWS: the runner sends larger steps to the per-op
-forward. Measured (float32 SmolLM2-135M, 2 threads, 2-core Zen 4 EPYC, bench/decode_step.py): a step of
-8/32/64 sequences 1.18/1.15/1.08x the per-op path's, 128-256 1.00-1.06x (docs/performance.md).
+forward. Measured (SmolLM2-135M, 2 threads, 2-core Zen 4 EPYC, bench/decode_step.py): a step of 8/32/64
+sequences float32 1.18/1.15/1.08x the per-op path's, bfloat16 1.45/1.25/1.22x; 128-256 1.00-1.11x
+(docs/performance.md).
 `run` checks the step's own tensors each call; positions and slots are checked against their tables in C,
 block ids and context lengths by the attention kernel, before anything is written (ValueError). On a
 machine without a C compiler or with SHOAL_NATIVE_KERNELS=0, `available()` is False and the model keeps
