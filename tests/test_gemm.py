@@ -153,7 +153,7 @@ needs_bf16 = pytest.mark.skipif(
     not gemm.bf16_available(),
     reason="gemm.c was built without AVX512-BF16 (no vdpbf16ps for this CPU/compiler): no bf16 kernel here",
 )
-BF16_ROWS = [1, 2, 5, 7, 8, 9, 16, 17, 63, 193, 300]
+BF16_ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 63, 193, 300]  # 1-4: the decode loop
 # (N, K): K of 1, odd K (a pair with a zero half), K = 513 (256-column blocks and a 1-column tail), 576;
 # N around the 32-row panels: 1, 31, 32, 33, 65.
 BF16_SHAPES = [(1, 1), (31, 7), (32, 2), (33, 513), (65, 576), (5, 3)]
@@ -203,13 +203,13 @@ def test_gemm_bf16_rounds_once_after_the_bias(k) -> None:
 
 @needs_bf16
 def test_gemm_bf16_rows_are_batch_invariant() -> None:
-    """A row's output is bitwise the same whatever M and wherever it sits (tile of 8, remainder tiles, x in
-    chunks of at most 88 rows at K = 2200, cut in equal parts: 200 rows are 72 + 72 + 56, 89 rows 48 + 48),
-    against rows computed one at a time."""
+    """A row's output is bitwise the same whatever M and wherever it sits (the decode loop for 1-4 rows;
+    tile of 8, remainder tiles, x in chunks of at most 88 rows at K = 2200, cut in equal parts: 200 rows are
+    72 + 72 + 56, 89 rows 48 + 48), against rows computed one at a time."""
     x, w, bias = _bf16_case(200, 45, 2200, True)
     panels = gemm.pack_panels(w)
     alone = torch.cat([gemm.gemm_panels(x[i : i + 1], panels, 45, bias) for i in range(200)])
-    for rows in (2, 5, 8, 9, 13, 64, 89, 200):
+    for rows in (2, 3, 4, 5, 8, 9, 13, 64, 89, 200):
         for start in (0, 3, 200 - rows):
             part = x[start : start + rows].contiguous()
             got = gemm.gemm_panels(part, panels, 45, bias)
@@ -217,14 +217,29 @@ def test_gemm_bf16_rows_are_batch_invariant() -> None:
 
 
 @needs_bf16
+@pytest.mark.parametrize(("n", "k"), [(33, 7), (65, 513), (100, 1)])
+def test_gemm_bf16_decode_rows_match_the_tiles_bitwise(n, k) -> None:
+    """1-4 rows (the decode loop, whole K in registers) give bitwise the rows' outputs of a 5+ row call
+    (the tiles over 256-column k-blocks): odd K (the zero-padded last pair), a k-block tail, partial panels."""
+    x, w, bias = _bf16_case(9, n, k, True, seed=3)
+    panels = gemm.pack_panels(w)
+    tiles = gemm.gemm_panels(x, panels, n, bias)
+    for rows in (1, 2, 3, 4):
+        for start in (0, 9 - rows):
+            got = gemm.gemm_panels(x[start : start + rows].contiguous(), panels, n, bias)
+            assert torch.equal(got, tiles[start : start + rows]), (rows, start)
+
+
+@needs_bf16
 def test_gemm_bf16_threads_do_not_change_results() -> None:
     x, w, bias = _bf16_case(20, 101, 96, True)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _bf16_gemm(x, w, bias)
-        torch.set_num_threads(max(2, before))
-        assert torch.equal(_bf16_gemm(x, w, bias), one)
+        for rows in (1, 4, 20):  # the decode loop and the tiles
+            torch.set_num_threads(1)
+            one = _bf16_gemm(x[:rows], w, bias)
+            torch.set_num_threads(max(2, before))
+            assert torch.equal(_bf16_gemm(x[:rows], w, bias), one), rows
     finally:
         torch.set_num_threads(before)
 

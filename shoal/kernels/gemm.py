@@ -22,7 +22,10 @@ by 32 outputs on vdpbf16ps (AVX512-BF16). x, bias and the panels all bfloat16 (T
 a new bfloat16 [M, N]: products and sums in fp32, the bias added in fp32, one rounding to bf16 (nearest
 even), so torch's bf16 linear up to summation order (and vdpbf16ps' flushing of denormals, below ~1e-38).
 The kernel exists only where gemm.c was compiled with AVX512-BF16 (bf16_available(), asked of the built
-library); elsewhere supported() is False for bfloat16 and gemm_panels raises RuntimeError.
+library); elsewhere supported() is False for bfloat16 and gemm_panels raises RuntimeError. 1-4 rows (decode)
+run a loop of their own that streams each panel once over the whole K with no software prefetch, in the
+tiles' summation order (bitwise the same rows), 1.6-2x gemv.py's bf16 kernel over the plain weight there
+(numbers at the end).
 
 Numerics: fp32 products and fp32 accumulation in a fixed order per output whatever M and wherever the row
 sits in the batch, so a row gives bitwise the same output in any batch (batch-invariant); each differs from
@@ -67,6 +70,21 @@ at 512 rows, by about +3%):
 1.00-1.09x at 64-512 except the lm_head (0.97-0.98x at 128-512); the panels reach 190-214 GF/s from 32
 rows (in-cache weights: 220 GF/s in a quiet A/B, about one 512-bit vdpbf16ps a cycle at ~3.5 GHz).
 (bench/gemm.py --dtype bfloat16; the lm_head's 56 MB come from memory.)
+
+bfloat16 at 1-4 rows (decode), same EPYC, weights streamed from memory, through ctypes (no Python checks),
+best of 20 interleaved passes, load ~1.1 (another process on one core at times), GB/s; gemv is gemv.py's
+bf16 kernel over the plain weight, "tiles" the panels before the decode loop:
+                                  1 thread            2 threads
+    rows:                       1     2     4       1     2     4
+    120 decoder linears gemv  10.6   9.6   8.3    20.4  18.4  15.4
+      (212 MB)          tiles 16.3  15.7  16.5    29.9  27.9  26.7
+                        loop  16.1  17.6  16.9    28.7  30.5  28.3
+    lm_head 49152x576   gemv  10.0   9.2   7.7    20.3  18.3  15.6
+      (56 MB)           tiles 18.9  18.5  19.3    38.4  36.9  35.5
+                        loop  23.5  23.0  22.4    45.7  46.4  41.2
+One thread reading a 212 MB buffer in plain 512-bit loads reaches about 24 GB/s here. The decoder linears
+(0.7-3.5 MB each) stay below the lm_head: each call starts its streams cold, and through gemm_panels each
+call costs about 2.5 us (1 thread) to 8 us (2 threads, the other core busy) besides the kernel.
 """
 
 from __future__ import annotations
