@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import save_file
 
 from shoal.engine.model_runner import ModelRunner, StepInput
-from shoal.kernels import decode_step, qgemv
+from shoal.kernels import decode_step, gemm, gemv, qgemv
 from shoal.model import fused_decode
 from shoal.model.config import ModelConfig
 from shoal.model.loader import load_model
-from shoal.model.packed_linear import GEMM_MAX_ROWS, pack_linears
+from shoal.model.packed_linear import GEMM_MAX_ROWS, PackedLinear, pack_linears
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.transformer import Transformer
 from shoal.quant.groups import PER_CHANNEL
@@ -212,6 +212,39 @@ def test_bfloat16_batches_past_gemv_match_the_per_op_path_exactly(sequences):
         a, b = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
         assert torch.equal(a, b), (step, (a - b).abs().max())
     assert fused.decode_stack._capacity >= sequences
+    for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+@pytest.mark.skipif(
+    not decode_step.gemm_bf16_available(), reason="bf16 gemm kernel not built (gemm.c without AVX512-BF16)"
+)
+@pytest.mark.parametrize("sequences", [1, 2, 4])
+def test_bfloat16_decode_rows_run_on_the_panels_as_the_per_op_path_does(sequences, monkeypatch):
+    """Where PackedLinear has bf16 panels it runs 1-4 rows on them (gemm.c's decode loop), not on gemv; the
+    step's linear() does the same for a Dense with panels, so logits and caches are the per-op path's. The
+    plain weights are zeroed after packing, so a linear run on gemv instead would give other logits (gemv's
+    and the panels' summation orders alone rarely differ after bf16 rounding at this model's size)."""
+    ref = _reference_model(_config(**_BIASES_WINDOW))
+    models = [_cast(ref, torch.bfloat16, True) for _ in range(3)]
+    for model in models[:2]:
+        for m in model.modules():
+            if isinstance(m, PackedLinear):
+                assert m.decode_on_panels
+                m.weight.detach().zero_()  # the panels keep the values
+    fused, per_op, intact = (_runner(m) for m in models)
+    per_op.decode_stack = intact.decode_stack = None
+    steps = Lockstep([fused, per_op, intact], _batch_prompts(sequences))
+    calls = []  # the per-op path's kernels, once the prefills are done
+    real_gemm, real_gemv = gemm.gemm_panels, gemv.gemv
+    monkeypatch.setattr(gemm, "gemm_panels", lambda *a: calls.append("panels") or real_gemm(*a))
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append("gemv") or real_gemv(*a, **k))
+    for step in range(6):  # crosses block boundaries (4 slots a block) and the 6-key window
+        a, b, c = steps.decode([(11 * step + i) % 97 for i in range(sequences)])
+        assert torch.equal(a, b) and torch.equal(b, c), (step, (a - b).abs().max(), (b - c).abs().max())
+    # a step: the per-op runners' 4 linears in each of 3 layers and their lm_heads, and the fused runner's
+    # lm_head (its layers run in C), all on the panels
+    assert calls == ["panels"] * (6 * 2 * (4 * 3 + 1) + 6), calls[:8]
     for mine, theirs in zip(fused.kv_caches, per_op.kv_caches, strict=True):
         assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
 

@@ -7,7 +7,9 @@
   linears), else in float32 (an AVX2-only CPU emulates bf16 matmuls: 44 s instead of ~15 s here): a seeded request at temperature 1 gives identical token ids (and
   bitwise identical logprobs) alone, in a batch of 8 mixed requests, with its prefix cold and warm in the
   prefix cache, and with chunked prefill splitting its prompt. The same cases without the mode give the
-  request different logprobs in at least one case: the variation the mode removes is there.
+  request different logprobs in at least one case: the variation the mode removes is there, except
+  where every linear runs on gemm.c's bf16 panels for every row count (AVX512-BF16, a copy fits in RAM,
+  no fp32 route): one summation order whatever the batch, so the cases agree without the mode too.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ def test_batch_invariant_linear_rows_do_not_depend_on_the_batch(dtype):
         torch.testing.assert_close(wrapped(shifted)[-1:], alone, rtol=0, atol=0)
     torch.testing.assert_close(wrapped(x.view(4, 25, 576)).view(100, -1), wrapped(x), rtol=0, atol=0)
     if dtype == torch.bfloat16 and isinstance(inner, PackedLinear):
-        # Unwrapped, 1 row (gemv), 16 rows (oneDNN) and 100 rows (fp32 GEMM) reduce in different orders.
-        firsts = [inner(x[:rows])[0] for rows in (1, 16, 100)]
-        assert any(not torch.equal(firsts[0], f) for f in firsts[1:])
+        # Unwrapped, the routes reduce in different orders: 4 rows (gemv, or where built the gemm kernel's
+        # bf16 panels), 40 rows (oneDNN, or those panels: then 4's order) and 100 rows (the fp32 GEMM). The
+        # bf16 rounding hides most differences: the first 4 rows are compared across the three, and all 40
+        # between 40 and 100 rows.
+        firsts = [inner(x[:rows])[:4] for rows in (4, 40, 100)] + [inner(x[:40]), inner(x)[:40]]
+        assert any(not torch.equal(firsts[0], f) for f in firsts[1:3]) or not torch.equal(*firsts[3:])
 
 
 @pytest.mark.timeout(10)
@@ -187,7 +192,13 @@ def test_without_the_mode_the_cases_differ(engines):
         f"without --deterministic, logprobs differ from alone in: {differ}; tokens differ in: "
         f"{[name for name, got in cases.items() if got[0] != alone[0]]}"
     )
-    assert differ
+    linears = [m for m in engines(False).runner.model.modules() if isinstance(m, PackedLinear)]
+    if linears and all(m.decode_on_panels and m.big_route is None for m in linears):
+        # bfloat16 where every linear runs on gemm.c's panels at every row count (one summation order
+        # whatever M, no fp32 route for big batches): already batch-invariant without the mode.
+        assert not differ
+    else:
+        assert differ
 
 
 @pytest.mark.timeout(120)

@@ -94,13 +94,16 @@ def test_float32_keeps_the_plain_weight_and_packs_only_when_ram_allows() -> None
     "dtype", [pytest.param(torch.float32, marks=needs_fp32), pytest.param(torch.bfloat16, marks=needs_bf16)]
 )
 def test_decode_rows_run_on_gemv(dtype, monkeypatch) -> None:
-    """Where the kernel builds, pack_linears keeps the plain weight and 1-4 rows go to gemv, more elsewhere."""
+    """Where the kernel builds, pack_linears keeps the plain weight and 1-4 rows go to gemv, more elsewhere
+    (bfloat16: where no panels are made; with panels, test_bfloat16_decode_rows_run_on_the_panels)."""
     if not gemv.supported(torch.zeros(1, 1, dtype=dtype)):
         pytest.skip("no C compiler: native kernels off")
-    model = pack_linears(nn.Sequential(nn.Linear(64, 48).to(dtype)), available_ram=1 << 34)
+    ram = 1 << 34 if dtype == torch.float32 or not gemm.bf16_available() else None  # None: no copy, no panels
+    model = pack_linears(nn.Sequential(nn.Linear(64, 48).to(dtype)), available_ram=ram)
     layer = model[0]
+    assert not layer.decode_on_panels
     assert layer.use_gemv and layer.weight is not None
-    assert (layer.panels if layer.use_gemm else layer.packed) is not None
+    assert (layer.panels if layer.use_gemm else layer.packed) is not None or ram is None
     calls = []
     monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(args[0].shape[0]) or gemv._run(*args))
     for rows in (1, 4, 5):
@@ -131,8 +134,8 @@ def test_float32_batches_run_on_gemm(monkeypatch) -> None:
 @pytest.mark.skipif(not gemm.bf16_available(), reason="gemm.c built without AVX512-BF16: no bf16 kernel here")
 def test_bfloat16_batches_run_on_the_bf16_panels(monkeypatch) -> None:
     """Where the bf16 kernel is built and a copy fits, bfloat16 batches of 5+ rows go to its panels (which
-    replace oneDNN's copy); with the fp32 big-batch route, from BIG_BATCH_ROWS on that route instead; with
-    no room for a copy, not at all."""
+    replace oneDNN's copy), and so do 1-4 rows; with the fp32 big-batch route, from BIG_BATCH_ROWS on that
+    route instead; with no room for a copy, not at all."""
     linear = nn.Linear(64, 48).bfloat16()
     roomy = PackedLinear(linear, True, None, True)
     with_fp32 = PackedLinear(linear, True, "fp32", True)
@@ -143,7 +146,7 @@ def test_bfloat16_batches_run_on_the_bf16_panels(monkeypatch) -> None:
     calls = []
     real = gemm.gemm_panels
     monkeypatch.setattr(gemm, "gemm_panels", lambda *a: calls.append(len(a[0])) or real(*a))
-    for layer, want in ((roomy, [5, 47, 48, 600]), (with_fp32, [5, 47]), (tight, [])):
+    for layer, want in ((roomy, [4, 5, 47, 48, 600]), (with_fp32, [4, 5, 47]), (tight, [])):
         calls.clear()
         for rows in (4, 5, BIG_BATCH_ROWS - 1, BIG_BATCH_ROWS, 600):
             x = torch.randn(rows, 64, dtype=torch.bfloat16)
@@ -154,6 +157,32 @@ def test_bfloat16_batches_run_on_the_bf16_panels(monkeypatch) -> None:
                 and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
             )
         assert calls == want
+
+
+@pytest.mark.skipif(not gemm.bf16_available(), reason="gemm.c built without AVX512-BF16: no bf16 kernel here")
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_decode_rows_run_on_the_panels(bias, monkeypatch) -> None:
+    """Where the bf16 panels are made, 1-4 rows run on them too (gemm.c streams them faster than gemv the
+    plain weight; module docstring), bitwise the rows of a larger batch; without panels, on gemv. An odd K
+    and N (the zero-padded last pair, a partial panel)."""
+    linear = nn.Linear(67, 45, bias=bias).bfloat16()
+    roomy, tight = PackedLinear(linear, True, None, True), PackedLinear(linear, False, None, True)
+    assert roomy.decode_on_panels and not tight.decode_on_panels and tight.use_gemv
+    calls = []
+    real_gemm, real_gemv = gemm.gemm_panels, gemv.gemv
+    monkeypatch.setattr(gemm, "gemm_panels", lambda *a: calls.append(("panels", len(a[0]))) or real_gemm(*a))
+    monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(("gemv", len(a[0]))) or real_gemv(*a))
+    x = torch.randn(7, 67, dtype=torch.bfloat16)
+    batch = roomy(x)
+    exact = F.linear(
+        x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
+    )
+    for rows in (1, 2, 3, 4):
+        got = roomy(x[:rows].view(1, rows, 67))  # any leading shape
+        assert got.shape == (1, rows, 45) and torch.equal(got[0], batch[:rows])
+        assert ((tight(x[:rows]).double() - exact[:rows]).abs() <= exact[:rows].abs() * 2**-7 + 1e-4).all()
+    want = [("panels", 7)] + [r for n in (1, 2, 3, 4) for r in (("panels", n), ("gemv", n))]
+    assert calls == want
 
 
 @pytest.mark.timeout(120)

@@ -18,8 +18,9 @@
  * over the weight where no panels were made; bfloat16 shoal_gemm_bf16_panels over its panels
  * [ceil(n / 32), ceil(k / 2), 32, 2] (NULL where gemm.c was built without AVX512-BF16: then bf16 linears
  * carry no gemm route), up to the rows PackedLinear sends it (all, or 47 where its fp32 route measured
- * faster from 48: decode_step.py caps the step there). qgemv has no form past
- * 4 rows, so quantized models keep 1-4 tokens. check_step refuses a step that breaks this (SHOAL_BAD_INPUT).
+ * faster from 48: decode_step.py caps the step there). A bfloat16 linear with panels runs 1-4 rows on
+ * them too, as PackedLinear does (gemm.c's decode loop streams them 1.4-2.3x faster than gemv.c the plain
+ * weight). qgemv has no form past 4 rows, so quantized models keep 1-4 tokens. check_step refuses a step that breaks this (SHOAL_BAD_INPUT).
  * What a batched step saves is the per-op path's overhead, 5-15 ms a step (SmolLM2-135M, 2 threads, 2-core
  * Zen 4 EPYC, 8/32/64 sequences: float32 1.18/1.15/1.08x a step, bfloat16 1.45/1.25/1.22x; at 128-256
  * 1.00-1.11x; docs/performance.md).
@@ -123,12 +124,14 @@ typedef struct { /* the step's inputs and scratch, as in the header */
 #define AT(p, elems) ((char *)(p) + (int64_t)(elems) * es)
 
 /* The activations' dtype (bf16) is the model's; qgemv's use_dot is 1, as QuantizedLinear's call passes it.
- * Up to GEMV_ROWS rows: the matrix-vector kernels. More: the gemm kernel that PackedLinear runs for the same
- * rows (float32 over its panels, else over the plain weight; bfloat16 over its panels), which
- * gemm_ready() has checked is there for every linear before the step began. */
+ * Up to GEMV_ROWS rows: the matrix-vector kernels, except a bfloat16 linear with panels (and the kernel),
+ * which PackedLinear runs on the panels for every row count (gemm.c's decode loop streams them faster).
+ * More: the gemm kernel that PackedLinear runs for the same rows (float32 over its panels, else over the
+ * plain weight; bfloat16 over its panels), which gemm_ready() has checked is there for every linear before
+ * the step began. */
 static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *in, void *out, int64_t rows,
                   int64_t n, int64_t kdim, int threads) {
-    if (rows > GEMV_ROWS) {
+    if (rows > GEMV_ROWS || (w->kind == LINEAR_BF16 && w->panels && k->gemm_bf16_panels)) {
         if (w->kind == LINEAR_BF16)
             k->gemm_bf16_panels(in, w->panels, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
         else if (w->panels)

@@ -9,7 +9,8 @@ its ~1,000 torch ops and ~300 Python-to-C calls a step (see decode_step.c for th
 checks every dtype, shape and stride then, and allocates one set of scratch buffers, grown to the largest step
 run (float32 SmolLM2-135M: 31.5 KB a token, 2 MB at 64, 8 MB at 256). Each linear's weight is a dense tensor
 of the model dtype (gemv.c, 1-4 rows), `Dense` (the same, plus the gemm kernel PackedLinear runs for 5-256
-rows: gemm.c's panels kernel over its panels, or its plain-weight one) or `Quantized` (int4/int8
+rows: gemm.c's panels kernel over its panels, or its plain-weight one; bfloat16 with panels runs 1-4 rows on
+them too, as PackedLinear does) or `Quantized` (int4/int8
 pack-quantized, qgemv.c, 1-4 rows). `DecodeStack.max_tokens` is MAX_TOKENS where every linear is Dense with
 its kernel built (float32; bfloat16 where shoal_gemm_bf16_panels is, with panels), capped by the rows each
 route takes in the per-op path (Dense.max_rows), else GEMV_ROWS: the runner sends larger steps to the per-op
@@ -120,8 +121,10 @@ class Dense:
     through the gemm kernel PackedLinear runs for those rows: float32 over panels = gemm.pack_panels(weight)
     (float32 [ceil(out / 16), in, 16]) or, with panels None, over the weight itself (gemm.gemm); bfloat16
     over its panels = gemm.pack_panels(weight) (bfloat16 [ceil(out / 32), ceil(in / 2), 32, 2]) where that
-    kernel is built (`gemm_bf16_available()`). max_rows: the most rows that route takes in the per-op path
-    (PackedLinear.gemm_max_rows - 1): a step takes at most the smallest of its linears' (and MAX_TOKENS). A
+    kernel is built (`gemm_bf16_available()`), for 1-GEMV_ROWS tokens as well (as PackedLinear's
+    decode_on_panels: the panels stream faster than gemv). max_rows: the most rows that route takes in the
+    per-op path (PackedLinear.gemm_max_rows - 1): a step takes at most the smallest of its linears' (and
+    MAX_TOKENS). A
     bare weight tensor, or a Dense without a kernel built for it (bfloat16 without panels or the kernel),
     serves 1-GEMV_ROWS tokens only."""
 

@@ -1,7 +1,8 @@
 """Batch-invariant linears for deterministic mode: every row's matmul reduced in one fixed order.
 
 A CPU matmul's summation order depends on its row count M: shoal's own routing picks the gemv kernel for
-1-4 rows, then by dtype shoal's gemm kernel (float32, 5-256 rows; bfloat16 on AVX512-BF16, 5+ rows),
+1-4 rows (bfloat16 with the gemm kernel's panels: those panels, one order for 1-4 and 5+ rows alike), then
+by dtype shoal's gemm kernel (float32, 5-256 rows; bfloat16 on AVX512-BF16, 5+ rows),
 oneDNN's packed GEMM below 48 or an fp32 GEMM above (model/packed_linear.py), and inside one library the
 blocking and the kernel change with M too. So a token's logits depend on how many other tokens
 share its step. The fix taken here is the one Thinking Machines describe ("Defeating Nondeterminism in LLM

@@ -20,7 +20,12 @@ Measured facts about torch's CPU matmuls that this module exists for:
 - For 1-4 rows both stream the weight below memory bandwidth, so those run on shoal's own matrix-vector
   kernel (shoal/kernels/gemv.c): fp32 on that AVX2 EPYC about 24 GB/s instead of 11; bf16 (vdpbf16ps) on
   a 2-core AVX512-BF16 EPYC 1.0-1.3x oneDNN's packed linears per weight, SmolLM2 decode step 1.21-1.25x
-  faster with one thread (numbers in shoal/kernels/gemv.py).
+  faster with one thread (numbers in shoal/kernels/gemv.py). bf16 where the gemm kernel's panels are made
+  (below): 1-4 rows run on those panels instead, which gemm.c streams faster than gemv.c streams the plain
+  weight: on the 2-core Zen4 EPYC, bf16, weights from memory, 1 and 2 threads, SmolLM2's 120 decoder
+  linears 10.6 -> 16.1-17.6 and 20.4 -> 28.3-30.5 GB/s, its 49152-row lm_head 10.0 -> 22.4-23.5 and
+  20.3 -> 41.2-46.4 GB/s (1.4-2.9x; numbers in shoal/kernels/gemm.py). So a bf16 row's output is then
+  the same in a batch of any size.
 - For float32 batches of 5-256 rows (a batched decode step), oneDNN and MKL reach a third to two thirds of
   the FMA peak on that AVX2 EPYC; shoal's gemm kernel (shoal/kernels/gemm.c) over the weight packed in
   16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
@@ -138,7 +143,8 @@ def fp32_gemm_is_faster(
 
 class PackedLinear(nn.Module):
     """A linear that routes each call by its number of rows:
-    - up to gemv.MAX_ROWS: the native matrix-vector kernel over the plain weight (decode), where kept;
+    - up to gemv.MAX_ROWS: bfloat16 with the gemm kernel's panels (below), those panels (faster, see the
+      module docstring); else the native matrix-vector kernel over the plain weight (decode), where kept;
     - float32 where the gemm kernel is built, below GEMM_MAX_ROWS: that kernel, over its packed panels where
       a copy fits in RAM, else over the plain weight;
     - bfloat16 where the kernel has its AVX512-BF16 panels and a copy fits in RAM: those panels, for every
@@ -160,6 +166,8 @@ class PackedLinear(nn.Module):
         # With the gemm kernel its panels take the place of oneDNN's copy (faster over the whole range the
         # copy served); float32 without room for a copy runs the kernel over the plain weight.
         self.panels = gemm.pack_panels(self.weight) if packed and self.use_gemm else None
+        # bf16 decode rows (1 to gemv.MAX_ROWS) run on the panels where they are made: faster than gemv.
+        self.decode_on_panels = not fp32 and self.panels is not None
         if fp32:
             self.gemm_max_rows = GEMM_MAX_ROWS
         else:
@@ -177,7 +185,9 @@ class PackedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rows = x2.shape[0]
-        if self.use_gemv and rows <= gemv.MAX_ROWS:
+        if self.decode_on_panels and rows <= gemv.MAX_ROWS and not torch.compiler.is_compiling():
+            out = gemm.gemm_panels(x2.contiguous(), self.panels, self.out_features, self.bias)
+        elif self.use_gemv and rows <= gemv.MAX_ROWS:
             out = gemv.gemv(x2, self.weight, self.bias)
         elif torch.compiler.is_compiling() and self.weight is not None:
             out = F.linear(x2, self.weight, self.bias)
