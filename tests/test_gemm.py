@@ -222,7 +222,7 @@ def test_gemm_bf16_decode_rows_match_the_tiles_bitwise(n, k) -> None:
     """1-4 rows (the decode loop, whole K in registers) give bitwise the rows' outputs of a 5+ row call
     (the tiles over 256-column k-blocks): odd K (the zero-padded last pair), a k-block tail, partial panels.
     Sensitive to the order: the first and last products are +-2^24, so the terms between them are summed
-    at an fp32 spacing of 2 and any other order gives another result (summing the pairs in reverse order
+    at an fp32 spacing of 2 and another order gives another result (summing the pairs in reverse order
     fails this test: checked)."""
     x, w, bias = _bf16_case(9, n, k, True, seed=3)
     if k > 1:
