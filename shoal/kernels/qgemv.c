@@ -73,6 +73,13 @@ static inline float hsum(v16f v) {
 int shoal_qgemv_bf16_native(void) { return HAVE_AVX512_BF16; }
 int shoal_qgemv_avx2_row(void) { return HAVE_AVX2_ROW; }
 
+static inline float bf16_bits(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 static inline float scale_at(const void *scale, int scale_bf16, int64_t i) {
     if (!scale_bf16) return ((const float *)scale)[i];
     uint32_t bits = (uint32_t)((const uint16_t *)scale)[i] << 16;
@@ -195,13 +202,26 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
     v16f zterm[MAX_ROWS];
     zero_terms(scale, scale_bf16, zero, n, G, offset, xsum, M, zterm);
     for (int m = 0; m < M; m++) tot[m] = (v16f){0};
-    for (int g = 0; g < G; g++) {
-        float s = scale_at(scale, scale_bf16, n * G + g);
 #if HAVE_AVX512_BF16
-        if (x_bf16 == 2) {
-            group4_bf16_64((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
-            continue;
-        }
+    if (x_bf16 == 2) {
+        /* its own loop (no per-group test of the path), with the row's scales as f32 first, in a loop the
+         * compiler vectorizes, so that a group takes its scale with one broadcast from memory: same sums,
+         * 576x1536 g64 9% faster a call, other shapes within noise (qgemv.py). The same scales-first loop
+         * made the fp32 path (int8) 10-15% slower in one run, so that path keeps scale_at. */
+        float sf[G];
+        if (scale_bf16)
+            for (int g = 0; g < G; g++) sf[g] = bf16_bits(((const uint16_t *)scale)[n * G + g]);
+        else
+            memcpy(sf, (const float *)scale + n * G, sizeof sf);
+        for (int g = 0; g < G; g++)
+            group4_bf16_64((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, sf[g], tot);
+        for (int m = 0; m < M; m++) out[m] = hsum(tot[m] - zterm[m]);
+        return;
+    }
+#endif
+    for (int g = 0; g < G; g++) {
+        const float s = scale_at(scale, scale_bf16, n * G + g);
+#if HAVE_AVX512_BF16
         if (x_bf16) {
             group4_bf16((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, s, tot);
             continue;

@@ -16,6 +16,19 @@ third of that; vectorized over groups (zero_terms) int4 x bf16 went from 80 to 6
 weights from memory, load 4-5) the AVX2 row (`avx2_row`) takes 3072x576 g64 int4 in 0.20-0.22 ms and int8 in
 0.20-0.29 ms, against 0.35-0.54 ms for the dense float32 gemv in the same runs (5.8 and 2.5 ms before it).
 Whole-model numbers are in docs/quantization.md.
+
+Where the time goes (2-core AMD EPYC Zen4, AVX512-BF16, bf16 x, 1 row, asymmetric g64, weights from memory:
+60 MB of copies round-robin; best of 12 interleaved runs, shared machine): int4 reaches 5.6-7 GB/s of packed
+bytes on 1 thread and 10-12 GB/s on 2, int8 8-12 / 13-18 GB/s, while torch reads 20 / 27 GB/s there; with the
+weights in cache int4 is no faster than 8-12 GB/s on 1 thread. So int4 x bf16 is bound by instructions per
+64-column group (unpack, two vdpbf16ps, the scale's FMA, at g64 one group per 32 bytes), not by memory.
+Interleaving 4 output rows (4 x M independent chains) gained 3% in cache and lost 5-45% from memory, so rows
+stay one at a time; software prefetch a few rows ahead changed nothing; int8 on vdpbf16ps (each byte as two
+exact bf16 nibbles, two dot products) matched the fp32 path within noise, so it was dropped. Taking the row's
+scales as f32 before the group loop, in the vdpbf16ps path's own loop, gives the same sums bit for bit; it
+took 576x1536 g64 from 66 to 60 us (1 thread) and 46 to 42 us (2 threads); the other shapes moved within the
+run-to-run noise of identical builds here (5-15%). The same scales-first loop in the fp32 path (int8) measured
+10-15% slower in one run, so that path keeps per-group scale_at.
 """
 
 from __future__ import annotations
