@@ -246,6 +246,18 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path) -> None:
         kernels.load.cache_clear()
 
 
+def test_build_key_covers_the_shared_headers(monkeypatch, tmp_path) -> None:
+    """A kernel may include any header beside it (bf16.h): editing one must rebuild every kernel."""
+    for f in kernels.SOURCE_DIR.glob("*.h"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(kernels, "SOURCE_DIR", tmp_path)
+    source = b"int f(void) { return 0; }"
+    before = kernels._build_key(source, "cc")
+    assert kernels._build_key(source, "cc") == before
+    (tmp_path / "bf16.h").write_text("/* edited */", encoding="utf-8")
+    assert kernels._build_key(source, "cc") != before
+
+
 needs_gemv = pytest.mark.skipif(
     not gemv.supported(torch.zeros(1, 1)), reason="no C compiler: native kernels off"
 )

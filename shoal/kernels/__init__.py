@@ -47,7 +47,8 @@ def cache_dir() -> Path:
 
 
 def _build_key(source: bytes, cc: str) -> str:
-    """Whatever changes the machine code: the source, flags, compiler version and the CPU (-march=native)."""
+    """Whatever changes the machine code: the source, the headers beside it (any source may include
+    them), flags, compiler version and the CPU (-march=native)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     try:
         cpu = next(
@@ -55,7 +56,8 @@ def _build_key(source: bytes, cc: str) -> str:
         )
     except (OSError, StopIteration):
         cpu = ""
-    parts = [source, " ".join(FLAGS + LIBS).encode(), version.encode(), cpu.encode()]
+    headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]
+    parts = [source, *headers, " ".join(FLAGS + LIBS).encode(), version.encode(), cpu.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -24,6 +24,8 @@
  * checks all of this: these functions trust their arguments.
  */
 #include <stdint.h>
+
+#include "bf16.h"
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -315,20 +317,6 @@ static inline void prefetch_bf16(const uint16_t *p, int64_t elems) {
     __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 2);
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a (quiet) NaN, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* MT rows of x (row stride K, from column k0 of the block) by one panel's k-block of kc columns (wp at the
  * block's first pair) into part (MT x BW sums). */

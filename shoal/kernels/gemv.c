@@ -20,6 +20,8 @@
  * N, K >= 1. The caller (gemv.py) checks all of this: these functions trust their arguments.
  */
 #include <stdint.h>
+
+#include "bf16.h"
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -82,20 +84,6 @@ void shoal_gemv_f32(const float *x, const float *w, const float *bias, float *y,
 
 /* ---- bfloat16 ---- */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a (quiet) NaN, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline void store_bf16(const float *sums, const uint16_t *bias, uint16_t *y, int M, int N, int n) {
     float b = bias ? bf16_to_f32(bias[n]) : 0.0f;

@@ -39,6 +39,8 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+
+#include "bf16.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -52,20 +54,6 @@
 float expf(float);
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a (quiet) NaN, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* q . k over D floats: 16-wide partial sums, then a pairwise (tree) horizontal sum. Written out because an
  * `omp simd reduction` ends in a sequential sum over the lanes unless -fassociative-math is on: 1.35x slower

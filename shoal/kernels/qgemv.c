@@ -33,6 +33,8 @@
  * The per-group sums of x that the zero-point term needs are computed once per call, before the rows.
  */
 #include <stdint.h>
+
+#include "bf16.h"
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -294,19 +296,6 @@ static inline __attribute__((always_inline)) void row_avx2(const float *x, const
 }
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale, int scale_bf16,
                  const int8_t *zero, const void *bias, void *y, int M, int N, int K, int group, int bits,
