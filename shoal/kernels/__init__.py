@@ -101,11 +101,12 @@ def load(name: str) -> ctypes.CDLL | None:
 @lru_cache
 def function(name: str, symbol: str, argtypes: tuple, restype: type | None = None) -> ctypes._CFuncPtr | None:
     """The C function `symbol` of kernel `name`, with its argument and return types set once (restype None:
-    void; ctypes.c_int for a function that returns a status); None where the kernel cannot be had."""
+    void; ctypes.c_int for a function that returns a status); None where the kernel cannot be had, or where
+    this build has no such symbol (one compiled only for some CPUs, as gemm.c's bf16 kernel)."""
     lib = load(name)
-    if lib is None:
+    fn = None if lib is None else getattr(lib, symbol, None)
+    if fn is None:
         return None
-    fn = getattr(lib, symbol)
     fn.restype = restype
     fn.argtypes = list(argtypes)
     return fn

@@ -166,8 +166,9 @@ def _address(library: str, symbol: str) -> int | None:
 def _gemm_addresses() -> tuple[int | None, int | None, int | None]:
     """gemm_f32, gemm_f32_panels, gemm_bf16_panels (None where not built: the bf16 one only exists where
     gemm.c was compiled with AVX512-BF16, gemm.bf16_available())."""
-    bf16 = _address("gemm", "shoal_gemm_bf16_panels") if gemm.bf16_available() else None
-    return _address("gemm", "shoal_gemm_f32"), _address("gemm", "shoal_gemm_f32_panels"), bf16
+    return tuple(
+        _address("gemm", s) for s in ("shoal_gemm_f32", "shoal_gemm_f32_panels", "shoal_gemm_bf16_panels")
+    )
 
 
 def gemm_bf16_available() -> bool:

@@ -104,8 +104,6 @@ _PANEL_SYMBOLS = {torch.float32: "shoal_gemm_f32_panels", torch.bfloat16: "shoal
 
 
 def _kernel(symbol: str = "shoal_gemm_f32"):
-    if symbol == "shoal_gemm_bf16_panels" and not bf16_available():
-        return None  # not compiled on this CPU: the symbol does not exist
     return kernels.function("gemm", symbol, _ARGTYPES, None)
 
 
