@@ -24,8 +24,6 @@
  * checks all of this: these functions trust their arguments.
  */
 #include <stdint.h>
-
-#include "bf16.h"
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,6 +31,8 @@
 #ifdef __FMA__
 #include <immintrin.h>
 #endif
+
+#include "bf16.h"
 
 /* ---- Dot-product form over the plain weight (shoal_gemm_f32) ----
  *
@@ -320,6 +320,17 @@ static inline void prefetch_bf16(const uint16_t *p, int64_t elems) {
 
 /* MT rows of x (row stride K, from column k0 of the block) by one panel's k-block of kc columns (wp at the
  * block's first pair) into part (MT x BW sums). */
+/* The sums of `rows` rows of x for panel columns n0.. (part, rows x BW, row-major) out to y (rows from its
+ * first, row stride N): the bias added in fp32, one rounding to bf16; columns past N are the panel's padding. */
+static inline void bf16_store(const float *part, const uint16_t *bias, uint16_t *y, int rows, int N, int n0) {
+    int width = N - n0 < BW ? N - n0 : BW;
+    for (int m = 0; m < rows; m++) {
+        uint16_t *yr = y + (int64_t)m * N + n0;
+        for (int j = 0; j < width; j++)
+            yr[j] = f32_to_bf16(part[m * BW + j] + (bias ? bf16_to_f32(bias[n0 + j]) : 0.0f));
+    }
+}
+
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, const uint16_t *wp, float *part,
                                                             int MT, int K, int kc, int first, int64_t pf) {
     __m512 acc[BM][2];
@@ -429,12 +440,7 @@ static inline __attribute__((always_inline)) void bf16_decode_panel(const uint16
         _mm512_store_ps(part + m * BW, acc[m][0]);
         _mm512_store_ps(part + m * BW + 16, acc[m][1]);
     }
-    int width = N - n0 < BW ? N - n0 : BW;
-    for (int m = 0; m < MT; m++) {
-        uint16_t *yr = y + (int64_t)m * N + n0;
-        for (int j = 0; j < width; j++)
-            yr[j] = f32_to_bf16(part[m * BW + j] + (bias ? bf16_to_f32(bias[n0 + j]) : 0.0f));
-    }
+    bf16_store(part, bias, y, MT, N, n0);
 }
 
 static void bf16_decode(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int M, int N,
@@ -489,12 +495,7 @@ void shoal_gemm_bf16_panels(const uint16_t *x, const uint16_t *wp, const uint16_
                                        kc, k0 == 0, pf);
                     }
                 }
-                int n0 = p * BW, width = N - n0 < BW ? N - n0 : BW;
-                for (int m = 0; m < rows; m++) {
-                    uint16_t *yr = y + (m0 + m) * N + n0;
-                    for (int j = 0; j < width; j++)
-                        yr[j] = f32_to_bf16(part[m * BW + j] + (bias ? bf16_to_f32(bias[n0 + j]) : 0.0f));
-                }
+                bf16_store(part, bias, y + m0 * N, rows, N, p * BW);
             }
         }
     }

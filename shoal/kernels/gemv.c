@@ -20,10 +20,10 @@
  * N, K >= 1. The caller (gemv.py) checks all of this: these functions trust their arguments.
  */
 #include <stdint.h>
-
-#include "bf16.h"
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_AVX512_BF16 1

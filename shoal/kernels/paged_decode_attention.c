@@ -39,10 +39,10 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-
-#include "bf16.h"
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 
 #define SHOAL_OK 0
 #define SHOAL_NO_MEMORY 1

@@ -33,9 +33,9 @@
  * The per-group sums of x that the zero-point term needs are computed once per call, before the rows.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
-#include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -75,19 +75,8 @@ static inline float hsum(v16f v) {
 int shoal_qgemv_bf16_native(void) { return HAVE_AVX512_BF16; }
 int shoal_qgemv_avx2_row(void) { return HAVE_AVX2_ROW; }
 
-static inline float bf16_bits(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static inline float scale_at(const void *scale, int scale_bf16, int64_t i) {
-    if (!scale_bf16) return ((const float *)scale)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)scale)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return scale_bf16 ? bf16_to_f32(((const uint16_t *)scale)[i]) : ((const float *)scale)[i];
 }
 
 /* 16 consecutive weights of a row (from column k) as floats of their unsigned codes u. */
@@ -212,7 +201,7 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
          * made the fp32 path (int8) 10-15% slower in one run, so that path keeps scale_at. */
         float sf[G];
         if (scale_bf16)
-            for (int g = 0; g < G; g++) sf[g] = bf16_bits(((const uint16_t *)scale)[n * G + g]);
+            for (int g = 0; g < G; g++) sf[g] = bf16_to_f32(((const uint16_t *)scale)[n * G + g]);
         else
             memcpy(sf, (const float *)scale + n * G, sizeof sf);
         for (int g = 0; g < G; g++)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+CUT_MARGIN = 64  # tokens past the ones kept, so that a cut of the text cannot reach them
+
 
 def eval_tokens(tokenizer, text_file: Path, n_tokens: int) -> list[int]:
     """The first n_tokens token ids of the whole file, tokenized with special tokens as by default.
@@ -39,9 +41,6 @@ def eval_tokens(tokenizer, text_file: Path, n_tokens: int) -> list[int]:
     if len(ids) < 2:
         raise ValueError(f"{text_file}: fewer than 2 tokens, nothing to score")
     return ids[:n_tokens]
-
-
-CUT_MARGIN = 64  # tokens past the ones kept, so that a cut of the text cannot reach them
 
 
 def window_size(max_model_len: int, cap: int = 1024) -> int:
