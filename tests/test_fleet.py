@@ -232,7 +232,6 @@ def test_a_preloaded_model_that_cannot_load_stops_the_server(tmp_path):
     assert "a needs 1024 MiB, more than the whole budget" in out.stderr
 
 
-@pytest.mark.timeout(90)
 def _request_behind_a_backlog(client: httpx.Client) -> httpx.Response | None:
     """Two long requests to `busy` (one runs, one waits), then a third once one is seen waiting; None if
     none was seen waiting within 20 s."""
@@ -251,6 +250,7 @@ def _request_behind_a_backlog(client: httpx.Client) -> httpx.Response | None:
     return shed
 
 
+@pytest.mark.timeout(120)  # up to three backlog rounds (see below), each a few seconds
 def test_fallback_when_the_primary_sheds_load(tmp_path):
     """--max-num-seqs 1 and --max-waiting-requests 1, per model: with one long request running on `busy`
     and one waiting, the next request to `busy` would be shed (503); its fallback `spare` answers it."""
