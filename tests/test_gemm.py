@@ -89,6 +89,25 @@ def test_gemm_threads_do_not_change_results(form) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
+def test_gemm_work_stealing_keeps_results(form) -> None:
+    """Batched calls split their blocks / panels statically and let a thread that is done take the rest of
+    another's share (gemm.c, work stealing). More threads than cores (descheduled threads: real stealing),
+    more threads than panels (empty shares), and rows over several x chunks (shares reopened per chunk)
+    must all give the one-thread result bit for bit."""
+    x, w, bias = _case(400, 70, 1100, True)  # 1100 columns: x chunks of ~43 rows (f32), 5 panels of 16
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = FORMS[form](x, w, bias)
+        for threads in (2, 3, 7):
+            torch.set_num_threads(threads)
+            for _ in range(3):
+                assert torch.equal(FORMS[form](x, w, bias), one), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_gemm_zero_rows_and_special_values(form) -> None:
     x, w, bias = _case(5, 6, 24, True)
     assert FORMS[form](x[:0], w, bias).shape == (0, 6)
@@ -234,6 +253,23 @@ def test_gemm_bf16_decode_rows_match_the_tiles_bitwise(n, k) -> None:
         for start in (0, 9 - rows):
             got = gemm.gemm_panels(x[start : start + rows].contiguous(), panels, n, bias)
             assert torch.equal(got, tiles[start : start + rows]), (rows, start)
+
+
+@needs_bf16
+def test_gemm_bf16_work_stealing_keeps_results() -> None:
+    """As test_gemm_work_stealing_keeps_results, for the bf16 panels (x chunks of ~170 rows at 1100
+    columns, 3 panels of 32)."""
+    x, w, bias = _bf16_case(400, 70, 1100, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _bf16_gemm(x, w, bias)
+        for threads in (2, 3, 7):
+            torch.set_num_threads(threads)
+            for _ in range(3):
+                assert torch.equal(_bf16_gemm(x, w, bias), one), threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_bf16
