@@ -152,9 +152,10 @@ def test_serve_diff_shows_ratios(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_spike_client_sends_from_a_child_at_nice_19_and_records_each_send_lag(failing_url):
-    """The spike bench's client (shoal/bench/spike.py): niced, it runs in another process at nice 19;
-    not niced, here at this process's niceness. Every request's outcome comes back with its send lag."""
+def test_spike_clients_send_from_children_niced_or_not_and_record_each_send_lag(failing_url):
+    """The spike bench's clients (shoal/bench/spike.py) are child processes: the flood's at nice 19, the
+    premium one's at this process's niceness. Every request's outcome comes back with its send lag, over
+    raw keep-alive HTTP/1.1 (here against an HTTP/1.0 server that closes each connection)."""
     import os
 
     from shoal.bench import spike
@@ -162,17 +163,82 @@ def test_spike_client_sends_from_a_child_at_nice_19_and_records_each_send_lag(fa
     with spike.Client(nice=True) as client:
         assert client.call(os.getpid) != os.getpid()
         assert client.call(os.nice, 0) == 19
-        plan = [(0.0, "premium"), (0.05, "standard"), (0.1, "standard")]
+        plan = [(0, 0.0, "premium"), (1, 0.05, "standard"), (2, 0.1, "standard")]
         outcomes = client.call(spike._run, spike._send, failing_url, plan, {}, 4, 10.0)
-    assert [(o.request_class, o.status, o.ttft_s) for o in outcomes] == [
-        ("premium", 500, None),
-        ("standard", 500, None),
-        ("standard", 500, None),
+    assert [(o.request_class, o.status, o.ttft_s, o.planned_s) for o in outcomes] == [
+        ("premium", 500, None, 0.0),
+        ("standard", 500, None, 0.05),
+        ("standard", 500, None, 0.1),
     ]
     assert all(o.send_lag_s >= 0 for o in outcomes)
+    sending = spike._sending(outcomes)
+    assert sending["requests"] == 3 and sending["planned_rate_rps"] == pytest.approx(30.0)  # 3 in 0.1 s
+    last_sent = 0.1 + outcomes[-1].send_lag_s
+    assert sending["achieved_rate_rps"] == pytest.approx(3 / last_sent)
     with spike.Client(nice=False) as client:
-        assert client.call(os.getpid) == os.getpid()
+        assert client.call(os.getpid) != os.getpid()
         assert client.call(os.nice, 0) == os.nice(0)
+
+
+class _KeepAlive(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: POST /v1/completions streams two SSE events in chunks (an empty text,
+    then a token) when the key is "premium", else answers 503 with Retry-After and a Content-Length body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Authorization") != "Bearer premium":
+            body = b'{"error": {"message": "overloaded", "type": "server_error", "code": "overloaded"}}'
+            self.send_response(503)
+            self.send_header("Retry-After", "2")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in (b'data: {"choices":[{"text":""}]}\n\n', b'data: {"choices":[{"text":"Hi"}]}\n\n',
+                      b"data: [DONE]\n\n"):  # fmt: skip
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_spike_connection_pool_reads_chunked_streams_and_refusals_on_kept_alive_connections():
+    """shoal/bench/spike.py's raw client: a streamed 200's TTFT is the first event with text, a 503 body
+    is read by its Content-Length, and requests one after another reuse one connection."""
+    import asyncio
+
+    from shoal.bench import spike
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    async def exchanges() -> tuple[list, int]:
+        pool = spike.ConnectionPool(url)
+        answers = []
+        for key in ("premium", "standard", "premium"):
+            data = spike.http_request(f"{url}/v1/completions", spike.request_body(0, 4),
+                                      {"Authorization": f"Bearer {key}"})  # fmt: skip
+            answers.append(await pool.exchange(data, 10.0))
+        pool.close()
+        return answers, pool.opened
+
+    try:
+        answers, opened = asyncio.run(exchanges())
+    finally:
+        server.shutdown()
+    assert [status for status, _ in answers] == [200, 503, 200]
+    assert answers[0][1] is not None and answers[0][1] > 0 and answers[1][1] is None
+    assert opened == 1
 
 
 @pytest.mark.timeout(10)

@@ -638,12 +638,13 @@ def spike(
     spike_s: Annotated[float, typer.Option(help="Seconds of spike.")] = 30.0,
     premium_share: Annotated[float, typer.Option(help="Share of premium requests.")] = 0.1,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 16,
-    max_requests: Annotated[int, typer.Option(help="At most this many requests in the spike.")] = 3000,
+    max_requests: Annotated[int, typer.Option(help="At most this many requests in the spike.")] = 6000,
     max_num_seqs: Annotated[int, typer.Option(help="--max-num-seqs of both servers.")] = 8,
-    nice_client: Annotated[
+    nice_flood: Annotated[
         bool,
         typer.Option(
-            help="Send the requests from a child process at nice 19 (clients are elsewhere in production)."
+            help="Send the standard flood from its process at nice 19 (in production it comes from other "
+            "machines); premium requests come from another process, never niced."
         ),
     ] = True,
     rate: Annotated[
@@ -672,7 +673,7 @@ def spike(
         max_tokens,
         max_requests,
         max_num_seqs=max_num_seqs,
-        nice_client=nice_client,
+        nice_flood=nice_flood,
         rate=rate,
         without_policy=without_policy,
     )

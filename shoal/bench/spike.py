@@ -2,8 +2,8 @@
 
 Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and threads):
 1. **sustainable rate**: requests per second the server completes at a closed-loop concurrency of 8,
-   measured on the server without policy;
-2. **unloaded premium TTFT**: sequential premium requests, nothing else running;
+   with the spike's request shape (`request_body`), measured on the first server run;
+2. **unloaded premium TTFT**: premium requests 0.3 s apart (one at a time), nothing else running;
 3. **spike**: open-loop Poisson arrivals at `factor` x the sustainable rate for `spike_s` seconds
    (bounded by `max_requests`), a `premium_share` of them premium, the rest standard; every request
    streamed, `max_tokens` tokens, cut at `request_timeout_s`.
@@ -17,14 +17,16 @@ the overload wait in the queue, where priorities and shedding act. The report gi
 success rate, TTFT P50/P95/P99 of the successes, and rejections (429/503) and timeouts; the goal is a
 premium TTFT P95 under the spike within 25% of its unloaded value.
 
-The client (every request the bench sends: the rate, the unloaded and the spike requests) runs in a
-child process at the lowest CPU priority (nice 19) unless `nice_client=False`: on one machine it shares
-the cores with the server under test, where in production clients are elsewhere; niced, it runs on
-what the server leaves idle. Each spike request's send lag (how late it left against its planned
-arrival) is reported, so a client too starved to keep the planned rate shows. A niced client yields to
-every other process, not only the server: when the engine's threads fill every core (`--threads` = the
-core count) or other jobs load the machine, it starves (send lags of seconds) and `nice_client=False`
-measures better (docs/benchmarks.md, the spike section).
+Two clients, each a child process, as on a real network the flood comes from other clients on other
+machines than the premium one: the **flood** (the spike's standard requests) at the lowest CPU priority
+(nice 19, unless `nice_flood=False`), so that on this machine it runs on what the server leaves idle; and
+the **premium client** (the premium requests of the spike, the unloaded ones and the sustainable-rate
+loop) at the bench's own priority. Both start their plans at the same instant. Neither uses a client
+library: every request is serialized beforehand and written on a keep-alive HTTP/1.1 connection
+(`ConnectionPool`), so that a request costs the client a write and the reads of its answer. Each
+client's send lags (how late each request left against its planned arrival) and achieved rate (its
+requests over the time to its last send, beside the planned rate) are reported: a starved flood shows
+as lags and a rate below the plan, a starved premium client as TTFTs that include its own waiting.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shoal import live_stats
 from shoal import metric_names as mn
@@ -66,9 +69,10 @@ class Outcome:
     """One request as the client saw it."""
 
     request_class: str
-    status: int  # HTTP status; 0: no answer before the client's timeout
+    status: int  # HTTP status; 0: no answer before the client's timeout (or the connection failed)
     ttft_s: float | None
     send_lag_s: float = 0.0  # how much later than planned the request was sent (seconds)
+    planned_s: float = 0.0  # when it was planned, from the plan's start (seconds)
 
 
 def arrival_times(rate: float, seconds: float, max_requests: int, seed: int = 0) -> list[float]:
@@ -88,83 +92,181 @@ def class_schedule(n: int, premium_share: float, seed: int = 1) -> list[str]:
     return ["premium" if rng.random() < premium_share else "standard" for _ in range(n)]
 
 
-async def _one(client, url: str, body: dict, headers: dict, request_class: str) -> Outcome:
-    import httpx
+def request_body(i: int, max_tokens: int) -> dict:
+    """Request i of every phase (the sustainable rate, unloaded and spike): the same shape, a prompt of
+    about a dozen tokens that differs per request (no prefix-cache hit of a whole prompt)."""
+    return {"prompt": f"Request {i}: tell me a story about the sea.", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
 
-    t0 = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
-            ttft = None
-            if resp.status_code == 200:
-                async for line in resp.aiter_lines():
-                    if ttft is None and line.startswith("data:") and '"text":""' not in line:
-                        ttft = time.perf_counter() - t0
+
+def http_request(url: str, body: dict, headers: dict[str, str]) -> bytes:
+    """One HTTP/1.1 POST of `body` (JSON) to url, serialized in full (bytes written as they are)."""
+    parts = urlsplit(url)
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
+            f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+
+
+class _Closed(Exception):
+    """The server closed the connection before the status line (a keep-alive connection it timed out)."""
+
+
+async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[int, float | None, bool]:
+    """Read one HTTP/1.x response: (status, seconds from t0 to the first chunk carrying text (200 only),
+    whether the connection may be reused). Bodies: Content-Length, chunked, or up to EOF."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise _Closed
+    version, status = status_line.split(None, 2)[:2]
+    status = int(status)
+    length, chunked, reusable = None, False, version == b"HTTP/1.1"
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value
+        elif name == b"connection" and value == b"close":
+            reusable = False
+    ttft = None
+    if chunked:
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            data = await reader.readexactly(size + 2)
+            # The first SSE data line without empty text (a chunk may hold several events).
+            if (
+                ttft is None
+                and status == 200
+                and any(line.startswith(b"data:") and b'"text":""' not in line for line in data.split(b"\n"))
+            ):
+                ttft = time.perf_counter() - t0
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+    elif length is not None:
+        await reader.readexactly(length)
+    else:
+        await reader.read()
+        reusable = False
+    return status, ttft, reusable
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to one server, opened as needed (an open loop needs as many as it
+    has requests in flight) and reused: a request costs the client one write and the reads of its answer,
+    not a client library's per-request work."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def exchange(self, data: bytes, timeout_s: float) -> tuple[int, float | None]:
+        """Send one serialized request, read its answer: (status, TTFT s); (0, None) on a timeout or a
+        failed connection (which is then closed: the server sees the client go)."""
+        t0 = time.perf_counter()
+        while True:
+            reused = bool(self.idle)
+            conn = self.idle.pop() if reused else None
+            try:
+                async with asyncio.timeout(max(timeout_s - (time.perf_counter() - t0), 0.001)):
+                    if conn is None:
+                        conn = await asyncio.open_connection(self.host, self.port)
+                        self.opened += 1
+                    conn[1].write(data)
+                    status, ttft, reusable = await _read_response(conn[0], t0)
+            except (_Closed, ConnectionError):
+                conn[1].close()
+                if reused:
+                    continue  # the server had closed it while idle: the same request on another
+                return 0, None
+            except (OSError, EOFError, ValueError, IndexError, TimeoutError):
+                if conn is not None:
+                    conn[1].close()
+                return 0, None
+            if reusable:
+                self.idle.append(conn)
             else:
-                await resp.aread()
-            return Outcome(request_class, resp.status_code, ttft)
-    except (httpx.TimeoutException, httpx.TransportError):
-        return Outcome(request_class, 0, None)
+                conn[1].close()
+            return status, ttft
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def _perf_start(start_at: float | None) -> float:
+    """perf_counter() at wall-clock time start_at (time.time() seconds; now when None): processes that
+    share a start_at start their plans together."""
+    return time.perf_counter() + (0.0 if start_at is None else max(0.0, start_at - time.time()))
 
 
 async def _send(
     server_url: str,
-    plan: list[tuple[float, str]],
+    plan: list[tuple[int, float, str]],
     headers: dict,
     max_tokens: int,
     timeout_s: float,
     id_prefix: str | None = None,
-):
-    """Send `plan` ((offset s, class) pairs) open-loop; with id_prefix, request i of class c carries
-    `X-Request-Id: {id_prefix}-{c}-{i}` (found again in the server's access log)."""
-    import httpx
+    start_at: float | None = None,
+) -> list[Outcome]:
+    """Send `plan` ((request index i, offset s, class) triples) open-loop from start_at (time.time();
+    now when None), each request serialized beforehand and written on a keep-alive connection; with
+    id_prefix, request i of class c carries `X-Request-Id: {id_prefix}-{c}-{i}` (found again in the
+    server's access log)."""
+    url = f"{server_url}/v1/completions"
+    requests = []
+    for i, _, request_class in plan:
+        sent = dict(headers.get(request_class, {}))
+        if id_prefix is not None:
+            sent["X-Request-Id"] = f"{id_prefix}-{request_class}-{i}"
+        requests.append(http_request(url, request_body(i, max_tokens), sent))
+    pool = ConnectionPool(server_url)
+    t0 = _perf_start(start_at)
 
-    limits = httpx.Limits(max_connections=len(plan) + 8, max_keepalive_connections=64)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s), trust_env=False) as client:
-        url = f"{server_url}/v1/completions"
-        t0 = time.perf_counter()
+    async def at(k: int, offset: float, request_class: str) -> Outcome:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        lag = time.perf_counter() - t0 - offset
+        status, ttft = await pool.exchange(requests[k], timeout_s)
+        return Outcome(request_class, status, ttft, lag, offset)
 
-        async def at(i: int, offset: float, request_class: str) -> Outcome:
-            await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-            lag = time.perf_counter() - t0 - offset
-            body = {"prompt": f"Request {i}: tell me a story about the sea.", "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
-            sent = dict(headers.get(request_class, {}))
-            if id_prefix is not None:
-                sent["X-Request-Id"] = f"{id_prefix}-{request_class}-{i}"
-            outcome = await _one(client, url, body, sent, request_class)
-            outcome.send_lag_s = lag
-            return outcome
-
-        return await asyncio.gather(*(at(i, off, cls) for i, (off, cls) in enumerate(plan)))
+    try:
+        return await asyncio.gather(*(at(k, off, cls) for k, (_, off, cls) in enumerate(plan)))
+    finally:
+        pool.close()
 
 
-async def _closed_loop_rate(server_url: str, headers: dict, max_tokens: int, seconds: float) -> float:
-    """Requests completed per second by 8 clients that each send the next request when one ends."""
-    import httpx
-
+async def _closed_loop_rate(
+    server_url: str, headers: dict, max_tokens: int, seconds: float, concurrency: int = 8
+) -> float:
+    """Requests completed per second by `concurrency` clients that each send the next request when one
+    ends; the spike's request shape (request_body), on keep-alive connections."""
+    url = f"{server_url}/v1/completions"
+    pool = ConnectionPool(server_url)
     done = 0
     deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120), trust_env=False) as client:
 
-        async def worker(w: int) -> None:
-            nonlocal done
-            i = 0
-            while time.perf_counter() < deadline:
-                body = {"prompt": f"Warm {w}-{i}", "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True, "stream": True}  # fmt: skip
-                if (
-                    await _one(client, f"{server_url}/v1/completions", body, headers, "standard")
-                ).status == 200:
-                    done += 1
-                i += 1
+    async def worker(w: int) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < deadline:
+            body = request_body(1_000_000 + w * 100_000 + i, max_tokens)  # not an index of the spike
+            status, _ = await pool.exchange(http_request(url, body, headers), 120.0)
+            done += status == 200
+            i += 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(8)))
-        return done / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    finally:
+        pool.close()
+    return done / (time.perf_counter() - t0)
 
 
 def _run(coroutine_function: Callable, *args):
-    """asyncio.run(coroutine_function(*args)): a picklable call for the client's process."""
+    """asyncio.run(coroutine_function(*args)): a picklable call for a client's process."""
     return asyncio.run(coroutine_function(*args))
 
 
@@ -173,25 +275,31 @@ def _lowest_priority() -> None:
 
 
 class Client:
-    """Where the bench's requests are sent from: a child process at nice 19 (`nice=True`), or this
-    process. A context manager; `call(fn, *args)` runs the picklable top-level fn(*args) there and
-    returns its result."""
+    """A child process that sends requests: at the lowest CPU priority (nice 19) with `nice=True`, at
+    this process's otherwise. A context manager; `submit(fn, *args)` runs the picklable top-level
+    fn(*args) there (a Future), `call` waits for its result. The process is started (and this module
+    imported there) on entry, so that a first call is not late by a process start."""
 
     def __init__(self, nice: bool = True):
         self.nice = nice
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> Client:
-        if self.nice:
-            self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_lowest_priority)
+        init = _lowest_priority if self.nice else None
+        self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=init)
+        self._pool.submit(os.getpid).result()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown()
 
+    def submit(self, fn: Callable, *args) -> Future:
+        assert self._pool is not None, "use Client as a context manager"
+        return self._pool.submit(fn, *args)
+
     def call(self, fn: Callable, *args):
-        return fn(*args) if self._pool is None else self._pool.submit(fn, *args).result()
+        return self.submit(fn, *args).result()
 
 
 def summarize(outcomes: list[Outcome]) -> dict:
@@ -282,18 +390,19 @@ def run_spike(
     spike_s: float = 30.0,
     premium_share: float = 0.1,
     max_tokens: int = 16,
-    max_requests: int = 3000,
+    max_requests: int = 6000,
     max_waiting: int = 64,
     max_num_seqs: int = 8,
     request_timeout_s: float = 30.0,
-    unloaded_requests: int = 10,
-    nice_client: bool = True,
+    unloaded_requests: int = 20,
+    nice_flood: bool = True,
     rate: float | None = None,
     without_policy: bool = True,
 ) -> dict:
     """The whole benchmark (see the module docstring); returns a JSON-able result. `rate` (req/s) is
     taken as the sustainable rate instead of measuring it (runs to compare then get the same spike);
-    `without_policy=False` runs only the server with the policy."""
+    `without_policy=False` runs only the server with the policy; `nice_flood=False` runs the standard
+    flood's process at this process's priority instead of nice 19."""
     workdir = Path(tempfile.mkdtemp(prefix="shoal-spike-"))
     keys_file = workdir / "keys.json"
     headers = _keys(keys_file)
@@ -315,38 +424,52 @@ def run_spike(
         "dtype": dtype,
         "factor": factor,
         "spike_s": spike_s,
+        "premium_share": premium_share,
+        "max_tokens": max_tokens,
         "max_num_seqs": max_num_seqs,
         "max_waiting_requests": max_waiting,
-        "nice_client": nice_client,
+        "nice_flood": nice_flood,
     }
     if rate is not None:
         result["sustainable_rate_rps"], result["rate_given"] = rate, True
-    with Client(nice_client) as client:
+    with Client(nice=False) as premium, Client(nice=nice_flood) as flood:
         for side, (extra, side_headers) in sides.items():
             server = _start(model, dtype, threads, workdir, side.replace(" ", "-"), extra)
             try:
                 if "sustainable_rate_rps" not in result:
-                    result["sustainable_rate_rps"] = client.call(
+                    result["sustainable_rate_rps"] = premium.call(
                         _run, _closed_loop_rate, server.url, side_headers["standard"], max_tokens, 8.0
                     )
-                result[side] = _measure(client, server, side_headers, load, result["sustainable_rate_rps"])
+                result[side] = _measure(
+                    premium, flood, server, side_headers, load, result["sustainable_rate_rps"]
+                )
             finally:
                 server.stop()
     return result
 
 
-def _measure(client: Client, server: Server, headers: dict, load: SpikeLoad, rate: float) -> dict:
-    """The unloaded premium TTFT, then the spike at load.factor x rate (req/s); one server's result."""
-    unloaded = [client.call(_run, _send, server.url, [(0.0, "premium")], headers, load.max_tokens,
-                            load.request_timeout_s, f"unloaded{k}")[0] for k in range(load.unloaded_requests)]  # fmt: skip
+def _measure(
+    premium: Client, flood: Client, server: Server, headers: dict, load: SpikeLoad, rate: float
+) -> dict:
+    """The unloaded premium TTFT, then the spike at load.factor x rate (req/s): its standard requests
+    sent by the `flood` client, its premium ones by the `premium` client, both from the same instant;
+    one server's result."""
+    unloaded_plan = [(k, 0.3 * k, "premium") for k in range(load.unloaded_requests)]  # one at a time
+    unloaded = premium.call(_run, _send, server.url, unloaded_plan, headers, load.max_tokens,
+                            load.request_timeout_s, "unloaded")  # fmt: skip
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
-    plan = list(zip(times, class_schedule(len(times), load.premium_share), strict=True))
+    classes = class_schedule(len(times), load.premium_share)
+    plan = [(i, t, c) for i, (t, c) in enumerate(zip(times, classes, strict=True))]
     before = live_stats.fetch(server.url)
+    loadavg_before = os.getloadavg()
     cpu0, wall0 = server_cpu_s(server), time.perf_counter()
-    outcomes = client.call(
-        _run, _send, server.url, plan, headers, load.max_tokens, load.request_timeout_s, "spike"
-    )
+    start_at = time.time() + 0.5  # both clients' plans start at this instant
+    rest = (headers, load.max_tokens, load.request_timeout_s, "spike", start_at)
+    flooding = flood.submit(_run, _send, server.url, [p for p in plan if p[2] == "standard"], *rest)
+    premium_outcomes = premium.call(_run, _send, server.url, [p for p in plan if p[2] == "premium"], *rest)
+    flood_outcomes = flooding.result()
     cpu1, wall = server_cpu_s(server), time.perf_counter() - wall0
+    loadavg_after = os.getloadavg()
     after = live_stats.fetch(server.url)
     server_ttft = live_stats.summarize(before, after).percentiles["TTFT"]
     steps = after.minus(before)
@@ -354,21 +477,24 @@ def _measure(client: Client, server: Server, headers: dict, load: SpikeLoad, rat
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
     base = percentile([o.ttft_s for o in unloaded if o.ttft_s is not None], 95)
-    summary = summarize(outcomes)
+    summary = summarize(premium_outcomes + flood_outcomes)
     p95 = summary["premium"]["ttft_p95_s"]
-    lags = [o.send_lag_s for o in outcomes]
     return {
         "requests": len(plan),
+        "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
         "premium_ttft_p95_ratio": _ratio(p95, base),
         # The server's own TTFT histogram over the spike (all classes; from arrival at the HTTP
         # side to the first token): beside the client's, it shows how much of the wait is the client's.
         "server_ttft_p50_s": server_ttft[0.5],
         "server_ttft_p95_s": server_ttft[0.95],
-        # How late the client sent its requests against the plan (seconds): large lags mean the planned
-        # rate was not delivered (a client starved of CPU).
-        "send_lag_p50_s": percentile(lags, 50),
-        "send_lag_p95_s": percentile(lags, 95),
+        # Per client: how late it sent its requests against the plan (seconds; large lags mean the
+        # planned rate was not delivered) and the rate it achieved (requests over the time from the plan's
+        # start to its last send).
+        "flood": _sending(flood_outcomes),
+        "premium_client": _sending(premium_outcomes),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg_after,
         # CPU seconds per second of wall time over the spike: the HTTP process's and the engine core's.
         "http_cpu_share": (cpu1[0] - cpu0[0]) / wall,
         "core_cpu_share": (cpu1[1] - cpu0[1]) / wall,
@@ -387,6 +513,22 @@ def _measure(client: Client, server: Server, headers: dict, load: SpikeLoad, rat
     }
 
 
+def _sending(outcomes: list[Outcome]) -> dict:
+    """One client's sends: send lag P50/P95/max (s), and its planned and achieved rates (req/s): its
+    requests over the time from the plan's start to its last planned arrival, and to its last send."""
+    lags = [o.send_lag_s for o in outcomes]
+    planned = max((o.planned_s for o in outcomes), default=0.0)
+    sent = max((o.planned_s + o.send_lag_s for o in outcomes), default=0.0)
+    return {
+        "requests": len(outcomes),
+        "send_lag_p50_s": percentile(lags, 50),
+        "send_lag_p95_s": percentile(lags, 95),
+        "send_lag_max_s": max(lags, default=None),
+        "planned_rate_rps": len(outcomes) / planned if planned > 0 else None,
+        "achieved_rate_rps": len(outcomes) / sent if sent > 0 else None,
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -396,8 +538,9 @@ def markdown(result: dict) -> str:
         f"Spike: {result['factor']:g}x the sustainable rate ({result['sustainable_rate_rps']:.1f} req/s"
         + (", given" if result.get("rate_given") else "")
         + f") for "
-        f"{result['spike_s']:g} s; model {result['model']}, dtype {result['dtype']}; client "
-        + ("at nice 19." if result.get("nice_client") else "at the server's priority."),
+        f"{result['spike_s']:g} s; model {result['model']}, dtype {result['dtype']}; standard flood from its "
+        + ("own process at nice 19" if result.get("nice_flood") else "own process")
+        + ", premium from another (not niced).",
         "",
         "| server | class | sent | ok | rejected | timed out | success | TTFT P50 | P95 | P99 | P95 / unloaded |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -416,10 +559,22 @@ def markdown(result: dict) -> str:
         r = result[side]
         lines.append(
             f"Server-side TTFT over the spike, {side} (all classes, `{mn.TIME_TO_FIRST_TOKEN}`): "
-            f"P50 {_ms(r.get('server_ttft_p50_s'))}, P95 {_ms(r.get('server_ttft_p95_s'))}; client send lag "
-            f"P50 {_ms(r.get('send_lag_p50_s'))}, P95 {_ms(r.get('send_lag_p95_s'))}; unloaded premium TTFT "
+            f"P50 {_ms(r.get('server_ttft_p50_s'))}, P95 {_ms(r.get('server_ttft_p95_s'))}; unloaded premium TTFT "
             f"P95 {_ms(r.get('unloaded_premium_ttft_p95_s'))}."
         )
+        for name in ("flood", "premium_client"):
+            if name in r:
+                c = r[name]
+                lines.append(
+                    f"- {side}, {name.replace('_', ' ')}: {c['requests']} requests, {_rps(c['achieved_rate_rps'])} "
+                    f"achieved of {_rps(c['planned_rate_rps'])} planned; send lag P50 "
+                    f"{_ms(c['send_lag_p50_s'])}, P95 {_ms(c['send_lag_p95_s'])}, max {_ms(c['send_lag_max_s'])}."
+                )
+        if "loadavg_before" in r:
+            lines.append(
+                f"- {side}, load average (1, 5, 15 min) before the spike {_loadavg(r['loadavg_before'])}, "
+                f"after {_loadavg(r['loadavg_after'])}."
+            )
         if "http_cpu_share" in r:
             lines.append(
                 f"- {side}, CPU over the spike: HTTP process {r['http_cpu_share']:.2f} cores "
@@ -449,6 +604,14 @@ def markdown(result: dict) -> str:
                 f"server TTFT P50 {_ms(c['ttft_p50_s'])}, P95 {_ms(c['ttft_p95_s'])}."
             )
     return "\n".join(lines)
+
+
+def _rps(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f} req/s"
+
+
+def _loadavg(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 def _pct(x: float | None) -> str:
