@@ -543,7 +543,8 @@ def test_serve_stops_before_loading_without_the_audit_key(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_class_shed_at_this_load_is_refused_before_its_body_is_read(secure):
     """One long premium request runs and one waits: standard (shed at 1 waiting) is refused with 503
-    before its body is read, so an unparsable body gets 503, not 400; premium (shed at 2) is still parsed."""
+    before its body is read, so an unparsable body gets 503, not 400, and the refusal is counted as any
+    shed request is (`shoal:requests_rejected_total{reason="shed"}`); premium (shed at 2) is still parsed."""
     statuses: list[int] = []
 
     def long_premium() -> None:
@@ -560,7 +561,9 @@ def test_a_class_shed_at_this_load_is_refused_before_its_body_is_read(secure):
             while _gauge(c, "vllm:num_requests_waiting") < 1:
                 assert time.monotonic() < deadline, "the premium backlog never built up"
                 time.sleep(0.02)
+            shed_before = _rejected(c, "shed")
             standard = c.post("/v1/completions", **garbage)
+            shed_after = _rejected(c, "shed")
         with secure.client(secure.key("premium_a")) as c:
             premium = c.post("/v1/completions", **garbage)
     finally:
@@ -568,8 +571,18 @@ def test_a_class_shed_at_this_load_is_refused_before_its_body_is_read(secure):
             thread.join(60)
     assert standard.status_code == 503 and standard.json()["error"]["code"] == "overloaded", standard.text
     assert int(standard.headers["Retry-After"]) >= 1
+    assert (
+        standard.json()["error"]["type"] == "server_error"
+        and "overloaded" in standard.json()["error"]["message"]
+    )
+    assert shed_after == shed_before + 1  # counted in shoal:requests_rejected_total{reason="shed"}
     assert premium.status_code == 400, premium.text
     assert statuses == [200, 200]
+
+
+def _rejected(client: httpx.Client, reason: str) -> float:
+    samples = metric_samples(client.get("/metrics").text, "shoal:requests_rejected_total")
+    return sum(v for k, v in samples.items() if f'reason="{reason}"' in k)
 
 
 def _gauge(client: httpx.Client, name: str) -> float:
