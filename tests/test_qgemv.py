@@ -83,3 +83,34 @@ def test_quantized_linear_routes_agree_with_the_reference(bits, group, dtype):
         torch.testing.assert_close(
             y.float(), ref.float(), rtol=TOLERANCE[dtype] * 4, atol=TOLERANCE[dtype] * 4
         )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize(
+    "out,cols,group",
+    [
+        (37, 1536, 64),  # 24 groups: two 16-group steps of a row; 37 rows = 2 tiles + 5
+        (16, 1536, 128),  # groups of a multiple of 128: one scale a block
+        (50, 576, 576),  # per channel (9 x 64 columns): a 64-column tail block
+        (21, 1152, 192),  # 192 = 3 x 64: blocks straddling group edges
+        (3, 128, 64),  # fewer rows than a tile
+    ],
+)
+def test_qgemv_bf16_blocks_match_float64_reference(bits, symmetric, rows, out, cols, group):
+    """The bfloat16 path for groups of a multiple of 64 (qgemv.c's row4_plain / row8_plain over tiles of 16
+    output rows) across its group layouts, row counts and tile tails; same reference and tolerance as above
+    (bfloat16: 4e-3 of the row's sum of |x w_hat| + |bias|)."""
+    qw = _layer(out, cols, bits, group, symmetric, torch.bfloat16, seed=out)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+    bias = torch.randn(out, generator=g).to(torch.bfloat16)
+    for b in (bias, None):
+        y = qgemv.qgemv(x, pack_int32(qw.qweight, bits), qw.scale, qw.zero_point, b, bits, group)
+        w = qw.dequantize(torch.float32).double()
+        ref = x.double() @ w.T + (0 if b is None else b.double())
+        scale = (x.double().abs() @ w.abs().T + (0 if b is None else b.double().abs())).max()
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, out)
+        assert float((y.double() - ref).abs().max() / scale) < TOLERANCE[torch.bfloat16]

@@ -12,12 +12,18 @@
  * where xsum[m, g] = sum_{k in g} x[m, k] comes from the caller. Accumulation is fp32 over fp32 x, u is an
  * exact small integer: the result differs from the dequantized reference by summation order only.
  *
- * Two inner loops:
- *   - int4 weights with bfloat16 x on AVX512-BF16 (vdpbf16ps): each 32-bit lane gets the bf16 pair
- *     (128 + u[2i], 128 + u[2i+1]) built from byte i of the row by masks and an OR (128 + u is exact in
- *     bf16), and vdpbf16ps multiplies it with the bf16 pair x[2i], x[2i+1] as it lies in memory: 32
- *     columns per instruction, no int -> float conversion. The extra 128 * xsum is subtracted with the
- *     zero point. Products are exact in fp32; vdpbf16ps flushes denormals (as in gemv.c).
+ * Inner loops:
+ *   - bfloat16 x on AVX512-BF16 (vdpbf16ps), groups of a multiple of 64 columns, int4 or int8 (every layer of
+ *     the 4-bit g64 and W8A16 models): row4_plain / row8_plain. The row's bytes are loaded plainly, 64 at a
+ *     time, and split into nibbles in place: nibble i of each 16-bit word ORed with 0x4300 is the bf16
+ *     128 + nibble (exact), and vdpbf16ps multiplies a word pair with x permuted once per call into the order
+ *     the nibbles come out in (an int8 byte is its two nibbles, accumulated apart). No int -> float
+ *     conversion and no cross-lane unpack; the extra 128s are subtracted with the zero point. Output rows go
+ *     in tiles of 16 (tile_plain): scales kept in a register, the rows' sums reduced by one tree, one bf16
+ *     store. Products are exact in fp32; vdpbf16ps flushes denormals (as in gemv.c).
+ *   - int4 with bfloat16 x and groups of 32 (an odd multiple) on AVX512-BF16: group4_bf16, each 32-bit lane
+ *     the bf16 pair (128 + u[2i], 128 + u[2i+1]) from byte i of the row (vpmovzxbd, masks and an OR), against
+ *     the bf16 pair x[2i], x[2i+1] as it lies in memory: 32 columns per vdpbf16ps.
  *   - everywhere else (float32 x, int8 weights, CPUs without AVX512-BF16): codes converted to fp32, 16 at a
  *     time, and fp32 FMAs: AVX512F intrinsics or GCC vector extensions, except on CPUs with AVX2 and FMA but
  *     no AVX512F, which get row_avx2 (8-lane intrinsics). There GCC splits the 16-lane vector type into
@@ -26,10 +32,11 @@
  *     int4 5.8 ms and int8 2.5 ms a call against 0.8 ms for the dense f32 gemv; see qgemv.py for row_avx2's.
  *
  * Arguments (row-major, contiguous; qgemv.py checks them all, this code trusts them): x [M, K], bias [N]
- * or NULL and y [M, N], all f32 or all bf16 (x_bf16 = 1; bf16 x is widened to f32 here unless the
+ * or NULL and y [M, N], all f32 or all bf16 (x_bf16 = 1; bf16 x is widened to f32 here unless a
  * vdpbf16ps path runs, and y is rounded to bf16 once, nearest even); wq as above; scale [N, K / group]
  * f32 or bf16 (scale_bf16 = 1); zero [N, K / group] int8 or NULL (symmetric); 1 <= M <= 4, bits 4 or 8,
  * group a multiple of 32 dividing K. use_dot = 0 keeps the fp32 path on AVX512-BF16 CPUs (tests).
+ * Speeds measured (this CPU and before/after) are in qgemv.py.
  * The per-group sums of x that the zero-point term needs are computed once per call, before the rows.
  */
 #include <stdint.h>
@@ -125,27 +132,166 @@ static inline __attribute__((always_inline)) void group4_bf16(const uint8_t *byt
     for (int m = 0; m < M; m++) tot[m] += (v16f)acc[m] * s;
 }
 
-/* As group4_bf16, 64 columns a step, for x permuted per 64 columns into its 32 even then its 32 odd
- * columns (xp, built once per call): zero-extending the 32 bytes to words gives byte j's two nibbles in
- * word j, the low one (column 2j) masked, the high one (column 2j + 1) shifted down, each ORed with 0x4300;
- * two vdpbf16ps then pair word j with xp's even / odd halves. 6 instructions per 64 columns, not 12. */
-static inline __attribute__((always_inline)) void group4_bf16_64(const uint8_t *bytes, const uint16_t *xp,
-                                                                 int M, int K, int k0, int group, float s,
-                                                                 v16f *tot) {
-    const __m512i lo = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
-    __m512 acc[MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    for (int k = k0; k < k0 + group; k += 64) {
-        __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(bytes + k / 2)));
-        __m512i even = _mm512_ternarylogic_epi32(w, lo, base, 0xEA); /* (w & lo) | base */
-        __m512i odd = _mm512_or_si512(_mm512_srli_epi16(w, 4), base);
+enum { KIND_G64 = 0, KIND_G128 = 1, KIND_OTHER = 2 }; /* row4_plain's group sizes: 64, a multiple of 128, else */
+
+/* int4 x bf16 over columns [k0, k1) of a row as it lies in memory, for x permuted per block (see
+ * shoal_qgemv): 64 bytes loaded plainly are 128 columns, word j (16 bits) holding columns 4j..4j+3 in its
+ * nibbles; nibble i of every word ORed with 0x4300 is the bf16 128 + u (exact), and vdpbf16ps pairs words
+ * 2l, 2l + 1, so x's block is stored nibble by nibble: xp[32i + j] = x[4j + i]. No cross-lane unpack: 7 logic
+ * ops and 4 vdpbf16ps a 128 columns. The block's low 64 columns (words 0..15) are the low 8 lanes of the
+ * accumulator, its high 64 the high 8, so one vector [s_lo x 8, s_hi x 8] scales a block for any group a
+ * multiple of 64: a permute of sv, the f32 scales of the (up to 16) groups from column k0 on, kept in a
+ * register (read back from memory after a vector store, they cost a failed store-to-load forward a block).
+ * A last block of 64 columns (K an odd multiple of 64) runs on 256 bits, xp[16i + j] = x[4j + i]. */
+static inline __attribute__((always_inline)) void row4_plain(const uint8_t *wr, const uint16_t *xp, int M, int K,
+                                                             int k0, int k1, int group, int kind, __m512 sv,
+                                                             __m512 *tot) {
+    const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
+    const int g0 = k0 / group;
+    /* lanes 0-7: the group of the block's first 64 columns, 8-15: of its last 64 (relative to g0) */
+    __m512i idx = kind == KIND_G64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1) : _mm512_setzero_si512();
+    const __m512i step = _mm512_set1_epi32(kind == KIND_G64 ? 2 : 1);
+    int k = k0;
+    for (; k + 128 <= k1; k += 128) {
+        const __m512i w = _mm512_loadu_si512((const void *)(wr + k / 2));
+        const __m512i e0 = _mm512_ternarylogic_epi32(w, nib, base, 0xEA); /* (w & nib) | base */
+        const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA);
+        const __m512i e2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA);
+        const __m512i e3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), base);
+        if (kind == KIND_OTHER)
+            idx = _mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_set1_epi32(k / group - g0),
+                                          _mm512_set1_epi32((k + 64) / group - g0));
+        const __m512 s = _mm512_permutexvar_ps(idx, sv);
+        if (kind != KIND_OTHER && (kind == KIND_G64 || (k + 128 - k0) % group == 0)) idx = _mm512_add_epi32(idx, step);
         for (int m = 0; m < M; m++) {
             const uint16_t *xr = xp + (int64_t)m * K + k;
-            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)even, (__m512bh)_mm512_loadu_si512((const void *)xr));
-            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)odd, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)e0, (__m512bh)_mm512_loadu_si512((const void *)xr));
+            __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)e1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+            a = _mm512_dpbf16_ps(a, (__m512bh)e2, (__m512bh)_mm512_loadu_si512((const void *)(xr + 64)));
+            b = _mm512_dpbf16_ps(b, (__m512bh)e3, (__m512bh)_mm512_loadu_si512((const void *)(xr + 96)));
+            tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a, b), s, tot[m]);
         }
     }
-    for (int m = 0; m < M; m++) tot[m] += (v16f)acc[m] * s;
+    if (k < k1) {
+        const __m256i n8 = _mm256_set1_epi16(0x0F), b8 = _mm256_set1_epi16(0x4300);
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(wr + k / 2));
+        const __m256i e0 = _mm256_ternarylogic_epi32(w, n8, b8, 0xEA);
+        const __m256i e1 = _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, 4), n8, b8, 0xEA);
+        const __m256i e2 = _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, 8), n8, b8, 0xEA);
+        const __m256i e3 = _mm256_or_si256(_mm256_srli_epi16(w, 12), b8);
+        const __m512 s = _mm512_permutexvar_ps(_mm512_set1_epi32(k / group - g0), sv);
+        for (int m = 0; m < M; m++) {
+            const uint16_t *xr = xp + (int64_t)m * K + k;
+            __m256 a = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)e0, (__m256bh)_mm256_loadu_si256((const __m256i *)xr));
+            __m256 b = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)e1, (__m256bh)_mm256_loadu_si256((const __m256i *)(xr + 16)));
+            a = _mm256_dpbf16_ps(a, (__m256bh)e2, (__m256bh)_mm256_loadu_si256((const __m256i *)(xr + 32)));
+            b = _mm256_dpbf16_ps(b, (__m256bh)e3, (__m256bh)_mm256_loadu_si256((const __m256i *)(xr + 48)));
+            tot[m] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_add_ps(a, b)), s, tot[m]);
+        }
+    }
+}
+
+/* int8 x bf16 the same way, over columns [k0, k1) (whole groups): 64 bytes loaded plainly are 64 columns,
+ * word j holding columns 2j (low byte) and 2j + 1; each byte u = 16 h + l is taken as its two nibbles, each
+ * exact in bf16 as 128 + nibble, with x stored per 64 columns as its 32 even then its 32 odd columns (xp).
+ * Low and high nibbles accumulate apart: lo + 16 hi = sum (u + 17 * 128) x, scaled once per group (sv as in
+ * row4_plain). 7 logic ops and 4 vdpbf16ps a 64 columns, no conversion to float, no cross-lane unpack. */
+static inline __attribute__((always_inline)) void row8_plain(const uint8_t *wr, const uint16_t *xp, int M, int K,
+                                                             int k0, int k1, int group, __m512 sv, __m512 *tot) {
+    const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
+    __m512i idx = _mm512_setzero_si512();
+    for (int g0 = k0; g0 < k1; g0 += group) {
+        __m512 lo[MAX_ROWS], hi[MAX_ROWS];
+        for (int m = 0; m < M; m++) lo[m] = hi[m] = _mm512_setzero_ps();
+        for (int k = g0; k < g0 + group; k += 64) {
+            const __m512i w = _mm512_loadu_si512((const void *)(wr + k));
+            const __m512i e0 = _mm512_ternarylogic_epi32(w, nib, base, 0xEA); /* (w & nib) | base */
+            const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA);
+            const __m512i e2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA);
+            const __m512i e3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), base);
+            for (int m = 0; m < M; m++) {
+                const uint16_t *xr = xp + (int64_t)m * K + k;
+                const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)xr);
+                const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xr + 32));
+                lo[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo[m], (__m512bh)e0, xa), (__m512bh)e2, xb);
+                hi[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi[m], (__m512bh)e1, xa), (__m512bh)e3, xb);
+            }
+        }
+        const __m512 s = _mm512_permutexvar_ps(idx, sv);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
+        for (int m = 0; m < M; m++) tot[m] = _mm512_fmadd_ps(_mm512_fmadd_ps(hi[m], _mm512_set1_ps(16.0f), lo[m]), s, tot[m]);
+    }
+}
+
+/* Sums of 16 vectors' lanes, as one vector: lane l is the sum of v[TILE_POS[l]] (a transpose-and-add tree,
+ * 45 instructions for 16 rows instead of a reduction of about 8 per row). */
+static const int TILE_POS[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15}; /* its own inverse */
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+/* f32_to_bf16 (bf16.h) on 16 lanes: nearest even, a NaN kept quiet with its sign and upper payload. */
+static inline __m256i bf16_round16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40)));
+}
+
+/* Output rows n0 .. n0 + count - 1 (count <= 16) of int4 x bf16 through row4_plain or row8_plain, bf16 y. Per row: its
+ * scales as f32 (vector loads, into sf) and its zero-point term, both from the same loads; then the rows'
+ * accumulators reduce together (reduce16) and round and store as one vector. */
+static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp, const float *xsum, const int32_t *wq,
+                                                              int64_t words, const void *scale, int scale_bf16,
+                                                              const int8_t *zero, const uint16_t *bias, uint16_t *y,
+                                                              int n0, int count, int M, int N, int K, int group,
+                                                              int bits, int kind, float offset) {
+    const int G = K / group;
+    __m512 acc[MAX_ROWS][16];
+    for (int r = 0; r < 16; r++) {
+        const int pos = TILE_POS[r];
+        if (r >= count) {
+            for (int m = 0; m < M; m++) acc[m][pos] = _mm512_setzero_ps();
+            continue;
+        }
+        const int64_t n = n0 + r;
+        const uint8_t *wr = (const uint8_t *)(wq + n * words);
+        __m512 t[MAX_ROWS];
+        for (int m = 0; m < M; m++) t[m] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g += 16) { /* 16 groups a step: their scales, zero-point term and columns */
+            const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
+            const int64_t i = n * G + g;
+            const __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
+                                        : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
+            __m512 zu = _mm512_set1_ps(offset);
+            if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
+            const __m512 sz = _mm512_mul_ps(s, zu);
+            for (int m = 0; m < M; m++) /* minus the zero-point term */
+                t[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), t[m]);
+            const int k0 = g * group, k1 = G - g >= 16 ? k0 + 16 * group : K;
+            if (bits == 4)
+                row4_plain(wr, xp, M, K, k0, k1, group, kind, s, t);
+            else
+                row8_plain(wr, xp, M, K, k0, k1, group, s, t);
+        }
+        for (int m = 0; m < M; m++) acc[m][pos] = t[m];
+    }
+    const __mmask16 keep = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, bias + n0)), 16))
+                          : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++)
+        _mm256_mask_storeu_epi16(y + (int64_t)m * N + n0, keep, bf16_round16(_mm512_add_ps(reduce16(acc[m]), b)));
 }
 #endif
 
@@ -193,23 +339,6 @@ static inline __attribute__((always_inline)) void row(const void *x, int x_bf16,
     v16f zterm[MAX_ROWS];
     zero_terms(scale, scale_bf16, zero, n, G, offset, xsum, M, zterm);
     for (int m = 0; m < M; m++) tot[m] = (v16f){0};
-#if HAVE_AVX512_BF16
-    if (x_bf16 == 2) {
-        /* its own loop (no per-group test of the path), with the row's scales as f32 first, in a loop the
-         * compiler vectorizes, so that a group takes its scale with one broadcast from memory: same sums,
-         * 576x1536 g64 9% faster a call, other shapes within noise (qgemv.py). The same scales-first loop
-         * made the fp32 path (int8) 10-15% slower in one run, so that path keeps scale_at. */
-        float sf[G];
-        if (scale_bf16)
-            for (int g = 0; g < G; g++) sf[g] = bf16_to_f32(((const uint16_t *)scale)[n * G + g]);
-        else
-            memcpy(sf, (const float *)scale + n * G, sizeof sf);
-        for (int g = 0; g < G; g++)
-            group4_bf16_64((const uint8_t *)wr, (const uint16_t *)x, M, K, g * group, group, sf[g], tot);
-        for (int m = 0; m < M; m++) out[m] = hsum(tot[m] - zterm[m]);
-        return;
-    }
-#endif
     for (int g = 0; g < G; g++) {
         const float s = scale_at(scale, scale_bf16, n * G + g);
 #if HAVE_AVX512_BF16
@@ -293,6 +422,48 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
     const int G = K / group;
     const int dot = HAVE_AVX512_BF16 && use_dot && x_bf16 && bits == 4;
     float xsum[M * G];
+#if HAVE_AVX512_BF16
+    if (use_dot && x_bf16 && group % 64 == 0) { /* row4_plain / row8_plain, through tiles of 16 rows */
+        const uint16_t *xh = (const uint16_t *)x;
+        uint16_t xp[M * K];
+        for (int m = 0; m < M; m++) {
+            for (int g = 0; g < G; g++) { /* 16 partial sums a group, widened exactly */
+                __m512 acc = _mm512_setzero_ps();
+                for (int k = g * group; k < (g + 1) * group; k += 16)
+                    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                                 _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xh + (int64_t)m * K + k))), 16)));
+                xsum[m * G + g] = _mm512_reduce_add_ps(acc);
+            }
+            const uint16_t *xr = xh + (int64_t)m * K;
+            uint16_t *o = xp + (int64_t)m * K;
+            if (bits == 4) /* row4_plain's order: per block of B = 128 (or a last 64) columns, o[B/4 * i + j] = x[4j + i] */
+                for (int k = 0; k < K; k += 128) {
+                    const int L = K - k >= 128 ? 32 : 16;
+                    for (int i = 0; i < 4; i++)
+                        for (int j = 0; j < L; j++) o[k + L * i + j] = xr[k + 4 * j + i];
+                }
+            else /* row8_plain's: per 64 columns the 32 even, then the 32 odd */
+                for (int k = 0; k < K; k += 64)
+                    for (int j = 0; j < 32; j++) {
+                        o[k + j] = xr[k + 2 * j];
+                        o[k + 32 + j] = xr[k + 2 * j + 1];
+                    }
+        }
+        const int kind = group == 64 ? KIND_G64 : group % 128 == 0 ? KIND_G128 : KIND_OTHER;
+        /* the code offset, plus the 128 of every bf16 code (int8: of both nibbles, 128 + 16 * 128) */
+        const float offset = bits == 4 ? 8.0f + 128.0f : 128.0f + 17.0f * 128.0f;
+        const int tiles = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int t = 0; t < tiles; t++) {
+            const int n0 = t * 16, count = N - n0 < 16 ? N - n0 : 16;
+            if (M == 1)
+                tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 1, N, K, group, bits, kind, offset);
+            else
+                tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, M, N, K, group, bits, kind, offset);
+        }
+        return;
+    }
+#endif
     float xbuf[(x_bf16 && !dot) ? M * K : 1];
     const float *xf = x_bf16 ? xbuf : (const float *)x;
     for (int m = 0; m < M; m++)
@@ -306,19 +477,7 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
             }
             xsum[m * G + g] = acc;
         }
-    const int dot64 = dot && group % 64 == 0;
-    uint16_t xperm[dot64 ? M * K : 1];
-    if (dot64)
-        for (int m = 0; m < M; m++)
-            for (int k = 0; k < K; k += 64)
-                for (int j = 0; j < 32; j++) {
-                    const uint16_t *xr = (const uint16_t *)x + (int64_t)m * K + k;
-                    xperm[m * K + k + j] = xr[2 * j];
-                    xperm[m * K + k + 32 + j] = xr[2 * j + 1];
-                }
-    const void *xk = dot64 ? (const void *)xperm : dot ? x : (const void *)xf;
-    const int path = dot64 ? 2 : dot;
-    (void)path; /* unused where row_avx2 serves every call */
+    const void *xk = dot ? x : (const void *)xf;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int n = 0; n < N; n++) {
         float out[MAX_ROWS];
@@ -331,8 +490,8 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
         default: row_avx2(xk, xsum, wr, scale, scale_bf16, zero, n, 4, K, group, bits, out);
         }
 #else
-        if (M == 1) row(xk, path, xsum, wr, scale, scale_bf16, zero, n, 1, K, group, bits, out);
-        else row(xk, path, xsum, wr, scale, scale_bf16, zero, n, M, K, group, bits, out);
+        if (M == 1) row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, 1, K, group, bits, out);
+        else row(xk, dot, xsum, wr, scale, scale_bf16, zero, n, M, K, group, bits, out);
 #endif
         for (int m = 0; m < M; m++) {
             int64_t i = (int64_t)m * N + n;

@@ -17,18 +17,31 @@ weights from memory, load 4-5) the AVX2 row (`avx2_row`) takes 3072x576 g64 int4
 0.20-0.29 ms, against 0.35-0.54 ms for the dense float32 gemv in the same runs (5.8 and 2.5 ms before it).
 Whole-model numbers are in docs/quantization.md.
 
-Where the time goes (2-core AMD EPYC Zen4, AVX512-BF16, bf16 x, 1 row, asymmetric g64, weights from memory:
-60 MB of copies round-robin; best of 12 interleaved runs, shared machine): int4 reaches 5.6-7 GB/s of packed
-bytes on 1 thread and 10-12 GB/s on 2, int8 8-12 / 13-18 GB/s, while torch reads 20 / 27 GB/s there; with the
-weights in cache int4 is no faster than 8-12 GB/s on 1 thread. So int4 x bf16 is bound by instructions per
-64-column group (unpack, two vdpbf16ps, the scale's FMA, at g64 one group per 32 bytes), not by memory.
-Interleaving 4 output rows (4 x M independent chains) gained 3% in cache and lost 5-45% from memory, so rows
-stay one at a time; software prefetch a few rows ahead changed nothing; int8 on vdpbf16ps (each byte as two
-exact bf16 nibbles, two dot products) matched the fp32 path within noise, so it was dropped. Taking the row's
-scales as f32 before the group loop, in the vdpbf16ps path's own loop, gives the same sums bit for bit; it
-took 576x1536 g64 from 66 to 60 us (1 thread) and 46 to 42 us (2 threads); the other shapes moved within the
-run-to-run noise of identical builds here (5-15%). The same scales-first loop in the fp32 path (int8) measured
-10-15% slower in one run, so that path keeps per-group scale_at.
+Before 2026-11-30 (2-core AMD EPYC Zen4, AVX512-BF16, bf16 x, 1 row, g64, weights from memory: 60 MB of
+copies round-robin; best of 12 interleaved runs, shared machine) int4 reached 5.6-7 GB/s of packed bytes on
+1 thread and 10-12 GB/s on 2, int8 8-12 / 13-18 GB/s, while torch reads 20 / 27 GB/s there; with the
+weights in cache int4 was no faster: bound by instructions per 64-column group (a cross-lane vpmovzxbw
+unpack, two vdpbf16ps, a broadcast scale FMA), and per row by the scales' conversion, the zero-point term
+and one horizontal sum. Interleaving 4 output rows lost 5-45% from memory, software prefetch a few rows
+ahead changed nothing, int8 as two bf16 nibbles on vdpbf16ps (through the same vpmovzx unpack) matched the
+fp32 path.
+
+Now bf16 x with groups of a multiple of 64 (every layer of the issue-18 models) runs row4_plain /
+row8_plain over tiles of 16 output rows: the packed bytes loaded plainly (64 bytes a step) and split into
+nibbles in place (shift + vpternlogd | 0x4300, no cross-lane op), with x permuted once per call to the
+order the nibbles come out in; the row's 16 group scales converted with vector ops and kept in a register
+(a block's scale vector is one vpermps; read back from a stack copy instead, every 128-column block hit a
+failed store-to-load forward), the zero-point term subtracted from the same loads, 16 rows' accumulators
+reduced by one transpose-and-add tree and rounded to bf16 as one vector. int8 now takes vdpbf16ps too (two
+nibbles a byte, low and high accumulated apart), without the vpmovzx unpack. Measured with a C harness
+calling shoal_qgemv (SmolLM2-135M's shapes 960x576, 576x576, 3072x576 g64 and 576x1536 g64 (int4) / g128
+(int8), 1 row, 1 thread, bf16 scales, symmetric; weights rotated over copies of >= 96 MB; best of 7, three
+interleaved rounds with the old kernel; shared machine at load 4-5, so 2-thread numbers there meant
+nothing): a layer's four calls, int4 10.1-10.5 -> 12.0-15.0 GB/s (5.4-5.6 -> 3.8-4.7 ms for 30 layers),
+int8 12.5-12.7 -> 16.2-17.6 GB/s (8.6-9.4 -> 6.2-6.7 ms); with the weights in cache int4 11.0 -> 16.4-17.5
+GB/s, int8 20.2-20.6 GB/s. What is left at 576 columns is about two thirds the blocks (4 vdpbf16ps and 7
+logic ops a 128 columns, near the FP pipes' throughput) and one third the per-row work. A first version
+with the scales read back from a stack copy of each row was 10-25% slower in cache.
 """
 
 from __future__ import annotations
