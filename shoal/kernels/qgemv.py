@@ -30,18 +30,26 @@ Now bf16 x with groups of a multiple of 64 (every layer of the issue-18 models) 
 row8_plain over tiles of 16 output rows: the packed bytes loaded plainly (64 bytes a step) and split into
 nibbles in place (shift + vpternlogd | 0x4300, no cross-lane op), with x permuted once per call to the
 order the nibbles come out in; the row's 16 group scales converted with vector ops and kept in a register
-(a block's scale vector is one vpermps; read back from a stack copy instead, every 128-column block hit a
-failed store-to-load forward), the zero-point term subtracted from the same loads, 16 rows' accumulators
-reduced by one transpose-and-add tree and rounded to bf16 as one vector. int8 now takes vdpbf16ps too (two
-nibbles a byte, low and high accumulated apart), without the vpmovzx unpack. Measured with a C harness
-calling shoal_qgemv (SmolLM2-135M's shapes 960x576, 576x576, 3072x576 g64 and 576x1536 g64 (int4) / g128
-(int8), 1 row, 1 thread, bf16 scales, symmetric; weights rotated over copies of >= 96 MB; best of 7, three
-interleaved rounds with the old kernel; shared machine at load 4-5, so 2-thread numbers there meant
-nothing): a layer's four calls, int4 10.1-10.5 -> 12.0-15.0 GB/s (5.4-5.6 -> 3.8-4.7 ms for 30 layers),
-int8 12.5-12.7 -> 16.2-17.6 GB/s (8.6-9.4 -> 6.2-6.7 ms); with the weights in cache int4 11.0 -> 16.4-17.5
-GB/s, int8 20.2-20.6 GB/s. What is left at 576 columns is about two thirds the blocks (4 vdpbf16ps and 7
-logic ops a 128 columns, near the FP pipes' throughput) and one third the per-row work. A first version
-with the scales read back from a stack copy of each row was 10-25% slower in cache.
+(a block's scale vector is one vpermps), the zero-point term subtracted from the same loads, 16 rows'
+accumulators reduced by one transpose-and-add tree and rounded to bf16 as one vector. int8 now takes
+vdpbf16ps too (two nibbles a byte, low and high accumulated apart), without the vpmovzx unpack; int4 rows
+are prefetched 2 KB ahead; the row count is a constant in each copy of the tile (runtime M kept int8's
+accumulators in memory: 1.5x slower than the old path at M = 2-4).
+
+Measured with a C harness calling shoal_qgemv on SmolLM2-135M's shapes (960x576, 576x576, 3072x576 g64 and
+576x1536 g64 (int4) / g128 (int8); bf16 scales, symmetric; weights rotated over >= 96 MB of copies; best of
+7 per shape; rounds interleaved with the old kernel), as ms for a layer's four calls times 30 layers:
+- 1 row, 1 thread (load 4-5): int4 5.4-5.6 -> 3.8-4.7 ms (10-10.5 -> 12-15 GB/s of packed bytes), int8
+  8.6-9.4 -> 6.2-6.7 ms (12.5 -> 16-17.6 GB/s); in cache int4 11.0 -> 16.4-17.5 GB/s, int8 20 GB/s;
+- 1 row, 2 threads (load 1.5-2.2): int4 3.0-3.4 -> 2.25-2.5 ms (16.5-18.8 -> 22.6-25.3 GB/s), int8
+  4.8-6.2 -> 3.5-3.9 ms (17.7-22.7 -> 28-31 GB/s, about what the two cores stream; one run 4.6);
+- 2 rows, 2 threads: int4 16.2-17.7 -> 2.9-3.4 ms, int8 12.8-14.0 -> 4.8-5.0; 4 rows: int4 17.1-17.3 ->
+  5.3-5.4, int8 23.1-23.3 -> 11.0-11.4.
+In cache, 1 thread, an int4 row of 576 columns takes ~18 ns: about three quarters its 4.5 blocks (4
+vdpbf16ps and 7 logic ops a 128 columns, ~2.7 ns, from 1536-column rows) and a quarter the per-row work; on 2 threads both formats are near the memory's rate. Tried and dropped:
+the row's scales stored to a stack array and read back per block (a failed store-to-load forward every
+block: 3072x576 in cache 62-67 against 56.5 us a call, one run each); prefetching int8 rows (3-7% slower); the prefetch
+distance (2 or 4 rows, 1-4 KB: the same).
 """
 
 from __future__ import annotations
