@@ -268,3 +268,32 @@ def test_spike_server_side_reads_queue_and_ttft_per_class_from_the_access_log(tm
     assert premium["prompt_step_p50_s"] == pytest.approx(0.030)  # (0.040 + 0.020) / 2
     assert standard["prompt_step_p95_s"] == pytest.approx(0.5)
     assert server_side(log, "unloaded")["premium"]["ttft_p50_s"] == pytest.approx(0.020)
+
+
+@pytest.mark.timeout(30)
+def test_cpu_meter_counts_the_servers_child_processes_as_its_own() -> None:
+    """serve-compare's CpuMeter subtracts its own processes' CPU from the machine's; `shoal serve`'s engine
+    core is a child of the server process it starts, so descendants must count as its own (else every
+    HTTP run looks disturbed by ~2 cores and is retried)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from shoal.bench.serve_compare import CpuMeter
+
+    grandchild = "import time; time.sleep(20)"
+    child = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); print(p.pid, flush=True); time.sleep(20)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    grandchild_pid = int(proc.stdout.readline())
+    try:
+        own = CpuMeter([proc.pid])._own()
+        assert {proc.pid, grandchild_pid} <= own
+        assert CpuMeter([grandchild_pid])._own() == {grandchild_pid}
+    finally:
+        os.kill(grandchild_pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()

@@ -153,7 +153,9 @@ def machine(threads: int) -> dict:
 class CpuMeter:
     """CPU time the rest of the machine spends while a side runs: all CPUs' busy time (/proc/stat) less what
     this benchmark's own processes used (/proc/PID/stat, every thread), in cores. On a shared machine that
-    tells a disturbed run from a clean one better than the load average (which lags by a minute)."""
+    tells a disturbed run from a clean one better than the load average (which lags by a minute). Own
+    processes are the pids given and every process under them at the time of the sample (`shoal serve`'s
+    engine core process is a child of the server the benchmark starts)."""
 
     def __init__(self, pids: list[int]):
         self.pids = pids
@@ -179,7 +181,27 @@ class CpuMeter:
             return 0
 
     def sample(self) -> tuple[float, int | None, int]:
-        return time.perf_counter(), self._machine_busy(), sum(self._proc_busy(p) for p in self.pids)
+        return time.perf_counter(), self._machine_busy(), sum(self._proc_busy(p) for p in self._own())
+
+    def _own(self) -> set[int]:
+        """The given pids and their descendants, from the parent pid field of /proc/*/stat."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+        own, todo = set(), list(self.pids)
+        while todo:
+            pid = todo.pop()
+            if pid not in own:
+                own.add(pid)
+                todo.extend(children.get(pid, ()))
+        return own
 
     def others_cores(self, start: tuple, end: tuple) -> float | None:
         (t0, m0, o0), (t1, m1, o1) = start, end
