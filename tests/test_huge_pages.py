@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from shoal.model import huge_pages
-from shoal.model.packed_linear import PackedLinear, pack_linears
+from shoal.model.loader import load_model
+from shoal.model.packed_linear import PackedLinear
+from shoal.quant.calibration import forward_windows
+from shoal.quant.linear import QuantizedLinear
+from shoal.quant.quantize import quantize_model
 
 pytestmark = pytest.mark.timeout(60)
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -89,18 +93,34 @@ def test_the_buffer_is_backed_by_huge_pages() -> None:
 
 
 @pytest.mark.skipif(not huge_pages.enabled(), reason="huge_pages.gather moves tensors on Linux only")
-def test_pack_linears_puts_every_panel_in_one_buffer_and_keeps_the_outputs() -> None:
-    g = torch.Generator().manual_seed(1)
-    model = torch.nn.Sequential(*(torch.nn.Linear(96, n) for n in (64, 200, 96))).float()
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.copy_(torch.randn(p.shape, generator=g))
-    x = torch.randn(8, 96, generator=g)
-    expected = model[0](x)
-    pack_linears(model, available_ram=1 << 34)
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    panels = [m.panels for m in packed if m.panels is not None]
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_loaded_model_streams_its_weights_from_one_buffer_with_the_same_logits(
+    quantized: bool, stories_dir, tmp_path, monkeypatch
+) -> None:
+    """load_model moves every PackedLinear's panels (and a quantized model's packed integers) into one
+    buffer each; the logits equal those of the same model loaded with SHOAL_HUGE_PAGES=0."""
+    model_dir = stories_dir
+    if quantized:
+        model_dir = quantize_model(stories_dir, tmp_path / "w8", "rtn", 8, "auto").output
+    monkeypatch.setenv("SHOAL_HUGE_PAGES", "0")
+    plain, _ = load_model(Path(model_dir), torch.float32, torch.device("cpu"))
+    monkeypatch.setenv("SHOAL_HUGE_PAGES", "1")
+    model, _ = load_model(Path(model_dir), torch.float32, torch.device("cpu"))
+    panels = [m.panels for m in model.modules() if isinstance(m, PackedLinear) and m.panels is not None]
     if not panels:
         pytest.skip("no gemm panels on this machine (native kernels unavailable)")
     assert len({p.untyped_storage().data_ptr() for p in panels}) == 1
-    torch.testing.assert_close(packed[0](x), expected, rtol=1e-5, atol=1e-4)
+    quantized_linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized_linears) == quantized
+    for kind in ("weight_packed", "weight_int8"):  # each kind of stored integers in one buffer of its own
+        stored = [getattr(m, kind) for m in quantized_linears if getattr(m, kind) is not None]
+        assert len({t.untyped_storage().data_ptr() for t in stored}) <= 1
+    assert any(m.weight_packed is not None for m in quantized_linears) == quantized
+    # two windows of 39 tokens (batched linears, lm_head panels), one of 3 (decode-sized rows)
+    for ids in (torch.arange(1, 79).view(2, 39), torch.tensor([[5, 9, 2]])):
+        assert torch.equal(_logits(model, ids), _logits(plain, ids))
+
+
+def _logits(model, token_ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.lm_head(forward_windows(model, token_ids))

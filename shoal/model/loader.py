@@ -22,9 +22,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from shoal.model import huge_pages
 from shoal.model.config import ModelConfig, load_config
 from shoal.model.device import available_ram
-from shoal.model.packed_linear import pack_linears, packing_available
+from shoal.model.packed_linear import PackedLinear, pack_linears, packing_available
 from shoal.model.rope import RotaryEmbedding
 from shoal.model.split_linear import SplitLinear
 from shoal.model.tensor_parallel import check_tensor_parallel, local_config, parallelize, shard
@@ -163,7 +164,19 @@ def load_model(
         )
     if pack and not mmap and packing_available(device, dtype):
         pack_linears(model, available_ram(), keep_weights=for_compile)
+        _streamed_weights_on_huge_pages(model)
     return model.eval(), cfg
+
+
+def _streamed_weights_on_huge_pages(model: nn.Module) -> None:
+    """What every decode step reads in full (the gemm panels of the 16-bit linears, lm_head included, and
+    the quantized linears' packed integers) moved into buffers on transparent huge pages
+    (model/huge_pages.py: single-stream bf16 step 10.4-11.3 -> 6.0-8.2 ms on the 2-core Zen 4)."""
+    modules = list(model.modules())
+    huge_pages.gather([m for m in modules if isinstance(m, PackedLinear) and m.panels is not None], "panels")
+    quantized = [m for m in modules if isinstance(m, QuantizedLinear)]
+    huge_pages.gather([m for m in quantized if m.weight_packed is not None], "weight_packed")
+    huge_pages.gather([m for m in quantized if m.weight_int8 is not None], "weight_int8")
 
 
 def _check_shape(first: str, tensors: list[torch.Tensor], param: nn.Parameter) -> None:

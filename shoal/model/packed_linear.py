@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.kernels import gemm, gemv
-from shoal.model import huge_pages
 
 log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
@@ -238,8 +237,4 @@ def pack_linears(model: nn.Module, available_ram: int | None = None, keep_weight
         )
     for module, name, child in linears:
         setattr(module, name, PackedLinear(child, packed, big_route, keep))
-    # the panels every decode step streams, moved into one buffer on transparent huge pages
-    huge_pages.gather(
-        [m for m in model.modules() if isinstance(m, PackedLinear) and m.panels is not None], "panels"
-    )
     return model
