@@ -87,6 +87,10 @@ def test_shoal_huge_pages_0_leaves_the_tensors_where_they_are(monkeypatch) -> No
     reason=f"transparent huge pages are off here ({THP}: {_thp_mode()})",
 )
 def test_the_buffer_is_backed_by_huge_pages() -> None:
+    # as a model load does: large blocks touched and freed, which raises glibc's mmap threshold, so that
+    # torch.empty would serve the next ones from pages already faulted in (small ones, whatever the advice)
+    for _ in range(3):
+        torch.ones(24 << 20, dtype=torch.uint8)
     owners = [SimpleNamespace(t=torch.ones(3 << 20, dtype=torch.uint8)) for _ in range(3)]  # 9 MB
     huge_pages.gather(owners, "t")
     assert _anon_huge_kb(owners[0].t.data_ptr()) >= huge_pages.HUGE_PAGE // 1024

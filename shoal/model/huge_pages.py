@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import sys
 
@@ -57,7 +58,7 @@ def gather(owners: list[object], attr: str) -> None:
         total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     del tensors
     span = -(-total // HUGE_PAGE) * HUGE_PAGE  # whole huge pages (the last one's tail is never touched)
-    buffer = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is faulted in yet
+    buffer = _fresh_memory(span + HUGE_PAGE)
     start = -buffer.data_ptr() % HUGE_PAGE  # the first 2 MB boundary in the buffer
     _advise(buffer.data_ptr() + start, span)
     for owner, offset in zip(owners, offsets, strict=True):
@@ -66,6 +67,15 @@ def gather(owners: list[object], attr: str) -> None:
         view = buffer[start + offset : start + offset + nbytes].view(t.dtype).view(t.shape)
         view.copy_(t)
         setattr(owner, attr, view)
+
+
+def _fresh_memory(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] over a new private anonymous mapping: no page of it has been touched, so the advice
+    decides how each is faulted in. Not torch.empty: glibc serves large blocks from memory it already
+    faulted in once its mmap threshold has grown (after large frees, as a model load makes), and madvise
+    does not turn pages already there into huge ones (the test of this module failed that way)."""
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
 
 
 def _advise(address: int, length: int) -> None:
