@@ -394,9 +394,6 @@ static inline void prefetch_bf16(const uint16_t *p, int64_t elems) {
     __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 2);
 }
 
-
-/* MT rows of x (row stride K, from column k0 of the block) by one panel's k-block of kc columns (wp at the
- * block's first pair) into part (MT x BW sums). */
 /* The sums of `rows` rows of x for panel columns n0.. (part, rows x BW, row-major) out to y (rows from its
  * first, row stride N): the bias added in fp32, one rounding to bf16; columns past N are the panel's padding. */
 static inline void bf16_store(const float *part, const uint16_t *bias, uint16_t *y, int rows, int N, int n0) {
@@ -408,6 +405,8 @@ static inline void bf16_store(const float *part, const uint16_t *bias, uint16_t 
     }
 }
 
+/* MT rows of x (row stride K, from column k0 of the block) by one panel's k-block of kc columns (wp at the
+ * block's first pair) into part (MT x BW sums). */
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, const uint16_t *wp, float *part,
                                                             int MT, int K, int kc, int first, int64_t pf) {
     __m512 acc[BM][2];

@@ -12,15 +12,13 @@ Measured on the 2-core AMD EPYC (Zen 4, bfloat16, 2 threads, `bench/decode_step.
 single-stream step 10.3-10.6 -> 9.0-9.2 ms, 64 sequences 57.4-59.9 -> 53.6-57.8 ms; this module's numbers
 are in docs/performance.md.
 
-Linux only: madvise(2) with MADV_HUGEPAGE. Where THP is off ("never"), madvise fails or the pages stay
+Linux only: madvise(2) with MADV_HUGEPAGE (Python's mmap.madvise). Where THP is off ("never"), madvise fails or the pages stay
 small; elsewhere (not Linux) the buffer is plain memory. Either way the tensors are the same values.
 SHOAL_HUGE_PAGES=0 leaves the tensors where they are (for measurements).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -31,7 +29,6 @@ import torch
 log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20  # bytes: x86-64's PMD-sized transparent huge page
-MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
 ALIGN = 64  # bytes between tensors in the buffer: a cache line, as torch's CPU allocator aligns
 
 
@@ -58,30 +55,19 @@ def gather(owners: list[object], attr: str) -> None:
         total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     del tensors
     span = -(-total // HUGE_PAGE) * HUGE_PAGE  # whole huge pages (the last one's tail is never touched)
-    buffer = _fresh_memory(span + HUGE_PAGE)
+    # a new private anonymous mapping, not torch.empty: glibc serves large blocks from memory it already
+    # faulted in once its mmap threshold has grown (after large frees, as a model load makes), and madvise
+    # does not turn pages already there into huge ones (the test of this module failed that way)
+    mapping = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
     start = -buffer.data_ptr() % HUGE_PAGE  # the first 2 MB boundary in the buffer
-    _advise(buffer.data_ptr() + start, span)
+    try:  # before anything is written, so that every page of the span is faulted in huge
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, span)
+    except OSError as e:  # THP off, an old kernel: small pages, the same values
+        log.debug("madvise(MADV_HUGEPAGE) failed: %s", e)
     for owner, offset in zip(owners, offsets, strict=True):
         t = getattr(owner, attr)
         nbytes = t.numel() * t.element_size()
         view = buffer[start + offset : start + offset + nbytes].view(t.dtype).view(t.shape)
         view.copy_(t)
         setattr(owner, attr, view)
-
-
-def _fresh_memory(nbytes: int) -> torch.Tensor:
-    """uint8 [nbytes] over a new private anonymous mapping: no page of it has been touched, so the advice
-    decides how each is faulted in. Not torch.empty: glibc serves large blocks from memory it already
-    faulted in once its mmap threshold has grown (after large frees, as a model load makes), and madvise
-    does not turn pages already there into huge ones (the test of this module failed that way)."""
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
-
-
-def _advise(address: int, length: int) -> None:
-    """madvise(MADV_HUGEPAGE) over [address, address + length), both multiples of HUGE_PAGE; a failure
-    (THP off, an old kernel) is logged and leaves small pages."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(address, length, MADV_HUGEPAGE) != 0:
-        log.debug("madvise(MADV_HUGEPAGE) failed: %s", os.strerror(ctypes.get_errno()))
