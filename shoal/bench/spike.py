@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from shoal import live_stats
 from shoal import metric_names as mn
+from shoal.bench import workload
 from shoal.bench.http_cpu import server_cpu_s
 from shoal.bench.serve_compare import Server, machine, percentile, shoal_server
 
@@ -461,7 +462,7 @@ def _measure(
     classes = class_schedule(len(times), load.premium_share)
     plan = [(i, t, c) for i, (t, c) in enumerate(zip(times, classes, strict=True))]
     before = live_stats.fetch(server.url)
-    loadavg_before = os.getloadavg()
+    loadavg_before = workload.load_average()
     cpu0, wall0 = server_cpu_s(server), time.perf_counter()
     start_at = time.time() + 0.5  # both clients' plans start at this instant
     rest = (headers, load.max_tokens, load.request_timeout_s, "spike", start_at)
@@ -469,7 +470,7 @@ def _measure(
     premium_outcomes = premium.call(_run, _send, server.url, [p for p in plan if p[2] == "premium"], *rest)
     flood_outcomes = flooding.result()
     cpu1, wall = server_cpu_s(server), time.perf_counter() - wall0
-    loadavg_after = os.getloadavg()
+    loadavg_after = workload.load_average()
     after = live_stats.fetch(server.url)
     server_ttft = live_stats.summarize(before, after).percentiles["TTFT"]
     steps = after.minus(before)
@@ -610,8 +611,8 @@ def _rps(x: float | None) -> str:
     return "" if x is None else f"{x:.1f} req/s"
 
 
-def _loadavg(values) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
+def _loadavg(values: list[float] | None) -> str:
+    return "?" if values is None else " ".join(f"{v:.2f}" for v in values)
 
 
 def _pct(x: float | None) -> str:
