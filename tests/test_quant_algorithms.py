@@ -54,8 +54,8 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> floa
     return (x @ w.T - x @ w_hat.T).norm().item()
 
 
-def _hessian(x: torch.Tensor) -> torch.Tensor:
-    acc = HessianAccumulator(x.shape[1])
+def _hessian(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    acc = HessianAccumulator(x.shape[1], block=block)
     for batch in x.split(500):
         acc.add(batch)
     return acc.hessian()
@@ -150,9 +150,13 @@ def test_gptq_handles_dead_inputs():
     assert torch.isfinite(q.dequantized).all()
 
 
-def test_hessian_accumulator_matches_one_big_product():
+@pytest.mark.parametrize("block", [256, 50, 7])  # one block; 6 of 43 (the last 41); 37 of 7 (the last 4)
+def test_hessian_accumulator_matches_one_big_product(block):
+    """Only the blocks on and above the diagonal are multiplied: the mirrored ones must be there too."""
     x = _activations(1000, seed=4)
-    torch.testing.assert_close(_hessian(x), (2 * x.double().T @ x.double()) / 1000, rtol=1e-5, atol=1e-4)
+    got = _hessian(x, block)
+    torch.testing.assert_close(got, (2 * x.double().T @ x.double()) / 1000, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got, got.T)
     with pytest.raises(ValueError, match="no calibration inputs"):
         HessianAccumulator(IN).hessian()
 
@@ -300,6 +304,30 @@ def test_blockwise_calibration_sees_what_one_forward_sees(stories):
     torch.testing.assert_close(blocks.hidden_states(), forward_windows(model, ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         blocks.advance()
+
+
+@pytest.mark.timeout(60)
+def test_capture_stops_the_block_once_its_linears_have_their_inputs(stories):
+    """The rest of the block is not run: capturing qkv alone never reaches o_proj or the MLP, and
+    capturing o_proj never reaches the MLP; advance() still runs the whole block."""
+    _, model, ids = stories
+    calls: list[str] = []
+    handles = [
+        model.get_submodule(f"layers.0.{n}").register_forward_pre_hook(lambda m, a, n=n: calls.append(n))
+        for n in ("self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ]
+    try:
+        blocks = BlockwiseCalibration(model, ids, batch_size=2)
+        assert blocks.capture(["layers.0.self_attn.qkv_proj"])["layers.0.self_attn.qkv_proj"].rows > 0
+        assert calls == []
+        blocks.capture(["layers.0.self_attn.o_proj"])
+        assert set(calls) == {"self_attn.o_proj"}
+        calls.clear()
+        blocks.advance()
+        assert calls.count("mlp.down_proj") == len(blocks.batches)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _perplexity(model, token_ids: torch.Tensor) -> float:

@@ -193,18 +193,30 @@ class HessianAccumulator:
     """Sums X^T X over batches of a linear layer's inputs; memory is [in, in] float64 whatever the data.
 
     add(x): x [..., in] any float dtype; each batch's product is computed in float32, summed in float64.
+    X^T X is symmetric, so add computes only the column blocks of `block` features on and above the
+    diagonal and mirrors them: for k blocks, (k + 1) / 2k of the full product's multiply-adds (0.58 for
+    SmolLM2's down_proj, 1,536 inputs). In calibration this product costs about as much as a forward of
+    the block, so the saving is about a tenth of GPTQ's calibration time.
     """
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, block: int = 256):
         self.in_features = in_features
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.rows = 0
+        blocks = math.ceil(in_features / block)
+        width = math.ceil(in_features / blocks)  # equal widths: 576 -> 3 x 192, not 256 + 256 + 64
+        self.edges = [(a, min(a + width, in_features)) for a in range(0, in_features, width)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if x.shape[1] != self.in_features:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.in_features}")
-        self.sum += (x.T @ x).double()
+        for i, (a, b) in enumerate(self.edges):
+            for c, d in self.edges[i:]:
+                part = (x[:, a:b].T @ x[:, c:d]).double()
+                self.sum[a:b, c:d] += part
+                if c != a:
+                    self.sum[c:d, a:b] += part.T
         self.rows += x.shape[0]
 
     def scale_inputs(self, factors: torch.Tensor) -> None:
