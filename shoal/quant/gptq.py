@@ -193,9 +193,9 @@ class HessianAccumulator:
     """Sums X^T X over batches of a linear layer's inputs; memory is [in, in] float64 whatever the data.
 
     add(x): x [..., in] any float dtype; each batch's product is computed in float32, summed in float64.
-    X^T X is symmetric, so add computes only the column blocks of `block` features on and above the
-    diagonal and mirrors them: for k blocks, (k + 1) / 2k of the full product's multiply-adds (0.58 for
-    SmolLM2's down_proj, 1,536 inputs). In calibration this product costs about as much as a forward of
+    X^T X is symmetric, so add computes it in k strips of rows of about `block` features, each from its
+    diagonal block rightwards, and mirrors them: (k + 1) / 2k of the full product's multiply-adds (0.58
+    for SmolLM2's down_proj, 1,536 inputs), in k products rather than one per block. In calibration this product costs about as much as a forward of
     the block, so the saving is about a tenth of GPTQ's calibration time.
     """
 
@@ -211,12 +211,10 @@ class HessianAccumulator:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if x.shape[1] != self.in_features:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.in_features}")
-        for i, (a, b) in enumerate(self.edges):
-            for c, d in self.edges[i:]:
-                part = (x[:, a:b].T @ x[:, c:d]).double()
-                self.sum[a:b, c:d] += part
-                if c != a:
-                    self.sum[c:d, a:b] += part.T
+        for a, b in self.edges:  # one strip per block of rows: its diagonal block and what lies right of it
+            strip = (x[:, a:b].T @ x[:, a:]).double()
+            self.sum[a:b, a:] += strip
+            self.sum[b:, a:b] += strip[:, b - a :].T
         self.rows += x.shape[0]
 
     def scale_inputs(self, factors: torch.Tensor) -> None:
