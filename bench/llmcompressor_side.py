@@ -13,9 +13,11 @@ Calibration: num_samples windows of seq_len tokens of ../shared/eval/wikitext2-v
 shoal's `calibration_windows` draws them (torch.Generator(seed), randint), so both sides see the same tokens.
 Perplexity: the first num_tokens tokens of ../shared/eval/wikitext2-test.txt (`tokenizer(text)`), windows
 of 1024, exp(mean NLL) of every token after a window's first. Rows (shoal/bench/quant.py's names):
-rtn-g64 and gptq-g64 (4-bit symmetric, groups of 64: QuantizationModifier / GPTQModifier), w8a8-sq-gptq
-(SmoothQuantModifier 0.8 then GPTQModifier W8A8) and fp8 (QuantizationModifier FP8_DYNAMIC); lm_head is
-ignored, as in shoal. AWQ is left out: llm-compressor's AWQ needs an accelerator (the issue patched it).
+rtn-g64 and gptq-g64 (4-bit symmetric, groups of 64: QuantizationModifier / GPTQModifier), awq-g64 (4-bit
+asymmetric, groups of 64: AWQModifier then QuantizationModifier; opt-in, as its calibration is long),
+w8a8-sq-gptq (SmoothQuantModifier 0.8 then GPTQModifier W8A8) and fp8 (QuantizationModifier FP8_DYNAMIC);
+lm_head is ignored, as in shoal. llm-compressor's AWQ fails without an accelerator (it pins its cached
+activations); `_cpu_only_pinning` skips the pinning on such a machine, nothing else.
 Prints a Markdown table: perplexity, ratio to the float32 base, calibration seconds.
 """
 
@@ -29,12 +31,11 @@ from pathlib import Path
 import torch
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
-W4_G64 = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
-    }
-}
+
+
+def w4_g64(symmetric: bool) -> dict:
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 64}
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
 def recipe(row: str):
@@ -43,9 +44,14 @@ def recipe(row: str):
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
     if row == "rtn-g64":
-        return QuantizationModifier(config_groups=W4_G64, ignore=["lm_head"])
+        return QuantizationModifier(config_groups=w4_g64(True), ignore=["lm_head"])
     if row == "gptq-g64":
-        return GPTQModifier(config_groups=W4_G64, ignore=["lm_head"])
+        return GPTQModifier(config_groups=w4_g64(True), ignore=["lm_head"])
+    if row == "awq-g64":  # asymmetric, as the paper and shoal's awq: the search, then the quantization
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        _cpu_only_pinning()
+        return [AWQModifier(), QuantizationModifier(config_groups=w4_g64(False), ignore=["lm_head"])]
     if row == "w8a8-sq-gptq":
         return [
             SmoothQuantModifier(smoothing_strength=0.8),
@@ -54,6 +60,16 @@ def recipe(row: str):
     if row == "fp8":
         return QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
     raise ValueError(f"unknown row {row!r}")
+
+
+def _cpu_only_pinning() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`), which raises
+    "Cannot access accelerator device when none is available" on a machine without one. Pinning only speeds
+    up copies to an accelerator, so without one it is skipped: the only change this bench makes to it."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def windows(ids: list[int], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
