@@ -195,8 +195,9 @@ class HessianAccumulator:
     add(x): x [..., in] any float dtype; each batch's product is computed in float32, summed in float64.
     X^T X is symmetric, so add computes it in k strips of rows of about `block` features, each from its
     diagonal block rightwards, and mirrors them: (k + 1) / 2k of the full product's multiply-adds (0.58
-    for SmolLM2's down_proj, 1,536 inputs), in k products rather than one per block. In calibration this product costs about as much as a forward of
-    the block, so the saving is about a tenth of GPTQ's calibration time.
+    for SmolLM2's down_proj, 1,536 inputs), in k products rather than one per block (small products lose
+    to thread stragglers on a busy machine). In calibration this product costs about as much as a forward
+    of the block; on 2 quiet threads a 2,048 x 1,536 batch takes 25 ms against the full product's 36 ms.
     """
 
     def __init__(self, in_features: int, block: int = 256):
