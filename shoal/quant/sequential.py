@@ -118,7 +118,9 @@ def _gptq_linear(
     return QuantizedWeight(q.qweight, q.scales.to(scale_dtype), None if symmetric else q.zeros, bits, size)
 
 
-AWQ_SAMPLE_ROWS = 512  # input rows kept per linear for the scale and clipping searches
+# input rows kept per linear for the scale and clipping searches: 512 scored SmolLM2 g64 at 1.267x perplexity
+# on the full protocol (128 x 512 calibration), 4096 at 1.165x, for 426 s of calibration against 321 s
+AWQ_SAMPLE_ROWS = 4096
 
 
 def awq_model(
