@@ -12,8 +12,9 @@ Measured on the 2-core AMD EPYC (Zen 4, bfloat16, 2 threads, `bench/decode_step.
 single-stream step 10.3-10.6 -> 9.0-9.2 ms, 64 sequences 57.4-59.9 -> 53.6-57.8 ms; this module's numbers
 are in docs/performance.md.
 
-Linux only: madvise(2) with MADV_HUGEPAGE (Python's mmap.madvise). Where THP is off ("never"), madvise fails or the pages stay
-small; elsewhere (not Linux) the buffer is plain memory. Either way the tensors are the same values.
+Linux only: madvise(2) with MADV_HUGEPAGE (Python's mmap.madvise). Where THP is off ("never"), madvise
+fails or the pages stay small; elsewhere (not Linux) the buffer is plain memory. Either way the tensors are
+the same values.
 SHOAL_HUGE_PAGES=0 leaves the tensors where they are (for measurements).
 """
 

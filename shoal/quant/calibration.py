@@ -12,7 +12,7 @@ Inputs are caught by forward pre-hooks on the linear modules of the decoder bloc
 `layers.{i}.mlp.down_proj`; q/k/v and gate/up are fused at load time, so each fused linear is one entry,
 which is also AWQ's grouping by shared input). The forward is the model's own, over a flat batch of
 whole prompts described by an AttentionMetadata with one prefill chunk per window and a scratch KV
-cache; it stops after the last block that has a hooked linear, so calibrating early blocks is cheap.
+cache; it stops at the input of the last watched linear, so calibrating early blocks is cheap.
 
 For GPTQ's sequential recipe (each block calibrated on the outputs of the blocks before it, as already
 quantized), `BlockwiseCalibration` keeps the residual stream of every window between blocks and runs one
@@ -118,8 +118,7 @@ def capture_linear_inputs(
         raise ValueError(f"{unknown[0]!r} is not a decoder-block linear of this model")
     batches = token_ids.split(batch_size)
     stats, handles = _watch(model, names, hessian, max_sample_rows, len(batches), seed)
-    last_block = max(int(n.split(".")[1]) for n in names)
-    handles.append(model.layers[last_block].register_forward_hook(_stop_forward))
+    handles += _stop_once_seen(model, names)
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -248,23 +247,21 @@ def _prefill_metadata(samples: int, seq_len: int) -> tuple[AttentionMetadata, to
 
 
 class _StopForward(Exception):
-    """Raised after the last watched block: the rest of the forward is not needed."""
-
-
-def _stop_forward(module: nn.Module, args, output) -> None:
-    raise _StopForward
+    """Raised once every watched linear has had its input: the rest of the forward is not needed."""
 
 
 def _stop_once_seen(model: nn.Module, names: list[str]) -> list:
-    """Pre-hooks that end a block's forward as soon as every linear in names has had its input (after
-    their recorders, registered first): what follows is not needed to capture them. In GPTQ's capture
-    that skips down_proj's product, an eighth of its two forwards of the block; in a true-sequential
-    capture of qkv alone, nearly the whole block."""
+    """Pre-hooks that end a forward (of the model, or of one block) as soon as every linear in names has
+    had its input (after their recorders, registered first): what follows is not needed to capture them.
+    In GPTQ's capture that skips down_proj's product, an eighth of its two forwards of the block; in a
+    true-sequential capture of qkv alone, nearly the whole block; in a whole-model capture, every block
+    after the last watched linear."""
     seen: set[str] = set()
+    watched = len(set(names))
 
     def hook(module: nn.Module, args, name: str) -> None:
         seen.add(name)
-        if len(seen) == len(names):
+        if len(seen) == watched:
             seen.clear()
             raise _StopForward
 
