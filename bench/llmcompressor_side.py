@@ -19,6 +19,12 @@ w8a8-sq-gptq (SmoothQuantModifier 0.8 then GPTQModifier W8A8) and fp8 (Quantizat
 lm_head is ignored, as in shoal. llm-compressor's AWQ fails without an accelerator (it pins its cached
 activations); `_cpu_only_pinning` skips the pinning on such a machine, nothing else.
 Prints a Markdown table: perplexity, ratio to the float32 base, calibration seconds.
+
+`--perturb-seeds K` rescores the `--perturb-rows` models (default fp8) K more times with every quantized linear's input
+multiplied by (1 + 1e-6 * N(0, 1)) before it is quantized: float32 rounding-sized changes, which move
+values across FP8/int8 rounding boundaries. The spread of those scores is the resolution at which two
+runtimes computing the same scheme (transformers here, shoal's engine) can be told apart: a difference
+in the last digit of the ratio inside that spread says nothing about either side's quantization.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
+PERTURBATION = 1e-6  # relative, about 8 float32 ulps
 
 
 def w4_g64(symmetric: bool) -> dict:
@@ -94,6 +101,24 @@ def perplexity(model, ids: list[int], size: int = 1024) -> float:
     return math.exp(nll / count)
 
 
+def perturbed_perplexities(model, ids: list[int], seeds: int) -> list[float]:
+    """Perplexity with each quantized linear's input jittered by PERTURBATION (module docstring), per seed."""
+    scores = []
+    for seed in range(1, seeds + 1):
+        gen = torch.Generator().manual_seed(seed)
+
+        def jitter(module, args, gen=gen):
+            noise = torch.randn(args[0].shape, generator=gen, dtype=args[0].dtype)
+            return (args[0] * (1 + PERTURBATION * noise),) + args[1:]
+
+        quantized = [m for m in model.modules() if getattr(m, "quantization_scheme", None) is not None]
+        hooks = [m.register_forward_pre_hook(jitter) for m in quantized]
+        scores.append(perplexity(model, ids))
+        for h in hooks:
+            h.remove()
+    return scores
+
+
 def main() -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -106,6 +131,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb-seeds", type=int, default=0, help="rescore K times, inputs jittered")
+    p.add_argument("--perturb-rows", default="fp8", help="the rows --perturb-seeds rescores")
     a = p.parse_args()
     tok = AutoTokenizer.from_pretrained(a.model)
     eval_ids = tok((EVAL / "wikitext2-test.txt").read_text())["input_ids"][: a.num_tokens]
@@ -128,6 +155,12 @@ def main() -> None:
         secs = time.perf_counter() - t0
         ppl = perplexity(model, eval_ids)
         print(f"| {row} | {ppl:.3f} | {ppl / base:.3f} | {secs:.1f} |", flush=True)
+        if a.perturb_seeds and row in a.perturb_rows.split(","):
+            jittered = perturbed_perplexities(model, eval_ids, a.perturb_seeds)
+            ratios = ", ".join(f"{p / base:.4f}" for p in jittered)
+            print(f"|   {row}, inputs jittered 1e-6 ({len(jittered)} seeds) | {ratios} | "
+                  f"min {min(jittered) / base:.4f}, mean {sum(jittered) / len(jittered) / base:.4f}, "
+                  f"max {max(jittered) / base:.4f} | |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

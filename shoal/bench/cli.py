@@ -525,6 +525,32 @@ def quant(
     typer.echo(f"wrote {output_dir / 'quant_eval.json'} and quant_eval.png")
 
 
+@bench_app.command("quant-spread")
+def quant_spread(
+    quantized: Annotated[Path, typer.Argument(help="A quantized model directory (`shoal quant quantize`).")],
+    base: Annotated[Path, typer.Option(help="The 16-bit model it was quantized from.")],
+    seeds: Annotated[int, typer.Option(help="Jittered rescorings (seeds 1..N).")] = 4,
+    num_tokens: Annotated[
+        int, typer.Option(help="Perplexity over the first N tokens of ../shared/eval/wikitext2-test.txt.")
+    ] = 65536,
+    threads: ThreadsOpt = None,
+) -> None:
+    """How far the quantized model's perplexity ratio moves when its quantized linears' inputs change by
+    float32 rounding (x (1 + 1e-6 N(0,1))): the resolution at which runtimes computing the same scheme can
+    be compared (shoal/bench/quant_spread.py)."""
+    from shoal.bench import quant_spread as qs
+    from shoal.quant.eval import DEFAULT_EVAL_TEXT
+
+    try:
+        workload.set_threads(threads)
+        base_ppl = qs.measure(base, DEFAULT_EVAL_TEXT, num_tokens, 0).plain
+        spread = qs.measure(quantized, DEFAULT_EVAL_TEXT, num_tokens, seeds)
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(qs.markdown(spread, base_ppl))
+
+
 @bench_app.command("quant-profile")
 def quant_profile(
     models: Annotated[
