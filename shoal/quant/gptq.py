@@ -214,6 +214,9 @@ class HessianAccumulator:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator {self.in_features}")
         for a, b in self.edges:  # one strip per block of rows: its diagonal block and what lies right of it
             strip = (x[:, a:b].T @ x[:, a:]).double()
+            # the BLAS may round (i, j) and (j, i) apart (seen on an AVX2 EPYC): H must be exactly symmetric
+            diag = strip[:, : b - a]
+            strip[:, : b - a] = (diag + diag.T) / 2
             self.sum[a:b, a:] += strip
             self.sum[b:, a:b] += strip[:, b - a :].T
         self.rows += x.shape[0]
