@@ -103,6 +103,7 @@ def perplexity(model, ids: list[int], size: int = 1024) -> float:
 
 def perturbed_perplexities(model, ids: list[int], seeds: int) -> list[float]:
     """Perplexity with each quantized linear's input jittered by PERTURBATION (module docstring), per seed."""
+    quantized = [m for m in model.modules() if getattr(m, "quantization_scheme", None) is not None]
     scores = []
     for seed in range(1, seeds + 1):
         gen = torch.Generator().manual_seed(seed)
@@ -111,7 +112,6 @@ def perturbed_perplexities(model, ids: list[int], seeds: int) -> list[float]:
             noise = torch.randn(args[0].shape, generator=gen, dtype=args[0].dtype)
             return (args[0] * (1 + PERTURBATION * noise),) + args[1:]
 
-        quantized = [m for m in model.modules() if getattr(m, "quantization_scheme", None) is not None]
         hooks = [m.register_forward_pre_hook(jitter) for m in quantized]
         scores.append(perplexity(model, ids))
         for h in hooks:

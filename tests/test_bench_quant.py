@@ -66,22 +66,21 @@ def test_quant_spread_jitters_only_while_it_scores(stories_dir, tmp_path):
     perplexity (its activations cross rounding boundaries) by well under 1%; the hooks are gone after, so
     the plain score repeats; the command prints the table; a 16-bit model has nothing to jitter."""
     from shoal.bench import quant_spread as qs
-    from shoal.bench import workload
     from shoal.quant import perplexity as ppl
-    from shoal.quant.eval import DEFAULT_EVAL_TEXT
+    from shoal.quant.eval import DEFAULT_EVAL_TEXT, eval_engine
     from shoal.quant.quantize import quantize_model
 
     if not DEFAULT_EVAL_TEXT.exists():
         pytest.skip(f"evaluation text not found: {DEFAULT_EVAL_TEXT}")
     fp8 = quantize_model(stories_dir, tmp_path / "fp8", "fp8", 8, "auto").output
-    engine = workload.build_engine(str(fp8), "auto", kv_cache_memory=qs.KV_CACHE_BYTES)
+    engine = eval_engine(fp8)
     ids = ppl.eval_tokens(engine.tokenizer, DEFAULT_EVAL_TEXT, 1024)
     plain = ppl.perplexity(engine, ids, 512)
     assert qs.jittered_perplexity(engine, ids, 512, seed=1, rel=0.0) == plain
     jittered = [qs.jittered_perplexity(engine, ids, 512, seed=s) for s in (1, 2)]
     assert all(j != plain and abs(j / plain - 1) < 0.01 for j in jittered) and jittered[0] != jittered[1]
     assert ppl.perplexity(engine, ids, 512) == plain
-    base = workload.build_engine(str(stories_dir), "auto", kv_cache_memory=qs.KV_CACHE_BYTES)
+    base = eval_engine(stories_dir)
     with pytest.raises(ValueError, match="no quantized linear"):
         qs.jittered_perplexity(base, ids, 512, seed=1)
     out = CliRunner().invoke(bench_app, ["quant-spread", str(fp8), "--base", str(stories_dir), "--seeds", "1",

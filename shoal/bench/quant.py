@@ -189,10 +189,10 @@ def decode_profile(models: dict[str, Path], tokens: int = 64, iters: int = 3, lo
     the rest of a step is attention, norms and the engine. Shows where the bytes saved go (issue 18). Every
     model runs the per-op forward: the one-call native decode step (kernels/decode_step.c) that a 16-bit
     model otherwise gets would hide its linears from the timers."""
-    from shoal.bench import workload
     from shoal.bench.latency import shoal_once
+    from shoal.quant.eval import eval_engine
 
-    engines = {k: workload.build_engine(str(d), "auto", kv_cache_memory=256 << 20) for k, d in models.items()}
+    engines = {k: eval_engine(d) for k, d in models.items()}
     vocab = min(e.model_config.vocab_size for e in engines.values())
 
     def prompt(r: int) -> list[int]:  # a fresh prompt each round: the prefix cache must not serve it

@@ -8,7 +8,8 @@ transformers) produce such changes everywhere; each flip moves an activation by 
 the flips compound over 30 layers. So the same scheme scores a spread of perplexities whose width is set
 by the grid, not by either runtime, and a difference between two runtimes inside that spread says
 nothing about their quantization. Measured here by multiplying every quantized linear's input by
-(1 + JITTER * N(0, 1)) before it is quantized (a forward pre-hook, one torch.Generator per seed) and
+(1 + JITTER * N(0, 1)) before it is quantized (JITTER is for float32 inputs; in another dtype the same
+number of that dtype's ulps, as a bfloat16 input would not move by 1e-6) (a forward pre-hook, one torch.Generator per seed) and
 rescoring with the issue's perplexity protocol (shoal/quant/perplexity.py). bench/llmcompressor_side.py
 `--perturb-seeds` does the same on transformers with llm-compressor's fake quantization.
 """
@@ -21,15 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shoal.bench import workload
 from shoal.quant import perplexity as ppl
+from shoal.quant.eval import eval_engine
 from shoal.quant.fp8 import FP8Linear
 from shoal.quant.linear import QuantizedLinear
 from shoal.quant.w8a8 import W8A8Linear
 
-JITTER = 1e-6  # relative: about 8 float32 ulps
+JITTER = 1e-6  # relative, for float32 inputs: about 8 float32 ulps
 QUANTIZED = (FP8Linear, W8A8Linear, QuantizedLinear)
-KV_CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -41,14 +41,17 @@ class Spread:
 
 
 def jittered_perplexity(engine, token_ids: list[int], window: int, seed: int, rel: float = JITTER) -> float:
-    """Perplexity with every quantized linear's input [rows, in] multiplied by (1 + rel * N(0, 1)), noise
-    drawn from a generator seeded with seed. ValueError from the protocol (too few tokens)."""
+    """Perplexity with every quantized linear's input [rows, in] multiplied by (1 + rel * N(0, 1)), rel
+    given for float32 and scaled to the same number of ulps in the input's dtype, noise drawn from a
+    generator seeded with seed. ValueError from the protocol (too few tokens) or for a model without
+    quantized linears."""
     gen = torch.Generator().manual_seed(seed)
 
     def jitter(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
-        return (x * (1 + rel * noise),) + args[1:]
+        ulps = rel * torch.finfo(x.dtype).eps / torch.finfo(torch.float32).eps
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+        return ((x.float() * (1 + ulps * noise)).to(x.dtype),) + args[1:]
 
     hooks = [m.register_forward_pre_hook(jitter) for m in engine.model.modules() if isinstance(m, QUANTIZED)]
     if not hooks:
@@ -63,7 +66,7 @@ def jittered_perplexity(engine, token_ids: list[int], window: int, seed: int, re
 def measure(model_dir: Path, eval_text: Path, num_tokens: int, seeds: int) -> Spread:
     """The model's plain perplexity and one per seed 1..seeds (none for seeds=0, as for the 16-bit base),
     on the first num_tokens of eval_text, through a `--dtype auto` engine."""
-    engine = workload.build_engine(str(model_dir), "auto", kv_cache_memory=KV_CACHE_BYTES)
+    engine = eval_engine(model_dir)
     try:
         ids = ppl.eval_tokens(engine.tokenizer, eval_text, num_tokens)
         window = ppl.window_size(engine.config.max_model_len)

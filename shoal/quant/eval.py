@@ -137,7 +137,7 @@ def _dtype_bytes(code: str) -> int:
     return max(1, int(digits) // 8) if digits else 1
 
 
-def _engine(model_dir: Path):
+def eval_engine(model_dir: Path):
     """A shoal engine on the model, dtype auto, with a KV cache small enough for several at once."""
     return workload.build_engine(str(model_dir), "auto", kv_cache_memory=KV_CACHE_BYTES)
 
@@ -238,7 +238,7 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
     """Load the base and each quantized model, and measure all rows (see the module docstring)."""
     dirs = [("base", model_dir, None, None)] + done
     log(f"loading {len(dirs)} engines")
-    engines = [_engine(d) for _, d, _, _ in dirs]
+    engines = [eval_engine(d) for _, d, _, _ in dirs]
     base = engines[0]
     tokens = eval_tokens(base.tokenizer, s.eval_text, s.eval_tokens)
     size = window_size(base.config.max_model_len)
