@@ -214,6 +214,7 @@ def quantize_all(model_dir: Path, s: EvalSettings, out_root: Path, log) -> tuple
             log(f"  skipped {spec.label}: {e}")
             continue
         done.append((spec.label, out, time.perf_counter() - t0, spec.bits))
+        log(f"  {spec.label}: calibrated and saved in {done[-1][2]:.1f} s")
     return done, skipped
 
 
@@ -247,6 +248,8 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
     continuations = greedy_continuations(base, prompts, s.agreement_tokens) if s.quality else []
     log("decode speed")
     speeds = decode_speeds(engines, speed_prompts, s.decode_tokens)
+    for (method, *_), (tok_s, best) in zip(dirs, speeds, strict=True):
+        log(f"  {method}: {tok_s:.1f} tok/s median, {best:.1f} best")
     lin16, tot16 = (n * 2 for n in weight_bytes(model_dir)[2:])
     rows = []
     for (method, d, secs, bits), engine, (tok_s, best) in zip(dirs, engines, speeds, strict=True):
@@ -272,6 +275,9 @@ def _measure(model_dir: Path, done: list, s: EvalSettings, log) -> dict:
             log(f"perplexity: {method}")
             rows[-1].perplexity = perplexity(engine, tokens, size)
             rows[-1].agreement = 1.0 if method == "base" else agreement(engine, prompts, continuations)
+            log(
+                f"  {method}: perplexity {rows[-1].perplexity:.4f}, greedy agreement {rows[-1].agreement:.3f}"
+            )
     for r in rows:
         r.speed_ratio = r.best_decode_tok_s / rows[0].best_decode_tok_s
         r.ppl_ratio = r.perplexity / rows[0].perplexity
