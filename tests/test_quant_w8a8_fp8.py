@@ -27,11 +27,15 @@ from shoal.quant.rtn import quantize_rtn
 from shoal.quant.smoothquant import activation_absmax, smooth_block, smooth_checkpoint
 from shoal.quant.w8a8 import (
     W8A8Linear,
+    affine_params,
     int8_matmul,
     int8_matmul_float,
     int8_matmul_reference,
+    quantize_per_tensor,
     quantize_per_token,
+    quantize_per_token_affine,
     reference_forward,
+    union_affine,
 )
 
 CPU = torch.device("cpu")
@@ -103,6 +107,49 @@ def test_int8_matmul_is_exact_and_rescaled_output_matches_the_dequantized_refere
     torch.testing.assert_close(static(x), reference_forward(static, x), rtol=1e-5, atol=1e-5)
     fp8 = FP8Linear(quantize_fp8_weight(w))
     assert (fp8(x) - x @ w.t()).norm() / (x @ w.t()).norm() < 0.06
+
+
+@pytest.mark.timeout(10)
+def test_affine_activations_match_compressed_tensors_and_beat_symmetric_on_one_sided_inputs():
+    """The asymmetric (affine) int8 form, scale = (max - min) / 255 with a zero point: parameters and
+    fake-quantized values equal to compressed-tensors 0.20's (`calculate_qparams`, `fake_quantize`), the
+    round trip within half a step, a smaller error than the symmetric form on a one-sided input (SiLU's),
+    and W8A8Linear's exact integer path (the zero point folded into the weights' row sums) on its float
+    reference, static and dynamic."""
+    x = torch.nn.functional.silu(_activations(64, 256, seed=3))  # one-sided: min about -0.28
+    scale, zp = affine_params(x.min().reshape(1), x.max().reshape(1))
+    q = quantize_per_tensor(x, scale, zp)
+    x_hat = (q.float() - zp.float()) * scale
+    assert bool(((x - x_hat).abs() <= scale / 2 * (1 + 1e-5)).all())
+    sym = x.abs().max() / 127
+    sym_err = (x - quantize_per_tensor(x, sym.reshape(1)).float() * sym).norm()
+    assert (x - x_hat).norm() < 0.75 * sym_err, ((x - x_hat).norm(), sym_err)  # nearly twice the levels
+
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = ct.QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor")
+    ct_scale, ct_zp = calculate_qparams(x.min().reshape(1), x.max().reshape(1), args)
+    assert torch.equal(ct_scale.float(), scale) and torch.equal(ct_zp.to(torch.int32), zp)
+    assert torch.equal(ct.fake_quantize(x, ct_scale, ct_zp, args), x_hat)
+
+    w = torch.randn(96, 256) * 0.05
+    static = W8A8Linear(quantize_rtn(w, None, 8, 0), scale, symmetric=False, input_zero_point=zp)
+    dynamic = W8A8Linear(quantize_rtn(w, None, 8, 0), symmetric=False)
+    for layer in (static, dynamic):
+        torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+        assert (layer(x) - x @ w.t()).norm() / (x @ w.t()).norm() < 0.05  # 10x outlier channels
+    rq, rs, rz = quantize_per_token_affine(x)
+    assert rs.shape == rz.shape == (64, 1) and bool(
+        ((rq.float() - rz) * rs - x).abs().le(rs / 2 + 1e-6).all()
+    )
+    with pytest.raises(ValueError, match="zero point"):
+        W8A8Linear(quantize_rtn(w, None, 8, 0), scale, symmetric=False)
+    # fused parts: equal parameters come back as they are; different ones give a range covering both
+    assert union_affine([scale, scale], [zp, zp]) == (scale, zp)
+    wide_scale, wide_zp = union_affine([scale, scale * 2], [zp, torch.tensor([0], dtype=torch.int32)])
+    lo, hi = (-128 - wide_zp) * wide_scale, (127 - wide_zp) * wide_scale
+    assert lo <= min((-128 - zp) * scale, -128 * scale * 2) + 1e-6 and hi >= 127 * scale * 2 - 1e-6
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -181,6 +228,11 @@ VARIANTS = {
     "w8a8": ("w8a8", ActivationOptions()),
     "w8a8-sq-static": ("w8a8", ActivationOptions(smoothquant_alpha=0.5, activation_scales="static")),
     "w8a8-gptq": ("w8a8", ActivationOptions(weight_method="gptq")),
+    # the affine form: static scales and zero points from the smoothed inputs' [min, max]
+    "w8a8-sq-static-affine": (
+        "w8a8",
+        ActivationOptions(smoothquant_alpha=0.5, activation_scales="static", activation_symmetric=False),
+    ),
     # SmoothQuant inside GPTQ's pass (smoothquant.smooth_block): float32 norm weights in the checkpoint
     "w8a8-sq-gptq": ("w8a8", ActivationOptions(weight_method="gptq", smoothquant_alpha=0.5)),
     "fp8": ("fp8", ActivationOptions()),
@@ -258,6 +310,7 @@ def test_stories_checkpoint_reloads_matches_compressed_tensors_and_generates(sto
         }
     else:
         assert qc["format"] == "int-quantized" and acts["type"] == "int"
+        assert acts["symmetric"] == ("affine" not in variant)
         assert (acts["dynamic"], acts["strategy"]) == (
             ("static" not in variant),
             "tensor" if "static" in variant else "token",
@@ -265,6 +318,12 @@ def test_stories_checkpoint_reloads_matches_compressed_tensors_and_generates(sto
     model, cfg = load_model(model_dir, torch.float32, CPU)
     kinds = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")}
     assert kinds >= ({"FP8Linear"} if variant == "fp8" else {"W8A8Linear"})
+    if "affine" in variant:  # every layer applies a zero point, read from an int8 input_zero_point tensor
+        layers = [m for m in model.modules() if isinstance(m, W8A8Linear)]
+        assert layers and all(not m.symmetric and m.input_zero_point is not None for m in layers)
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            zps = [f.get_tensor(k) for k in f.keys() if k.endswith(".input_zero_point")]
+        assert len(zps) == 35 and all(z.dtype == torch.int8 and z.shape == (1,) for z in zps)
     ours, theirs = _shoal_dequantized(model, cfg), _ct_decompressed(model_dir)
     assert sorted(ours) == sorted(theirs) and len(ours) == 35
     for name, w in theirs.items():
@@ -377,6 +436,11 @@ MALFORMED = {
         r"input_activations\.type='float'",
     ),
     "weight_type": ("fp8", lambda g: g["weights"].update(type="int"), r"weights\.type='int'"),
+    "fp8_asymmetric": (
+        "fp8",
+        lambda g: g["input_activations"].update(symmetric=False),
+        r"input_activations\.symmetric=False",
+    ),
     "weight_group": (
         "w8a8",
         lambda g: g["weights"].update(strategy="group", group_size=32),
@@ -406,6 +470,16 @@ def test_static_scales_missing_input_scale_is_named(stories_8bit, tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_static_asymmetric_scales_missing_zero_point_is_named(stories_8bit, tmp_path):
+    from shoal.model.loader import WeightLoadError
+
+    src = stories_8bit["w8a8-sq-static"]  # symmetric static: input_scale only; claim asymmetric
+    edit = _edited(src, tmp_path, lambda g: g["input_activations"].update(symmetric=False))
+    with pytest.raises(WeightLoadError, match=r"input_zero_point is missing"):
+        load_model(edit, torch.float32, CPU)
+
+
+@pytest.mark.timeout(30)
 def test_cli_quantize_w8a8_options(stories_dir, tmp_path):
     from typer.testing import CliRunner
 
@@ -418,6 +492,17 @@ def test_cli_quantize_w8a8_options(stories_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     acts = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert acts["group_0"]["input_activations"]["strategy"] == "tensor"
+    asym = runner.invoke(app, [*args[:5], "--activation-asymmetric", "--output", str(tmp_path / "a")])
+    assert asym.exit_code == 0, asym.output
+    acts = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert acts["group_0"]["input_activations"]["symmetric"] is False
+    model, _ = load_model(tmp_path / "a", torch.float32, CPU)  # dynamic: a zero point a row, nothing stored
+    layers = [m for m in model.modules() if isinstance(m, W8A8Linear)]
+    assert layers and all(not m.symmetric and m.input_zero_point is None for m in layers)
+    fp8 = runner.invoke(
+        app, [*args[:3], "--method", "fp8", "--activation-asymmetric", "--output", str(tmp_path / "f")]
+    )
+    assert fp8.exit_code == 1 and "--activation-asymmetric" in fp8.output
     bad = runner.invoke(app, [*args[:5], "--activation-scales", "weird", "--output", str(tmp_path / "b")])
     assert bad.exit_code == 1 and "--activation-scales 'weird'" in bad.output
 

@@ -38,7 +38,7 @@ from shoal.quant.naive_format import NAIVE_SUFFIXES, decompress_naive
 from shoal.quant.scheme import PACK_QUANTIZED
 from shoal.quant.upstream_config import UpstreamQuantization
 from shoal.quant.upstream_format import UPSTREAM_SUFFIXES, read_upstream_linear
-from shoal.quant.w8a8 import W8A8Linear
+from shoal.quant.w8a8 import W8A8Linear, union_affine
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +210,17 @@ def _swap_quantized(
         if len(set(schemes)) > 1:
             raise WeightLoadError(f"{parts}: fused into {path!r}, but quantized with different schemes")
         naive = cfg.quantization.format != PACK_QUANTIZED
-        quantized, input_scales = [], []
+        quantized, input_scales, zero_points = [], [], []
         for part, scheme in zip(parts, schemes, strict=True):
             suffixes = NAIVE_SUFFIXES if naive else TENSOR_SUFFIXES
             tensors = {k: source.get(f"{part}.{k}") for k in suffixes if f"{part}.{k}" in source.where}
             used.update(f"{part}.{k}" for k in tensors)
             try:
                 if naive:
-                    qw, input_scale = decompress_naive(tensors, scheme, part)
+                    qw, input_scale, zero_point = decompress_naive(tensors, scheme, part)
                     quantized.append(qw)
                     input_scales.append(input_scale)
+                    zero_points.append(zero_point)
                 else:
                     quantized.append(
                         decompress(tensors, scheme.bits, scheme.group_size, scheme.symmetric, part)
@@ -230,7 +231,8 @@ def _swap_quantized(
             qw = fuse(quantized, path)
         except ValueError as e:
             raise WeightLoadError(str(e)) from None
-        _install(model, path, linear, parts, qw, _quantized_module(qw, schemes[0], input_scales), device)
+        module = _quantized_module(qw, schemes[0], input_scales, zero_points)
+        _install(model, path, linear, parts, qw, module, device)
     return used
 
 
@@ -279,20 +281,22 @@ def _swap_upstream(
     return used
 
 
-def _quantized_module(qw, scheme, input_scales: list) -> nn.Module:
+def _quantized_module(qw, scheme, input_scales: list, zero_points: list) -> nn.Module:
     """The layer serving one (fused) quantized weight: W8A8Linear for int8 activations (a fused layer's
-    static input scale is the largest of its parts', as vLLM takes it), FP8Linear for float8 weights,
-    QuantizedLinear for integer weight-only layers (W4A16, W8A16)."""
+    static symmetric input scale is the largest of its parts', as vLLM takes it; asymmetric ones are
+    merged by w8a8.union_affine), FP8Linear for float8 weights, QuantizedLinear for integer weight-only
+    layers (W4A16, W8A16)."""
+    acts = scheme.activations
     if scheme.type == "float":
-        return FP8Linear(qw, dynamic_activations=scheme.activations is not None)
-    if scheme.activations is not None:
-        static = (
-            None
-            if scheme.activations.dynamic
-            else torch.stack([s.float().reshape(()) for s in input_scales]).max()
-        )
-        return W8A8Linear(qw, static)
-    return QuantizedLinear(qw)
+        return FP8Linear(qw, dynamic_activations=acts is not None)
+    if acts is None:
+        return QuantizedLinear(qw)
+    if acts.dynamic:
+        return W8A8Linear(qw, None, symmetric=acts.symmetric)
+    if acts.symmetric:
+        return W8A8Linear(qw, torch.stack([s.float().reshape(()) for s in input_scales]).max())
+    scale, zero_point = union_affine(input_scales, zero_points)
+    return W8A8Linear(qw, scale, symmetric=False, input_zero_point=zero_point)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -8,6 +8,9 @@
   or static per tensor: input_scale = r / 127 with r observed on calibration windows after smoothing,
   either max|x| (`minmax` observer; symmetric, so min/max is max|x|: max_j |x_j| / s_j) or the
   99.99th percentile of |x| over 512 sampled input rows (`percentile`, clipping rare outliers).
+  Asymmetric activations (`activation_symmetric=False`, the seed's affine form) take the observed range
+  [min, max] instead (minmax: min_j / max_j of x_j / s_j; percentile: the 0.01st and 99.99th percentiles
+  of x), scale = (max - min) / 255 and a zero point (w8a8.affine_params); dynamic ones compute both a row.
 - fp8 (`float-quantized`, the FP8_DYNAMIC preset): float8_e4m3fn per-channel weights (fp8.py), activations
   dynamic per token; no calibration.
 Every decoder linear is quantized per channel (no packing constraint, so nothing is kept 16-bit here).
@@ -18,7 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +35,7 @@ from shoal.quant.rtn import QuantizedWeight, quantize_rtn
 from shoal.quant.scheme import FLOAT_QUANTIZED, INT_QUANTIZED, ActivationScheme, LayerScheme
 from shoal.quant.sequential import BLOCK_LINEARS, gptq_model
 from shoal.quant.smoothquant import activation_absmax, check_alpha, smooth_block, smooth_checkpoint
-from shoal.quant.w8a8 import INT8_MAX
+from shoal.quant.w8a8 import INT8_MAX, affine_params
 
 ACTIVATION_METHODS = ("w8a8", "fp8")
 # w8a8's GPTQ: act-order (llm-compressor's W8A8 default, `actorder="static"`; per channel there is one scale a
@@ -46,12 +49,14 @@ PERCENTILE = 99.99  # the percentile observer's clipping point of |x|
 @dataclass
 class ActivationOptions:
     """w8a8's options: weight_method rtn|gptq, smoothquant_alpha (None: off), activation_scales
-    dynamic|static, observer minmax|percentile (static scales only)."""
+    dynamic|static, observer minmax|percentile (static scales only), activation_symmetric (False: a zero
+    point too, the affine form)."""
 
     weight_method: str = "rtn"
     smoothquant_alpha: float | None = None
     activation_scales: str = "dynamic"
     observer: str = "minmax"
+    activation_symmetric: bool = True
 
     def check(self, method: str) -> None:
         """ValueError naming the option that is unknown or does not apply to method."""
@@ -65,8 +70,11 @@ class ActivationOptions:
             self.weight_method != "rtn"
             or self.smoothquant_alpha is not None
             or self.activation_scales != "dynamic"
+            or not self.activation_symmetric
         ):
-            raise ValueError("fp8 takes no --weight-method, --smoothquant-alpha or --activation-scales")
+            raise ValueError(
+                "fp8 takes no --weight-method, --smoothquant-alpha, --activation-scales or --activation-asymmetric"
+            )
 
 
 @dataclass
@@ -78,6 +86,7 @@ class ActivationResult:
     input_scales: dict[str, torch.Tensor]
     scheme: LayerScheme
     format: str
+    input_zero_points: dict[str, torch.Tensor] = field(default_factory=dict)  # static asymmetric only
 
 
 def _fused_of(name: str) -> str:
@@ -114,7 +123,7 @@ def quantize_activation_method(
         if (static or options.smoothquant_alpha is not None or options.weight_method == "gptq")
         else None
     )
-    acts = ActivationScheme("int", dynamic=not static)
+    acts = ActivationScheme("int", dynamic=not static, symmetric=options.activation_symmetric)
     scheme = LayerScheme(8, 0, True, "int", acts)
     if options.weight_method == "gptq" and options.smoothquant_alpha is not None and not static:
         weights = _smoothed_gptq_weights(
@@ -124,9 +133,10 @@ def quantize_activation_method(
     absmax: dict[str, torch.Tensor] = {}
     factors: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] | None = {} if static and options.observer == "percentile" else None
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if static or options.smoothquant_alpha is not None:
         model, cfg = load_model(src, torch.float32, torch.device("cpu"), pack=False)
-        absmax = activation_absmax(model, ids, samples=samples)
+        absmax = activation_absmax(model, ids, samples=samples, ranges=ranges)
         del model
         if options.smoothquant_alpha is not None:
             gqa = cfg.num_heads != cfg.num_kv_heads
@@ -135,18 +145,43 @@ def quantize_activation_method(
         weights = _gptq_weights(src, tensors, names, ids, progress, threads)
     else:
         weights = {n: quantize_rtn(tensors[f"{n}.weight"], None, 8, 0) for n in names}
-    input_scales = {}
+    result = ActivationResult(weights, {}, scheme, INT_QUANTIZED)
     if static:
         for n in names:
             fused = _fused_of(n)
             s = factors.get(fused, torch.ones_like(absmax[fused]))
-            if samples is None:
-                r = (absmax[fused] / s).max()
+            rows = None if samples is None else samples[fused] / s
+            if options.activation_symmetric:
+                result.input_scales[n] = _symmetric_scale(absmax[fused] / s, rows)
             else:
-                flat = (samples[fused] / s).abs().flatten()
-                r = flat.kthvalue(max(1, round(flat.numel() * PERCENTILE / 100))).values
-            input_scales[n] = (r / INT8_MAX).clamp(min=1e-8).reshape(1).float()
-    return ActivationResult(weights, input_scales, scheme, INT_QUANTIZED)
+                lo, hi = ranges[fused]
+                scale, zp = _affine_scale(lo / s, hi / s, rows)
+                result.input_scales[n], result.input_zero_points[n] = scale, zp
+    return result
+
+
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-th percentile (0 < q <= 100) of values, as the kthvalue of the flattened tensor."""
+    flat = values.flatten()
+    return flat.kthvalue(max(1, round(flat.numel() * q / 100))).values
+
+
+def _symmetric_scale(absmax: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+    """float32 [1]: max|x| / 127 (minmax; absmax [in] per channel) or the PERCENTILE of |samples| / 127."""
+    r = absmax.max() if samples is None else _percentile(samples.abs(), PERCENTILE)
+    return (r / INT8_MAX).clamp(min=1e-8).reshape(1).float()
+
+
+def _affine_scale(
+    lo: torch.Tensor, hi: torch.Tensor, samples: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32 [1], zero_point int32 [1]) for [min lo, max hi] (minmax; [in] per channel) or for the
+    (100 - PERCENTILE)th and PERCENTILE-th percentiles of samples [rows, in]."""
+    if samples is None:
+        low, high = lo.min(), hi.max()
+    else:
+        low, high = _percentile(samples, 100 - PERCENTILE), _percentile(samples, PERCENTILE)
+    return affine_params(low.reshape(1), high.reshape(1))
 
 
 def _smoothed_gptq_weights(

@@ -61,6 +61,14 @@ def quantize(
     observer: Annotated[
         str, typer.Option(help="w8a8 static scales: minmax (max|x|) or percentile (99.99th of |x|).")
     ] = "minmax",
+    activation_symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--activation-symmetric/--activation-asymmetric",
+            help="w8a8 activations: symmetric (scale max|x| / 127) or asymmetric (affine: scale "
+            "(max - min) / 255 and a zero point; static ones from the observer's range).",
+        ),
+    ] = True,
     quantize_lm_head: Annotated[
         bool,
         typer.Option(
@@ -114,7 +122,9 @@ def quantize(
                 symmetric,
                 calibration,
                 lambda done, total: bar.update(task, completed=done, total=total),
-                ActivationOptions(weight_method, smoothquant_alpha, activation_scales, observer),
+                ActivationOptions(
+                    weight_method, smoothquant_alpha, activation_scales, observer, activation_symmetric
+                ),
                 quantize_lm_head,
                 scale_dtype,
                 GPTQOptions(weight_observer, act_order, dampening_frac, true_sequential),

@@ -243,7 +243,7 @@ def _quantize_model(
             packed = compress(qw)
             schemes[name] = LayerScheme(bits, size, qw.symmetric)
         else:
-            packed = compress_naive(qw, naive.input_scales.get(name))
+            packed = compress_naive(qw, naive.input_scales.get(name), naive.input_zero_points.get(name))
             schemes[name] = naive.scheme
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t

@@ -15,8 +15,9 @@ exact name, so the per-layer choice of `--group-size auto` is recorded in the co
 shoal serves three formats (compressed-tensors' `CompressionFormat` names):
 - `pack-quantized`: weight-only, 4- or 8-bit integer weights, per group or per channel;
 - `int-quantized` (W8A8): int8 symmetric per-channel weights stored unpacked, with `input_activations`
-  int8 symmetric, either dynamic per token (`"dynamic": true, "strategy": "token"`) or static per tensor
-  (`"dynamic": false, "strategy": "tensor"`, an `input_scale` tensor a layer);
+  int8, either dynamic per token (`"dynamic": true, "strategy": "token"`) or static per tensor
+  (`"dynamic": false, "strategy": "tensor"`, an `input_scale` tensor a layer), symmetric or asymmetric
+  (`"symmetric": false`: static scales then come with an `input_zero_point` tensor a layer);
 - `float-quantized` (FP8): float8_e4m3fn per-channel weights (`"type": "float"`), activations none or
   float8 dynamic per token.
 Anything else is a ValueError naming the field.
@@ -42,10 +43,12 @@ LINEAR_CLASS_TARGET = "Linear"
 @dataclass(frozen=True)
 class ActivationScheme:
     """How a linear's input is quantized at run time: 8-bit `type` ("int" or "float"), dynamic per token
-    (a scale a row, computed on the fly) or static per tensor (the checkpoint's `input_scale`)."""
+    (a scale a row, computed on the fly) or static per tensor (the checkpoint's `input_scale`), symmetric
+    or asymmetric (int only: a zero point too, the checkpoint's `input_zero_point` when static)."""
 
     type: str = "int"
     dynamic: bool = True
+    symmetric: bool = True
 
     @property
     def strategy(self) -> str:
@@ -141,8 +144,8 @@ def _weights(raw, path: str, fmt: str = PACK_QUANTIZED) -> LayerScheme:
 
 
 def _activations(raw, path: str, fmt: str) -> ActivationScheme | None:
-    """The input_activations of a group: None, or 8-bit symmetric dynamic-per-token / static-per-tensor of
-    the format's type. ValueError naming the field otherwise."""
+    """The input_activations of a group: None, or 8-bit dynamic-per-token / static-per-tensor of the
+    format's type, symmetric (or asymmetric for int). ValueError naming the field otherwise."""
     if not raw:
         return None
     if fmt == PACK_QUANTIZED:
@@ -159,15 +162,19 @@ def _activations(raw, path: str, fmt: str) -> ActivationScheme | None:
         raise ValueError(
             f"quantization_config.{path}.type={atype!r}: format {fmt!r} needs {WEIGHT_TYPE[fmt]!r}"
         )
-    if raw.get("symmetric", True) is not True:
-        raise ValueError(f"quantization_config.{path}.symmetric must be true (no activation zero points)")
+    symmetric = raw.get("symmetric", True)
+    if symmetric not in (True, False) or (symmetric is False and atype != "int"):
+        raise ValueError(
+            f"quantization_config.{path}.symmetric={symmetric!r}: must be true or false, and true for "
+            f"{atype!r} activations (zero points are int8 only)"
+        )
     dynamic, strategy = raw.get("dynamic", False), raw.get("strategy")
     if (dynamic, strategy) not in ((True, "token"), (False, "tensor")):
         raise ValueError(
             f"quantization_config.{path}.strategy={strategy!r} with dynamic={dynamic!r} is not supported "
             f"(supported: dynamic true with 'token', dynamic false with 'tensor')"
         )
-    return ActivationScheme(atype, bool(dynamic))
+    return ActivationScheme(atype, bool(dynamic), symmetric)
 
 
 def parse_quantization_config(raw) -> QuantizationSpec | UpstreamQuantization:
@@ -258,13 +265,13 @@ def build_quantization_config(
 
 
 def _activation_config(acts: ActivationScheme | None) -> dict | None:
-    """compressed-tensors' QuantizationArgs for 8-bit symmetric input activations, or None."""
+    """compressed-tensors' QuantizationArgs for 8-bit input activations, or None."""
     if acts is None:
         return None
     return {
         "num_bits": 8,
         "type": acts.type,
-        "symmetric": True,
+        "symmetric": acts.symmetric,
         "group_size": None,
         "strategy": acts.strategy,
         "dynamic": acts.dynamic,

@@ -41,11 +41,13 @@ def activation_absmax(
     batch_size: int = 4,
     samples: dict[str, torch.Tensor] | None = None,
     max_rows: int = 512,
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fused linear name (e.g. layers.0.self_attn.qkv_proj) -> float32 [in] max |x_j| over every input row
     the model's decoder linears see on token_ids [samples, seq_len].
     samples: if given, filled with name -> float32 [<= max_rows, in], input rows spread evenly over the
-    batches, drawn with a fixed seed (for a percentile observer)."""
+    batches, drawn with a fixed seed (for a percentile observer).
+    ranges: if given, filled with name -> (min_j x_j, max_j x_j), float32 [in] each (for asymmetric scales)."""
     stats: dict[str, torch.Tensor] = {}
     kept: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(0)
@@ -57,6 +59,11 @@ def activation_absmax(
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             m = x.abs().amax(0).float()
             stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+            if ranges is not None:
+                lo, hi = x.amin(0).float(), x.amax(0).float()
+                if name in ranges:
+                    lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+                ranges[name] = (lo, hi)
             if samples is not None:
                 rows = torch.randperm(x.shape[0], generator=generator)[:rows_per_batch]
                 kept.setdefault(name, []).append(x[rows].float())
