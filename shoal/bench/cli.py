@@ -475,7 +475,9 @@ def quant(
         str,
         typer.Option(
             help="Comma-separated rows: rtn-g64, gptq-g64, awq-g64, gptq-auto, w8a8-sq-gptq, fp8; also "
-            "rtn-g64-mse, gptq-g64-mse, gptq-g64-act, gptq-g64-ts (GPTQ options)."
+            "rtn-g64-mse, gptq-g64-mse, gptq-g64-act, gptq-g64-ts (GPTQ options); rtn-g64-lmhead, "
+            "gptq-g64-lmhead, w8a16-lmhead (lm_head int8 too); w8a8-sq, w8a8-sq-affine, w8a8-sq-static, "
+            "w8a8-sq-static-affine (activation forms)."
         ),
     ] = "rtn-g64,gptq-g64,awq-g64,gptq-auto,w8a8-sq-gptq,fp8",
     num_tokens: Annotated[

@@ -50,7 +50,8 @@ KV_CACHE_BYTES = 256 << 20  # per engine: several engines are alive at once for 
 class MethodSpec:
     """One quantized row: its label, the method and bits, and settings of its own where they differ from
     the run's (group_size, symmetric: None takes EvalSettings'; activation: w8a8's options; scale_dtype:
-    quantize_model's, auto or float32; gptq: gptq's options and rtn's observer)."""
+    quantize_model's, auto or float32; gptq: gptq's options and rtn's observer; quantize_lm_head: lm_head
+    int8 per channel too)."""
 
     label: str
     method: str
@@ -60,6 +61,7 @@ class MethodSpec:
     activation: ActivationOptions | None = None
     scale_dtype: str = "auto"
     gptq: GPTQOptions | None = None
+    quantize_lm_head: bool = False
 
 
 @dataclass
@@ -206,6 +208,7 @@ def quantize_all(model_dir: Path, s: EvalSettings, out_root: Path, log) -> tuple
                 s.symmetric if spec.symmetric is None else spec.symmetric,
                 s.calibration,
                 activation_options=spec.activation,
+                quantize_lm_head=spec.quantize_lm_head,
                 scale_dtype=spec.scale_dtype,
                 gptq_options=spec.gptq,
             )
