@@ -42,6 +42,17 @@ def test_bench_quant_rows_and_errors():
     assert s.calibration.text_file.name == "wikitext2-valid.txt" and s.eval_text.name == "wikitext2-test.txt"
     assert specs["gptq-g64-mse"].gptq.observer == "mse" and specs["gptq-g64-act"].gptq.act_order
     assert specs["gptq-g64"].gptq is None  # the default row keeps GPTQOptions' defaults
+    affine = specs["w8a8-sq-static-affine"].activation
+    assert (affine.activation_scales, affine.activation_symmetric, affine.weight_method) == (
+        "static",
+        False,
+        "rtn",
+    )
+    assert (
+        specs["w8a8-sq"].activation.activation_symmetric
+        and specs["w8a8-sq"].activation.activation_scales == "dynamic"
+    )
+    assert specs["gptq-g64-lmhead"].quantize_lm_head and not specs["gptq-g64"].quantize_lm_head
     with pytest.raises(ValueError, match="unknown row 'gptq-g128'"):
         settings(["gptq-g128"])
 
