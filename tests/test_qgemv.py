@@ -114,3 +114,33 @@ def test_qgemv_bf16_blocks_match_float64_reference(bits, symmetric, rows, out, c
         scale = (x.double().abs() @ w.abs().T + (0 if b is None else b.double().abs())).max()
         assert y.dtype == torch.bfloat16 and y.shape == (rows, out)
         assert float((y.double() - ref).abs().max() / scale) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(
+    not qgemv.bf16_native(), reason="signed int8 codes run on AVX512-BF16 only (this CPU lacks it)"
+)
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("cols,group", [(576, 576), (1536, 128)])
+def test_qgemv_signed_int8_codes_equal_the_packed_ones(rows, cols, group):
+    """torch's signed int8 weight viewed as int32 (`signed=True`, the int8 lm_head's and per-channel W8A16's
+    1-4 row route) gives the packed path's result bit for bit (the kernel turns q into u = q + 128 with one
+    XOR, the rest is the same arithmetic); QuantizedLinear takes that route for 1-4 bf16 rows of a
+    per-channel int8 layer; signed codes are refused where the kernel cannot take them."""
+    qw = _layer(70, cols, 8, group, True, torch.bfloat16, seed=cols)
+    x = torch.randn(rows, cols).to(torch.bfloat16)
+    packed = qgemv.qgemv(x, pack_int32(qw.qweight, 8), qw.scale, None, None, 8, group)
+    signed = qgemv.qgemv(
+        x, qw.qweight.contiguous().view(torch.int32), qw.scale, None, None, 8, group, signed=True
+    )
+    assert torch.equal(signed, packed)
+    with pytest.raises(ValueError, match="signed codes"):
+        qgemv.qgemv(
+            x.float(), qw.qweight.contiguous().view(torch.int32), qw.scale, None, None, 8, group, signed=True
+        )
+    if group == cols:  # per channel: torch's int8 weight, and qgemv over it for 1-4 rows
+        layer = QuantizedLinear(_layer(70, cols, 8, PER_CHANNEL, True, torch.bfloat16, seed=cols))
+        assert layer.int8_route and layer.int8_qgemv
+        ref = x.double() @ layer.dequantized_weight(torch.bfloat16).double().T
+        scale = (x.double().abs() @ layer.dequantized_weight(torch.float32).double().abs().T).max()
+        assert float((layer(x).double() - ref).abs().max() / scale) < TOLERANCE[torch.bfloat16]

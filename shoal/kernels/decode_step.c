@@ -65,7 +65,7 @@ typedef void (*silu_and_mul_fn)(const void *, void *, int, int, int, int);
 typedef int (*attention_fn)(const void *, const void *, const void *, const int32_t *, const int32_t *, void *, int,
                             int, int, int, int, int, int, int, float, int, int);
 typedef void (*qgemv_fn)(const void *, int, const int32_t *, const void *, int, const int8_t *, const void *, void *,
-                         int, int, int, int, int, int, int);
+                         int, int, int, int, int, int, int, int);
 /* gemm.c's (and the bf16 panels kernel's): x, w or panels, bias, y; M, N, K, threads. */
 typedef void (*gemm_f32_fn)(const float *, const float *, const float *, float *, int, int, int, int);
 typedef void (*gemm_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int, int, int, int);
@@ -148,7 +148,7 @@ static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *i
         return k->gemv_bf16(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
     default:
         k->qgemv(in, bf16, w->w, w->scale, (int)w->scale_bf16, w->zero, w->bias, out, (int)rows, (int)n, (int)kdim,
-                 (int)w->group, (int)w->bits, 1, threads);
+                 (int)w->group, (int)w->bits, 1, threads, 0);
         return SHOAL_OK;
     }
 }

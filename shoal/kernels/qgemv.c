@@ -36,6 +36,9 @@
  * vdpbf16ps path runs, and y is rounded to bf16 once, nearest even); wq as above; scale [N, K / group]
  * f32 or bf16 (scale_bf16 = 1); zero [N, K / group] int8 or NULL (symmetric); 1 <= M <= 4, bits 4 or 8,
  * group a multiple of 32 dividing K. use_dot = 0 keeps the fp32 path on AVX512-BF16 CPUs (tests).
+ * signed_codes = 1 (8 bits only, and only where row8_plain runs: bf16 x, groups of a multiple of 64, AVX512-BF16)
+ * takes the bytes as signed q instead of u = q + 128, so that an int8 weight torch's `_weight_int8pack_mm`
+ * reads for batches serves 1-4 rows here without a second copy (one vpxord a 64 bytes).
  * Speeds measured (this CPU and before/after) are in qgemv.py.
  * The per-group sums of x that the zero-point term needs are computed once per call, before the rows.
  */
@@ -197,14 +200,15 @@ static inline __attribute__((always_inline)) void row4_plain(const uint8_t *wr, 
  * Low and high nibbles accumulate apart: lo + 16 hi = sum (u + 17 * 128) x, scaled once per group (sv as in
  * row4_plain). 7 logic ops and 4 vdpbf16ps a 64 columns, no conversion to float, no cross-lane unpack. */
 static inline __attribute__((always_inline)) void row8_plain(const uint8_t *wr, const uint16_t *xp, int M, int K,
-                                                             int k0, int k1, int group, __m512 sv, __m512 *tot) {
+                                                             int k0, int k1, int group, __m512 sv, __m512 *tot,
+                                                             __m512i flip) {
     const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
     __m512i idx = _mm512_setzero_si512();
     for (int g0 = k0; g0 < k1; g0 += group) {
         __m512 lo[MAX_ROWS], hi[MAX_ROWS];
         for (int m = 0; m < M; m++) lo[m] = hi[m] = _mm512_setzero_ps();
         for (int k = g0; k < g0 + group; k += 64) {
-            const __m512i w = _mm512_loadu_si512((const void *)(wr + k));
+            const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + k)), flip); /* signed -> u */
             const __m512i e0 = _mm512_ternarylogic_epi32(w, nib, base, 0xEA); /* (w & nib) | base */
             const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA);
             const __m512i e2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA);
@@ -260,7 +264,7 @@ static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp,
                                                               int64_t words, const void *scale, int scale_bf16,
                                                               const int8_t *zero, const uint16_t *bias, uint16_t *y,
                                                               int n0, int count, int M, int N, int K, int group,
-                                                              int bits, int kind, float offset) {
+                                                              int bits, int kind, float offset, __m512i flip) {
     const int G = K / group;
     __m512 acc[MAX_ROWS][16];
     for (int r = 0; r < 16; r++) {
@@ -292,7 +296,7 @@ static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp,
             if (bits == 4)
                 row4_plain(wr, xp, M, K, k0, k1, group, kind, s, t);
             else
-                row8_plain(wr, xp, M, K, k0, k1, group, s, t);
+                row8_plain(wr, xp, M, K, k0, k1, group, s, t, flip);
         }
         for (int m = 0; m < M; m++) acc[m][pos] = t[m];
     }
@@ -426,7 +430,7 @@ static inline __attribute__((always_inline)) void row_avx2(const float *x, const
 
 void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale, int scale_bf16,
                  const int8_t *zero, const void *bias, void *y, int M, int N, int K, int group, int bits,
-                 int use_dot, int num_threads) {
+                 int use_dot, int num_threads, int signed_codes) {
     const int64_t words = (int64_t)K * bits / 32;
     const int G = K / group;
     const int dot = HAVE_AVX512_BF16 && use_dot && x_bf16 && bits == 4;
@@ -462,16 +466,17 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
         /* the code offset, plus the 128 of every bf16 code (int8: of both nibbles, 128 + 16 * 128) */
         const float offset = bits == 4 ? 8.0f + 128.0f : 128.0f + 17.0f * 128.0f;
         const int tiles = (N + 15) / 16;
+        const __m512i flip = _mm512_set1_epi8(signed_codes ? (char)0x80 : 0); /* q -> u = q + 128 */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int t = 0; t < tiles; t++) {
             const int n0 = t * 16, count = N - n0 < 16 ? N - n0 : 16;
             /* M a constant in each copy, so that the rows' accumulators stay in registers (int8 with M = 2-4
              * through one copy of runtime M measured 1.5x slower than the old fp32 path) */
             switch (M) {
-            case 1: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 1, N, K, group, bits, kind, offset); break;
-            case 2: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 2, N, K, group, bits, kind, offset); break;
-            case 3: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 3, N, K, group, bits, kind, offset); break;
-            default: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 4, N, K, group, bits, kind, offset);
+            case 1: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 1, N, K, group, bits, kind, offset, flip); break;
+            case 2: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 2, N, K, group, bits, kind, offset, flip); break;
+            case 3: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 3, N, K, group, bits, kind, offset, flip); break;
+            default: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 4, N, K, group, bits, kind, offset, flip);
             }
         }
         return;

@@ -62,9 +62,9 @@ from shoal import kernels
 
 MAX_ROWS = 4
 _INT_MAX = 2**31 - 1
-# x, x_bf16, wq, scale, scale_bf16, zero, bias, y, M, N, K, group, bits, use_dot, threads
+# x, x_bf16, wq, scale, scale_bf16, zero, bias, y, M, N, K, group, bits, use_dot, threads, signed_codes
 _ARGTYPES = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
-_ARGTYPES += (ctypes.c_void_p,) * 3 + (ctypes.c_int,) * 7
+_ARGTYPES += (ctypes.c_void_p,) * 3 + (ctypes.c_int,) * 8
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -153,6 +153,12 @@ def _refuse(x, packed, scale, zero, bias, bits: int, group_size: int) -> None:
                      f"groups={k // group_size} (contiguous)")  # fmt: skip
 
 
+def signed_supported(x_dtype: torch.dtype, group_size: int) -> bool:
+    """Whether qgemv takes int8 codes as signed bytes (`signed=True`): bfloat16 x and groups of a multiple
+    of 64 columns on a CPU with AVX512-BF16, where its row8_plain runs (qgemv.c)."""
+    return x_dtype is torch.bfloat16 and group_size % 64 == 0 and bf16_native()
+
+
 def _run(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -162,8 +168,14 @@ def _run(
     bits: int,
     group_size: int,
     portable: bool = False,
+    signed: bool = False,
 ) -> torch.Tensor:
     _check(x, packed, scale, zero, bias, bits, group_size)
+    if signed and (bits != 8 or portable or not signed_supported(x.dtype, group_size)):
+        raise ValueError(
+            f"qgemv: signed codes need 8 bits, bfloat16 x, groups of a multiple of 64 and AVX512-BF16 "
+            f"(bits {bits}, x {x.dtype}, group {group_size}, portable {portable})"
+        )
     fn = _kernel()
     if fn is None:
         raise RuntimeError("qgemv: native kernels unavailable (no C compiler or SHOAL_NATIVE_KERNELS=0)")
@@ -187,6 +199,7 @@ def _run(
         bits,
         int(not portable),
         torch.get_num_threads(),
+        int(signed),
     )
     return out
 
@@ -195,7 +208,7 @@ _op = torch.library.custom_op("shoal::qgemv", mutates_args=())(_run)
 
 
 @_op.register_fake
-def _(x, packed, scale, zero, bias, bits, group_size, portable=False):
+def _(x, packed, scale, zero, bias, bits, group_size, portable=False, signed=False):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
@@ -208,13 +221,16 @@ def qgemv(
     bits: int,
     group_size: int,
     portable: bool = False,
+    signed: bool = False,
 ) -> torch.Tensor:
     """x [rows, K] (1 <= rows <= 4) @ w_hat[N, K].T + bias[N] -> [rows, N]; x, bias and the result float32
     or bfloat16 (one dtype; bf16 accumulates in fp32 and rounds once).
 
     packed: int32 [N, K * bits / 32] (pack-quantized); scale: [N, K / group_size] float32 or bfloat16;
     zero: int8 [N, K / group_size] or None (symmetric). portable: take the fp32 path even where int4 x
-    bf16 would run on AVX512-BF16 (for tests).
-    Raises TypeError (dtypes) or ValueError (devices, shapes, strides) before touching memory."""
+    bf16 would run on AVX512-BF16 (for tests). signed: 8-bit codes stored as signed bytes q (torch's int8
+    weight viewed as int32) instead of pack-quantized's u = q + 128; only where `signed_supported`.
+    Raises TypeError (dtypes) or ValueError (devices, shapes, strides, signed codes where not supported)
+    before touching memory."""
     call = _op if torch.compiler.is_compiling() else _run
-    return call(x, packed, scale, zero, bias, bits, group_size, portable)
+    return call(x, packed, scale, zero, bias, bits, group_size, portable, signed)
