@@ -14,7 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
-typedef void (*qgemv_fn)(const void *, int, const int32_t *, const void *, int, const int8_t *, const void *, void *, int, int, int, int, int, int, int);
+typedef void (*qgemv_fn)(const void *, int, const int32_t *, const void *, int, const int8_t *, const void *, void *, int, int, int, int, int, int, int, int);
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static int cmp(const void *a, const void *b) { double x = *(double *)a, y = *(double *)b; return x < y ? -1 : x > y; }
 int main(int argc, char **argv) {
@@ -22,11 +22,13 @@ int main(int argc, char **argv) {
     qgemv_fn f = (qgemv_fn)dlsym(h, "shoal_qgemv");
     void (*g)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int, int, int, int) = dlsym(h, "shoal_gemm_bf16_panels");
     int bits = atoi(argv[2]), threads = atoi(argv[3]), steps = argc > 4 ? atoi(argv[4]) : 40;
+    if (steps < 3 || steps > 1000) { fprintf(stderr, "STEPS must be 3..1000\n"); return 1; }
     int N[4] = {960, 576, 3072, 576}, K[4] = {576, 576, 576, 1536}, Gs[4] = {64, 64, 64, bits == 8 ? 128 : 64};
     size_t total = 0, off[30][4];
     for (int l = 0; l < 30; l++) for (int s = 0; s < 4; s++) { off[l][s] = total; total += (size_t)N[s] * K[s] * bits / 8; total = (total + 63) & ~63ul; }
     size_t len = (total + (2 << 20)) & ~((2ul << 20) - 1);
     uint8_t *raw = mmap(NULL, len + (2ul << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) { perror("mmap"); return 1; }
     uint8_t *w = (uint8_t *)(((uintptr_t)raw + (2ul << 20) - 1) & ~((2ul << 20) - 1));
     if (getenv("NO_HUGE") == NULL) madvise(w, len, MADV_HUGEPAGE);
     srand(1); for (size_t i = 0; i < total; i++) w[i] = rand();
@@ -42,7 +44,7 @@ int main(int argc, char **argv) {
         for (int l = 0; l < 30; l++) for (int s = 0; s < 4; s++) {
             double a = now();
             if (bits == 16) g(x[s], (const uint16_t *)(w + off[l][s]), NULL, y, 1, N[s], K[s], threads);
-            else f(x[s], 1, (const int32_t *)(w + off[l][s]), scale[s], 1, NULL, NULL, y, 1, N[s], K[s], Gs[s], bits, 1, threads);
+            else f(x[s], 1, (const int32_t *)(w + off[l][s]), scale[s], 1, NULL, NULL, y, 1, N[s], K[s], Gs[s], bits, 1, threads, 0);
             if (r >= 2) per[s] += now() - a;
         }
         t[r] = now() - t0;

@@ -126,7 +126,7 @@ def test_qgemv_signed_int8_codes_equal_the_packed_ones(rows, cols, group):
     """torch's signed int8 weight viewed as int32 (`signed=True`, the int8 lm_head's and per-channel W8A16's
     1-4 row route) gives the packed path's result bit for bit (the kernel turns q into u = q + 128 with one
     XOR, the rest is the same arithmetic); QuantizedLinear takes that route for 1-4 bf16 rows of a
-    per-channel int8 layer; signed codes are refused where the kernel cannot take them."""
+    per-channel int8 layer."""
     qw = _layer(70, cols, 8, group, True, torch.bfloat16, seed=cols)
     x = torch.randn(rows, cols).to(torch.bfloat16)
     packed = qgemv.qgemv(x, pack_int32(qw.qweight, 8), qw.scale, None, None, 8, group)
@@ -134,13 +134,30 @@ def test_qgemv_signed_int8_codes_equal_the_packed_ones(rows, cols, group):
         x, qw.qweight.contiguous().view(torch.int32), qw.scale, None, None, 8, group, signed=True
     )
     assert torch.equal(signed, packed)
-    with pytest.raises(ValueError, match="signed codes"):
-        qgemv.qgemv(
-            x.float(), qw.qweight.contiguous().view(torch.int32), qw.scale, None, None, 8, group, signed=True
-        )
     if group == cols:  # per channel: torch's int8 weight, and qgemv over it for 1-4 rows
         layer = QuantizedLinear(_layer(70, cols, 8, PER_CHANNEL, True, torch.bfloat16, seed=cols))
         assert layer.int8_route and layer.int8_qgemv
         ref = x.double() @ layer.dequantized_weight(torch.bfloat16).double().T
         scale = (x.double().abs() @ layer.dequantized_weight(torch.float32).double().abs().T).max()
         assert float((layer(x).double() - ref).abs().max() / scale) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.timeout(30)
+def test_qgemv_refuses_signed_codes_where_its_kernel_cannot_take_them():
+    """Signed codes where row8_plain does not run (float32 x, 4 bits, the portable path, groups of an odd
+    multiple of 32) are refused before the kernel is called, on every CPU."""
+    qw = _layer(8, 128, 8, 64, True, torch.bfloat16)
+    codes, x = qw.qweight.contiguous().view(torch.int32), torch.randn(1, 128).to(torch.bfloat16)
+    q4 = _layer(8, 128, 4, 64, True, torch.bfloat16)
+    g32 = _layer(8, 128, 8, 32, True, torch.bfloat16)
+    calls = [
+        lambda: qgemv.qgemv(x.float(), codes, qw.scale.float(), None, None, 8, 64, signed=True),
+        lambda: qgemv.qgemv(x, pack_int32(q4.qweight, 4), q4.scale, None, None, 4, 64, signed=True),
+        lambda: qgemv.qgemv(x, codes, qw.scale, None, None, 8, 64, portable=True, signed=True),
+        lambda: qgemv.qgemv(
+            x, g32.qweight.contiguous().view(torch.int32), g32.scale, None, None, 8, 32, signed=True
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="signed codes"):
+            call()

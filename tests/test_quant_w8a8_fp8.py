@@ -149,7 +149,11 @@ def test_affine_activations_match_compressed_tensors_and_beat_symmetric_on_one_s
     assert union_affine([scale, scale], [zp, zp]) == (scale, zp)
     wide_scale, wide_zp = union_affine([scale, scale * 2], [zp, torch.tensor([0], dtype=torch.int32)])
     lo, hi = (-128 - wide_zp) * wide_scale, (127 - wide_zp) * wide_scale
-    assert lo <= min((-128 - zp) * scale, -128 * scale * 2) + 1e-6 and hi >= 127 * scale * 2 - 1e-6
+    for s, z in (
+        (scale, zp),
+        (scale * 2, torch.tensor([0], dtype=torch.int32)),
+    ):  # both parts' ranges covered
+        assert lo <= (-128 - z) * s + 1e-6 and hi >= (127 - z) * s - 1e-6
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -499,6 +503,10 @@ def test_cli_quantize_w8a8_options(stories_dir, tmp_path):
     model, _ = load_model(tmp_path / "a", torch.float32, CPU)  # dynamic: a zero point a row, nothing stored
     layers = [m for m in model.modules() if isinstance(m, W8A8Linear)]
     assert layers and all(not m.symmetric and m.input_zero_point is None for m in layers)
+    rtn = runner.invoke(
+        app, [*args[:3], "--method", "rtn", "--activation-asymmetric", "--output", str(tmp_path / "r")]
+    )
+    assert rtn.exit_code == 1 and "--activation-asymmetric goes with w8a8" in rtn.output
     fp8 = runner.invoke(
         app, [*args[:3], "--method", "fp8", "--activation-asymmetric", "--output", str(tmp_path / "f")]
     )

@@ -112,14 +112,14 @@ def search_scales(
     w: [out, in] float32, x: [n, in] float32, abs_mean: [in]. s = abs_mean^alpha, normalized so that
     max(s) * min(s) = 1 (the reference's normalization).
     """
-    reference = x @ w.T
+    gram = _gram(x)
     best = (float("inf"), 0.0, torch.ones_like(abs_mean))
     for step in range(ALPHA_GRID):
         alpha = step / ALPHA_GRID
         s = abs_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         wq = _quantize_groups(w * s, bits, group_size, None, scale_dtype).dequantized / s
-        loss = (x @ wq.T - reference).pow(2).mean().item()
+        loss = _output_error(wq - w, x, gram).mean().item()
         if loss < best[0]:
             best = (loss, alpha, s)
     loss, alpha, s = best
@@ -144,17 +144,32 @@ def search_clip(
     best_err = torch.full_like(original_max, float("inf"))
     for g in range(n_groups):
         xi, wi = xg[:, g, :], wg[:, g, :]
-        reference = xi @ wi.T  # [n, out]
+        gram = _gram(xi)
         for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
             limit = original_max[:, g] * (1 - step / CLIP_GRID)
             clipped = torch.maximum(torch.minimum(wi, limit[:, None]), -limit[:, None])
             scale, zero = grid_params(clipped, bits, False, scale_dtype)
             q = (round_to_grid(clipped, scale, zero, bits) - zero[:, None]) * scale[:, None]
-            err = (xi @ q.T - reference).pow(2).mean(0)
+            err = _output_error(q - wi, xi, gram)
             better = err < best_err[:, g]
             best_err[:, g] = torch.where(better, err, best_err[:, g])
             best_max[:, g] = torch.where(better, limit, best_max[:, g])
     return best_max
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor | None:
+    """x^T x [in, in] when x [n, in] has more rows than columns, else None (then x itself is cheaper)."""
+    return x.T @ x if x.shape[0] > x.shape[1] else None
+
+
+def _output_error(d: torch.Tensor, x: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """Per output row i of a weight error d [out, in]: the mean over x's rows [n, in] of (x d_i)^2, i.e.
+    d_i^T (x^T x) d_i / n. With the Gram matrix it costs out * in^2 instead of n * in * out: the searches
+    score 20 candidates on n = 4,096 (scales) or 512 (clipping) rows of in = 576-1,536 (or 64) columns, so
+    this is 3-8x fewer multiply-adds for the same sums, in another order. [out] float32."""
+    if gram is None:
+        return (x @ d.T).pow(2).mean(0)
+    return ((d @ gram) * d).sum(1) / x.shape[0]
 
 
 def _quantize_groups(

@@ -59,7 +59,11 @@ def quantize(
         str, typer.Option(help="w8a8: dynamic (per token) or static (per tensor, calibrated).")
     ] = "dynamic",
     observer: Annotated[
-        str, typer.Option(help="w8a8 static scales: minmax (max|x|) or percentile (99.99th of |x|).")
+        str,
+        typer.Option(
+            help="w8a8 static scales: minmax (max|x|; asymmetric: min and max) or percentile (99.99th of "
+            "|x|; asymmetric: the 0.01st and 99.99th of x)."
+        ),
     ] = "minmax",
     activation_symmetric: Annotated[
         bool,

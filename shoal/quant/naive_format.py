@@ -85,8 +85,9 @@ def _zero_point(tensors: dict[str, torch.Tensor], acts, name: str) -> torch.Tens
         )
     if not static_asymmetric:
         if int(zp.reshape(())) != 0:
+            kind = "symmetric" if acts is None or acts.symmetric else "dynamic (a zero point a row)"
             raise ValueError(
-                f"tensor {name}.input_zero_point is nonzero but the config says symmetric activations"
+                f"tensor {name}.input_zero_point is nonzero but the config says {kind} activations"
             )
         return None
     return zp.to(torch.int32).reshape(1)

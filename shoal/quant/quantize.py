@@ -199,6 +199,8 @@ def _quantize_model(
     check_method(method)
     if quantize_lm_head and method in ACTIVATION_METHODS:
         raise ValueError(f"--quantize-lm-head goes with rtn, gptq or awq (pack-quantized), not {method}")
+    if not activation_options.activation_symmetric and method != "w8a8":
+        raise ValueError(f"--activation-asymmetric goes with w8a8, not {method}")
     if scale_dtype_name not in ("auto", "float32"):
         raise ValueError(f"--scale-dtype {scale_dtype_name!r}: choose auto or float32")
     if scale_dtype_name != "auto" and method in ACTIVATION_METHODS:

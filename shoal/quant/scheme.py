@@ -163,10 +163,12 @@ def _activations(raw, path: str, fmt: str) -> ActivationScheme | None:
             f"quantization_config.{path}.type={atype!r}: format {fmt!r} needs {WEIGHT_TYPE[fmt]!r}"
         )
     symmetric = raw.get("symmetric", True)
-    if symmetric not in (True, False) or (symmetric is False and atype != "int"):
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"quantization_config.{path}.symmetric={symmetric!r}: must be true or false")
+    if not symmetric and atype != "int":
         raise ValueError(
-            f"quantization_config.{path}.symmetric={symmetric!r}: must be true or false, and true for "
-            f"{atype!r} activations (zero points are int8 only)"
+            f"quantization_config.{path}.symmetric=False: {atype!r} activations must be symmetric "
+            f"(zero points are int8 only)"
         )
     dynamic, strategy = raw.get("dynamic", False), raw.get("strategy")
     if (dynamic, strategy) not in ((True, "token"), (False, "tensor")):

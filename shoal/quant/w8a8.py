@@ -7,7 +7,8 @@ compressed-tensors 0.20 stores it (`int-quantized` format, compressors/naive_qua
 - activations: int8, either dynamic per token, s_x = max|x_row| / 127 computed for each row at run time,
   or static per tensor, s_x = the checkpoint's `input_scale` from calibration;
 - y = (q_x @ q_w^T) * s_x * s_w^T + bias, the integer product exact in int32 (|q| <= 128, so no
-  overflow below 131,072 input features).
+  overflow below 131,072 input features; 65,793 with an activation zero point, |q_x - z| <= 255, which
+  W8A8Linear checks).
 Activations may also be asymmetric (affine, the form of Jacob et al. 2018, arXiv:1712.05877, and of the
 seed's "scale = (max - min) / 255 with a zero point"): s_x = (max - min) / 255 over a range widened to hold
 0, an integer zero point z = clamp(round(-128 - min / s_x), -128, 127), q_x = clamp(round(x / s_x + z)),
@@ -35,6 +36,7 @@ from shoal.quant.hardware import _cpuinfo
 from shoal.quant.rtn import QuantizedWeight, dequantize
 
 INT8_MAX = 127.0
+INT32_MAX = 2**31 - 1
 _SCALE_EPS = 1e-8  # an all-zero row gets this scale (q = 0), not a division by zero
 
 
@@ -146,6 +148,15 @@ class W8A8Linear(nn.Module):
             raise ValueError("W8A8Linear needs int8 symmetric per-channel weights")
         if input_scale is not None and (input_zero_point is None) != symmetric:
             raise ValueError("static activation scales need a zero point exactly when asymmetric")
+        if input_scale is None and input_zero_point is not None:
+            raise ValueError(
+                "an input zero point needs a static input scale (dynamic ones compute their own)"
+            )
+        if qw.qweight.shape[1] > (INT32_MAX // (128 * (128 if symmetric else 255))):
+            raise ValueError(
+                f"{qw.qweight.shape[1]} input features overflow the int32 product of int8 "
+                f"{'symmetric' if symmetric else 'asymmetric'} activations"
+            )
         self.out_features, self.in_features = qw.qweight.shape
         self.symmetric = symmetric
         self.register_buffer("weight_int8", qw.qweight.contiguous())
