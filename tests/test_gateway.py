@@ -336,15 +336,27 @@ def test_prefix_affinity_then_spread_when_saturated(fleet):
 
     async def saturate_then_route() -> set[str]:
         async with httpx.AsyncClient(base_url=home, timeout=120) as client:  # straight to the home replica
-            flood = [asyncio.create_task(client.post("/v1/completions", json=_completion(
-                "stories", f"Tim had a toy {i}", max_tokens=400, ignore_eos=True))) for i in range(12)]  # fmt: skip
-            while not gw.backend(home)["saturated"]:  # 2 running (--max-num-seqs 2), 10 waiting
-                assert not all(f.done() for f in flood), gw.admin("backends")
+            flood: list[asyncio.Task] = []
+
+            async def keep_queue_full() -> None:
+                # 2 running (--max-num-seqs 2), the rest waiting: topped up to 12 pending for as long as the
+                # test needs, since on a fast CPU stories260K drains a fixed flood between two scrapes
+                while True:
+                    for _ in range(12 - sum(not f.done() for f in flood)):
+                        body = _completion(
+                            "stories", f"Tim had a toy {len(flood)}", max_tokens=400, ignore_eos=True
+                        )
+                        flood.append(asyncio.create_task(client.post("/v1/completions", json=body)))
+                    await asyncio.sleep(0.05)
+
+            keeper = asyncio.create_task(keep_queue_full())
+            while not gw.backend(home)["saturated"]:
                 await asyncio.sleep(0.1)
             routed = await _send_many(gw.url, bodies[:4], concurrency=1)
+            keeper.cancel()
             for f in flood:  # disconnecting aborts them
                 f.cancel()
-            await asyncio.gather(*flood, return_exceptions=True)
+            await asyncio.gather(keeper, *flood, return_exceptions=True)
             # the backend's waiting gauge is refreshed by engine steps: one more request brings it to 0
             await client.post("/v1/completions", json=_completion("stories"))
         return {r.headers["x-shoal-backend"] for r in routed}
