@@ -47,8 +47,9 @@ def activation_absmax(
     the model's decoder linears see on token_ids [samples, seq_len].
     samples: if given, filled with name -> float32 [<= max_rows, in], input rows spread evenly over the
     batches, drawn with a fixed seed (for a percentile observer).
-    ranges: if given, filled with name -> (min_j x_j, max_j x_j), float32 [in] each (for asymmetric scales)."""
-    stats: dict[str, torch.Tensor] = {}
+    ranges: if given, filled with name -> (min_j x_j, max_j x_j), float32 [in] each (for asymmetric scales);
+    max |x_j| is derived from them, max(-min_j, max_j)."""
+    bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     kept: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(0)
     batches = token_ids.split(batch_size)
@@ -57,13 +58,10 @@ def activation_absmax(
     def hook(name: str):
         def record(module, args, output) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            m = x.abs().amax(0).float()
-            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
-            if ranges is not None:
-                lo, hi = x.amin(0).float(), x.amax(0).float()
-                if name in ranges:
-                    lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
-                ranges[name] = (lo, hi)
+            lo, hi = x.amin(0).float(), x.amax(0).float()
+            if name in bounds:
+                lo, hi = torch.minimum(bounds[name][0], lo), torch.maximum(bounds[name][1], hi)
+            bounds[name] = (lo, hi)
             if samples is not None:
                 rows = torch.randperm(x.shape[0], generator=generator)[:rows_per_batch]
                 kept.setdefault(name, []).append(x[rows].float())
@@ -84,7 +82,9 @@ def activation_absmax(
             h.remove()
     if samples is not None:
         samples.update({name: torch.cat(rows) for name, rows in kept.items()})
-    return stats
+    if ranges is not None:
+        ranges.update(bounds)
+    return {name: torch.maximum(-lo, hi) for name, (lo, hi) in bounds.items()}
 
 
 def check_alpha(alpha: float) -> None:
