@@ -138,6 +138,19 @@ def test_silu_and_mul_matches_float64(dtype, rows, inter, monkeypatch) -> None:
     _assert_close(got, F.silu(g) * u, rel, 1e-30, f"silu_and_mul {dtype} {rows}x{inter}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_same_value_same_result_in_body_and_tail(dtype) -> None:
+    """The kernel runs 8 lanes at a time and the row's tail through a padded buffer: a value gives the
+    same bits wherever it sits in the row."""
+    values = _randn(1, 8, dtype=dtype, seed=5, scale=4.0)[0]
+    inter = 8 + 8 + 5  # two full vectors and a tail of 5
+    gates = torch.cat([values, values, values[:5]])
+    ups = torch.cat([values.flip(0), values.flip(0), values.flip(0)[:5]])
+    got = fused_ops.silu_and_mul(torch.cat([gates, ups])[None])[0]
+    assert got.shape == (inter,)
+    assert torch.equal(got[:8], got[8:16]) and torch.equal(got[16:], got[:5])
+
+
 def test_silu_exp_over_its_whole_range() -> None:
     """Gates from -87 to 87 (where e^-g stays a normal float): relative error of silu(g) within 6 ulp;
     beyond, values are tiny or exact (silu(g) = g), and NaN stays NaN."""
