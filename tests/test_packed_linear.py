@@ -112,8 +112,9 @@ def test_decode_rows_run_on_gemv(dtype, monkeypatch) -> None:
 
 
 def test_float32_batches_run_on_gemm(monkeypatch) -> None:
-    """Where the kernel builds, float32 batches of 5 to GEMM_MAX_ROWS - 1 rows go to the gemm kernel: over
-    its panels where the copy fits in RAM, else over the plain weight."""
+    """Where the kernel builds, float32 batches of 5+ rows go to the gemm kernel's panels where the copy fits
+    in RAM (prompt chunks included); without the copy, 5 to GEMM_MAX_ROWS - 1 rows go to the kernel over
+    the plain weight and bigger batches to F.linear."""
     if not gemm.supported(torch.zeros(1, 1)):
         pytest.skip("no C compiler: native kernels off")
     roomy, tight = (pack_linears(nn.Sequential(nn.Linear(64, 48)), available_ram=r)[0] for r in (1 << 34, 1))
@@ -125,10 +126,11 @@ def test_float32_batches_run_on_gemm(monkeypatch) -> None:
             gemm, name, lambda *a, real=real, name=name: calls.append((name, len(a[0]))) or real(*a)
         )
     for layer in (roomy, tight):
-        for rows in (4, 5, GEMM_MAX_ROWS - 1, GEMM_MAX_ROWS):
+        for rows in (4, 5, GEMM_MAX_ROWS - 1, GEMM_MAX_ROWS, 600):
             layer(torch.randn(rows, 64))
     last = GEMM_MAX_ROWS - 1
-    assert calls == [("gemm_panels", 5), ("gemm_panels", last), ("gemm", 5), ("gemm", last)]
+    panels = [("gemm_panels", rows) for rows in (5, last, GEMM_MAX_ROWS, 600)]
+    assert calls == [*panels, ("gemm", 5), ("gemm", last)]
 
 
 @pytest.mark.skipif(not gemm.bf16_available(), reason="gemm.c built without AVX512-BF16: no bf16 kernel here")

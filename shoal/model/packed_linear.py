@@ -15,8 +15,8 @@ Measured facts about torch's CPU matmuls that this module exists for:
     other way round: that fp32 route runs at half of oneDNN's bf16 speed (same shape, 512 rows, 1 thread:
     98 vs 197 GF/s; 2 threads: 32 ms vs 12 ms). So the choice is measured at load (fp32_gemm_is_faster),
     against the bf16 GEMM that would otherwise run.
-  - fp32: MKL's GEMM through F.linear is 5-15% faster than oneDNN's packed one at 512 rows, so the plain
-    weight is kept for big batches.
+  - fp32: MKL's GEMM through F.linear is 5-15% faster than oneDNN's packed one at 512 rows (shoal's gemm
+    panels, below, are faster than both).
 - For 1-4 rows both stream the weight below memory bandwidth, so those run on shoal's own matrix-vector
   kernel (shoal/kernels/gemv.c): fp32 on that AVX2 EPYC about 24 GB/s instead of 11; bf16 (vdpbf16ps) on
   a 2-core AVX512-BF16 EPYC 1.0-1.3x oneDNN's packed linears per weight, SmolLM2 decode step 1.21-1.25x
@@ -29,7 +29,8 @@ Measured facts about torch's CPU matmuls that this module exists for:
 - For float32 batches of 5-256 rows (a batched decode step), oneDNN and MKL reach a third to two thirds of
   the FMA peak on that AVX2 EPYC; shoal's gemm kernel (shoal/kernels/gemm.c) over the weight packed in
   16-row panels runs 1.0-2.5x oneDNN's packed linears per weight (numbers in shoal/kernels/gemm.py), so
-  for float32 its panels replace the oneDNN copy; where no copy fits in RAM it runs over the plain weight.
+  for float32 its panels replace the oneDNN copy and serve prompt chunks too (0.97-1.13x MKL at 512-1024
+  rows); where no copy fits in RAM it runs over the plain weight up to 256 rows, MKL beyond.
 - For bfloat16 batches on the 2-core Zen4 EPYC (AVX512-BF16, no AMX), shoal's gemm kernel over bf16
   panels (vdpbf16ps, 8x32 tiles) runs per SmolLM2 weight, against oneDNN's pre-packed bf16 linear, 1 and
   2 threads: 1.2-1.6x at 5-8 rows, 1.1-1.3x at 16, 1.04-1.23x at 32, 0.93-1.19x at 64-512 (below 1.0 only
@@ -59,10 +60,14 @@ from shoal.kernels import gemm, gemv
 
 log = logging.getLogger(__name__)
 BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover 32-64 rows)
-# float32: 5 to GEMM_MAX_ROWS - 1 rows run on shoal's gemm kernel. Measured on the 2-core AVX2 EPYC, 2
-# threads, SmolLM2's shapes: faster than oneDNN's packed copy and MKL at every size from 5 to 256 rows
-# (1.0-2.5x up to 128 rows, numbers in kernels/gemm.py); at 512 rows MKL won on one of four shapes (the
-# lm_head) on a busy machine, so prompt chunks stay on MKL.
+# float32 over the plain weight (no panels: no room for a copy): 5 to GEMM_MAX_ROWS - 1 rows run on shoal's
+# gemm kernel, which reads the plain weight 0.75-1.15x oneDNN at 32-128 rows, and MKL takes bigger batches.
+# float32 over the panels: every batch of 5+ rows. Measured on the 2-core AVX2 EPYC, 2 threads, SmolLM2's
+# shapes: faster than oneDNN's packed copy and MKL at every size from 5 to 256 rows (1.0-2.5x up to 128
+# rows, numbers in kernels/gemm.py), and for prompt chunks at 512 and 1024 rows 0.97-1.13x MKL's best call
+# on the decoder's shapes (only the lm_head, which a prompt chunk runs for its last rows alone, was once
+# below MKL at 512); a 512-token prefill step (16 prompts of 32) 0.89-1.06x MKL's time over four
+# alternating runs. One kernel for every batch size also keeps a row's result independent of the batch.
 GEMM_MAX_ROWS = 257
 # bfloat16 where the gemm kernel has its AVX512-BF16 panels: every batch of 5+ rows runs on them (none
 # of oneDNN's bf16 copy, the fp32-copy route or F.linear was faster at 5-1024 rows, see the module
@@ -145,8 +150,8 @@ class PackedLinear(nn.Module):
     """A linear that routes each call by its number of rows:
     - up to gemv.MAX_ROWS: bfloat16 with the gemm kernel's panels (below), those panels (faster, see the
       module docstring); else the native matrix-vector kernel over the plain weight (decode), where kept;
-    - float32 where the gemm kernel is built, below GEMM_MAX_ROWS: that kernel, over its packed panels where
-      a copy fits in RAM, else over the plain weight;
+    - float32 where the gemm kernel is built: that kernel over its packed panels for every batch, where a
+      copy fits in RAM, else over the plain weight below GEMM_MAX_ROWS;
     - bfloat16 where the kernel has its AVX512-BF16 panels and a copy fits in RAM: those panels, for every
       row count (below BIG_BATCH_ROWS only, where the big-batch route is "fp32");
     - below BIG_BATCH_ROWS: the oneDNN pre-packed weight, where one was made;
@@ -169,7 +174,7 @@ class PackedLinear(nn.Module):
         # bf16 decode rows (1 to gemv.MAX_ROWS) run on the panels where they are made: faster than gemv.
         self.decode_on_panels = not fp32 and self.panels is not None
         if fp32:
-            self.gemm_max_rows = GEMM_MAX_ROWS
+            self.gemm_max_rows = GEMM_MAX_ROWS if self.panels is None else GEMM_BF16_MAX_ROWS
         else:
             self.gemm_max_rows = BIG_BATCH_ROWS if big_route == "fp32" else GEMM_BF16_MAX_ROWS
         # oneDNN lays the weight out for the batch size it is told: 1 where it serves decode, else the
