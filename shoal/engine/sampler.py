@@ -27,6 +27,7 @@ import torch
 
 from shoal.engine.outputs import TokenLogprobs
 from shoal.engine.sampling_params import SamplingParams
+from shoal.kernels import argmax as argmax_kernel
 
 # Tokens per block of the two-level inverse CDF: the first level reads V / 256 block sums, the second 256 tokens.
 _CDF_BLOCK = 256
@@ -106,6 +107,8 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """
     if logits.device.type == "cpu" and logits.dtype != torch.float32:
         logits = logits.float()
+    if argmax_kernel.supported(logits):  # torch's CPU argmax does not vectorize (kernels/argmax.c)
+        return argmax_kernel.argmax(logits)
     return logits.argmax(dim=-1)
 
 
@@ -208,7 +211,7 @@ def _choose_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     if greedy:
-        _put(token_ids, greedy, _take(logits, greedy).argmax(dim=-1))
+        _put(token_ids, greedy, _argmax(_take(logits, greedy)))
     if sampled:
         _put(token_ids, sampled, _sample(_take(logits, sampled), [rows[i] for i in sampled]))
     return token_ids
