@@ -173,8 +173,9 @@ class ModelRunner:
         return DecodeGroup(start, end, lens_t, slots=slots.to(self.device), same_length=same)
 
     @torch.inference_mode()
-    def run(self, inp: StepInput, between_layers: Callable[[], None] | None = None) -> list[torch.Tensor]:
-        """Per sequence, float32 logits [len(logit_rows[i]), vocab] for the rows asked for. between_layers:
+    def run(self, inp: StepInput, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """Float32 logits [sum of len(logit_rows[i]), vocab] of the rows asked for, sequence after sequence in
+        the order of inp (split by len(logit_rows[i]) for each sequence's rows). between_layers:
         called between the decoder layers of the per-op forward and of the one-call native decode step (it
         may raise StepInterrupted, engine/interrupt.py); the compiled forward does not call it."""
         ids, pos, meta = self._metadata(inp)
@@ -204,9 +205,8 @@ class ModelRunner:
             rows.extend(offset + r for r in wanted)
             offset += len(ids_i)
         if not rows:
-            return [torch.empty(0) for _ in inp.token_ids]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        return list(logits.split([len(w) for w in inp.logit_rows]))
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
     def _fused_decode(self, meta: AttentionMetadata, ids: torch.Tensor) -> bool:
         """Whether this step runs as the one-call native decode step: a pure decode step of at most the
