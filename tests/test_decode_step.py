@@ -105,7 +105,7 @@ class Lockstep:
             self._run(StepInput([seq], [0], [table], [[len(seq) - 1]]))
 
     def _run(self, inp: StepInput) -> list[torch.Tensor]:
-        return [torch.cat(runner.run(inp)) for runner in self.runners]
+        return [runner.run(inp) for runner in self.runners]
 
     def decode(self, next_tokens: list[int]) -> list[torch.Tensor]:
         """One decode step of every sequence; the logits [sequences, vocab] of each runner."""
