@@ -423,3 +423,105 @@ def test_prefill_attention_threads_agree() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def _chunks_case(dtype):
+    """Four sequences' chunks in one flat q (fresh prompts and cached contexts), their caches shared, with
+    two rows between them that no chunk covers (a step's decode rows)."""
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    specs = [(0, 32), (48, 17), (300, 5), (0, 1)]  # (context_len, tokens)
+    g = torch.Generator().manual_seed(11)
+    num_blocks = sum(-(-(c + t) // block) for c, t in specs) + 4
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    shape = (num_blocks * block, kv_heads, dim)
+    k_cache, v_cache = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    total = 2 + sum(t for _, t in specs)
+    q = torch.randn(total, heads + 2 * kv_heads, dim, generator=g).to(dtype)[:, :heads]
+    chunks, start = [], 2
+    for context_len, tokens in specs:
+        n = context_len + tokens
+        table = torch.tensor([free.pop() for _ in range(-(-n // block))])
+        pos = torch.arange(n)
+        chunks.append((start, tokens, context_len, table[pos // block] * block + pos % block))
+        start += tokens
+    return q, k_cache, v_cache, chunks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 7])
+def test_prefill_attention_chunks_equal_one_call_per_chunk(dtype, window) -> None:
+    """All chunks of a step in one call: each chunk's rows bit for bit what its own call gives, the rows
+    no chunk covers untouched."""
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, chunks = _chunks_case(dtype)
+    out = torch.full(q.shape, 7.0, dtype=dtype)
+    prefill_attention.paged_prefill_attention_chunks(q, kc, vc, chunks, window, 0.125, out)
+    assert (out[:2] == 7.0).all()
+    for start, tokens, context_len, slots in chunks:
+        one = prefill_attention.paged_prefill_attention(
+            q[start : start + tokens], kc, vc, slots, context_len, window, 0.125
+        )
+        assert torch.equal(out[start : start + tokens], one)
+
+
+def test_prefill_attention_chunks_bad_inputs_raise() -> None:
+    from shoal.kernels import prefill_attention
+
+    q, kc, vc, chunks = _chunks_case(torch.float32)
+    out = torch.empty(q.shape)
+
+    def call(chunks=chunks, out=out, q=q):
+        prefill_attention.paged_prefill_attention_chunks(q, kc, vc, chunks, None, 0.2, out)
+
+    start, tokens, context_len, slots = chunks[1]
+    bad_slot = slots.clone()
+    bad_slot[3] = kc.shape[0]
+    bad_chunks = [
+        (start, tokens, context_len, bad_slot),  # a slot outside the cache
+        (q.shape[0] - 2, tokens, context_len, slots),  # rows past q's end
+        (-1, tokens, context_len, slots),
+        (start, 0, context_len, slots[:context_len]),  # no tokens
+        (start, tokens, context_len + 1, slots),  # slots not context_len + T
+        (start, tokens, context_len, slots.int()),
+    ]
+    for bad in bad_chunks:
+        with pytest.raises(ValueError, match="paged_prefill_attention"):
+            call(chunks=[chunks[0], bad])
+    for bad_out in (out.bfloat16(), out[:-1], out.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(ValueError, match="paged_prefill_attention_chunks"):
+            call(out=bad_out)
+    with pytest.raises(ValueError, match="paged_prefill_attention"):
+        call(q=q.double())
+    call(chunks=[])  # nothing to do
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])  # sliding window; plain GQA with biases
+def test_engine_steps_of_several_prompts_same_as_one_call_per_chunk(
+    arch, tiny_model_dirs, test_prompts, monkeypatch
+) -> None:
+    """Several prompts in one step (one of them chunked over cached context) take the one-call path in
+    model/attention.py: the same greedy tokens and logprobs, bit for bit, as one kernel call per chunk."""
+    from shoal.engine.sampling_params import SamplingParams
+    from shoal.model import attention
+
+    long = test_prompts["long"]
+    prompts = [long[:40], long[40:47], long[100:190], long[7:8]]
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, ignore_eos=True)
+    results, calls = {}, []
+    real = attention.native_prefill.paged_prefill_attention_chunks
+    monkeypatch.setattr(
+        attention.native_prefill,
+        "paged_prefill_attention_chunks",
+        lambda *a: calls.append(len(a[3])) or real(*a),
+    )
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(attention, "_native_prefills", lambda q, meta: False)
+        engine = make_engine(
+            tiny_model_dirs[arch], kv_tokens=1024, max_model_len=256, max_num_batched_tokens=64
+        )
+        outs = engine.generate(prompts, params)
+        results[one_call] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+    assert calls and max(calls) > 1  # steps with several chunks went to the one-call kernel
+    assert results[True] == results[False]

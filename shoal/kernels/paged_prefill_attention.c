@@ -285,33 +285,67 @@ static void attend_tile(const void *q, int64_t q_stride, const void *k_cache, co
     }
 }
 
-/* D must be a multiple of KEYS (16): checked by the caller. */
-int shoal_paged_prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, const int64_t *slots,
-                                  void *out, int T, int H, int Hkv, int D, int64_t num_slots, int context_len,
-                                  int window, float scale, int bf16, int num_threads) {
-    const int64_t L = (int64_t)context_len + T;
-    int64_t bad = 0;
-    for (int64_t j = 0; j < L; j++) bad |= (uint64_t)slots[j] >= (uint64_t)num_slots;
-    if (bad) return SHOAL_BAD_INPUT;
-    const int G = H / Hkv, rows = T * G, tiles = (rows + ROW_TILE - 1) / ROW_TILE;
-    const int tasks = Hkv * tiles;
-    const int threads = num_threads < tasks ? num_threads : tasks;
+/* Several chunks (of different sequences) in one call: chunk c's T = chunks[4c + 1] queries are rows
+ * chunks[4c] .. of q and out (q + row * q_stride, out + row * H * D), its context_len = chunks[4c + 2], its
+ * slots [context_len + T] start at slots + chunks[4c + 3]. The tasks of all chunks share one parallel loop,
+ * so a step's many short prompts keep both threads busy with one fork/join a layer instead of one a prompt.
+ * The caller checks the chunk table's bounds against q, out and slots (prefill_attention.py); the slot ids
+ * are checked here. D must be a multiple of KEYS (16): checked by the caller. */
+int shoal_paged_prefill_attention_chunks(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                                         const int64_t *slots, const int64_t *chunks, int num_chunks, void *out, int H,
+                                         int Hkv, int D, int64_t num_slots, int window, float scale, int bf16,
+                                         int num_threads) {
+    const int G = H / Hkv;
+    int64_t *first_task = malloc((size_t)(num_chunks + 1) * sizeof *first_task);
+    if (first_task == NULL) return SHOAL_NO_MEMORY;
+    int64_t bad = 0, tasks = 0;
+    for (int c = 0; c < num_chunks; c++) {
+        const int64_t *chunk = chunks + 4 * c, L = chunk[2] + chunk[1];
+        for (int64_t j = 0; j < L; j++) bad |= (uint64_t)slots[chunk[3] + j] >= (uint64_t)num_slots;
+        first_task[c] = tasks;
+        tasks += Hkv * ((chunk[1] * G + ROW_TILE - 1) / ROW_TILE);
+    }
+    first_task[num_chunks] = tasks;
+    if (bad) {
+        free(first_task);
+        return SHOAL_BAD_INPUT;
+    }
+    const int threads = num_threads < tasks ? num_threads : (int)tasks;
     const size_t per_task = (size_t)(2 * ROW_TILE * D + 2 * KEYS * D) * sizeof(float) + ROW_TILE * sizeof(vf);
     char *work = aligned_alloc(64, (size_t)(threads > 0 ? threads : 1) * per_task);
-    if (work == NULL) return SHOAL_NO_MEMORY;
+    if (work == NULL) {
+        free(first_task);
+        return SHOAL_NO_MEMORY;
+    }
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         float *base = (float *)(work + (size_t)omp_get_thread_num() * per_task);
         const buffers buf = {base, base + ROW_TILE * D, base + 2 * ROW_TILE * D, base + 2 * ROW_TILE * D + KEYS * D,
                              (vf *)(base + 2 * ROW_TILE * D + 2 * KEYS * D)};
+        int c = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < tasks; task++) {
-            const int kv_head = task % Hkv, tile = task / Hkv;
-            const int r0 = tile * ROW_TILE, n = rows - r0 < ROW_TILE ? rows - r0 : ROW_TILE;
-            attend_tile(q, q_stride, k_cache, v_cache, slots, out, H, Hkv, D, context_len, window, scale, bf16, kv_head, r0,
-                        n, &buf);
+        for (int64_t task = 0; task < tasks; task++) {
+            while (first_task[c + 1] <= task) c++; /* tasks come in increasing order to each thread */
+            while (first_task[c] > task) c--;
+            const int64_t *chunk = chunks + 4 * c, local = task - first_task[c];
+            const int rows = (int)(chunk[1] * G), kv_head = (int)(local % Hkv), r0 = (int)(local / Hkv) * ROW_TILE;
+            const int n = rows - r0 < ROW_TILE ? rows - r0 : ROW_TILE;
+            const size_t elem = bf16 ? 2 : 4;
+            attend_tile((const char *)q + chunk[0] * q_stride * (int64_t)elem, q_stride, k_cache, v_cache,
+                        slots + chunk[3], (char *)out + chunk[0] * H * D * (int64_t)elem, H, Hkv, D, (int)chunk[2],
+                        window, scale, bf16, kv_head, r0, n, &buf);
         }
     }
     free(work);
+    free(first_task);
     return SHOAL_OK;
+}
+
+/* One chunk: q [T, H, D] rows q_stride apart, slots [context_len + T]. */
+int shoal_paged_prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, const int64_t *slots,
+                                  void *out, int T, int H, int Hkv, int D, int64_t num_slots, int context_len,
+                                  int window, float scale, int bf16, int num_threads) {
+    const int64_t chunk[4] = {0, T, context_len, 0};
+    return shoal_paged_prefill_attention_chunks(q, q_stride, k_cache, v_cache, slots, chunk, 1, out, H, Hkv, D, num_slots,
+                                                window, scale, bf16, num_threads);
 }

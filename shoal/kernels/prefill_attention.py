@@ -20,6 +20,9 @@ _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 # q, q_stride, k_cache, v_cache, slots, out; T, H, Hkv, D; num_slots; context_len, window; scale; bf16,
 # threads. Returns a status (kernels.OK, NO_MEMORY, BAD_INPUT).
 _ARGTYPES = (_P, _I64, _P, _P, _P, _P, _I, _I, _I, _I, _I64, _I, _I, ctypes.c_float, _I, _I)
+# q, q_stride, k_cache, v_cache, slots, chunk table, chunks, out; H, Hkv, D; num_slots; window; scale; bf16,
+# threads. Returns a status.
+_CHUNKS_ARGTYPES = (_P, _I64, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I64, _I, ctypes.c_float, _I, _I)
 HEAD_DIM_MULTIPLE = 16  # the kernel's vector width over keys and head dims
 
 
@@ -143,3 +146,74 @@ def paged_prefill_attention(
     cache included, and MemoryError if the work buffers cannot be allocated."""
     call = _op if torch.compiler.is_compiling() else _run
     return call(q, k_cache, v_cache, slots, context_len, window or 0, scale)
+
+
+def _chunks_kernel():
+    return kernels.function(
+        "paged_prefill_attention",
+        "shoal_paged_prefill_attention_chunks",
+        _CHUNKS_ARGTYPES,
+        ctypes.c_int,
+    )
+
+
+def paged_prefill_attention_chunks(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunks: list[tuple[int, int, int, torch.Tensor]],
+    window: int | None,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """paged_prefill_attention for several chunks (of different sequences) in one native call, written into
+    out: chunk (start, T, context_len, slots) is rows start .. start + T - 1 of q [N, H, D] (a view into
+    fused qkv rows is fine) and of out [N, H, D] (contiguous, q's dtype), with slots [context_len + T] int64
+    as for one chunk. Rows of out that no chunk covers are left as they are. One parallel loop over the
+    tasks of all chunks: a step of many short prompts forks once a layer, not once a prompt.
+    Raises ValueError for inputs the kernel cannot take (a slot outside the cache, a chunk outside q),
+    MemoryError if its work buffers cannot be allocated."""
+    if not chunks:
+        return
+    start, tokens, context_len, slots = chunks[0]
+    _check(q[start : start + tokens], k_cache, v_cache, slots, context_len, window or 0)
+    n = q.shape[0]
+    if out.dtype != q.dtype or out.shape != q.shape or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError(
+            f"paged_prefill_attention_chunks: out must be a contiguous CPU {q.dtype} tensor of q's shape "
+            f"{tuple(q.shape)}; got {out.dtype} {tuple(out.shape)}"
+        )
+    table, offset = [], 0
+    for start, tokens, context_len, slots in chunks:
+        if not (0 <= start and tokens >= 1 and start + tokens <= n and context_len >= 0):
+            raise ValueError(
+                f"paged_prefill_attention_chunks: chunk rows [{start}, {start + tokens}) of q [{n}]"
+            )
+        if slots.dtype != torch.int64 or slots.shape != (context_len + tokens,):
+            raise ValueError(
+                f"paged_prefill_attention_chunks: slots {slots.dtype} {tuple(slots.shape)}, expected int64 "
+                f"[{context_len + tokens}]"
+            )
+        table.extend((start, tokens, context_len, offset))
+        offset += context_len + tokens
+    all_slots = torch.cat([chunk[3] for chunk in chunks]).contiguous()
+    chunk_table = torch.tensor(table, dtype=torch.int64)
+    status = _chunks_kernel()(
+        q.data_ptr(),
+        q.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        all_slots.data_ptr(),
+        chunk_table.data_ptr(),
+        len(chunks),
+        out.data_ptr(),
+        q.shape[1],
+        k_cache.shape[1],
+        q.shape[2],
+        k_cache.shape[0],
+        window or 0,
+        scale,
+        _DTYPES[q.dtype],
+        torch.get_num_threads(),
+    )
+    kernels.check_status(status, "paged_prefill_attention", lambda: _explain(all_slots, k_cache.shape[0]))

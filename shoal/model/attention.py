@@ -4,8 +4,9 @@ The runner describes one engine step in `AttentionMetadata`: the batch's tokens 
 decode tokens first (one per sequence), then each prefill chunk. Every layer writes its new K/V into
 the cache slots of `slot_mapping`, then attends: the decodes in batched calls (on CPU one call of shoal's
 kernel that reads the blocks in place, elsewhere SDPA over gathered slots in groups of similar length),
-each prefill chunk in its own call. On CPU a prefill chunk runs shoal's chunked-prefill kernel
-(kernels/paged_prefill_attention.c), which reads its context in place from the cache slots. On CUDA with
+each prefill chunk in its own call. On CPU the prefill chunks run shoal's chunked-prefill kernel
+(kernels/paged_prefill_attention.c), which reads each chunk's context in place from the cache slots, all
+chunks of a step in one call. On CUDA with
 triton installed, the Triton twins of both kernels run (kernels/triton_paged_decode.py, triton_prefill.py);
 elsewhere a fresh prompt without cached prefix uses SDPA's causal kernel directly, and a chunk with cached context
 gathers its keys into a dense copy for SDPA with a mask.
@@ -199,6 +200,21 @@ def paged_attention(
     out = torch.empty_like(q)
     for i, group in enumerate(meta.decodes):
         out[group.start : group.end] = _decode_attention(q, k_cache, v_cache, meta, i, scale, window)
+    if _native_prefills(q, meta) and len(meta.prefills) > 1:  # every chunk in one call, into out
+        chunks = [(c.start, c.end - c.start, c.context_len, c.slots) for c in meta.prefills]
+        native_prefill.paged_prefill_attention_chunks(q, k_cache, v_cache, chunks, window, scale, out)
+        return out
     for i, chunk in enumerate(meta.prefills):
         out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, meta, i, scale, window)
     return out
+
+
+def _native_prefills(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether the step's prompt chunks run on the CPU kernel (as _prefill_attention would run each) and
+    can go to it in one call (eager: the compiled forward takes single decodes only)."""
+    return (
+        bool(meta.prefills)
+        and not torch.compiler.is_compiling()
+        and not triton_support.serves_dtype(q.device, q.dtype)
+        and native_prefill.supported(q.device, q.dtype, q.shape[-1])
+    )
