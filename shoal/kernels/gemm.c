@@ -275,7 +275,7 @@ void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y,
  * first pass streams the block from memory at one 64-byte line per k step, faster than one core's share of
  * the bandwidth, and would otherwise stall on it while the other row tiles find it in L1. Whole decode step,
  * SmolLM2 float32, 2 threads, AVX2-only EPYC, steps alternating with and without it, median of 15 a side:
- * 32 sequences 1.00-1.06x (three runs), 64 sequences 1.01-1.05x. */
+ * 32 sequences 1.00-1.09x (five runs), 64 sequences 1.01-1.05x; 32 or 64 KB ahead measured the same as 16. */
 #define PANEL_PREFETCH_ELEMS (KC * PW)
 
 static inline void prefetch_l2(const float *p, int64_t elems) {
