@@ -4,12 +4,12 @@ The runner describes one engine step in `AttentionMetadata`: the batch's tokens 
 decode tokens first (one per sequence), then each prefill chunk. Every layer writes its new K/V into
 the cache slots of `slot_mapping`, then attends: the decodes in batched calls (on CPU one call of shoal's
 kernel that reads the blocks in place, elsewhere SDPA over gathered slots in groups of similar length),
-each prefill chunk in its own call. On CPU the prefill chunks run shoal's chunked-prefill kernel
-(kernels/paged_prefill_attention.c), which reads each chunk's context in place from the cache slots, all
-chunks of a step in one call. On CUDA with
-triton installed, the Triton twins of both kernels run (kernels/triton_paged_decode.py, triton_prefill.py);
-elsewhere a fresh prompt without cached prefix uses SDPA's causal kernel directly, and a chunk with cached context
-gathers its keys into a dense copy for SDPA with a mask.
+then the prefill chunks: on CPU all of a step's in one call of shoal's chunked-prefill kernel
+(kernels/paged_prefill_attention.c), which reads each chunk's context in place from the cache slots,
+elsewhere each chunk in its own call. On CUDA with triton installed, the Triton twins of both kernels run
+(kernels/triton_paged_decode.py, triton_prefill.py); elsewhere a fresh prompt without cached prefix uses
+SDPA's causal kernel directly, and a chunk with cached context gathers its keys into a dense copy for SDPA
+with a mask.
 """
 
 from __future__ import annotations
