@@ -19,16 +19,10 @@
 #include <immintrin.h>
 #endif
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#include "vec8.h"
+
 #define LANES 8
 #define PARALLEL_MIN_ELEMS 65536 /* below, fork/join (a few us) costs more than the split saves */
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 static inline int any(v8i mask) {
 #ifdef __AVX__
@@ -48,8 +42,7 @@ static inline float row_max(const float *x, int64_t n, int *has_nan) {
     for (; i + LANES <= n; i += LANES) {
         const v8f v = load8(x + i);
         nan |= v != v;
-        const v8i greater = v > best; /* false for NaN: it never enters best */
-        best = (v8f)(((v8i)v & greater) | ((v8i)best & ~greater));
+        best = select8(v > best, v, best); /* false for NaN: it never enters best */
     }
     float m = -INFINITY;
     for (int j = 0; j < LANES; j++) m = best[j] > m ? best[j] : m;

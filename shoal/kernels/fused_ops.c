@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vec8.h"
+
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define PARALLEL_MIN_ELEMS 32768 /* below this, fork/join (a few us) costs more than the split saves */
 
@@ -161,14 +163,8 @@ void shoal_rotary(void *x, const float *cos_sin, int tokens, int heads, int head
  * expf written out, since glibc's vector expf is declared only under -ffast-math: Cephes' expf, Cody-Waite
  * reduction by ln 2 and a degree-6 polynomial, within 2 ulp of expf over the clamped range. The rounding
  * shift relies on no -ffast-math (it could fold (a + s) - s). */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
 #define LANES 8
 #define ROUNDING_SHIFT 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits */
-
-ALWAYS_INLINE v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
 
 ALWAYS_INLINE v8f exp_approx(v8f x) {
     x = select8(x >= -87.3f, x, (v8f){0} - 87.3f); /* below, e^x would be denormal; NaN lands here too */
@@ -187,15 +183,8 @@ ALWAYS_INLINE v8f exp_approx(v8f x) {
     return y * (v8f)bits;
 }
 
-ALWAYS_INLINE v8f load8(const void *base, int64_t i, int bf16) {
-    if (!bf16) {
-        v8f v;
-        memcpy(&v, (const float *)base + i, sizeof v);
-        return v;
-    }
-    v8h h;
-    memcpy(&h, (const uint16_t *)base + i, sizeof h);
-    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+ALWAYS_INLINE v8f load8_as(const void *base, int64_t i, int bf16) {
+    return bf16 ? load8_bf16((const uint16_t *)base + i) : load8((const float *)base + i);
 }
 
 ALWAYS_INLINE void store8(void *base, int64_t i, v8f v, int bf16) {
@@ -217,14 +206,14 @@ ALWAYS_INLINE void silu_mul_row(const void *gate_up, void *out, int64_t row, int
     const int64_t gi = row * 2 * inter, oi = row * inter;
     int i = 0;
     for (; i + LANES <= inter; i += LANES)
-        store8(out, oi + i, silu_mul8(load8(gate_up, gi + i, bf16), load8(gate_up, gi + inter + i, bf16)), bf16);
+        store8(out, oi + i, silu_mul8(load8_as(gate_up, gi + i, bf16), load8_as(gate_up, gi + inter + i, bf16)), bf16);
     if (i == inter) return;
     float g[LANES] = {0}, u[LANES] = {0}, o[LANES]; /* the tail, padded */
     for (int j = 0; i + j < inter; j++) {
         g[j] = load(gate_up, gi + i + j, bf16);
         u[j] = load(gate_up, gi + inter + i + j, bf16);
     }
-    store8(o, 0, silu_mul8(load8(g, 0, 0), load8(u, 0, 0)), 0);
+    store8(o, 0, silu_mul8(load8(g), load8(u)), 0);
     for (int j = 0; i + j < inter; j++) store(out, oi + i + j, o[j], bf16);
 }
 

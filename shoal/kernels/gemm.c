@@ -33,6 +33,7 @@
 #endif
 
 #include "bf16.h"
+#include "vec8.h"
 
 /* ---- Dot-product form over the plain weight (shoal_gemm_f32) ----
  *
@@ -57,14 +58,7 @@
 #define TN 3 /* rows of w per register tile */
 #define PREFETCH_BLOCKS 2
 #define X_CHUNK_BYTES (192 * 1024)
-typedef float v8f __attribute__((vector_size(VW * sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* acc + a * b rounded once, spelled out: GCC contracts `acc += a * b` into an FMA for some tile shapes and
  * not for others (the 1x1 tile got vmulps + vaddps), which made a row's result depend on its tile. */
@@ -87,6 +81,11 @@ static inline float hsum(v8f v) {
  * that no out-of-bounds pointer is ever made (as in gemv.c). */
 static inline void prefetch(const float *p, int64_t elems) {
     __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 3);
+}
+
+/* The same into L2 only (prefetcht1), `bytes` past p: for the panel tiles, whose L1 holds the block they read. */
+static inline void prefetch_l2(const void *p, int64_t bytes) {
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)bytes), 0, 2);
 }
 
 /* A tile of MT rows of x (row stride K) by NT rows of w (row stride K) into y (row stride N); PF: also
@@ -278,10 +277,6 @@ void shoal_gemm_f32(const float *x, const float *w, const float *bias, float *y,
  * 32 sequences 1.00-1.09x (five runs), 64 sequences 1.01-1.05x; 32 or 64 KB ahead measured the same as 16. */
 #define PANEL_PREFETCH_ELEMS (KC * PW)
 
-static inline void prefetch_l2(const float *p, int64_t elems) {
-    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 2);
-}
-
 static inline __attribute__((always_inline)) void panel_tile(const float *x, const float *wp, float *part, int MT,
                                                              int K, int kc, int first, int PF) {
     v8f acc[PM][2];
@@ -292,7 +287,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, con
     for (int k = 0; k < kc; k++) {
         v8f w0 = load8(wp + k * PW), w1 = load8(wp + k * PW + VW);
         __asm__("" : "+x"(w0), "+x"(w1));
-        if (PF) prefetch_l2(wp, PANEL_PREFETCH_ELEMS + k * PW);
+        if (PF) prefetch_l2(wp, (PANEL_PREFETCH_ELEMS + k * PW) * (int64_t)sizeof *wp);
         for (int m = 0; m < MT; m++) {
             float s = x[(int64_t)m * K + k];
             /* Not (v8f){0} + s: 0 + s is an add GCC must keep (-0.0), one more uop a row (45 -> 85 GF/s). */
@@ -409,10 +404,6 @@ int shoal_gemm_bf16_available(void) { return HAVE_AVX512_BF16; }
  * 86 / 261 -> 137 / 306 GF/s; 16, 32 and 64 KB ahead alike; in-cache weights (gate_up) unchanged. */
 #define PREFETCH_ELEMS (BKC * BW)
 
-static inline void prefetch_bf16(const uint16_t *p, int64_t elems) {
-    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(elems * (int64_t)sizeof *p)), 0, 2);
-}
-
 /* The sums of `rows` rows of x for panel columns n0.. (part, rows x BW, row-major) out to y (rows from its
  * first, row stride N): the bias added in fp32, one rounding to bf16; columns past N are the panel's padding. */
 static inline void bf16_store(const float *part, const uint16_t *bias, uint16_t *y, int rows, int N, int n0) {
@@ -438,8 +429,8 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, c
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + i * 2 * BW);
         __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + i * 2 * BW + BW);
         if (pf) {
-            prefetch_bf16(wp, pf + i * 2 * BW);
-            prefetch_bf16(wp, pf + i * 2 * BW + BW);
+            prefetch_l2(wp, (pf + i * 2 * BW) * (int64_t)sizeof *wp);
+            prefetch_l2(wp, (pf + i * 2 * BW + BW) * (int64_t)sizeof *wp);
         }
         for (int m = 0; m < MT; m++) {
             uint32_t pair;

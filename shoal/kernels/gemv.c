@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vec8.h"
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_AVX512_BF16 1
@@ -35,16 +36,6 @@
 #define SHOAL_NO_MEMORY 1
 #define VW 8
 #define MAX_ROWS 4
-typedef float v8f __attribute__((vector_size(VW * sizeof(float))));
-typedef uint16_t v8h __attribute__((vector_size(VW * sizeof(uint16_t))));
-typedef uint32_t v8u __attribute__((vector_size(VW * sizeof(uint32_t))));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 static inline float hsum(v8f v) {
     float s = 0.0f;
     for (int i = 0; i < VW; i++) s += v[i];
@@ -88,15 +79,6 @@ void shoal_gemv_f32(const float *x, const float *w, const float *bias, float *y,
 static inline void store_bf16(const float *sums, const uint16_t *bias, uint16_t *y, int M, int N, int n) {
     float b = bias ? bf16_to_f32(bias[n]) : 0.0f;
     for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = f32_to_bf16(sums[m] + b);
-}
-
-static inline v8f load8_bf16(const uint16_t *p) {
-    v8h h;
-    memcpy(&h, p, sizeof h);
-    v8u u = __builtin_convertvector(h, v8u) << 16;
-    v8f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
 }
 
 /* Portable: one bf16 weight row against the M rows of x (already fp32), two accumulators per row of x. */
