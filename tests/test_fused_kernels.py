@@ -517,7 +517,7 @@ def test_engine_steps_of_several_prompts_same_as_one_call_per_chunk(
     )
     for one_call in (True, False):
         if not one_call:
-            monkeypatch.setattr(attention, "_native_prefills", lambda q, meta: False)
+            monkeypatch.setattr(attention, "_prefills_in_one_call", lambda q, meta: False)
         engine = make_engine(
             tiny_model_dirs[arch], kv_tokens=1024, max_model_len=256, max_num_batched_tokens=64
         )

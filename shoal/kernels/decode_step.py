@@ -36,11 +36,11 @@ from shoal.kernels import fused_ops, gemm, gemv, qgemv
 from shoal.kernels import paged_attention as attention_kernel
 
 GEMV_ROWS = gemv.MAX_ROWS  # the matrix-vector kernels' limit (also qgemv's): beyond it a linear is a gemm
-# The most tokens a step takes where every linear has a gemm route (`Dense`): at most packed_linear.GEMM_MAX_ROWS
-# - 1, the most rows the per-op path sends to the gemm kernel over a plain weight (past it, MKL: results would
-# differ; over panels it sends every batch). The step
-# only removes per-op overhead, so it is not slower than the per-op path at any size (measured at 4-256,
-# docs/performance.md); 256 is also the engine's default max_num_seqs.
+# The most tokens a step takes where every linear has a gemm route (`Dense`): at most
+# packed_linear.GEMM_MAX_ROWS - 1, the most rows the per-op path sends to the gemm kernel over a plain weight
+# (past it, MKL: results would differ; over panels it sends every batch). The step only removes per-op
+# overhead, so it is not slower than the per-op path at any size (measured at 4-256, docs/performance.md);
+# 256 is also the engine's default max_num_seqs.
 MAX_TOKENS = 256
 # the model dtypes, each also the kind of a dense linear in decode_step.c (LINEAR_F32, LINEAR_BF16)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}

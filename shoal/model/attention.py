@@ -200,7 +200,7 @@ def paged_attention(
     out = torch.empty_like(q)
     for i, group in enumerate(meta.decodes):
         out[group.start : group.end] = _decode_attention(q, k_cache, v_cache, meta, i, scale, window)
-    if _native_prefills(q, meta) and len(meta.prefills) > 1:  # every chunk in one call, into out
+    if _prefills_in_one_call(q, meta):
         chunks = [(c.start, c.end - c.start, c.context_len, c.slots) for c in meta.prefills]
         native_prefill.paged_prefill_attention_chunks(q, k_cache, v_cache, chunks, window, scale, out)
         return out
@@ -209,11 +209,12 @@ def paged_attention(
     return out
 
 
-def _native_prefills(q: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """Whether the step's prompt chunks run on the CPU kernel (as _prefill_attention would run each) and
-    can go to it in one call (eager: the compiled forward takes single decodes only)."""
+def _prefills_in_one_call(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether the step has several prompt chunks and they run on the CPU kernel (as _prefill_attention
+    would run each), so that they go to it in one call, into out (eager: the compiled forward takes single
+    decodes only)."""
     return (
-        bool(meta.prefills)
+        len(meta.prefills) > 1
         and not torch.compiler.is_compiling()
         and not triton_support.serves_dtype(q.device, q.dtype)
         and native_prefill.supported(q.device, q.dtype, q.shape[-1])

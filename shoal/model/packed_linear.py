@@ -69,11 +69,11 @@ BIG_BATCH_ROWS = 48  # from here on the big-batch route runs (measured crossover
 # below MKL at 512); a 512-token prefill step (16 prompts of 32) 0.89-1.06x MKL's time over four
 # alternating runs. One kernel for every batch size also keeps a row's result independent of the batch.
 GEMM_MAX_ROWS = 257
-# bfloat16 where the gemm kernel has its AVX512-BF16 panels: every batch of 5+ rows runs on them (none
-# of oneDNN's bf16 copy, the fp32-copy route or F.linear was faster at 5-1024 rows, see the module
-# docstring), except that from BIG_BATCH_ROWS on the fp32 route takes over where fp32_gemm_is_faster()
-# measured it faster than the panels on this CPU.
-GEMM_BF16_MAX_ROWS = 2**31
+# Over the gemm kernel's panels, float32 (above) or bfloat16 where it has its AVX512-BF16 panels: every batch
+# of 5+ rows runs on them (for bf16 none of oneDNN's bf16 copy, the fp32-copy route or F.linear was faster
+# at 5-1024 rows, see the module docstring), except that for bf16 from BIG_BATCH_ROWS on the fp32 route
+# takes over where fp32_gemm_is_faster() measured it faster than the panels on this CPU.
+GEMM_PANELS_MAX_ROWS = 2**31
 COPY_MAX_SHARE_OF_RAM = 0.15
 PACK_ROWS_HINT = 32
 
@@ -174,9 +174,9 @@ class PackedLinear(nn.Module):
         # bf16 decode rows (1 to gemv.MAX_ROWS) run on the panels where they are made: faster than gemv.
         self.decode_on_panels = not fp32 and self.panels is not None
         if fp32:
-            self.gemm_max_rows = GEMM_MAX_ROWS if self.panels is None else GEMM_BF16_MAX_ROWS
+            self.gemm_max_rows = GEMM_MAX_ROWS if self.panels is None else GEMM_PANELS_MAX_ROWS
         else:
-            self.gemm_max_rows = BIG_BATCH_ROWS if big_route == "fp32" else GEMM_BF16_MAX_ROWS
+            self.gemm_max_rows = BIG_BATCH_ROWS if big_route == "fp32" else GEMM_PANELS_MAX_ROWS
         # oneDNN lays the weight out for the batch size it is told: 1 where it serves decode, else the
         # middle of its range (fp32, 5-47 rows: 10-35% faster than packed for 1, measured at 8 and 32 rows).
         hint = PACK_ROWS_HINT if self.use_gemv else 1
