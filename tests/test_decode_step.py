@@ -571,6 +571,40 @@ def test_quantized_bfloat16_step_matches_the_per_op_path_exactly(tmp_path):
         assert torch.equal(a, b), (step, (a - b).abs().max())
 
 
+@pytest.mark.skipif(
+    not qgemv.signed_supported(torch.bfloat16, 64) or qgemv.avx2_row(),
+    reason="torch's int8 route with qgemv over its signed codes runs on AVX512-BF16 only (this CPU lacks it)",
+)
+def test_int8_per_channel_bfloat16_step_runs_qgemv_over_torchs_int8_weight(tmp_path):
+    """A per-channel int8 layer keeps torch's int8 weight (QuantizedLinear.int8_route), whose 1-4 bf16 rows
+    its forward sends to qgemv as signed codes: the one-call step takes the same route (it once left the
+    whole model on the per-op path, 0.62x the bf16 model's decode speed) and gives the same bits."""
+    fused, per_op = _quantized_runners(tmp_path, "int8-per-channel", torch.bfloat16)
+    linears = [m for m in fused.model.modules() if isinstance(m, QuantizedLinear)]
+    assert linears and all(m.int8_route and m.int8_qgemv for m in linears)
+    assert fused.decode_stack is not None
+    steps = Lockstep([fused, per_op], [[1, 2, 3, 4, 5], [9, 8, 7], [4, 4]])
+    for step in range(4):
+        a, b = steps.decode([step + 10, step + 20, step + 30])
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("dtype, zero", [(torch.float32, False), (torch.bfloat16, True)])
+def test_signed_int8_codes_outside_qgemvs_route_are_refused(dtype, zero):
+    """Signed codes (torch's int8 weight) only where qgemv takes them: bfloat16 x, symmetric (no zero
+    points), groups of a multiple of 64 on AVX512-BF16; anything else is refused before a step runs."""
+    q = decode_step.Quantized(
+        torch.zeros(8, 64 // 4, dtype=torch.int32),
+        torch.ones(8, 1, dtype=torch.bfloat16),
+        torch.zeros(8, 1, dtype=torch.int8) if zero else None,
+        8,
+        64,
+        signed=True,
+    )
+    with pytest.raises(ValueError, match="signed True"):
+        decode_step._quantized("layer 0 qkv", q, 8, 64, dtype)
+
+
 def test_a_quantized_model_takes_1_to_4_tokens_and_larger_steps_run_per_op(tmp_path):
     """qgemv stops at 4 rows: the stack of a quantized model takes 1-4 tokens, and a step of 6 runs the
     per-op forward, equal to a runner without the stack."""

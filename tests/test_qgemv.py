@@ -117,6 +117,34 @@ def test_qgemv_bf16_blocks_match_float64_reference(bits, symmetric, rows, out, c
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("cols,group", [(576, 64), (1536, 64), (1536, 128)])
+def test_qgemv_int8_row_same_bits_paired_alone_or_batched(symmetric, cols, group):
+    """One bf16 row of x over int8 runs output rows two at a time (qgemv.c's row8_pair), an odd last row of a
+    tile alone, and 2-4 rows of x through row8_plain: each output must be bitwise the same whichever way it
+    ran (the same sums in the same order), so a weight row's result does not depend on its neighbours or on
+    the batch (deterministic mode's batch invariance)."""
+    qw = _layer(35, cols, 8, group, symmetric, torch.bfloat16, seed=cols + group)
+    packed = pack_int32(qw.qweight, 8)
+    zero = qw.zero_point
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    alone = qgemv.qgemv(x[:1], packed, qw.scale, zero, None, 8, group)
+    # the same weight rows one position later: each pair of the first call is split across two pairs here
+    shifted = qgemv.qgemv(
+        x[:1],
+        torch.cat([packed[:1], packed]),
+        torch.cat([qw.scale[:1], qw.scale]),
+        None if zero is None else torch.cat([zero[:1], zero]),
+        None,
+        8,
+        group,
+    )
+    batched = qgemv.qgemv(x, packed, qw.scale, zero, None, 8, group)
+    assert torch.equal(shifted[:, 1:], alone)
+    assert torch.equal(batched[:1], alone)
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.skipif(
     not qgemv.bf16_native(), reason="signed int8 codes run on AVX512-BF16 only (this CPU lacks it)"
 )

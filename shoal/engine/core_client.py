@@ -51,6 +51,8 @@ from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STATS_CALL_TIMEOUT_S = 0.5
+# Plain ints: pyzmq's are IntFlag members, whose `&` builds an enum object (two per message read).
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class EngineCoreClient:
@@ -232,7 +234,7 @@ class EngineCoreClient:
         """Every message waiting on the socket. ZMQ's descriptor is edge-triggered: it signals that
         ZMQ_EVENTS may have changed, so the socket is read until it has nothing more (zmq_getsockopt(3))."""
         socket, decode = self._updates, self._decoder.decode
-        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while socket.getsockopt(_EVENTS) & _POLLIN:
             raw = socket.recv(zmq.NOBLOCK)
             try:
                 self._on_message(decode(raw))

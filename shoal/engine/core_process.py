@@ -148,7 +148,7 @@ class EngineCore:
             return
         update.deltas.extend(self._delta(out) for out in outputs)
         if self._step is not None:
-            update.step = asdict(self._step)
+            update.step = _shallow_fields(self._step)
 
     def _fail_in_flight(self, error: Exception, update: StepUpdate) -> None:
         update.failed_step = f"{type(error).__name__}: {error}"
@@ -180,7 +180,14 @@ class EngineCore:
     def stats(self) -> dict:
         """The engine's stats, refreshed: adds and aborts change the queue gauges without a step."""
         self.engine.refresh_stats()
-        return asdict(self.engine.stats)
+        return _shallow_fields(self.engine.stats)
+
+
+def _shallow_fields(stats: object) -> dict:
+    """A stats dataclass's fields as a dict, sharing its lists: dataclasses.asdict deep-copies, 12-16 us for
+    StepStats or EngineStats (28 us of every step's serial time in this process). The dict is encoded into
+    the step's message at once, before the engine touches the object again."""
+    return dict(vars(stats))
 
 
 def run_core(

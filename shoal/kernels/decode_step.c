@@ -39,8 +39,9 @@
  * of buffers sized for the largest step); cos_sin float32 [max_positions, D] (cos in the first half of a
  * row, sin in the second); positions and slots int64 [T];
  * block_tables int32 [T, W]; context_lens int32 [T]; k/v caches [num_slots, Hkv, D]. A dense weight is
- * [n, k]; a quantized one is qgemv.c's: packed int32 [n, k * bits / 32], scale [n, k / group] float32 or
- * bfloat16, zero points int8 [n, k / group] or NULL; biases [n] of the model dtype or NULL.
+ * [n, k]; a quantized one is qgemv.c's: packed int32 [n, k * bits / 32] (or, signed_codes, 8-bit torch's
+ * int8 [n, k] as qgemv takes it: a symmetric per-channel layer on torch's int8 route), scale [n, k / group]
+ * float32 or bfloat16, zero points int8 [n, k / group] or NULL; biases [n] of the model dtype or NULL.
  *
  * Inputs: the caller (decode_step.py) checks the dtypes, shapes and strides of every tensor once per model
  * and per step. What depends on contents is checked here, in one serial pass before anything is written
@@ -93,6 +94,7 @@ typedef struct { /* one linear layer out[T, n] = in[T, k] W^T + bias, W as `kind
     int64_t bits, group, scale_bf16;
     const void *panels; /* dense only: the weight packed for the gemm kernel (rows > GEMV_ROWS), or NULL */
     int64_t gemm;       /* dense only: 1 where steps of more than GEMV_ROWS rows may run this linear */
+    int64_t signed_codes; /* LINEAR_QUANT, 8 bits: w is torch's int8 weight [n, k] (signed q), as qgemv takes it */
 } linear_t;
 
 typedef struct { /* one decoder layer */
@@ -148,7 +150,7 @@ static int linear(const kernels_t *k, const linear_t *w, int bf16, const void *i
         return k->gemv_bf16(in, w->w, w->bias, out, (int)rows, (int)n, (int)kdim, threads);
     default:
         k->qgemv(in, bf16, w->w, w->scale, (int)w->scale_bf16, w->zero, w->bias, out, (int)rows, (int)n, (int)kdim,
-                 (int)w->group, (int)w->bits, 1, threads, 0);
+                 (int)w->group, (int)w->bits, 1, threads, (int)w->signed_codes);
         return SHOAL_OK;
     }
 }

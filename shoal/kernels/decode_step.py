@@ -68,7 +68,7 @@ class _Linear(ctypes.Structure):
         + _fields(_P, "w bias scale zero")
         + _fields(_I64, "bits group scale_bf16")
         + _fields(_P, "panels")
-        + _fields(_I64, "gemm")
+        + _fields(_I64, "gemm signed_codes")
     )
 
 
@@ -103,13 +103,16 @@ class _Step(ctypes.Structure):
 class Quantized:
     """A pack-quantized weight [out, in] as qgemv.c takes it (QuantizedLinear's buffers): packed int32
     [out, in * bits / 32]; scale [out, in / group_size] float32 or bfloat16; zero int8 [out, in / group_size]
-    or None (symmetric); bits 4 or 8; group_size a multiple of 32 that divides in."""
+    or None (symmetric); bits 4 or 8; group_size a multiple of 32 that divides in. signed: 8 bits, packed
+    is torch's int8 weight [out, in] viewed as int32 (the codes q as signed bytes, QuantizedLinear's int8
+    route), which qgemv takes on bfloat16 x with groups of a multiple of 64 (`qgemv.signed_supported`)."""
 
     packed: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
     bits: int
     group_size: int
+    signed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -205,11 +208,12 @@ def _matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype
         )
 
 
-def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
+def _quantized(name: str, q: Quantized, rows: int, cols: int, dtype: torch.dtype) -> None:
     groups = cols // q.group_size if q.group_size > 0 else 0
     packed, scale, zero = q.packed, q.scale, q.zero
     if not (
         qgemv.supported(q.bits, q.group_size, cols, scale)
+        and (not q.signed or (q.bits == 8 and zero is None and qgemv.signed_supported(dtype, q.group_size)))
         and packed.dtype is torch.int32
         and packed.is_cpu
         and packed.shape == (rows, cols * q.bits // 32)
@@ -220,7 +224,8 @@ def _quantized(name: str, q: Quantized, rows: int, cols: int) -> None:
     ):  # fmt: skip
         raise ValueError(
             f"decode_step: {name} must be qgemv's layout for [{rows}, {cols}] (4/8 bits, groups of a multiple of "
-            f"32 dividing {cols}, contiguous CPU tensors); got bits {q.bits}, group {q.group_size}, packed "
+            f"32 dividing {cols}, contiguous CPU tensors; signed codes: 8 bits, symmetric, groups of a multiple "
+            f"of 64 on AVX512-BF16); got bits {q.bits}, group {q.group_size}, signed {q.signed}, packed "
             f"{_desc(packed)}, scale {_desc(scale)}, zero {_desc(zero)}"
         )
 
@@ -252,8 +257,10 @@ def _gemm_for(d: Dense, dtype: torch.dtype, gemms: tuple[int | None, ...]) -> in
 def _linear(w: torch.Tensor | Dense | Quantized, bias: torch.Tensor | None) -> _Linear:
     if isinstance(w, Quantized):
         scale_bf16 = int(w.scale.dtype is torch.bfloat16)
-        return _Linear(_QUANTIZED, w.packed.data_ptr(), _ptr(bias), w.scale.data_ptr(), _ptr(w.zero), w.bits,
-                       w.group_size, scale_bf16)  # fmt: skip
+        out = _Linear(_QUANTIZED, w.packed.data_ptr(), _ptr(bias), w.scale.data_ptr(), _ptr(w.zero), w.bits,
+                      w.group_size, scale_bf16)  # fmt: skip
+        out.signed_codes = int(w.signed)
+        return out
     if isinstance(w, Dense):
         out = _Linear(_DTYPES[w.weight.dtype], w.weight.data_ptr(), _ptr(bias))
         out.panels, out.gemm = _ptr(w.panels), 1
@@ -342,7 +349,7 @@ class DecodeStack:
             ("down", w.down, w.down_bias, hidden, s["act"]),
         ):
             if isinstance(mat, Quantized):
-                _quantized(f"layer {i} {name}", mat, rows, cols)
+                _quantized(f"layer {i} {name}", mat, rows, cols, dt)
             elif isinstance(mat, Dense):
                 _matrix(f"layer {i} {name}", mat.weight, rows, cols, dt)
                 _panels(f"layer {i} {name}", mat, rows, cols, dt)

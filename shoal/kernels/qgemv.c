@@ -194,36 +194,78 @@ static inline __attribute__((always_inline)) void row4_plain(const uint8_t *wr, 
     }
 }
 
+/* 64 int8 codes (u = q + 128 after the XOR with flip, see shoal_qgemv) as four vectors of 32 bf16 words, each
+ * the exact 128 + nibble: e[0] and e[1] the low and high nibbles of the even columns' bytes, e[2] and e[3]
+ * those of the odd columns' (the word j of a 64-byte load holds columns 2j and 2j + 1). */
+static inline __attribute__((always_inline)) void nibbles8(const uint8_t *p, __m512i flip, __m512i *e) {
+    const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)p), flip);
+    e[0] = _mm512_ternarylogic_epi32(w, nib, base, 0xEA); /* (w & nib) | base */
+    e[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA);
+    e[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA);
+    e[3] = _mm512_or_si512(_mm512_srli_epi16(w, 12), base);
+}
+
 /* int8 x bf16 the same way, over columns [k0, k1) (whole groups): 64 bytes loaded plainly are 64 columns,
- * word j holding columns 2j (low byte) and 2j + 1; each byte u = 16 h + l is taken as its two nibbles, each
- * exact in bf16 as 128 + nibble, with x stored per 64 columns as its 32 even then its 32 odd columns (xp).
- * Low and high nibbles accumulate apart: lo + 16 hi = sum (u + 17 * 128) x, scaled once per group (sv as in
- * row4_plain). 7 logic ops and 4 vdpbf16ps a 64 columns, no conversion to float, no cross-lane unpack. */
+ * each byte u = 16 h + l taken as its two nibbles (nibbles8), with x stored per 64 columns as its 32 even
+ * then its 32 odd columns (xp). Low and high nibbles accumulate apart: lo + 16 hi = sum (u + 17 * 128) x,
+ * scaled once per group (sv as in row4_plain). 7 logic ops and 4 vdpbf16ps a 64 columns, no conversion to
+ * float, no cross-lane unpack. */
 static inline __attribute__((always_inline)) void row8_plain(const uint8_t *wr, const uint16_t *xp, int M, int K,
                                                              int k0, int k1, int group, __m512 sv, __m512 *tot,
                                                              __m512i flip) {
-    const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
     __m512i idx = _mm512_setzero_si512();
     for (int g0 = k0; g0 < k1; g0 += group) {
         __m512 lo[MAX_ROWS], hi[MAX_ROWS];
         for (int m = 0; m < M; m++) lo[m] = hi[m] = _mm512_setzero_ps();
         for (int k = g0; k < g0 + group; k += 64) {
-            const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + k)), flip); /* signed -> u */
-            const __m512i e0 = _mm512_ternarylogic_epi32(w, nib, base, 0xEA); /* (w & nib) | base */
-            const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA);
-            const __m512i e2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA);
-            const __m512i e3 = _mm512_or_si512(_mm512_srli_epi16(w, 12), base);
+            __m512i e[4];
+            nibbles8(wr + k, flip, e);
             for (int m = 0; m < M; m++) {
                 const uint16_t *xr = xp + (int64_t)m * K + k;
                 const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)xr);
                 const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xr + 32));
-                lo[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo[m], (__m512bh)e0, xa), (__m512bh)e2, xb);
-                hi[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi[m], (__m512bh)e1, xa), (__m512bh)e3, xb);
+                lo[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo[m], (__m512bh)e[0], xa), (__m512bh)e[2], xb);
+                hi[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi[m], (__m512bh)e[1], xa), (__m512bh)e[3], xb);
             }
         }
         const __m512 s = _mm512_permutexvar_ps(idx, sv);
         idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
         for (int m = 0; m < M; m++) tot[m] = _mm512_fmadd_ps(_mm512_fmadd_ps(hi[m], _mm512_set1_ps(16.0f), lo[m]), s, tot[m]);
+    }
+}
+
+/* row8_plain for two output rows (wr[0], wr[1]) against one row of x: the x loads are shared and the four
+ * accumulator chains independent. Each row's sums are row8_plain's, in its order, so a row gives bitwise the
+ * same output paired or not. Why: one row's two chains of dependent vdpbf16ps bound the single-row loop;
+ * SmolLM2's 120 decoder linears of a W8A16 step (bench/qgemv_harness.c, 1 row, 2 threads, 2-core Zen 4):
+ * in cache 40.7 -> 45.2 GB/s; from memory (with PAIR_PREFETCH_ROWS) 2.92-3.27 -> 2.71-3.10 ms a step,
+ * medians of five interleaved runs. */
+static inline __attribute__((always_inline)) void row8_pair(const uint8_t *const *wr, const uint16_t *xp, int k0,
+                                                            int k1, int group, const __m512 *sv, __m512 *tot,
+                                                            __m512i flip) {
+    const __m512i nib = _mm512_set1_epi16(0x0F), base = _mm512_set1_epi16(0x4300);
+    __m512i idx = _mm512_setzero_si512();
+    for (int g0 = k0; g0 < k1; g0 += group) {
+        __m512 lo[2], hi[2];
+        lo[0] = hi[0] = lo[1] = hi[1] = _mm512_setzero_ps();
+        for (int k = g0; k < g0 + group; k += 64) {
+            const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + k));
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + k + 32));
+            const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr[0] + k)), flip);
+            const __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr[1] + k)), flip);
+            lo[0] = _mm512_dpbf16_ps(lo[0], (__m512bh)_mm512_ternarylogic_epi32(w, nib, base, 0xEA), xa);
+            lo[1] = _mm512_dpbf16_ps(lo[1], (__m512bh)_mm512_ternarylogic_epi32(v, nib, base, 0xEA), xa);
+            hi[0] = _mm512_dpbf16_ps(hi[0], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, base, 0xEA), xa);
+            hi[1] = _mm512_dpbf16_ps(hi[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, base, 0xEA), xa);
+            lo[0] = _mm512_dpbf16_ps(lo[0], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, base, 0xEA), xb);
+            lo[1] = _mm512_dpbf16_ps(lo[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, base, 0xEA), xb);
+            hi[0] = _mm512_dpbf16_ps(hi[0], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 12), base), xb);
+            hi[1] = _mm512_dpbf16_ps(hi[1], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), base), xb);
+        }
+        for (int r = 0; r < 2; r++)
+            tot[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(hi[r], _mm512_set1_ps(16.0f), lo[r]), _mm512_permutexvar_ps(idx, sv[r]), tot[r]);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
     }
 }
 
@@ -254,12 +296,44 @@ static inline __m256i bf16_round16(__m512 v) {
 
 /* int4 rows are prefetched this far ahead of the one being read: from memory, 1 thread, 576x1536 g64 took
  * 46-53 us a call without it and 28-31 us with it (any of 2 or 4 rows, 1, 2 or 4 KB ahead), the 576-column
- * shapes unchanged; int8 (576x1536 g128 at 46-48 us already) measured 3-7% slower with it, so it has none. */
+ * shapes unchanged. A single int8 row streams well without it (3-7% slower with it); paired rows
+ * (row8_pair) read two streams at once, which the hardware prefetcher follows less well: they prefetch the
+ * rows PAIR_PREFETCH_ROWS on into L1 (2 to 16 rows ahead measured; 4 best, 8 close). */
 #define PREFETCH_BYTES 2048
+#define PAIR_PREFETCH_ROWS 4
 
-/* Output rows n0 .. n0 + count - 1 (count <= 16) of int4 x bf16 through row4_plain or row8_plain, bf16 y. Per row: its
- * scales as f32 (vector loads, into sf) and its zero-point term, both from the same loads; then the rows'
- * accumulators reduce together (reduce16) and round and store as one vector. */
+/* Row n's scales of groups g .. g + 15 (fewer past G) as f32 lanes, with its zero-point term for them,
+ * sum_g s * (offset + z) * xsum[m, g], taken off t[m] for each row m of x. */
+static inline __attribute__((always_inline)) __m512 block_scales(const void *scale, int scale_bf16, const int8_t *zero,
+                                                                 const float *xsum, int64_t n, int G, int g, float offset,
+                                                                 int M, __m512 *t) {
+    const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
+    const int64_t i = n * G + g;
+    const __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
+                                : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
+    __m512 zu = _mm512_set1_ps(offset);
+    if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
+    const __m512 sz = _mm512_mul_ps(s, zu);
+    for (int m = 0; m < M; m++) t[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), t[m]);
+    return s;
+}
+
+/* The 16 rows' sums (acc[m][TILE_POS[r]] for row r, zero past count) plus bias, reduced, rounded and stored. */
+static inline __attribute__((always_inline)) void tile_store(__m512 (*acc)[16], const uint16_t *bias, uint16_t *y, int n0,
+                                                             int count, int M, int N) {
+    for (int r = count; r < 16; r++)
+        for (int m = 0; m < M; m++) acc[m][TILE_POS[r]] = _mm512_setzero_ps();
+    const __mmask16 keep = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, bias + n0)), 16))
+                          : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++)
+        _mm256_mask_storeu_epi16(y + (int64_t)m * N + n0, keep, bf16_round16(_mm512_add_ps(reduce16(acc[m]), b)));
+}
+
+/* Output rows n0 .. n0 + count - 1 (count <= 16) of int4 or int8 x bf16 through row4_plain or row8_plain, bf16
+ * y. Per row: its scales as f32 and its zero-point term (block_scales, 16 groups a step); then the rows'
+ * accumulators reduce together (tile_store). */
 static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp, const float *xsum, const int32_t *wq,
                                                               int64_t words, const void *scale, int scale_bf16,
                                                               const int8_t *zero, const uint16_t *bias, uint16_t *y,
@@ -267,12 +341,7 @@ static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp,
                                                               int bits, int kind, float offset, __m512i flip) {
     const int G = K / group;
     __m512 acc[MAX_ROWS][16];
-    for (int r = 0; r < 16; r++) {
-        const int pos = TILE_POS[r];
-        if (r >= count) {
-            for (int m = 0; m < M; m++) acc[m][pos] = _mm512_setzero_ps();
-            continue;
-        }
+    for (int r = 0; r < count; r++) {
         const int64_t n = n0 + r;
         const uint8_t *wr = (const uint8_t *)(wq + n * words);
         if (bits == 4) { /* the row PREFETCH_BYTES ahead into L1 (why: see PREFETCH_BYTES) */
@@ -282,29 +351,55 @@ static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp,
         __m512 t[MAX_ROWS];
         for (int m = 0; m < M; m++) t[m] = _mm512_setzero_ps();
         for (int g = 0; g < G; g += 16) { /* 16 groups a step: their scales, zero-point term and columns */
-            const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
-            const int64_t i = n * G + g;
-            const __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
-                                        : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
-            __m512 zu = _mm512_set1_ps(offset);
-            if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
-            const __m512 sz = _mm512_mul_ps(s, zu);
-            for (int m = 0; m < M; m++) /* minus the zero-point term */
-                t[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), t[m]);
+            const __m512 s = block_scales(scale, scale_bf16, zero, xsum, n, G, g, offset, M, t);
             const int k0 = g * group, k1 = G - g >= 16 ? k0 + 16 * group : K;
             if (bits == 4)
                 row4_plain(wr, xp, M, K, k0, k1, group, kind, s, t);
             else
                 row8_plain(wr, xp, M, K, k0, k1, group, s, t, flip);
         }
-        for (int m = 0; m < M; m++) acc[m][pos] = t[m];
+        for (int m = 0; m < M; m++) acc[m][TILE_POS[r]] = t[m];
     }
-    const __mmask16 keep = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
-    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, bias + n0)), 16))
-                          : _mm512_setzero_ps();
-    for (int m = 0; m < M; m++)
-        _mm256_mask_storeu_epi16(y + (int64_t)m * N + n0, keep, bf16_round16(_mm512_add_ps(reduce16(acc[m]), b)));
+    tile_store(acc, bias, y, n0, count, M, N);
+}
+
+/* tile_plain for int8 and one row of x: output rows two at a time through row8_pair (an odd last one through
+ * row8_plain), each pair prefetching the two rows PAIR_PREFETCH_ROWS on. */
+static inline __attribute__((always_inline)) void tile8_pairs(const uint16_t *xp, const float *xsum, const int32_t *wq,
+                                                               int64_t words, const void *scale, int scale_bf16,
+                                                               const int8_t *zero, const uint16_t *bias, uint16_t *y,
+                                                               int n0, int count, int N, int K, int group, float offset,
+                                                               __m512i flip) {
+    const int G = K / group;
+    const int64_t row_bytes = words * 4, end = (int64_t)N * row_bytes;
+    __m512 acc[1][16];
+    int r = 0;
+    for (; r + 1 < count; r += 2) {
+        const int64_t n = n0 + r;
+        const uint8_t *wr[2] = {(const uint8_t *)wq + n * row_bytes, (const uint8_t *)wq + (n + 1) * row_bytes};
+        const int64_t at = (n + PAIR_PREFETCH_ROWS) * row_bytes;
+        for (int64_t b = 0; b < 2 * row_bytes && at + b < end; b += 64) _mm_prefetch((const char *)wq + at + b, _MM_HINT_T0);
+        __m512 t[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int g = 0; g < G; g += 16) {
+            const __m512 s[2] = {block_scales(scale, scale_bf16, zero, xsum, n, G, g, offset, 1, &t[0]),
+                                 block_scales(scale, scale_bf16, zero, xsum, n + 1, G, g, offset, 1, &t[1])};
+            const int k0 = g * group, k1 = G - g >= 16 ? k0 + 16 * group : K;
+            row8_pair(wr, xp, k0, k1, group, s, t, flip);
+        }
+        acc[0][TILE_POS[r]] = t[0];
+        acc[0][TILE_POS[r + 1]] = t[1];
+    }
+    if (r < count) {
+        const int64_t n = n0 + r;
+        __m512 t = _mm512_setzero_ps();
+        for (int g = 0; g < G; g += 16) {
+            const __m512 s = block_scales(scale, scale_bf16, zero, xsum, n, G, g, offset, 1, &t);
+            const int k0 = g * group, k1 = G - g >= 16 ? k0 + 16 * group : K;
+            row8_plain((const uint8_t *)wq + n * row_bytes, xp, 1, K, k0, k1, group, s, &t, flip);
+        }
+        acc[0][TILE_POS[r++]] = t;
+    }
+    tile_store(acc, bias, y, n0, count, 1, N);
 }
 #endif
 
@@ -473,7 +568,12 @@ void shoal_qgemv(const void *x, int x_bf16, const int32_t *wq, const void *scale
             /* M a constant in each copy, so that the rows' accumulators stay in registers (int8 with M = 2-4
              * through one copy of runtime M measured 1.5x slower than the old fp32 path) */
             switch (M) {
-            case 1: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 1, N, K, group, bits, kind, offset, flip); break;
+            case 1:
+                if (bits == 8)
+                    tile8_pairs(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, N, K, group, offset, flip);
+                else
+                    tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 1, N, K, group, bits, kind, offset, flip);
+                break;
             case 2: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 2, N, K, group, bits, kind, offset, flip); break;
             case 3: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 3, N, K, group, bits, kind, offset, flip); break;
             default: tile_plain(xp, xsum, wq, words, scale, scale_bf16, zero, bias, y, n0, count, 4, N, K, group, bits, kind, offset, flip);

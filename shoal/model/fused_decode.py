@@ -5,8 +5,10 @@ linears that the per-op path would run through the matrix-vector kernels for 1-4
 bfloat16 (nn.Linear, or PackedLinear keeping its plain weight; gemv.c) or pack-quantized int4/int8 with
 group or channel scales (QuantizedLinear routed to qgemv.c, without an input permutation), in any mix; no
 q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where every kernel it calls is
-built. Anything else (split linears, 8-bit per-channel linears on torch's int8 route (CPUs with AVX512F),
-act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer gets None for the whole model,
+built; 8-bit per-channel linears on torch's int8 route (CPUs with AVX512F) where their own forward runs
+qgemv over that int8 weight (bfloat16 on AVX512-BF16: `QuantizedLinear.int8_qgemv`). Anything else (split
+linears, the int8 route elsewhere, act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer
+gets None for the whole model,
 and the model's own forward runs as before. Batched steps of 5 to decode_step.MAX_TOKENS tokens run as one
 call too where every linear is a PackedLinear that the per-op path sends to shoal's gemm kernel for those
 rows (float32: its panels, else its plain weight; bfloat16: its panels, where gemm.c has the AVX512-BF16
@@ -38,10 +40,16 @@ def _plain(
     kernel for 1-4 rows, else None: the dense weight [out, in], or QuantizedLinear's buffers as
     decode_step.Quantized (its forward converts the bias to the input's dtype; so does this)."""
     if type(linear) is QuantizedLinear:
-        if not linear.use_qgemv or linear.input_perm is not None:
+        if linear.input_perm is not None:
             return None
-        weight = decode_step.Quantized(linear.weight_packed, linear.weight_scale, linear.weight_zero_point,
-                                       linear.bits, linear.qgemv_group)  # fmt: skip
+        if linear.int8_qgemv and dtype is torch.bfloat16:  # its forward's qgemv over torch's int8, signed
+            weight = decode_step.Quantized(linear.weight_int8.view(torch.int32), linear.weight_scale, None, 8,
+                                           linear.qgemv_group, signed=True)  # fmt: skip
+        elif linear.use_qgemv:
+            weight = decode_step.Quantized(linear.weight_packed, linear.weight_scale, linear.weight_zero_point,
+                                           linear.bits, linear.qgemv_group)  # fmt: skip
+        else:
+            return None
     elif type(linear) is PackedLinear and linear.use_gemv:
         weight = linear.weight.detach()
         if linear.use_gemm:  # rows past gemv's go to the gemm kernel, over the panels where it made them
