@@ -237,10 +237,12 @@ static inline __attribute__((always_inline)) void row8_plain(const uint8_t *wr, 
 
 /* row8_plain for two output rows (wr[0], wr[1]) against one row of x: the x loads are shared and the four
  * accumulator chains independent. Each row's sums are row8_plain's, in its order, so a row gives bitwise the
- * same output paired or not. Why: one row's two chains of dependent vdpbf16ps bound the single-row loop;
- * SmolLM2's 120 decoder linears of a W8A16 step (bench/qgemv_harness.c, 1 row, 2 threads, 2-core Zen 4):
- * in cache 40.7 -> 45.2 GB/s; from memory (with PAIR_PREFETCH_ROWS) 2.92-3.27 -> 2.71-3.10 ms a step,
- * medians of five interleaved runs. */
+ * same output paired or not. Why: the single-row loop is bound by its instructions' latencies, not by the
+ * memory stream (1 thread reads int8 at the same 21 GB/s from cache as from memory). SmolLM2's 120 decoder
+ * linears of a W8A16 step (bench/qgemv_harness.c, 1 row of x, 2-core Zen 4): from memory on 2 threads
+ * (with PAIR_PREFETCH_ROWS) 2.93-2.98 -> 2.74-2.76 ms a step, medians of three interleaved runs; in cache on
+ * 1 thread 21.2 -> 22.0 GB/s. The nibbles are written out rather than two nibbles8 calls: that way the
+ * pair gained only 1-4% (3.12-3.16 against 3.19-3.23 ms, the same minutes). */
 static inline __attribute__((always_inline)) void row8_pair(const uint8_t *const *wr, const uint16_t *xp, int k0,
                                                             int k1, int group, const __m512 *sv, __m512 *tot,
                                                             __m512i flip) {
@@ -397,7 +399,7 @@ static inline __attribute__((always_inline)) void tile8_pairs(const uint16_t *xp
             const int k0 = g * group, k1 = G - g >= 16 ? k0 + 16 * group : K;
             row8_plain((const uint8_t *)wq + n * row_bytes, xp, 1, K, k0, k1, group, s, &t, flip);
         }
-        acc[0][TILE_POS[r++]] = t;
+        acc[0][TILE_POS[r]] = t;
     }
     tile_store(acc, bias, y, n0, count, 1, N);
 }
