@@ -54,6 +54,11 @@
 #else
 #define HAVE_AVX2_ROW 0
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HAVE_AVX512_MASKED 1 /* masked 8/16-bit loads (block_scales) */
+#else
+#define HAVE_AVX512_MASKED 0
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_AVX512_BF16 1
 #else
@@ -115,7 +120,32 @@ static inline v16f codes8(const uint8_t *bytes, int k) {
 #endif
 }
 
+#if HAVE_AVX512_MASKED
+/* Row n's scales of groups g .. g + 15 (fewer past G) as f32 lanes, with its zero-point term for them,
+ * sum_g s * (offset + z) * xsum[m, g], taken off t[m] for each row m of x (masked loads for the tail). */
+static inline __attribute__((always_inline)) __m512 block_scales(const void *scale, int scale_bf16, const int8_t *zero,
+                                                                 const float *xsum, int64_t n, int G, int g, float offset,
+                                                                 int M, __m512 *t) {
+    const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
+    const int64_t i = n * G + g;
+    const __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
+                                : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
+    __m512 zu = _mm512_set1_ps(offset);
+    if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
+    const __m512 sz = _mm512_mul_ps(s, zu);
+    for (int m = 0; m < M; m++) t[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), t[m]);
+    return s;
+}
+
+#endif
+
 #if HAVE_AVX512_BF16
+/* The bytes [at, at + bytes) of a weight of `end` bytes into L1, a cache line at a time (none past its end). */
+static inline void prefetch_rows(const int32_t *wq, int64_t at, int64_t bytes, int64_t end) {
+    for (int64_t b = 0; b < bytes && at + b < end; b += 64) _mm_prefetch((const char *)wq + at + b, _MM_HINT_T0);
+}
+
 /* tot[m] += s * sum over the group of (128 + u_k) * x_k, for M rows of bf16 x, 32 columns a vdpbf16ps. */
 static inline __attribute__((always_inline)) void group4_bf16(const uint8_t *bytes, const uint16_t *x, int M,
                                                               int K, int k0, int group, float s, v16f *tot) {
@@ -304,23 +334,6 @@ static inline __m256i bf16_round16(__m512 v) {
 #define PREFETCH_BYTES 2048
 #define PAIR_PREFETCH_ROWS 4
 
-/* Row n's scales of groups g .. g + 15 (fewer past G) as f32 lanes, with its zero-point term for them,
- * sum_g s * (offset + z) * xsum[m, g], taken off t[m] for each row m of x. */
-static inline __attribute__((always_inline)) __m512 block_scales(const void *scale, int scale_bf16, const int8_t *zero,
-                                                                 const float *xsum, int64_t n, int G, int g, float offset,
-                                                                 int M, __m512 *t) {
-    const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
-    const int64_t i = n * G + g;
-    const __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
-                                : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
-    __m512 zu = _mm512_set1_ps(offset);
-    if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
-    const __m512 sz = _mm512_mul_ps(s, zu);
-    for (int m = 0; m < M; m++) t[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), t[m]);
-    return s;
-}
-
 /* The 16 rows' sums (acc[m][TILE_POS[r]] for row r, zero past count) plus bias, reduced, rounded and stored. */
 static inline __attribute__((always_inline)) void tile_store(__m512 (*acc)[16], const uint16_t *bias, uint16_t *y, int n0,
                                                              int count, int M, int N) {
@@ -346,10 +359,8 @@ static inline __attribute__((always_inline)) void tile_plain(const uint16_t *xp,
     for (int r = 0; r < count; r++) {
         const int64_t n = n0 + r;
         const uint8_t *wr = (const uint8_t *)(wq + n * words);
-        if (bits == 4) { /* the row PREFETCH_BYTES ahead into L1 (why: see PREFETCH_BYTES) */
-            const int64_t rb = words * 4, end = (int64_t)N * rb, at = n * rb + PREFETCH_BYTES;
-            for (int64_t b = 0; b < rb && at + b < end; b += 64) _mm_prefetch((const char *)wq + at + b, _MM_HINT_T0);
-        }
+        if (bits == 4) /* the row PREFETCH_BYTES ahead into L1 (why: see PREFETCH_BYTES) */
+            prefetch_rows(wq, n * words * 4 + PREFETCH_BYTES, words * 4, (int64_t)N * words * 4);
         __m512 t[MAX_ROWS];
         for (int m = 0; m < M; m++) t[m] = _mm512_setzero_ps();
         for (int g = 0; g < G; g += 16) { /* 16 groups a step: their scales, zero-point term and columns */
@@ -379,8 +390,7 @@ static inline __attribute__((always_inline)) void tile8_pairs(const uint16_t *xp
     for (; r + 1 < count; r += 2) {
         const int64_t n = n0 + r;
         const uint8_t *wr[2] = {(const uint8_t *)wq + n * row_bytes, (const uint8_t *)wq + (n + 1) * row_bytes};
-        const int64_t at = (n + PAIR_PREFETCH_ROWS) * row_bytes;
-        for (int64_t b = 0; b < 2 * row_bytes && at + b < end; b += 64) _mm_prefetch((const char *)wq + at + b, _MM_HINT_T0);
+        prefetch_rows(wq, (n + PAIR_PREFETCH_ROWS) * row_bytes, 2 * row_bytes, end);
         __m512 t[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int g = 0; g < G; g += 16) {
             const __m512 s[2] = {block_scales(scale, scale_bf16, zero, xsum, n, G, g, offset, 1, &t[0]),
@@ -411,22 +421,11 @@ static inline __attribute__((always_inline)) void tile8_pairs(const uint16_t *xp
  * about a third of a g64 row's time (measured, 3072x576). */
 static inline void zero_terms(const void *scale, int scale_bf16, const int8_t *zero, int64_t n, int G,
                               float offset, const float *xsum, int M, v16f *zterm) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    __m512 acc[MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g += 16) {
-        const __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1u);
-        const int64_t i = n * G + g;
-        __m512 s = scale_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)scale + i)), 16))
-                              : _mm512_maskz_loadu_ps(k, (const float *)scale + i);
-        __m512 zu = _mm512_set1_ps(offset);
-        if (zero) zu = _mm512_add_ps(zu, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, zero + i))));
-        const __m512 sz = _mm512_mul_ps(s, zu);
-        for (int m = 0; m < M; m++)
-            acc[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, xsum + (int64_t)m * G + g), acc[m]);
-    }
-    for (int m = 0; m < M; m++) zterm[m] = (v16f)acc[m];
+#if HAVE_AVX512_MASKED
+    __m512 minus[MAX_ROWS]; /* block_scales subtracts the term: -(the sum), exactly (rounding is symmetric) */
+    for (int m = 0; m < M; m++) minus[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g += 16) block_scales(scale, scale_bf16, zero, xsum, n, G, g, offset, M, minus);
+    for (int m = 0; m < M; m++) zterm[m] = (v16f)_mm512_sub_ps(_mm512_setzero_ps(), minus[m]);
 #else
     for (int m = 0; m < M; m++) zterm[m] = (v16f){0};
     for (int g = 0; g < G; g++) {
