@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,12 +48,11 @@ from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.engine.request_queue import RequestQueue
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import EngineStats, StepStats
+from shoal.engine.update_stream import UpdateListener
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STATS_CALL_TIMEOUT_S = 0.5
-# Plain ints: pyzmq's are IntFlag members, whose `&` builds an enum object (two per message read).
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class EngineCoreClient:
@@ -68,14 +68,9 @@ class EngineCoreClient:
         self._context = zmq.Context()
         self._requests = self._context.socket(zmq.PUSH)
         self._requests.bind(f"ipc://{self._ipc_dir}/requests")
-        self._updates = self._context.socket(zmq.PULL)
-        self._updates.bind(f"ipc://{self._ipc_dir}/updates")
-        # The updates are read by a reader callback on the socket's descriptor (_drain_updates), not by
-        # zmq.asyncio: its futures cost about a fifth of this process's CPU at 64 streams. The descriptor is
-        # unregistered in _release: one left registered with the event loop makes the next client in this
-        # process (a model loaded after another was unloaded, shoal/fleet/) that gets it never wake.
-        self._updates_fd: int = self._updates.getsockopt(zmq.FD)
-        self._reading_loop: asyncio.AbstractEventLoop | None = None
+        # The updates come back on a Unix stream socket, read by the event loop (engine/update_stream.py).
+        self._updates = UpdateListener(f"{self._ipc_dir}/updates")
+        self._following_updates: asyncio.Future | None = None
         self._decoder = msgspec.msgpack.Decoder(CoreMessage)
         self._on_message: Callable[[CoreMessage], None] = self._on_startup_message
         self._startup: asyncio.Future | None = None
@@ -85,7 +80,7 @@ class EngineCoreClient:
             args=(
                 config,
                 f"ipc://{self._ipc_dir}/requests",
-                f"ipc://{self._ipc_dir}/updates",
+                self._updates.path,
                 fault_plan,
                 os.getpid(),
             ),
@@ -111,13 +106,16 @@ class EngineCoreClient:
         """Follow the core's start-up messages until Ready (RuntimeError if it fails or exits)."""
         loop = asyncio.get_running_loop()
         self._startup = loop.create_future()
-        self._start_reading(loop)
+        self._start_reading()
         while not self._startup.done():
             await asyncio.wait([self._startup], timeout=0.2)
             if not self._startup.done() and not self._process.is_alive():
                 raise RuntimeError(
                     f"the engine core process exited with {self._process.exitcode} while loading"
                 )
+            following = self._following_updates
+            if following.done() and not following.cancelled() and following.exception() is not None:
+                raise RuntimeError("the engine core's update stream failed") from following.exception()
         message = self._startup.result()  # Ready (already bound), or StartupFailed
         if isinstance(message, StartupFailed):
             await asyncio.to_thread(self._process.join, 10)
@@ -197,10 +195,12 @@ class EngineCoreClient:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(5)
-        if self._reading_loop is not None and not self._reading_loop.is_closed():
-            self._reading_loop.remove_reader(self._updates_fd)
-        self._reading_loop = None
+        following = self._following_updates
+        if following is not None and not following.done() and not following.get_loop().is_closed():
+            following.cancel()  # still waiting for the core to connect
+        self._updates.close()
         self._context.destroy(linger=0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def _core_died(self) -> None:
         asyncio.get_running_loop().remove_reader(self._process.sentinel)
@@ -225,21 +225,14 @@ class EngineCoreClient:
                 future.set_exception(EngineDeadError("the engine core process is gone"))
 
     # ---- the update stream --------------------------------------------------------------------------
-    def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._reading_loop = loop
-        loop.add_reader(self._updates_fd, self._drain_updates)
-        self._drain_updates()  # what arrived before the reader was registered raised no edge
+    def _start_reading(self) -> None:
+        self._following_updates = asyncio.ensure_future(self._updates.follow(self._on_frame))
 
-    def _drain_updates(self) -> None:
-        """Every message waiting on the socket. ZMQ's descriptor is edge-triggered: it signals that
-        ZMQ_EVENTS may have changed, so the socket is read until it has nothing more (zmq_getsockopt(3))."""
-        socket, decode = self._updates, self._decoder.decode
-        while socket.getsockopt(_EVENTS) & _POLLIN:
-            raw = socket.recv(zmq.NOBLOCK)
-            try:
-                self._on_message(decode(raw))
-            except Exception:  # noqa: BLE001 - one bad update must not stop the ones after it
-                log.exception("an engine core update could not be applied")
+    def _on_frame(self, payload: memoryview) -> None:
+        try:
+            self._on_message(self._decoder.decode(payload))
+        except Exception:  # noqa: BLE001 - one bad update must not stop the ones after it
+            log.exception("an engine core update could not be applied")
 
     def _on_update(self, update: CoreMessage) -> None:
         if isinstance(update, StepUpdate):

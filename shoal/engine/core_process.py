@@ -1,4 +1,5 @@
-"""The engine core in its own process: receive requests over ZMQ, step the LLMEngine, send deltas back.
+"""The engine core in its own process: receive requests over ZMQ, step the LLMEngine, send deltas back
+(over a Unix stream socket: engine/update_stream.py).
 
 Why a process: in one process the engine thread and the HTTP event loop share the GIL, and every
 small torch op the engine runs releases and re-takes it, so the loop's JSON and socket work stalls the
@@ -8,7 +9,7 @@ streams. Measured in docs/performance.md.
 The loop: take every waiting message (blocking only while idle), apply adds, aborts and control calls,
 run one step (fault plan first), and send one StepUpdate with each touched request's delta. A step that
 raises fails every request in flight (each gets an error) and the loop goes on. The loop ends on a
-"shutdown" call, or when the parent process dies. Under `--scheduling-policy priority` the inbox is also
+"shutdown" call, or when the parent process dies (its update stream closes). Under `--scheduling-policy priority` the inbox is also
 read between the decoder layers of a step, and a more urgent arrival abandons the step
 (engine/interrupt.py); what was read then is applied before the next step, in order.
 """
@@ -43,6 +44,7 @@ from shoal.engine.messages import (
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import StepStats
+from shoal.engine.update_stream import UpdateSender
 from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
 
 log = logging.getLogger(__name__)
@@ -202,42 +204,38 @@ def run_core(
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_address)
-    outbox = context.socket(zmq.PUSH)
-    outbox.connect(output_address)
-    encoder = msgspec.msgpack.Encoder()
+    outbox = UpdateSender(output_address)
     try:
         faults = FaultInjector(FaultPlan.parse(fault_plan)) if fault_plan is not None else None
         if faults is not None:
             faults.before_load()
         engine = LLMEngine(config)
-        outbox.send(encoder.encode(Loaded()))
+        outbox.send(Loaded())
         if faults is not None:
             faults.before_warmup()
         engine.warm_up()
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
         log.exception("engine core failed to start")
-        outbox.send(encoder.encode(StartupFailed(f"{type(e).__name__}: {e}")))
+        outbox.send(StartupFailed(f"{type(e).__name__}: {e}"))
         return
     outbox.send(
-        encoder.encode(
-            Ready(
-                asdict(engine.config),
-                engine.generation_config,
-                engine.model_config.vocab_size,
-                engine.describe(),
-            )
+        Ready(
+            asdict(engine.config),
+            engine.generation_config,
+            engine.model_config.vocab_size,
+            engine.describe(),
         )
     )
     messages = Inbox(inbox, msgspec.msgpack.Decoder(ClientMessage))
-    _loop(EngineCore(engine, faults, messages), messages, outbox, encoder, parent)
+    _loop(EngineCore(engine, faults, messages), messages, outbox, parent)
     engine.close()
+    outbox.close()
     context.destroy(linger=1000)
 
 
-def _loop(
-    core: EngineCore, inbox: Inbox, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
-) -> None:
-    """Serve the client until shutdown, or until the server process (pid parent) is gone."""
+def _loop(core: EngineCore, inbox: Inbox, outbox: UpdateSender, parent: int) -> None:
+    """Serve the client until shutdown, or until the server process (pid parent) is gone (its update
+    stream closed, or this process reparented)."""
     while core.running:
         update = StepUpdate()
         busy = core.engine.has_unfinished()
@@ -248,7 +246,8 @@ def _loop(
                 applied = True
             if update.replies:  # answered before the step: a step told to hang or die must not hold them
                 # Fresh stats ride along: a /metrics scrape's "stats" call is answered by them.
-                outbox.send(encoder.encode(StepUpdate(replies=update.replies, stats=core.stats())))
+                if not outbox.send(StepUpdate(replies=update.replies, stats=core.stats())):
+                    return
                 update.replies = []
         elif os.getppid() != parent:
             return  # the server died without a shutdown call: do not outlive it
@@ -258,4 +257,5 @@ def _loop(
         # batch would otherwise leave vllm:num_requests_running stale until the next request).
         if applied or update.deltas or update.errors or update.replies or update.step or update.failed_step:
             update.stats = core.stats()
-            outbox.send(encoder.encode(update))
+            if not outbox.send(update):
+                return
