@@ -53,6 +53,7 @@ URGENT = (
     SamplingParams(max_tokens=4, temperature=0.7, seed=3, ignore_eos=True),
 )
 URGENT_STEP, URGENT_LAYER = 2, 2  # the third step (decodes of every standard row), after layer 2
+BEFORE_LM_HEAD = 5  # stories260K has 5 layers: calls 1-4 come between them, the 5th before the lm_head
 
 
 @pytest.fixture(scope="module")
@@ -178,16 +179,17 @@ def _run(
     return finished, next_step, states, engine.stats.num_steps_interrupted - interrupted, core.calls
 
 
-def test_an_urgent_arrival_interrupts_the_step_and_leaves_no_trace(engines):
+@pytest.mark.parametrize("layer", [URGENT_LAYER, BEFORE_LM_HEAD])
+def test_an_urgent_arrival_interrupts_the_step_and_leaves_no_trace(engines, layer):
     engine = engines["priority"]
     reference, _, _, none, _ = _run(engine, None)
     assert none == 0
-    tokens, next_step, (before, after), interrupted, calls = _run(engine, (URGENT_STEP, URGENT_LAYER))
+    tokens, next_step, (before, after), interrupted, calls = _run(engine, (URGENT_STEP, layer))
     assert interrupted == 1
-    # Consulted between layers only (5 layers: 4 calls a step) with the priority of the step's least
-    # urgent row, and left at the layer where the urgent request arrived.
-    assert {layer for _, layer, _ in calls} == {1, 2, 3, 4}
-    assert [c for c in calls if c[0] == URGENT_STEP] == [(URGENT_STEP, 1, 1), (URGENT_STEP, 2, 1)]
+    # Consulted between layers and before the lm_head (5 layers: 5 calls a step) with the priority of
+    # the step's least urgent row, and left where the urgent request arrived.
+    assert {layer for _, layer, _ in calls} == {1, 2, 3, 4, BEFORE_LM_HEAD}
+    assert [c for c in calls if c[0] == URGENT_STEP] == [(URGENT_STEP, i, 1) for i in range(1, layer + 1)]
     assert (URGENT_STEP + 1, 1, 0) in calls
     # As if the step had not run: no progress, token, sampling or prefix-cache entry, not counted.
     assert after == before
@@ -227,7 +229,7 @@ def test_a_step_with_a_row_as_urgent_as_the_arrival_is_interrupted_for_its_less_
 @pytest.mark.parametrize(("priority", "standard"), [(1, 1), (2, 1), (0, 0)])
 def test_an_arrival_no_more_urgent_than_every_row_never_interrupts(engines, priority, standard):
     _, _, _, interrupted, calls = _run(engines["priority"], (URGENT_STEP, URGENT_LAYER), priority, standard)
-    assert interrupted == 0 and len(calls) > 4 * URGENT_STEP
+    assert interrupted == 0 and len(calls) > BEFORE_LM_HEAD * URGENT_STEP
 
 
 def test_fcfs_never_interrupts(engines):

@@ -6,7 +6,9 @@ P95 whatever the queue order (docs/benchmarks.md, "where premium's wait goes"). 
 removes the first part.
 
 The rule (`--scheduling-policy priority` only; under `fcfs` nothing here runs): between two decoder
-layers of a step's forward, the engine core reads its inbox without blocking (`Inbox.urgent_arrival`).
+layers of a step's forward, and after the last before the lm_head (a fifth of a SmolLM2-135M step's
+weight bytes, which an arrival would otherwise wait for), the engine core reads its inbox without
+blocking (`Inbox.urgent_arrival`).
 If a request has arrived whose `priority` is lower (more urgent) than that of the step's least urgent
 row, the forward raises `StepInterrupted` and the engine drops the step (`LLMEngine.step`): the core
 applies the messages held meanwhile, in order, and the next step is scheduled as usual, so the urgent

@@ -176,8 +176,10 @@ class ModelRunner:
     def run(self, inp: StepInput, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """Float32 logits [sum of len(logit_rows[i]), vocab] of the rows asked for, sequence after sequence in
         the order of inp (split by len(logit_rows[i]) for each sequence's rows). between_layers:
-        called between the decoder layers of the per-op forward and of the one-call native decode step (it
-        may raise StepInterrupted, engine/interrupt.py); the compiled forward does not call it."""
+        called between the decoder layers of the per-op forward and of the one-call native decode step,
+        and once more before the lm_head (a fifth of a SmolLM2-135M step's weight bytes), so that an urgent
+        arrival waits for neither; it may raise StepInterrupted (engine/interrupt.py). The compiled forward
+        calls it only before the lm_head."""
         ids, pos, meta = self._metadata(inp)
         # Only a single decoding sequence is compiled (the latency case, where per-op overhead decides the
         # step time): one graph with a dynamic context length. Batched steps are dominated by the matmuls,
@@ -200,6 +202,8 @@ class ModelRunner:
                 hidden = self.compiled(ids, pos, self.kv_caches, meta)
             else:
                 hidden = self.model(ids, pos, self.kv_caches, meta, between_layers)
+        if between_layers is not None:
+            between_layers()
         rows, offset = [], 0
         for ids_i, wanted in zip(inp.token_ids, inp.logit_rows, strict=True):
             rows.extend(offset + r for r in wanted)
