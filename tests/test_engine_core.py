@@ -76,11 +76,11 @@ def test_deltas_reassemble_to_the_in_process_outputs(config, monkeypatch):
             for out in outs:  # the engine's timestamps cross the boundary with the deltas
                 assert all(len(o.token_times) == len(o.token_ids) for o in out.outputs)
                 assert out.metrics["first_token_time"] <= out.metrics["finished_time"]
-            return [_summary(out) for out in outs], client.stats
+            return [_summary(out) for out in outs], client.stats, client.description
         finally:
             await client.shutdown()
 
-    got, stats = asyncio.run(run())
+    got, stats, description = asyncio.run(run())
     # Requests reach the core one by one, so its first steps batch them differently from generate()'s:
     # logprobs agree to float32 rounding of differently shaped matmuls, everything else exactly.
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -89,6 +89,8 @@ def test_deltas_reassemble_to_the_in_process_outputs(config, monkeypatch):
             assert a[:3] + a[4:] == b[:3] + b[4:], f"request {i}"
             _assert_logprobs_close(a[3], b[3])
     assert stats.num_steps > 0 and stats.num_running == 0
+    # The core froze its start-up heap (shoal/gc_heap.py): torch, the model and the tokenizer at least.
+    assert description["gc_frozen_objects"] > 10_000
 
 
 def _assert_logprobs_close(got: list | None, expected: list | None) -> None:
@@ -141,3 +143,25 @@ def test_http_process_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_freezing_the_startup_heap_collects_its_garbage_first_and_leaves_nothing_to_walk():
+    """In a fresh interpreter (a freeze is for the whole process): garbage cycles made before the freeze
+    are reclaimed, not frozen; afterwards the collector tracks only what is created later."""
+    code = (
+        "import gc, weakref\n"
+        "from shoal.gc_heap import freeze_startup_heap\n"
+        "class Node: pass\n"
+        "kept = [Node() for _ in range(5000)]\n"
+        "a, b = Node(), Node(); a.other, b.other = b, a; dead = weakref.ref(a); del a, b\n"
+        "frozen = freeze_startup_heap()\n"
+        "assert dead() is None, 'a garbage cycle was frozen'\n"
+        "assert frozen >= 5000 and gc.get_freeze_count() == frozen\n"
+        "tracked = len(gc.get_objects())\n"
+        "assert tracked < 100, tracked\n"
+        "later = [Node() for _ in range(10)]\n"
+        "assert len(gc.get_objects()) >= tracked + 10\n"
+        "print('ok', frozen, tracked)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr

@@ -45,6 +45,7 @@ from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import StepStats
 from shoal.engine.update_stream import UpdateSender
+from shoal.gc_heap import freeze_startup_heap
 from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def run_core(
         if faults is not None:
             faults.before_warmup()
         engine.warm_up()
+        frozen = freeze_startup_heap()  # full collections would otherwise walk the model's objects
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
         log.exception("engine core failed to start")
         outbox.send(StartupFailed(f"{type(e).__name__}: {e}"))
@@ -223,7 +225,7 @@ def run_core(
             asdict(engine.config),
             engine.generation_config,
             engine.model_config.vocab_size,
-            engine.describe(),
+            engine.describe() | {"gc_frozen_objects": frozen},
         )
     )
     messages = Inbox(inbox, msgspec.msgpack.Decoder(ClientMessage))

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 
 import shoal
+from shoal.gc_heap import freeze_startup_heap
 from shoal.policy.audit import AuditLog, AuditPolicy, request_record
 from shoal.policy.auth import Authenticator, needs_auth
 from shoal.policy.config import PolicyConfig
@@ -63,6 +64,7 @@ def build_app(
         loading = asyncio.ensure_future(lifecycle.start_engine()) if load_in_background else None
         if loading is None:
             await engine.start()
+            freeze_startup_heap()
         try:
             yield
         finally:

@@ -29,6 +29,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shoal.gc_heap import freeze_startup_heap
 from shoal.server.errors import SERVER_ERROR, error_response
 
 logger = logging.getLogger("shoal.server")
@@ -62,7 +63,8 @@ class Lifecycle:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        logger.info("engine ready after %.1f s", time.monotonic() - t0)
+        frozen = freeze_startup_heap()
+        logger.info("engine ready after %.1f s (%d objects frozen)", time.monotonic() - t0, frozen)
 
     # ---- what the probes say ------------------------------------------------------------------------
     def phase(self) -> str:
