@@ -4,8 +4,11 @@ server is tests/test_stats_cli.py::test_stats_percentiles_agree_with_bench_serve
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -297,3 +300,43 @@ def test_cpu_meter_counts_the_servers_child_processes_as_its_own() -> None:
         os.kill(grandchild_pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
+
+
+class _Slow(BaseHTTPRequestHandler):
+    """Answers every POST with 503 after 0.2 s, recording when each request started and ended."""
+
+    protocol_version = "HTTP/1.1"
+    spans: list[tuple[float, float]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        start = time.monotonic()
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(0.2)
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.spans.append((start, time.monotonic()))
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_spike_unloaded_requests_go_one_at_a_time():
+    """The unloaded baseline's requests never overlap (each would otherwise wait for the previous one's
+    steps): each leaves UNLOADED_GAP_S after the previous answer ended."""
+    from shoal.bench import spike
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        plan = [(k, 0.0, "premium") for k in range(3)]
+        outcomes = asyncio.run(spike._send_one_at_a_time(url, plan, {}, 4, 10.0, "unloaded"))
+    finally:
+        server.shutdown()
+    assert [o.status for o in outcomes] == [503] * 3
+    spans = _Slow.spans
+    assert len(spans) == 3
+    for (_, ended), (started, _) in itertools.pairwise(spans):
+        assert started - ended >= spike.UNLOADED_GAP_S * 0.9

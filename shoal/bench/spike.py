@@ -3,7 +3,9 @@
 Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and threads):
 1. **sustainable rate**: requests per second the server completes at a closed-loop concurrency of 8,
    with the spike's request shape (`request_body`), measured on the first server run;
-2. **unloaded premium TTFT**: premium requests 0.3 s apart (one at a time), nothing else running;
+2. **unloaded premium TTFT**: premium requests one at a time, each sent 0.1 s after the previous
+   answer ended, so that nothing else runs (until 2026-11-30 they were sent 0.3 s apart, which on a
+   machine whose 16-token answer takes longer than that made each wait for the previous one's step);
 3. **spike**: open-loop Poisson arrivals at `factor` x the sustainable rate for `spike_s` seconds
    (bounded by `max_requests`), a `premium_share` of them premium, the rest standard; every request
    streamed, `max_tokens` tokens, cut at `request_timeout_s`.
@@ -51,6 +53,7 @@ from shoal.bench.http_cpu import server_cpu_s
 from shoal.bench.serve_compare import Server, machine, percentile, shoal_server
 
 CLASSES = ("premium", "standard")
+UNLOADED_GAP_S = 0.1  # between one unloaded premium answer and the next request
 POLICY = """\
 classes:
   premium: {{priority: 0}}
@@ -217,13 +220,7 @@ async def _send(
     now when None), each request serialized beforehand and written on a keep-alive connection; with
     id_prefix, request i of class c carries `X-Request-Id: {id_prefix}-{c}-{i}` (found again in the
     server's access log)."""
-    url = f"{server_url}/v1/completions"
-    requests = []
-    for i, _, request_class in plan:
-        sent = dict(headers.get(request_class, {}))
-        if id_prefix is not None:
-            sent["X-Request-Id"] = f"{id_prefix}-{request_class}-{i}"
-        requests.append(http_request(url, request_body(i, max_tokens), sent))
+    requests = _serialized(server_url, plan, headers, max_tokens, id_prefix)
     pool = ConnectionPool(server_url)
     t0 = _perf_start(start_at)
 
@@ -237,6 +234,42 @@ async def _send(
         return await asyncio.gather(*(at(k, off, cls) for k, (_, off, cls) in enumerate(plan)))
     finally:
         pool.close()
+
+
+async def _send_one_at_a_time(
+    server_url: str,
+    plan: list[tuple[int, float, str]],
+    headers: dict,
+    max_tokens: int,
+    timeout_s: float,
+    id_prefix: str | None = None,
+) -> list[Outcome]:
+    """Send `plan`'s requests one at a time, each UNLOADED_GAP_S after the previous answer ended (the
+    offsets are not used): nothing else runs in the server while one is served."""
+    requests = _serialized(server_url, plan, headers, max_tokens, id_prefix)
+    pool = ConnectionPool(server_url)
+    outcomes = []
+    try:
+        for request, (_, _, request_class) in zip(requests, plan, strict=True):
+            await asyncio.sleep(UNLOADED_GAP_S)
+            status, ttft = await pool.exchange(request, timeout_s)
+            outcomes.append(Outcome(request_class, status, ttft, 0.0, 0.0))
+    finally:
+        pool.close()
+    return outcomes
+
+
+def _serialized(
+    server_url: str, plan: list[tuple[int, float, str]], headers: dict, max_tokens: int, id_prefix: str | None
+) -> list[bytes]:
+    url = f"{server_url}/v1/completions"
+    requests = []
+    for i, _, request_class in plan:
+        sent = dict(headers.get(request_class, {}))
+        if id_prefix is not None:
+            sent["X-Request-Id"] = f"{id_prefix}-{request_class}-{i}"
+        requests.append(http_request(url, request_body(i, max_tokens), sent))
+    return requests
 
 
 async def _closed_loop_rate(
@@ -455,8 +488,8 @@ def _measure(
     """The unloaded premium TTFT, then the spike at load.factor x rate (req/s): its standard requests
     sent by the `flood` client, its premium ones by the `premium` client, both from the same instant;
     one server's result."""
-    unloaded_plan = [(k, 0.3 * k, "premium") for k in range(load.unloaded_requests)]  # one at a time
-    unloaded = premium.call(_run, _send, server.url, unloaded_plan, headers, load.max_tokens,
+    unloaded_plan = [(k, 0.0, "premium") for k in range(load.unloaded_requests)]
+    unloaded = premium.call(_run, _send_one_at_a_time, server.url, unloaded_plan, headers, load.max_tokens,
                             load.request_timeout_s, "unloaded")  # fmt: skip
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
     classes = class_schedule(len(times), load.premium_share)
