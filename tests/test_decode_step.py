@@ -96,13 +96,22 @@ def _runner(model: Transformer, num_blocks: int = NUM_BLOCKS) -> ModelRunner:
 
 
 class Lockstep:
-    """Sequences driven through several runners at once: one prefill each, then decode steps of all."""
+    """Sequences driven through several runners at once: one prefill each, then decode steps of all.
+    The prefills take the per-op forward in every runner (prompts_as_rows=False), so that each decode
+    step starts from the same K/V; with prompts_as_rows, a native runner runs short prompts as rows."""
 
-    def __init__(self, runners: list[ModelRunner], prompts: list[list[int]]):
+    def __init__(self, runners: list[ModelRunner], prompts: list[list[int]], prompts_as_rows: bool = False):
         self.runners, self.tokens = runners, [list(p) for p in prompts]
         self.tables = [list(range(i * 8, i * 8 + 8)) for i in range(len(prompts))]  # 32 slots each
-        for seq, table in zip(self.tokens, self.tables, strict=True):
+        saved = [r.short_prompt_tokens for r in runners]
+        for runner in runners if not prompts_as_rows else []:
+            runner.short_prompt_tokens = 0
+        self.prefill_logits = [
             self._run(StepInput([seq], [0], [table], [[len(seq) - 1]]))
+            for seq, table in zip(self.tokens, self.tables, strict=True)
+        ]
+        for runner, value in zip(runners, saved, strict=True):
+            runner.short_prompt_tokens = value
 
     def _run(self, inp: StepInput) -> list[torch.Tensor]:
         return [runner.run(inp) for runner in self.runners]
@@ -136,6 +145,38 @@ def test_float32_matches_the_per_op_path_exactly_and_float64_within_tolerance(se
     for layer in range(3):  # the step wrote the same K/V rows the per-op path wrote
         assert torch.equal(fused.kv_caches[layer][0], per_op.kv_caches[layer][0])
         assert torch.equal(fused.kv_caches[layer][1], per_op.kv_caches[layer][1])
+
+
+@pytest.mark.parametrize("variant", [{}, {"layer_windows": [None, 6, None]}], ids=["llama", "window"])
+def test_short_prompts_run_as_rows_of_the_native_step_as_the_per_op_prefill_does(variant):
+    """A prompt chunk of 2-32 tokens runs as decode rows with causal context lengths in one native call
+    (engine/model_runner.py): its logits and the K/V it writes agree with the per-op prefill to float32
+    rounding and with float64, and the decode steps after it too; a longer chunk keeps the per-op path."""
+    ref = _reference_model(_config(**variant))
+    rows, per_op, reference = (
+        _runner(_cast(ref, torch.float32)),
+        _runner(_cast(ref, torch.float32)),
+        _runner(ref),
+    )
+    per_op.decode_stack = None
+    calls = []
+    real_run = rows.decode_stack.run
+    rows.decode_stack.run = lambda *a, **k: calls.append(a[0].shape[0]) or real_run(*a, **k)
+    prompts = [[(7 * i + 3 * j) % 97 for j in range(n)] for i, n in enumerate((2, 9, 13))]
+    steps = Lockstep([rows, per_op, reference], prompts, prompts_as_rows=True)
+    assert calls == [2, 9, 13]  # each prompt in one native call, a row per token
+    for a, b, r in steps.prefill_logits:
+        assert (a - b).abs().max() < 1e-5 and (a.double() - r).abs().max() < 5e-4
+    for layer in range(3):
+        for kv in range(2):
+            assert torch.allclose(rows.kv_caches[layer][kv], per_op.kv_caches[layer][kv], atol=1e-5)
+    for step in range(4):
+        a, b, r = steps.decode([(11 * step + i) % 97 for i in range(3)])
+        assert (a - b).abs().max() < 1e-5 and (a.double() - r).abs().max() < 5e-4
+    calls.clear()
+    rows.short_prompt_tokens = 8
+    Lockstep([rows], [[1, 2, 3, 4, 5, 6, 7, 8, 9]], prompts_as_rows=True)
+    assert calls == []  # 9 tokens > 8: the per-op forward
 
 
 def test_bfloat16_within_tolerance_of_float64():

@@ -7,6 +7,14 @@ slot = block_id * block_size + offset), and the host pool that swap preemption c
 Deterministic mode (docs/determinism.md): every query token, prompt chunk or decode, attends through the
 decode path as a row of its own (its block table and its own context length), so a token's attention is
 computed the same way whatever else is in the step and however its prompt was chunked or cached.
+
+Short prompts take the same route where the one-call native decode step runs (kernels/decode_step.c):
+a step whose chunks are all at most SHORT_PROMPT_TOKENS long (and at most the step's max_tokens in all)
+runs its prompt tokens as decode rows with causal context lengths, in one native call, instead of the
+per-op forward, whose Python and dispatch cost made a 13-token prompt step twice a decode step's time
+(measured in docs/benchmarks.md, "short prompts in the one-call step"). The kernel writes every row's
+K/V before any row attends, so row j of a chunk starting at position s, attending to s + j + 1 keys, is
+exactly causal attention.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from shoal.model.fused_decode import decode_stack
 from shoal.model.transformer import Transformer
 
 MAX_DECODE_GROUP = 32
+SHORT_PROMPT_TOKENS = 32  # longer chunks keep the per-op prefill: no faster as rows from 64 (measured)
 DECODE_GROUP_SLACK = 1.2  # a group's longest context may be this many times its shortest (plus one block)
 
 
@@ -64,6 +73,7 @@ class ModelRunner:
         # which keep their own forward, nor where the Triton kernels serve this device: on the CPU that is
         # the interpreter, which tests run the model through).
         self.decode_stack = None
+        self.short_prompt_tokens = SHORT_PROMPT_TOKENS  # 0: every prompt chunk takes the per-op forward
         triton = triton_support.serves_dtype(device, dtype)
         if self.native_decode and not triton and not compile_decode and not deterministic:
             self.decode_stack = decode_stack(model, self.kv_caches, block_size)
@@ -108,12 +118,13 @@ class ModelRunner:
         flat_ids, flat_pos, slot_parts = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         offset = 0
+        prompt_rows = self.deterministic or self._short_prompts(inp)
         for ids, start, table in zip(inp.token_ids, inp.start_positions, inp.block_tables, strict=True):
             n = len(ids)
             flat_ids.extend(ids)
             flat_pos.extend(range(start, start + n))
             table_t = torch.tensor(table, dtype=torch.long)
-            if self.deterministic and n > 1:  # one decode row per token (see the module docstring)
+            if prompt_rows and n > 1:  # one decode row per token (see the module docstring)
                 slot_parts.append(self._slots(table_t, torch.arange(start, start + n)))
                 decode_tables.extend([table] * n)
                 decode_lens.extend(range(start + 1, start + n + 1))
@@ -134,6 +145,14 @@ class ModelRunner:
         ids_t = torch.tensor(flat_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(flat_pos, dtype=torch.long, device=dev)
         return ids_t, pos_t, meta
+
+    def _short_prompts(self, inp: StepInput) -> bool:
+        """Whether this step has prompt chunks and runs them as decode rows of the one-call native step
+        (module docstring): every chunk at most short_prompt_tokens, all tokens within its max_tokens."""
+        if self.decode_stack is None:
+            return False
+        lens = [len(ids) for ids in inp.token_ids]
+        return 1 < max(lens) <= self.short_prompt_tokens and sum(lens) <= self.decode_stack.max_tokens
 
     def _decode_groups(self, lens: list[int]) -> list[tuple[int, int]]:
         """Split decodes (sorted by context length by the engine) into runs of similar length; the native
