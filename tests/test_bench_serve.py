@@ -331,8 +331,7 @@ def test_spike_unloaded_requests_go_one_at_a_time():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        plan = [(k, 0.0, "premium") for k in range(3)]
-        outcomes = asyncio.run(spike._send_one_at_a_time(url, plan, {}, 4, 10.0, "unloaded"))
+        outcomes = asyncio.run(spike._send_one_at_a_time(url, 3, "premium", {}, 4, 10.0, "unloaded"))
     finally:
         server.shutdown()
     assert [o.status for o in outcomes] == [503] * 3

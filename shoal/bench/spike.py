@@ -238,14 +238,16 @@ async def _send(
 
 async def _send_one_at_a_time(
     server_url: str,
-    plan: list[tuple[int, float, str]],
+    count: int,
+    request_class: str,
     headers: dict,
     max_tokens: int,
     timeout_s: float,
-    id_prefix: str | None = None,
+    id_prefix: str,
 ) -> list[Outcome]:
-    """Send `plan`'s requests one at a time, each UNLOADED_GAP_S after the previous answer ended (the
-    offsets are not used): nothing else runs in the server while one is served."""
+    """Send `count` requests of request_class (indices 0..count-1, ids as _send's) one at a time, each
+    UNLOADED_GAP_S after the previous answer ended: nothing else runs in the server while one is served."""
+    plan = [(k, 0.0, request_class) for k in range(count)]
     requests = _serialized(server_url, plan, headers, max_tokens, id_prefix)
     pool = ConnectionPool(server_url)
     outcomes = []
@@ -488,9 +490,8 @@ def _measure(
     """The unloaded premium TTFT, then the spike at load.factor x rate (req/s): its standard requests
     sent by the `flood` client, its premium ones by the `premium` client, both from the same instant;
     one server's result."""
-    unloaded_plan = [(k, 0.0, "premium") for k in range(load.unloaded_requests)]
-    unloaded = premium.call(_run, _send_one_at_a_time, server.url, unloaded_plan, headers, load.max_tokens,
-                            load.request_timeout_s, "unloaded")  # fmt: skip
+    unloaded = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium", headers,
+                            load.max_tokens, load.request_timeout_s, "unloaded")  # fmt: skip
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
     classes = class_schedule(len(times), load.premium_share)
     plan = [(i, t, c) for i, (t, c) in enumerate(zip(times, classes, strict=True))]
