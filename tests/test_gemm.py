@@ -6,6 +6,8 @@ memory."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,10 +251,43 @@ def test_gemm_bf16_decode_rows_match_the_tiles_bitwise(n, k) -> None:
         w[:, -1] = -4096.0
     panels = gemm.pack_panels(w)
     tiles = gemm.gemm_panels(x, panels, n, bias)
-    for rows in (1, 2, 3, 4):
-        for start in (0, 9 - rows):
-            got = gemm.gemm_panels(x[start : start + rows].contiguous(), panels, n, bias)
-            assert torch.equal(got, tiles[start : start + rows]), (rows, start)
+    with _decode_loop(True):  # whatever an engine loaded in this process chose
+        for rows in (1, 2, 3, 4):
+            for start in (0, 9 - rows):
+                got = gemm.gemm_panels(x[start : start + rows].contiguous(), panels, n, bias)
+                assert torch.equal(got, tiles[start : start + rows]), (rows, start)
+
+
+@contextlib.contextmanager
+def _decode_loop(on: bool):
+    before = gemm.bf16_decode_loop()
+    gemm.set_bf16_decode_loop(on)
+    try:
+        yield
+    finally:
+        gemm.set_bf16_decode_loop(before)
+
+
+@needs_bf16
+def test_choosing_the_bf16_route_for_1_to_4_rows_keeps_every_output():
+    """choose_bf16_decode_loop times both routes on the weights given and leaves the faster one on (which
+    one is the CPU's affair: docs/benchmarks.md); 1-4 rows give bitwise the same outputs either way."""
+    weights = [torch.randn(n, k).bfloat16() for n, k in ((96, 64), (64, 96), (200, 33))]
+    linears = [(gemm.pack_panels(w), w.shape[0]) for w in weights]
+    with _decode_loop(True):
+        choice = gemm.choose_bf16_decode_loop(linears, rounds=2)
+        assert set(choice) == {"decode_loop", "loop_ms", "tiles_ms"}
+        assert gemm.bf16_decode_loop() is choice["decode_loop"]
+        assert choice["decode_loop"] == (choice["loop_ms"] < choice["tiles_ms"])
+        for rows in (1, 2, 3, 4):
+            x = torch.randn(rows, 33).bfloat16()
+            panels, n = linears[2]
+            outs = []
+            for on in (True, False):
+                gemm.set_bf16_decode_loop(on)
+                outs.append(gemm.gemm_panels(x, panels, n))
+            assert torch.equal(outs[0], outs[1]), rows
+    assert gemm.choose_bf16_decode_loop([]) is None
 
 
 @needs_bf16

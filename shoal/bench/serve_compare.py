@@ -862,6 +862,7 @@ def run_serve_compare(
         log(f"loading shoal engine in process: {model} ({dtype}, {threads} threads)")
         engine = workload.build_engine(model, dtype, "cpu", kv_cache_memory=kv_cache_memory)
         engine.warm_up()
+        log(f"shoal in process: bf16 route for 1-4 rows {engine.describe()['bf16_decode_route']}")
         # each in-process side has an engine of its own: a shared prefix cache would hand the second side
         # the prompts the first one computed
         engines = {"inproc": engine}

@@ -214,6 +214,7 @@ class LLMEngine:
             "preemption_mode": c.preemption_mode,
             "swap_blocks": self.scheduler.swap.num_blocks if self.scheduler.swap is not None else 0,
             "deterministic": c.deterministic,
+            "bf16_decode_route": _bf16_decode_route(self.runner),
         }
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -584,3 +585,12 @@ def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:
         "finished_time": max(s.finished_time for s in seqs) if finished else None,
         "busy_seconds": sum(s.busy_seconds for s in seqs),
     }
+
+
+def _bf16_decode_route(runner: ModelRunner) -> str | None:
+    """Which gemm.c route streams 1-4 bf16 rows, as timed at load (kernels/gemm.py): "loop" or "tiles";
+    None where the one-call step or the bf16 kernel is not used."""
+    calibration = runner.decode_stack.bf16_calibration if runner.decode_stack is not None else None
+    if calibration is None:
+        return None
+    return "loop" if calibration["decode_loop"] else "tiles"

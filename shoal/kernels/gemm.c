@@ -493,6 +493,16 @@ static inline void bf16_tile_rows(const uint16_t *x, const uint16_t *wp, float *
  * zero-padded pair of an odd K last; the bias added in fp32 after; one rounding), so a row's output is
  * bitwise the same through either loop, whatever M. */
 #define DECODE_ROWS 4 /* at most this many rows of x take the decode loop */
+/* Where the loop is slower than the tiles, the engine turns it off (0) after timing both at model load
+ * (kernels/gemm.py, choose_bf16_decode_loop): on the 2-core Intel Xeon (AVX512-BF16, no AMX) the tiles, with
+ * their prefetch of the next k-block, stream SmolLM2's 120 decoder linears from memory in 16.3 / 19.7 ms at
+ * 1 / 4 rows on 1 thread against the loop's 20.1 / 30.3 (7.8 / 9.6 against 10.1 / 14.9 on 2 threads).
+ * Either way a row's output is bitwise the same (above). */
+static int decode_rows = DECODE_ROWS;
+
+void shoal_gemm_bf16_set_decode_rows(int rows) { decode_rows = rows < 0 ? 0 : rows > DECODE_ROWS ? DECODE_ROWS : rows; }
+
+int shoal_gemm_bf16_decode_rows(void) { return decode_rows; }
 
 static inline __attribute__((always_inline)) void bf16_decode_panel(const uint16_t *x, const uint16_t *wp,
                                                                     const uint16_t *bias, uint16_t *y, int MT,
@@ -552,7 +562,7 @@ static void bf16_decode(const uint16_t *x, const uint16_t *wp, const uint16_t *b
 void shoal_gemm_bf16_panels(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int M,
                             int N, int K, int num_threads) {
     if (M < 1) return;
-    if (M <= DECODE_ROWS) {
+    if (M <= decode_rows) {
         bf16_decode(x, wp, bias, y, M, N, K, num_threads);
         return;
     }

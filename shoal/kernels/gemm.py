@@ -82,7 +82,11 @@ bf16 kernel over the plain weight, "tiles" the panels before the decode loop:
     lm_head 49152x576   gemv  10.0   9.2   7.7    20.3  18.3  15.6
       (56 MB)           tiles 18.9  18.5  19.3    38.4  36.9  35.5
                         loop  23.5  23.0  22.4    45.7  46.4  41.2
-One thread reading a 212 MB buffer in plain 512-bit loads reaches about 24 GB/s here. The decoder linears
+One thread reading a 212 MB buffer in plain 512-bit loads reaches about 24 GB/s here. On a 2-core Intel
+Xeon (AVX512-BF16, no AMX) it is the other way round: the 120 decoder linears at 1 / 4 rows take 16.3 /
+19.7 ms through the tiles against 20.1 / 30.3 through the loop on 1 thread, 7.8 / 9.6 against 10.1 / 14.9
+on 2. So the route is chosen per process by timing both on the model's own weights at load
+(choose_bf16_decode_loop; the engine reports it as describe()["bf16_decode_route"]). The decoder linears
 (0.7-3.5 MB each) stay below the lm_head: each call starts its streams cold, and through gemm_panels each
 call costs about 2.5 us (1 thread) to 8 us (2 threads, the other core busy) besides the kernel.
 """
@@ -90,6 +94,7 @@ call costs about 2.5 us (1 thread) to 8 us (2 threads, the other core busy) besi
 from __future__ import annotations
 
 import ctypes
+import time
 from functools import lru_cache
 
 import torch
@@ -279,3 +284,49 @@ def gemm_panels(
     if not _x_bias_ok(x, out_features, k, bias, dtype):
         _refuse_x_bias(x, out_features, k, bias, dtype)
     return _call(_PANEL_SYMBOLS[dtype], x, panels, bias, out_features)
+
+
+DECODE_LOOP_ROWS = 4  # DECODE_ROWS in gemm.c: at most this many rows take its decode loop when it is on
+_CALIBRATION_ROWS = (1, DECODE_LOOP_ROWS)
+
+
+def bf16_decode_loop() -> bool | None:
+    """Whether 1-4 bf16 rows take gemm.c's decode loop now (True) or its tiles; None without the kernel."""
+    getter = kernels.function("gemm", "shoal_gemm_bf16_decode_rows", (), ctypes.c_int)
+    return None if getter is None or not bf16_available() else getter() > 0
+
+
+def set_bf16_decode_loop(on: bool) -> None:
+    """Route 1-4 bf16 rows through gemm.c's decode loop (on) or its tiles, for this process (the outputs
+    are bitwise the same; choose_bf16_decode_loop picks the faster). RuntimeError without the kernel."""
+    setter = kernels.function("gemm", "shoal_gemm_bf16_set_decode_rows", (ctypes.c_int,), None)
+    if setter is None or not bf16_available():
+        raise RuntimeError("gemm.c's bf16 kernel is not built here")
+    setter(DECODE_LOOP_ROWS if on else 0)
+
+
+def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int = 5) -> dict | None:
+    """Time a decode step's bfloat16 linears (panels, out_features), at 1 and 4 rows, through gemm.c's
+    decode loop and through its tiles, alternately, best of `rounds` each; keep the loop (for 1-4 rows)
+    only if its total is smaller, else turn it off for this process (gemm.c: the faster one depends on the
+    CPU). A row's output is bitwise the same either way, so only the time changes. Returns the choice and
+    the times in ms ({"decode_loop", "loop_ms", "tiles_ms"}), or None where the bf16 kernel is not built
+    or there is nothing to time. The weights should be the model's own: streamed from memory, as in a step."""
+    if not linears or bf16_decode_loop() is None:
+        return None
+    inputs = [
+        [torch.randn(rows, panels.shape[1] * 2, dtype=torch.bfloat16) for panels, _ in linears]
+        for rows in _CALIBRATION_ROWS
+    ]
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(rounds):
+        for on in best:
+            set_bf16_decode_loop(on)
+            t0 = time.perf_counter()
+            for xs in inputs:
+                for x, (panels, n) in zip(xs, linears, strict=True):
+                    gemm_panels(x, panels, n)
+            best[on] = min(best[on], time.perf_counter() - t0)
+    loop = best[True] < best[False]
+    set_bf16_decode_loop(loop)
+    return {"decode_loop": loop, "loop_ms": 1000 * best[True], "tiles_ms": 1000 * best[False]}
