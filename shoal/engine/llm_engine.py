@@ -587,10 +587,11 @@ def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:
     }
 
 
-def _bf16_decode_route(runner: ModelRunner) -> str | None:
+def _bf16_decode_route(runner: object) -> str | None:
     """Which gemm.c route streams 1-4 bf16 rows, as timed at load (kernels/gemm.py): "loop" or "tiles";
-    None where the one-call step or the bf16 kernel is not used."""
-    calibration = runner.decode_stack.bf16_calibration if runner.decode_stack is not None else None
+    None where the one-call step or the bf16 kernel is not used (tensor-parallel runners have no step)."""
+    stack = getattr(runner, "decode_stack", None)
+    calibration = stack.bf16_calibration if stack is not None else None
     if calibration is None:
         return None
     return "loop" if calibration["decode_loop"] else "tiles"

@@ -25,6 +25,9 @@ import msgspec
 
 HEADER = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 31  # a 4-byte length; messages are far smaller (the largest: prompt logprobs)
+# Asked for (the kernel caps it at net.core.wmem_max): room for some steps' updates while the server's event
+# loop is busy elsewhere, before the core blocks; ZMQ queued up to 1,000 messages.
+SEND_BUFFER_BYTES = 4 << 20
 
 
 class UpdateSender:
@@ -32,6 +35,7 @@ class UpdateSender:
 
     def __init__(self, path: str):
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._socket.connect(path)
         self._encoder = msgspec.msgpack.Encoder()
         self._buffer = bytearray(HEADER.size)  # reused: encode_into writes the payload after the header
@@ -75,10 +79,15 @@ class UpdateListener:
         self._transport, _ = await loop.connect_accepted_socket(lambda: _Frames(on_frame), connection)
 
     def close(self) -> None:
+        """Close the listener and the stream (its reader leaves the event loop); safe to call twice, and
+        after the event loop has closed."""
         self._listener.close()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.close()
+            except RuntimeError:  # the event loop is already closed: nothing is registered with it any more
+                pass
 
 
 class _Frames(asyncio.Protocol):
