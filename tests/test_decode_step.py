@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shoal.engine import model_runner
 from shoal.engine.model_runner import ModelRunner, StepInput
 from shoal.kernels import decode_step, gemm, gemv, qgemv
 from shoal.model import fused_decode
@@ -177,6 +178,12 @@ def test_short_prompts_run_as_rows_of_the_native_step_as_the_per_op_prefill_does
     rows.short_prompt_tokens = 8
     Lockstep([rows], [[1, 2, 3, 4, 5, 6, 7, 8, 9]], prompts_as_rows=True)
     assert calls == []  # 9 tokens > 8: the per-op forward
+    # A short chunk after a long context keeps the per-op forward too (each row would read it all); a
+    # decode row's context does not count.
+    table = list(range(8))
+    short = StepInput([[5, 6, 7], [9]], [0, 300], [table, table], [[2], [0]])
+    late = StepInput([[5, 6, 7]], [model_runner.SHORT_PROMPT_MAX_CONTEXT], [table], [[2]])
+    assert rows._short_prompts(short) and not rows._short_prompts(late)
 
 
 def test_bfloat16_within_tolerance_of_float64():

@@ -269,9 +269,11 @@ def _decode_loop(on: bool):
 
 
 @needs_bf16
-def test_choosing_the_bf16_route_for_1_to_4_rows_keeps_every_output():
+def test_choosing_the_bf16_route_for_1_to_4_rows_keeps_every_output(monkeypatch):
     """choose_bf16_decode_loop times both routes on the weights given and leaves the faster one on (which
-    one is the CPU's affair: docs/benchmarks.md); 1-4 rows give bitwise the same outputs either way."""
+    one is the CPU's affair: docs/benchmarks.md), once per process; 1-4 rows give bitwise the same
+    outputs either way."""
+    monkeypatch.setattr(gemm, "_chosen", None)  # as in a fresh process (an engine here may have chosen)
     weights = [torch.randn(n, k).bfloat16() for n, k in ((96, 64), (64, 96), (200, 33))]
     linears = [(gemm.pack_panels(w), w.shape[0]) for w in weights]
     with _decode_loop(True):
@@ -279,6 +281,12 @@ def test_choosing_the_bf16_route_for_1_to_4_rows_keeps_every_output():
         assert set(choice) == {"decode_loop", "loop_ms", "tiles_ms"}
         assert gemm.bf16_decode_loop() is choice["decode_loop"]
         assert choice["decode_loop"] == (choice["loop_ms"] < choice["tiles_ms"])
+        gemm.set_bf16_decode_loop(
+            not choice["decode_loop"]
+        )  # a later model's load neither re-times nor resets
+        assert gemm.choose_bf16_decode_loop(linears) is choice
+        assert gemm.bf16_decode_loop() is not choice["decode_loop"]
+        assert gemm._leading(linears, 1) == linears[:1] and gemm._leading(linears, 1 << 30) == linears
         for rows in (1, 2, 3, 4):
             x = torch.randn(rows, 33).bfloat16()
             panels, n = linears[2]
@@ -287,6 +295,7 @@ def test_choosing_the_bf16_route_for_1_to_4_rows_keeps_every_output():
                 gemm.set_bf16_decode_loop(on)
                 outs.append(gemm.gemm_panels(x, panels, n))
             assert torch.equal(outs[0], outs[1]), rows
+    monkeypatch.setattr(gemm, "_chosen", None)
     assert gemm.choose_bf16_decode_loop([]) is None
 
 

@@ -91,3 +91,19 @@ def test_a_sender_whose_reader_is_gone_gets_false(tmp_path):
     results = [sender.send({"after": i, "pad": "x" * 100_000}) for i in range(4)]
     assert results[-1] is False
     sender.close()
+
+
+def test_a_frame_of_megabytes_in_many_reads_is_parsed_once_it_is_whole():
+    """16 MB in 256 KB reads (asyncio's read size): the pending buffer is parsed only when it holds the
+    whole frame, not at each of the 64 reads (which re-copied it each time: quadratic, 0.4 s here)."""
+    payload = bytes(range(256)) * (1 << 16)  # 16 MB
+    stream = _framed([payload, b"next"])
+    got: list[bytes] = []
+    frames = _Frames(lambda p: got.append(bytes(p)))
+    parses = []
+    split = frames._split
+    frames._split = lambda buffer: parses.append(len(buffer)) or split(buffer)
+    for start in range(0, len(stream), 1 << 18):
+        frames.data_received(stream[start : start + (1 << 18)])
+    assert got == [payload, b"next"]
+    assert len(parses) == 2  # the first read (the header), then the read that completed the frame

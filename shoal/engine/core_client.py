@@ -67,6 +67,9 @@ class EngineCoreClient:
         self._ipc_dir = tempfile.mkdtemp(prefix="shoal-core-")
         self._context = zmq.Context()
         self._requests = self._context.socket(zmq.PUSH)
+        # No high-water mark: a send never blocks the event loop, even while the core waits for this loop
+        # to read its updates (engine/update_stream.py).
+        self._requests.setsockopt(zmq.SNDHWM, 0)
         self._requests.bind(f"ipc://{self._ipc_dir}/requests")
         # The updates come back on a Unix stream socket, read by the event loop (engine/update_stream.py).
         self._updates = UpdateListener(f"{self._ipc_dir}/updates")

@@ -14,7 +14,7 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.interrupt import StepInterrupted
-from shoal.engine.model_runner import ModelRunner, StepInput
+from shoal.engine.model_runner import SHORT_PROMPT_TOKENS, ModelRunner, StepInput
 from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.engine.sampler import Sampler, SamplerOutput, SamplingRow, token_logprobs
 from shoal.engine.sampling_params import SamplingParams
@@ -23,6 +23,7 @@ from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.engine.swap_space import SwapSpace
 from shoal.engine.tp_worker import TensorParallelRunner, TensorParallelWorkers
+from shoal.kernels import gemm
 from shoal.model.batch_invariant import make_batch_invariant
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
@@ -568,6 +569,8 @@ class LLMEngine:
         token = min(self.eos_token_ids) if self.eos_token_ids else 0
         t0 = time.monotonic()
         self.generate([[token] * 4], SamplingParams(max_tokens=3, ignore_eos=True))
+        # A prompt past SHORT_PROMPT_TOKENS: the per-op forward, which short prompts no longer reach.
+        self.generate([[token] * (SHORT_PROMPT_TOKENS + 8)], SamplingParams(max_tokens=1, ignore_eos=True))
         if self.config.compile:
             log.info("warm-up with the compiled decode forward took %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
@@ -588,10 +591,10 @@ def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:
 
 
 def _bf16_decode_route(runner: object) -> str | None:
-    """Which gemm.c route streams 1-4 bf16 rows, as timed at load (kernels/gemm.py): "loop" or "tiles";
-    None where the one-call step or the bf16 kernel is not used (tensor-parallel runners have no step)."""
+    """Which gemm.c route streams 1-4 bf16 rows now (chosen by timing at the first load in this process,
+    kernels/gemm.py): "loop" or "tiles"; None where the one-call step or the bf16 kernel is not used
+    (tensor-parallel runners have no one-call step)."""
     stack = getattr(runner, "decode_stack", None)
-    calibration = stack.bf16_calibration if stack is not None else None
-    if calibration is None:
+    if stack is None or stack.bf16_calibration is None:
         return None
-    return "loop" if calibration["decode_loop"] else "tiles"
+    return "loop" if gemm.bf16_decode_loop() else "tiles"

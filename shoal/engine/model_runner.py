@@ -9,7 +9,8 @@ decode path as a row of its own (its block table and its own context length), so
 computed the same way whatever else is in the step and however its prompt was chunked or cached.
 
 Short prompts take the same route where the one-call native decode step runs (kernels/decode_step.c):
-a step whose chunks are all at most SHORT_PROMPT_TOKENS long (and at most the step's max_tokens in all)
+a step whose chunks are all at most SHORT_PROMPT_TOKENS long, whose contexts are at most
+SHORT_PROMPT_MAX_CONTEXT tokens (each row reads its whole context), and at most the step's max_tokens in all
 runs its prompt tokens as decode rows with causal context lengths, in one native call, instead of the
 per-op forward, whose Python and dispatch cost made a 13-token prompt step twice a decode step's time
 (measured in docs/benchmarks.md, "short prompts in the one-call step"). The kernel writes every row's
@@ -32,6 +33,9 @@ from shoal.model.transformer import Transformer
 
 MAX_DECODE_GROUP = 32
 SHORT_PROMPT_TOKENS = 32  # longer chunks keep the per-op prefill: no faster as rows from 64 (measured)
+# Each row reads its whole context, so a short chunk after a long cached prefix (or the tail of a long
+# chunked prompt) keeps the per-op prefill, which reads each key once per chunk.
+SHORT_PROMPT_MAX_CONTEXT = 256
 DECODE_GROUP_SLACK = 1.2  # a group's longest context may be this many times its shortest (plus one block)
 
 
@@ -148,11 +152,18 @@ class ModelRunner:
 
     def _short_prompts(self, inp: StepInput) -> bool:
         """Whether this step has prompt chunks and runs them as decode rows of the one-call native step
-        (module docstring): every chunk at most short_prompt_tokens, all tokens within its max_tokens."""
+        (module docstring): every chunk at most short_prompt_tokens and its context at most
+        SHORT_PROMPT_MAX_CONTEXT, all tokens within its max_tokens."""
         if self.decode_stack is None:
             return False
         lens = [len(ids) for ids in inp.token_ids]
-        return 1 < max(lens) <= self.short_prompt_tokens and sum(lens) <= self.decode_stack.max_tokens
+        chunks = [start + n for start, n in zip(inp.start_positions, lens, strict=True) if n > 1]
+        longest_context = max(chunks, default=0)  # of the prompt chunks: decodes are rows either way
+        return (
+            1 < max(lens) <= self.short_prompt_tokens
+            and longest_context <= SHORT_PROMPT_MAX_CONTEXT
+            and sum(lens) <= self.decode_stack.max_tokens
+        )
 
     def _decode_groups(self, lens: list[int]) -> list[tuple[int, int]]:
         """Split decodes (sorted by context length by the engine) into runs of similar length; the native

@@ -91,25 +91,39 @@ class UpdateListener:
 
 
 class _Frames(asyncio.Protocol):
-    """Splits the byte stream into frames. Most reads hold exactly one whole frame (a step's update),
-    which is handed over without a copy; a partial frame waits in a buffer for the rest."""
+    """Splits the byte stream into frames. Most reads hold whole frames (a step's update), handed over
+    from the read's bytes without a copy; a partial frame collects in a buffer, each byte copied once,
+    and is parsed only once the bytes it needs are there (a frame of megabytes arrives in many reads of
+    at most 256 KB: re-parsing or re-copying the buffer at each would be quadratic)."""
 
     def __init__(self, on_frame: Callable[[memoryview], None]):
         self._on_frame = on_frame
         self._pending = bytearray()
+        self._needed = HEADER.size  # bytes the pending buffer must hold before a frame can be complete
 
     def data_received(self, data: bytes) -> None:
-        if self._pending:
-            self._pending += data
-            data = bytes(self._pending)
-            self._pending.clear()
-        view, start, end = memoryview(data), 0, len(data)
-        while end - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(data, start)
-            if end - start - HEADER.size < size:
-                break
-            start += HEADER.size
-            self._on_frame(view[start : start + size])
-            start += size
-        if start < end:
-            self._pending += view[start:]
+        if not self._pending:
+            used = self._split(data)
+            if used < len(data):
+                self._pending += memoryview(data)[used:]
+            return
+        self._pending += data
+        if len(self._pending) >= self._needed:
+            used = self._split(self._pending)
+            del self._pending[:used]
+
+    def _split(self, buffer: bytes | bytearray) -> int:
+        """Hand over every whole frame at the start of buffer; returns the bytes they took, and sets
+        _needed for the incomplete one after them (the consumer must not keep the view it is given)."""
+        start, end = 0, len(buffer)
+        with memoryview(buffer) as view:
+            while end - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(view, start)
+                if end - start - HEADER.size < size:
+                    self._needed = HEADER.size + size
+                    return start
+                start += HEADER.size
+                self._on_frame(view[start : start + size])
+                start += size
+        self._needed = HEADER.size
+        return start

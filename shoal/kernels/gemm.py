@@ -288,6 +288,10 @@ def gemm_panels(
 
 DECODE_LOOP_ROWS = 4  # DECODE_ROWS in gemm.c: at most this many rows take its decode loop when it is on
 _CALIBRATION_ROWS = (1, DECODE_LOOP_ROWS)
+# Timed weights: enough to stream from memory as a step does (past any cache), few enough that a large
+# model's load does not pay for 20 passes over all of its weights (SmolLM2-135M: all 121 linears).
+CALIBRATION_BYTES = 320 << 20
+_chosen: dict | None = None  # the first choice in this process (the route is process-wide)
 
 
 def bf16_decode_loop() -> bool | None:
@@ -311,9 +315,15 @@ def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int
     only if its total is smaller, else turn it off for this process (gemm.c: the faster one depends on the
     CPU). A row's output is bitwise the same either way, so only the time changes. Returns the choice and
     the times in ms ({"decode_loop", "loop_ms", "tiles_ms"}), or None where the bf16 kernel is not built
-    or there is nothing to time. The weights should be the model's own: streamed from memory, as in a step."""
+    or there is nothing to time. The weights should be the model's own: streamed from memory, as in a step
+    (the first CALIBRATION_BYTES of them). The route is process-wide, so only the first call times; later
+    ones (another model loaded in this process) return its result without timing or changing it."""
+    global _chosen
+    if _chosen is not None:
+        return _chosen
     if not linears or bf16_decode_loop() is None:
         return None
+    linears = _leading(linears, CALIBRATION_BYTES)
     inputs = [
         [torch.randn(rows, panels.shape[1] * 2, dtype=torch.bfloat16) for panels, _ in linears]
         for rows in _CALIBRATION_ROWS
@@ -329,4 +339,16 @@ def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int
             best[on] = min(best[on], time.perf_counter() - t0)
     loop = best[True] < best[False]
     set_bf16_decode_loop(loop)
-    return {"decode_loop": loop, "loop_ms": 1000 * best[True], "tiles_ms": 1000 * best[False]}
+    _chosen = {"decode_loop": loop, "loop_ms": 1000 * best[True], "tiles_ms": 1000 * best[False]}
+    return _chosen
+
+
+def _leading(linears: list[tuple[torch.Tensor, int]], budget: int) -> list[tuple[torch.Tensor, int]]:
+    """The first linears whose panels together reach `budget` bytes (all of them if they do not)."""
+    taken, size = [], 0
+    for panels, n in linears:
+        if size >= budget:
+            break
+        taken.append((panels, n))
+        size += panels.numel() * panels.element_size()
+    return taken

@@ -45,14 +45,18 @@ def build_app(
     settings: ServerSettings,
     load_in_background: bool = False,
     tracer_provider: TracerProvider | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `engine`; its lifespan starts the engine and shuts it down.
 
     load_in_background: the server listens while the engine loads and warms up (probes answer, /v1/*
     is 503 + Retry-After); otherwise the app starts only once the engine has.
     Traces go to `tracer_provider` when given (tests pass one with an in-memory exporter), else to an
-    OTLP exporter when settings.otlp_traces_endpoint is set; otherwise tracing costs nothing."""
-    lifecycle = Lifecycle(engine, settings.drain_timeout_s)
+    OTLP exporter when settings.otlp_traces_endpoint is set; otherwise tracing costs nothing.
+    freeze_heap: once the engine has started, freeze the process's heap (shoal/gc_heap.py); only for a
+    process that serves this one app for its whole life (`shoal serve`): frozen objects are never
+    collected, so an app that is later dropped (a fleet's unloaded model, a test's) would leak."""
+    lifecycle = Lifecycle(engine, settings.drain_timeout_s, freeze_heap)
     owned_provider = None
     if tracer_provider is None and settings.otlp_traces_endpoint:
         from shoal.server.tracing import otlp_tracer_provider  # the OpenTelemetry SDK, only when used
@@ -64,7 +68,8 @@ def build_app(
         loading = asyncio.ensure_future(lifecycle.start_engine()) if load_in_background else None
         if loading is None:
             await engine.start()
-            freeze_startup_heap()
+            if freeze_heap:
+                freeze_startup_heap()
         try:
             yield
         finally:

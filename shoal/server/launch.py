@@ -138,7 +138,7 @@ def serve(
     engine_config = _local_model(engine_config)
     logger.info("loading %s (the port opens now; /ready turns 200 once loaded)", engine_config.model)
     engine = _start_engine(engine_config, settings, engine_mode, health)
-    app = build_app(engine, settings, load_in_background=True)
+    app = build_app(engine, settings, load_in_background=True, freeze_heap=True)
     lifecycle = app.state.shoal.lifecycle
     tls = tls or TLSOptions()
     # log_config=None: uvicorn's loggers propagate to the handler configured above (same format);

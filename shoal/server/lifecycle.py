@@ -42,8 +42,9 @@ GATED_PREFIX = "/v1/"
 class Lifecycle:
     """The server-side phase (loading, draining) on top of the engine's own, and in-flight requests."""
 
-    def __init__(self, engine: Any, drain_timeout_s: float):
+    def __init__(self, engine: Any, drain_timeout_s: float, freeze_heap: bool = False):
         self.engine = engine
+        self.freeze_heap = freeze_heap  # after the engine starts (build_app's freeze_heap)
         self.drain_timeout_s = drain_timeout_s
         self.draining = False
         self.load_error: str | None = None
@@ -63,7 +64,7 @@ class Lifecycle:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        frozen = freeze_startup_heap()
+        frozen = freeze_startup_heap() if self.freeze_heap else 0
         logger.info("engine ready after %.1f s (%d objects frozen)", time.monotonic() - t0, frozen)
 
     # ---- what the probes say ------------------------------------------------------------------------
