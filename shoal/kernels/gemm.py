@@ -291,6 +291,7 @@ _CALIBRATION_ROWS = (1, DECODE_LOOP_ROWS)
 # Timed weights: enough to stream from memory as a step does (past any cache), few enough that a large
 # model's load does not pay for 20 passes over all of its weights (SmolLM2-135M: all 121 linears).
 CALIBRATION_BYTES = 320 << 20
+CALIBRATION_GROUP_BYTES = 16 << 20  # timed in turn by both routes (choose_bf16_decode_loop)
 _chosen: dict | None = None  # the first choice in this process (the route is process-wide)
 
 
@@ -309,38 +310,62 @@ def set_bf16_decode_loop(on: bool) -> None:
     setter(DECODE_LOOP_ROWS if on else 0)
 
 
-def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int = 5) -> dict | None:
+def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int = 3) -> dict | None:
     """Time a decode step's bfloat16 linears (panels, out_features), at 1 and 4 rows, through gemm.c's
-    decode loop and through its tiles, alternately, best of `rounds` each; keep the loop (for 1-4 rows)
-    only if its total is smaller, else turn it off for this process (gemm.c: the faster one depends on the
-    CPU). A row's output is bitwise the same either way, so only the time changes. Returns the choice and
-    the times in ms ({"decode_loop", "loop_ms", "tiles_ms"}), or None where the bf16 kernel is not built
-    or there is nothing to time. The weights should be the model's own: streamed from memory, as in a step
-    (the first CALIBRATION_BYTES of them). The route is process-wide, so only the first call times; later
-    ones (another model loaded in this process) return its result without timing or changing it."""
+    decode loop and through its tiles; keep the loop (for 1-4 rows) only if its total is smaller, else
+    turn it off for this process (gemm.c: the faster one depends on the CPU). A row's output is bitwise
+    the same either way, so only the time changes. Timed on one thread, and in turn on each group of about
+    CALIBRATION_GROUP_BYTES of weights, loop-tiles-tiles-loop, `rounds` times: a load is often beside
+    another busy process (a server loading its own model), which on 2 cores starves a 2-thread call's
+    second thread and favoured the loop every time (4 of 4 loads beside a loading server picked it, and
+    the single stream then ran at 72-77 instead of 90-100 tok/s); one thread is not held up by a second,
+    and picks the route the 2-thread steps want (the same on both machines measured: gemm.py's numbers
+    above). Returns the choice and the one-thread times of one pass in ms ({"decode_loop", "loop_ms",
+    "tiles_ms"}), or None where the bf16 kernel is not built or there is nothing to time. The weights
+    should be the model's own, streamed from memory as in a step (the first CALIBRATION_BYTES of them).
+    The route is process-wide, so only the first call times; later ones (another model loaded in this
+    process) return its result without timing or changing it."""
     global _chosen
     if _chosen is not None:
         return _chosen
     if not linears or bf16_decode_loop() is None:
         return None
-    linears = _leading(linears, CALIBRATION_BYTES)
-    inputs = [
-        [torch.randn(rows, panels.shape[1] * 2, dtype=torch.bfloat16) for panels, _ in linears]
+    calls = [
+        (torch.randn(rows, panels.shape[1] * 2, dtype=torch.bfloat16), panels, n)
+        for panels, n in _leading(linears, CALIBRATION_BYTES)
         for rows in _CALIBRATION_ROWS
     ]
-    best = {True: float("inf"), False: float("inf")}
-    for _ in range(rounds):
-        for on in best:
-            set_bf16_decode_loop(on)
-            t0 = time.perf_counter()
-            for xs in inputs:
-                for x, (panels, n) in zip(xs, linears, strict=True):
-                    gemm_panels(x, panels, n)
-            best[on] = min(best[on], time.perf_counter() - t0)
-    loop = best[True] < best[False]
+    total = {True: 0.0, False: 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            for group in _groups(calls, CALIBRATION_GROUP_BYTES):
+                for on in (True, False, False, True):
+                    set_bf16_decode_loop(on)
+                    t0 = time.perf_counter()
+                    for x, panels, n in group:
+                        gemm_panels(x, panels, n)
+                    total[on] += time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    loop = total[True] < total[False]
     set_bf16_decode_loop(loop)
-    _chosen = {"decode_loop": loop, "loop_ms": 1000 * best[True], "tiles_ms": 1000 * best[False]}
+    per_pass = 1000 / (2 * rounds)
+    _chosen = {"decode_loop": loop, "loop_ms": total[True] * per_pass, "tiles_ms": total[False] * per_pass}
     return _chosen
+
+
+def _groups(calls: list[tuple[torch.Tensor, torch.Tensor, int]], budget: int) -> list[list]:
+    """Consecutive calls (x, panels, n) in groups of about `budget` bytes of panels."""
+    groups, size = [[]], 0
+    for call in calls:
+        if size >= budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(call)
+        size += call[1].numel() * call[1].element_size()
+    return groups
 
 
 def _leading(linears: list[tuple[torch.Tensor, int]], budget: int) -> list[tuple[torch.Tensor, int]]:
