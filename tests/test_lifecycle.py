@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -283,3 +285,26 @@ def test_bad_request_timeout_header_is_400(live_server, value):
             headers={"X-Request-Timeout": value},
         )
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Timeout", r.text
+
+
+def test_only_shoal_serve_freezes_the_heap(stories_dir):
+    """The server freezes its heap (shoal/gc_heap.py) only when asked, as `shoal serve` does: an app
+    that is dropped later (a fleet's unloaded model, a test's) must stay collectable. In a fresh
+    interpreter, as a freeze is for the whole process."""
+    code = (
+        "import asyncio, gc\n"
+        "from shoal.engine.async_engine import AsyncEngine\n"
+        "from shoal.engine.config import EngineConfig\n"
+        "from shoal.server.app import build_app\n"
+        "from shoal.server.settings import ServerSettings\n"
+        "async def frozen_after_start(freeze):\n"
+        f"    config = EngineConfig(model={str(stories_dir)!r}, dtype='float32', kv_cache_memory=8 << 20)\n"
+        "    app = build_app(AsyncEngine.from_config(config), ServerSettings('s'), freeze_heap=freeze)\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        return gc.get_freeze_count()\n"
+        "print(asyncio.run(frozen_after_start(False)), asyncio.run(frozen_after_start(True)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    default, asked = (int(v) for v in out.stdout.split()[-2:])
+    assert default == 0 and asked > 10_000
