@@ -4,8 +4,9 @@ A process that has loaded a model holds about 190,000 objects tracked by the cyc
 (the engine core of SmolLM2-135M after warm-up: modules, parameters, the tokenizer, imported code). A
 full (generation 2) collection walks all of them: 35-47 ms in an idle engine core after warm-up, and
 49-54 ms in the HTTP process in the middle of a traffic spike (docs/benchmarks.md, "GC pauses" in the
-spike's sections), during which no step runs and no urgent request is noticed. Python starts one whenever the objects that survived younger collections grow by a
-quarter of the long-lived ones, so a busy server pays it every few minutes, at random requests.
+spike's sections), during which no step runs and no urgent request is noticed. Python starts one
+whenever the objects that survived younger collections grow by a quarter of the long-lived ones, so a
+busy server pays it every few minutes, at random requests.
 
 `gc.freeze()` moves every tracked object into a permanent generation that collections skip; what is
 created afterwards (requests, outputs) is collected as before. Collecting first matters: freeze takes

@@ -252,7 +252,7 @@ async def _send_one_at_a_time(
     pool = ConnectionPool(server_url)
     outcomes = []
     try:
-        for request, (_, _, request_class) in zip(requests, plan, strict=True):
+        for request in requests:
             await asyncio.sleep(UNLOADED_GAP_S)
             status, ttft = await pool.exchange(request, timeout_s)
             outcomes.append(Outcome(request_class, status, ttft, 0.0, 0.0))

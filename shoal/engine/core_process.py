@@ -9,9 +9,10 @@ streams. Measured in docs/performance.md.
 The loop: take every waiting message (blocking only while idle), apply adds, aborts and control calls,
 run one step (fault plan first), and send one StepUpdate with each touched request's delta. A step that
 raises fails every request in flight (each gets an error) and the loop goes on. The loop ends on a
-"shutdown" call, or when the parent process dies (its update stream closes). Under `--scheduling-policy priority` the inbox is also
-read between the decoder layers of a step, and a more urgent arrival abandons the step
-(engine/interrupt.py); what was read then is applied before the next step, in order.
+"shutdown" call, or when the parent process dies (its update stream closes). Under
+`--scheduling-policy priority` the inbox is also read between the decoder layers of a step, and a more
+urgent arrival abandons the step (engine/interrupt.py); what was read then is applied before the next
+step, in order.
 """
 
 from __future__ import annotations

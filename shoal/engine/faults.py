@@ -12,8 +12,8 @@ A plan (all keys optional; `{}` clears everything):
 - `step_delay_s: s`: every step sleeps s seconds first, until cleared (a slow engine: requests stay in
   flight long enough to time out or to be drained);
 - `layer_delay_s: s`: every decoder layer of a step's forward after the first, and its lm_head, sleeps
-  s seconds first, until cleared, in the engine core process (a slow forward: requests arrive while a step is in flight, which under
-  `--scheduling-policy priority` may interrupt it, engine/interrupt.py);
+  s seconds first, until cleared, in the engine core process (a slow forward: requests arrive while a
+  step is in flight, which under `--scheduling-policy priority` may interrupt it, engine/interrupt.py);
 - `load_delay_s: s`: the next model load takes s seconds longer (for readiness; at start-up it is read
   from the environment variable SHOAL_FAULTS, a JSON plan);
 - `warmup_delay_s: s`: the next warm-up takes s seconds longer (readiness says "warming up");

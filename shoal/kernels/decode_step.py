@@ -335,9 +335,8 @@ class DecodeStack:
         batched = all(isinstance(m, Dense) and _gemm_for(m, dtype, gemms) for m in linears)
         most = min([MAX_TOKENS] + [m.max_rows for m in linears if isinstance(m, Dense)])
         self.max_tokens = max(GEMV_ROWS, most) if batched else GEMV_ROWS
-        self.bf16_calibration: dict | None = (
-            None  # gemm.choose_bf16_decode_loop's, set by the model's builder
-        )
+        # gemm.choose_bf16_decode_loop's result, set by the model's builder (model/fused_decode.py)
+        self.bf16_calibration: dict | None = None
         self._scratch: dict[str, torch.Tensor] = {}
         self._capacity = 0
 

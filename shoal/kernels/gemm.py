@@ -364,7 +364,7 @@ def _groups(calls: list[tuple[torch.Tensor, torch.Tensor, int]], budget: int) ->
             groups.append([])
             size = 0
         groups[-1].append(call)
-        size += call[1].numel() * call[1].element_size()
+        size += call[1].nbytes
     return groups
 
 
@@ -375,5 +375,5 @@ def _leading(linears: list[tuple[torch.Tensor, int]], budget: int) -> list[tuple
         if size >= budget:
             break
         taken.append((panels, n))
-        size += panels.numel() * panels.element_size()
+        size += panels.nbytes
     return taken

@@ -8,10 +8,11 @@ q/k norms (Qwen3 keeps the per-op path), no tensor parallelism, on a CPU where e
 built; 8-bit per-channel linears on torch's int8 route (CPUs with AVX512F) where their own forward runs
 qgemv over that int8 weight (bfloat16 on AVX512-BF16: `QuantizedLinear.int8_qgemv`). Anything else (split
 linears, the int8 route elsewhere, act-order permutations, W8A8/FP8, LoRA-like wrappers, CUDA) in any layer
-gets None for the whole model, and the model's own forward runs as before. Batched steps of 5 to decode_step.MAX_TOKENS tokens run as one
-call too where every linear is a PackedLinear that the per-op path sends to shoal's gemm kernel for those
-rows (float32: its panels, else its plain weight; bfloat16: its panels, where gemm.c has the AVX512-BF16
-kernel; `decode_step.Dense`, up to the rows that route takes); other models take 1-4 tokens.
+gets None for the whole model, and the model's own forward runs as before. Batched steps of 5 to
+decode_step.MAX_TOKENS tokens run as one call too where every linear is a PackedLinear that the per-op
+path sends to shoal's gemm kernel for those rows (float32: its panels, else its plain weight; bfloat16:
+its panels, where gemm.c has the AVX512-BF16 kernel; `decode_step.Dense`, up to the rows that route
+takes); other models take 1-4 tokens.
 SHOAL_FUSED_DECODE=0 turns it off (for A/B measurements).
 """
 

@@ -16,7 +16,6 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 
 import shoal
-from shoal.gc_heap import freeze_startup_heap
 from shoal.policy.audit import AuditLog, AuditPolicy, request_record
 from shoal.policy.auth import Authenticator, needs_auth
 from shoal.policy.config import PolicyConfig
@@ -68,8 +67,7 @@ def build_app(
         loading = asyncio.ensure_future(lifecycle.start_engine()) if load_in_background else None
         if loading is None:
             await engine.start()
-            if freeze_heap:
-                freeze_startup_heap()
+            lifecycle.engine_started()
         try:
             yield
         finally:

@@ -64,8 +64,14 @@ class Lifecycle:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        frozen = freeze_startup_heap() if self.freeze_heap else 0
-        logger.info("engine ready after %.1f s (%d objects frozen)", time.monotonic() - t0, frozen)
+        logger.info(
+            "engine ready after %.1f s (%d objects frozen)", time.monotonic() - t0, self.engine_started()
+        )
+
+    def engine_started(self) -> int:
+        """After the engine has started: freeze the heap if asked (build_app's freeze_heap); the number of
+        objects frozen in this process, 0 if not asked."""
+        return freeze_startup_heap() if self.freeze_heap else 0
 
     # ---- what the probes say ------------------------------------------------------------------------
     def phase(self) -> str:
