@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -29,6 +28,7 @@ from shoal.server.generation import (
     stream_error_event,
 )
 from shoal.server.logprobs import chat_logprobs
+from shoal.server.offload import messages_size, prepare
 from shoal.server.params import (
     build_sampling_params,
     check_context_length,
@@ -106,7 +106,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_max_tokens(body.requested_max_tokens, echo=False, param=param)
     apply_caps(state.caps, body)
-    prompt_ids = await anyio.to_thread.run_sync(render_chat, state, body)
+    prompt_ids = await prepare(render_chat, state, body, size=messages_size(body.messages))
     prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.max_model_len)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -31,6 +30,7 @@ from shoal.server.generation import (
     stream_error_event,
 )
 from shoal.server.logprobs import completion_logprobs, prompt_logprobs_extra
+from shoal.server.offload import prepare, prompt_size
 from shoal.server.params import (
     build_sampling_params,
     check_context_length,
@@ -185,7 +185,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         generation_config=state.engine.generation_config,
         vocab_size=state.vocab_size,
     )
-    prompts = await anyio.to_thread.run_sync(_prompts, body, state)
+    prompts = await prepare(_prompts, body, state, size=prompt_size(body.prompt))
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(
             f"{len(prompts)} prompts x n={body.n} is {len(prompts) * body.n} choices; at most {MAX_CHOICES} "
@@ -231,7 +231,18 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         )
         return response.model_dump_json()
 
-    return Response(await anyio.to_thread.run_sync(render), media_type="application/json")
+    return Response(
+        await prepare(render, size=_render_size(body, prompts, finals)), media_type="application/json"
+    )
+
+
+def _render_size(body: CompletionRequest, prompts: list[_Prompt], finals: list[RequestOutput]) -> int:
+    """The work of rendering the response, for offload.prepare: token strings and top logprobs for each
+    token when asked for (echo, logprobs, prompt_logprobs), else a few fields a choice."""
+    if body.logprobs is None and body.prompt_logprobs is None and not body.echo:
+        return len(finals)
+    tokens = sum(len(p.ids) for p in prompts) + sum(len(o.token_ids) for f in finals for o in f.outputs)
+    return tokens * (1 + max(body.logprobs or 0, body.prompt_logprobs or 0))
 
 
 @dataclass

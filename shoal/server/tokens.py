@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Request
 
 from shoal.server.chat import render_chat
 from shoal.server.errors import ERROR_RESPONSES
+from shoal.server.offload import messages_size, prepare
 from shoal.server.params import check_token_ids
 from shoal.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from shoal.server.state import ServerState, get_state
@@ -26,7 +26,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """A prompt (with special tokens by default) or chat messages (through the chat template) to token ids."""
     state = get_state(request)
     state.check_model(body.model)
-    ids = await anyio.to_thread.run_sync(_tokenize, state, body)
+    size = messages_size(body.messages) if body.messages is not None else len(body.prompt or "")
+    ids = await prepare(_tokenize, state, body, size=size)
     strs = state.engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
 
