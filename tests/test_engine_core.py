@@ -165,3 +165,39 @@ def test_freezing_the_startup_heap_collects_its_garbage_first_and_leaves_nothing
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+
+
+def test_a_request_read_to_its_last_output_sends_no_abort(config):
+    """A consumer that stops at the finished output (as the server's streams do) closes the generator there:
+    no AbortRequests reaches the core (it used to follow every request, with the core's reply to it). One
+    that stops before the end still aborts."""
+    from shoal.engine.core_client import EngineCoreClient
+
+    async def run() -> list[list[str]]:
+        client = EngineCoreClient(config)
+        await client.start()
+        sent: list[str] = []
+        send = client._send
+        client._send = lambda message: (sent.append(type(message).__name__), send(message))[1]
+        kinds = []
+        try:
+            for request_id, stop_early in (("whole", False), ("early", True)):
+                # The early one is long enough still to run after its first output is read.
+                params = SamplingParams(max_tokens=200 if stop_early else 4, temperature=0, ignore_eos=True)
+                agen = client.generate(request_id, PROMPTS[0], params)
+                async for out in agen:
+                    if out.finished or stop_early:
+                        break
+                await agen.aclose()
+                await asyncio.sleep(
+                    0.2
+                )  # an abort would be sent from the generator's finalizer at the latest
+                kinds.append(sent[:])
+                sent.clear()
+        finally:
+            await client.shutdown()
+        return kinds
+
+    whole, early = asyncio.run(run())
+    assert whole == ["AddRequest"]
+    assert early == ["AddRequest", "AbortRequests"]

@@ -48,9 +48,12 @@ class RequestQueue:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # Set before the yield: a consumer that stops once it has the last snapshot (closing this
+                # generator at the yield, or leaving it to be finalized) must not abort a finished request,
+                # which would cost a message to the engine and its reply for nothing.
+                finished = item.finished
                 yield item
-                if item.finished:
-                    finished = True
+                if finished:
                     return
         finally:
             if not finished:
