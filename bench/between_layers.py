@@ -1,6 +1,6 @@
 """What the interrupt check costs a decode step: single-stream decode of an LLMEngine with and without the
-engine core's between-layers call (engine/interrupt.py), the real one: EngineCore's Inbox polling a ZMQ
-socket between every two decoder layers, through the one-call native step's ctypes callback where that
+engine core's between-layers call (engine/interrupt.py), the real one: EngineCore's Inbox polling its stream
+(a Unix socket) between every two decoder layers, through the one-call native step's ctypes callback where that
 step runs (kernels/decode_step.c) and the per-op forward's Python call elsewhere.
 
     flock /work/notes/bench.lock python bench/between_layers.py [--model DIR] [--threads 2] [--steps 64]
@@ -14,16 +14,17 @@ alternation makes a load change hit both sides alike.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import time
 
 import msgspec
 import torch
-import zmq
 
 from shoal.bench import workload
 from shoal.engine.config import EngineConfig
 from shoal.engine.core_process import EngineCore
+from shoal.engine.core_stream import CoreEnd
 from shoal.engine.interrupt import Inbox
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.messages import ClientMessage
@@ -60,10 +61,9 @@ def main() -> None:
     workload.set_threads(args.threads)
     model = args.model or workload.default_model()
     plain, checked = _engine(model, args.dtype), _engine(model, args.dtype)
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.bind("inproc://between-layers-bench")
-    core = EngineCore(checked, None, Inbox(pull, msgspec.msgpack.Decoder(ClientMessage)))
+    core_side, server_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = CoreEnd.over(core_side)
+    core = EngineCore(checked, None, Inbox(stream, msgspec.msgpack.Decoder(ClientMessage)))
     assert checked.between_layers is not None and plain.between_layers is None
     prompt = plain.tokenizer.encode("The history of the city begins with a small settlement by the river")
     for e in (plain, checked):
@@ -85,7 +85,8 @@ def main() -> None:
         f"with it {with_check:.2f} ms ({with_check / without:.3f}x); rounds {sides}"
     )
     core.engine.between_layers = None
-    context.destroy(linger=0)
+    stream.close()
+    server_side.close()
 
 
 if __name__ == "__main__":

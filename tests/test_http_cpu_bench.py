@@ -34,14 +34,14 @@ def test_http_cpu_measures_both_processes_and_both_clients(stories_dir, tmp_path
     monkeypatch.setattr(http_cpu, "http_run", recording_run)
     result = http_cpu.run_http_cpu(
         str(stories_dir), dtype="float32", threads=1, rounds=1, concurrency=(3,), single_output_len=6,
-        stream_output_len=5, prompt_len=8, log_dir=tmp_path, log=lambda *a: None,
+        stream_output_len=5, prompt_len=8, sequential=4, log_dir=tmp_path, log=lambda *a: None,
     )  # fmt: skip
     rows = result["runs"]
     assert {(r["load"], r["client"]) for r in rows} == {
         (load, client) for load in ("single", "streams-3") for client in ("aiohttp", "httpx")
-    }
+    } | {("requests-4", "http.client")}
     for r in rows:
-        assert r["output_tokens"] == (6 if r["load"] == "single" else 15)
+        assert r["output_tokens"] == {"single": 6, "streams-3": 15, "requests-4": 4}[r["load"]]
         # A run of 6 tokens may fall inside one 10 ms clock tick of a process: each figure may read 0,
         # but the engine core and the client do work in every load, so their totals cannot.
         assert r["http_ms_per_token"] >= 0 and r["core_ms_per_token"] >= 0 and r["client_ms_per_token"] >= 0
@@ -49,8 +49,9 @@ def test_http_cpu_measures_both_processes_and_both_clients(stories_dir, tmp_path
     assert sum(r["core_ms_per_token"] for r in rows) > 0 and sum(r["client_ms_per_token"] for r in rows) > 0
     # greedy on the same prompts: both clients read the same text from the same server
     assert pairs and all(a == b for a, b in pairs) and any(t for a, _ in pairs for t in a)
-    assert len(result["summary"]) == 4
+    assert len(result["summary"]) == 5
     assert "| single | aiohttp |" in http_cpu.markdown(result)
+    assert "| requests-4 | http.client |" in http_cpu.markdown(result)
     json.dumps(result)
 
 

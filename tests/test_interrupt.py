@@ -9,6 +9,7 @@ hook shows the interrupted step in its schedule record and its metric.
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -16,10 +17,10 @@ from dataclasses import asdict
 import httpx
 import msgspec
 import pytest
-import zmq
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.core_process import EngineCore
+from shoal.engine.core_stream import CoreEnd, FrameEncoder
 from shoal.engine.interrupt import Inbox
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.messages import AbortRequests, AddRequest, ClientMessage, StepUpdate
@@ -74,18 +75,15 @@ def engines(stories_dir) -> dict[str, LLMEngine]:
 
 
 class _Core:
-    """The engine core's side of an interruption, for real (EngineCore, its Inbox on a ZMQ socket pair),
+    """The engine core's side of an interruption, for real (EngineCore, its Inbox on a Unix socket pair),
     with the arrival's timing chosen: the urgent AddRequest is sent at one layer of one step, or between
     two steps. Every step the engine runs is counted by `step`, and each between-layers call is logged."""
 
     def __init__(self, engine: LLMEngine, at: tuple[int, int] | None, priority: int):
         self.engine, self.at, self.priority = engine, at, priority
-        self.context = zmq.Context()
-        pull, self.push = self.context.socket(zmq.PULL), self.context.socket(zmq.PUSH)
-        pull.bind(f"inproc://core-{id(self)}")
-        self.push.connect(f"inproc://core-{id(self)}")
-        self.pull = pull
-        self.inbox = Inbox(pull, msgspec.msgpack.Decoder(ClientMessage))
+        core_side, self.server_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.stream = CoreEnd.over(core_side)
+        self.inbox = Inbox(self.stream, msgspec.msgpack.Decoder(ClientMessage))
         self.core = EngineCore(engine, None, self.inbox)
         self.check = engine.between_layers  # what the core installed (None under fcfs)
         if self.check is not None:
@@ -101,10 +99,9 @@ class _Core:
 
     def send_urgent(self) -> None:
         params = asdict(URGENT[1])
-        self.push.send(
-            msgspec.msgpack.encode(AddRequest("urgent", URGENT[0], params, priority=self.priority))
-        )
-        assert _eventually(lambda: self.pull.poll(0) or self.inbox.wait(0))  # delivered (inproc)
+        frame = FrameEncoder().frame(AddRequest("urgent", URGENT[0], params, priority=self.priority))
+        self.server_side.sendall(frame)
+        assert self.inbox.wait(0)  # delivered: a socketpair's write is readable at once
 
     def run_step(self) -> list:
         self.layer = 0
@@ -119,7 +116,8 @@ class _Core:
     def close(self) -> None:
         self.engine.between_layers = None
         self.engine.step_listeners.remove(self.core._on_step)
-        self.context.destroy(linger=0)
+        self.stream.close()
+        self.server_side.close()
 
 
 def _state(engine: LLMEngine) -> dict:
@@ -247,29 +245,32 @@ def test_fcfs_never_interrupts(engines):
 
 
 def test_the_inbox_holds_what_arrives_mid_step_and_flags_only_a_more_urgent_request():
-    context = zmq.Context()
-    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    pull.bind("inproc://inbox-test")
-    push.connect("inproc://inbox-test")
-    encoder = msgspec.msgpack.Encoder()
-    inbox = Inbox(pull, msgspec.msgpack.Decoder(ClientMessage))
+    core_side, server_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    frames = FrameEncoder()
+    stream = CoreEnd.over(core_side)
+    inbox = Inbox(stream, msgspec.msgpack.Decoder(ClientMessage))
     try:
         sent = [
             AddRequest("low", [1], {}, priority=1),
             AbortRequests(["gone"]),
             AddRequest("premium", [1], {}, priority=0),
         ]
-        push.send(encoder.encode(sent[0]))
-        push.send(encoder.encode(sent[1]))
-        assert not _eventually(lambda: inbox.urgent_arrival(1), seconds=0.2)  # priority 1: not below 1
-        push.send(encoder.encode(sent[2]))
-        assert _eventually(lambda: inbox.urgent_arrival(1))
+        server_side.sendall(frames.frame(sent[0]))
+        server_side.sendall(frames.frame(sent[1]))
+        assert not inbox.urgent_arrival(1)  # priority 1: not below 1
+        server_side.sendall(frames.frame(sent[2])[:5])  # a frame cut short is not a message yet
+        assert not inbox.urgent_arrival(1)
+        server_side.sendall(frames.frame(sent[2])[5:])
+        assert inbox.urgent_arrival(1)
         assert not inbox.urgent_arrival(0)  # equally urgent: no
         assert inbox.wait(0)
         assert inbox.take() == sent  # held first, in arrival order
         assert not inbox.urgent_arrival(5) and not inbox.wait(0)
+        server_side.close()  # the server is gone: the inbox says so
+        assert inbox.wait(0) and inbox.take() == [] and inbox.closed
     finally:
-        context.destroy(linger=0)
+        stream.close()
+        server_side.close()
 
 
 def _eventually(condition, seconds: float = 5.0) -> bool:

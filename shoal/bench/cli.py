@@ -630,6 +630,10 @@ def http_cpu(
     concurrency: Annotated[list[int] | None, typer.Option(help="Streams at once (repeatable).")] = None,
     single_output_len: Annotated[int, typer.Option(help="Tokens of the single stream (0: skip).")] = 128,
     stream_output_len: Annotated[int, typer.Option(help="Tokens per concurrent stream.")] = 64,
+    sequential: Annotated[
+        int,
+        typer.Option(help="Also N requests of one token, one after another, not streamed: CPU per request."),
+    ] = 0,
     client: Annotated[
         list[str] | None, typer.Option(help="Load client(s) of serve_compare: aiohttp, httpx.")
     ] = None,
@@ -652,6 +656,7 @@ def http_cpu(
         concurrency=tuple(concurrency or (64,)),
         single_output_len=single_output_len,
         stream_output_len=stream_output_len,
+        sequential=sequential,
         model=model,
         dtype=dtype,
         threads=threads,

@@ -14,7 +14,9 @@ reads, from /proc (utime + stime, all threads):
 - `core_ms_per_token`: its children (the engine core: scheduling and the model);
 - `client_ms_per_token`: this process during the load (serve_compare's asyncio SSE client);
 
-each in CPU milliseconds per output token, with the median over rounds in the summary. An idle server
+each in CPU milliseconds per output token, with the median over rounds in the summary. The
+`requests-N` load (`sequential`) is the per-request cost instead: N requests of one output token, one
+after another, not streamed, from a blocking `http.client` connection (so per token is per request). An idle server
 still spends some CPU per second (uvicorn's ticks, the engine core's loop), which a slow run (a loaded
 machine) divides among fewer tokens; so the server's idle CPU rate is measured once after the warm-up
 (`IDLE_S` seconds without requests) and `http_net_ms_per_token` / `core_net_ms_per_token` are the same
@@ -23,18 +25,25 @@ figures less that rate times the run's wall time: the part that scales with toke
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import random
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shoal.bench import workload
 from shoal.bench.serve_compare import (
     CLIENTS,
+    REQUEST_TIMEOUT_S,
     CpuMeter,
     Server,
+    ServerError,
+    Stream,
     _distinct_prompts,
     http_run,
     machine,
@@ -45,6 +54,8 @@ from shoal.bench.serve_compare import (
 )
 from shoal.bench.workload import Request
 
+SEQUENTIAL = "requests"  # the load name's prefix: requests-N
+SEQUENTIAL_CLIENT = "http.client"
 SETTLE_S = 0.3  # late work of a run (the last chunks' bookkeeping, the access log) counts in it
 IDLE_S = 15.0  # long enough to see a few 10 ms ticks of an idle server (about 1-2 ms per second)
 
@@ -59,6 +70,7 @@ def run_http_cpu(
     stream_output_len: int = 64,
     prompt_len: int = 32,
     clients: tuple[str, ...] = CLIENTS,
+    sequential: int = 0,
     seed: int = 0,
     dataset: Path | None = workload.DEFAULT_DATASET,
     serve_args: tuple[str, ...] = (),
@@ -67,11 +79,12 @@ def run_http_cpu(
 ) -> dict:
     """Start `shoal serve`, run one warm-up and `rounds` measured rounds, return the result (JSON-able).
 
-    Loads: a single stream of `single_output_len` tokens (skipped when 0) and, for each n in
-    `concurrency`, n streams of `stream_output_len` tokens; prompts of `prompt_len` tokens of real text.
-    Raises ValueError on a bad argument or an unknown client."""
-    if rounds < 1 or prompt_len < 1 or any(n < 1 for n in concurrency):
-        raise ValueError("rounds, prompt_len and every concurrency must be >= 1")
+    Loads: a single stream of `single_output_len` tokens (skipped when 0), for each n in `concurrency`, n
+    streams of `stream_output_len` tokens, and `sequential` requests of one token one after another
+    (skipped when 0); prompts of `prompt_len` tokens of real text. Raises ValueError on a bad argument or an
+    unknown client."""
+    if rounds < 1 or prompt_len < 1 or sequential < 0 or any(n < 1 for n in concurrency):
+        raise ValueError("rounds and prompt_len must be >= 1, every concurrency too; sequential >= 0")
     unknown = [c for c in clients if c not in CLIENTS]
     if unknown or not clients:
         raise ValueError(f"clients must be among {', '.join(CLIENTS)}; got {', '.join(clients) or 'none'}")
@@ -89,6 +102,7 @@ def run_http_cpu(
         stream_output_len,
         prompt_len,
         seed,
+        sequential,
     )
     server = shoal_server(model, dtype, threads, None, log_dir, "shoal", tuple(serve_args))
     log(f"starting: {' '.join(server.cmd)}")
@@ -121,12 +135,13 @@ def _loads(
     stream_output_len: int,
     prompt_len: int,
     seed: int,
+    sequential: int = 0,
 ) -> list[dict[str, list[Request]]]:
     """Per round: load name -> requests, every prompt distinct from all others (no shared first block)."""
     from shoal.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(Path(model))
-    per_round = (1 if single_output_len > 0 else 0) + sum(concurrency)
+    per_round = (1 if single_output_len > 0 else 0) + sum(concurrency) + sequential
     source = workload.TokenSource.load(
         tokenizer, tokenizer.vocab_size, dataset, rounds * per_round * prompt_len * 2
     )
@@ -140,8 +155,39 @@ def _loads(
         for n in concurrency:
             ps = _distinct_prompts(source, rng, n, prompt_len, used)
             loads[f"streams-{n}"] = [Request(p, stream_output_len) for p in ps]
+        if sequential:
+            ps = _distinct_prompts(source, rng, sequential, prompt_len, used)
+            loads[f"{SEQUENTIAL}-{sequential}"] = [Request(p, 1) for p in ps]
         out.append(loads)
     return out
+
+
+def sequential_run(base_url: str, model_name: str, requests: list[Request]) -> dict:
+    """Each request alone, one after another, not streamed (greedy, EOS ignored), on one kept-alive
+    `http.client` connection: {"streams": [Stream], "wall_s"}, as http_run returns (TTFT: the whole
+    answer). Raises ServerError on an error answer."""
+    url = urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_TIMEOUT_S)
+    streams = []
+    start = time.perf_counter()
+    try:
+        for r in requests:
+            body = {"model": model_name, "prompt": r.prompt_token_ids, "max_tokens": r.output_len}
+            body |= {"temperature": 0, "ignore_eos": True}
+            sent = time.perf_counter()
+            connection.request(
+                "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise ServerError(f"http_{response.status}", answer.decode(errors="replace")[:500])
+            took = time.perf_counter() - sent
+            tokens = json.loads(answer)["usage"]["completion_tokens"]
+            streams.append(Stream(took, took, tokens, r.output_len, len(r.prompt_token_ids)))
+    finally:
+        connection.close()
+    return {"streams": streams, "wall_s": time.perf_counter() - start}
 
 
 def server_cpu_s(server: Server) -> tuple[float, float]:
@@ -175,10 +221,12 @@ def _measure(
                 f"idle: HTTP process {idle[0] * 1000:.1f}, engine core {idle[1] * 1000:.1f} CPU ms per second"
             )
         for name in loads[0]:
-            for c, client in enumerate(clients):
+            sequential = name.startswith(SEQUENTIAL)
+            for c, client in enumerate((SEQUENTIAL_CLIENT,) if sequential else clients):
                 requests = loads[r * len(clients) + c][name]  # prompts of its own: no prefix-cache hits
                 (http0, core0), client0 = server_cpu_s(server), time.process_time()
-                stats = summarize(**http_run(server.url, "shoal", requests, client=client))
+                run = sequential_run if sequential else partial(http_run, client=client)
+                stats = summarize(**run(server.url, "shoal", requests))
                 client_s = time.process_time() - client0
                 time.sleep(SETTLE_S)
                 http1, core1 = server_cpu_s(server)

@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 import msgspec
-import zmq
 
 from shoal.engine.admission import check_request
 from shoal.engine.config import EngineConfig
+from shoal.engine.core_stream import ServerEnd
 from shoal.engine.errors import EngineDeadError, EngineStepError
 from shoal.engine.health import EngineHealth, HealthPolicy
 from shoal.engine.messages import (
@@ -48,7 +48,6 @@ from shoal.engine.outputs import CompletionOutput, RequestOutput
 from shoal.engine.request_queue import RequestQueue
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import EngineStats, StepStats
-from shoal.engine.update_stream import UpdateListener
 from shoal.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,9 @@ class EngineCoreClient:
     ):
         """Spawn the core process; `await start()` waits until it has loaded the model."""
         self._ipc_dir = tempfile.mkdtemp(prefix="shoal-core-")
-        self._context = zmq.Context()
-        self._requests = self._context.socket(zmq.PUSH)
-        # No high-water mark: a send never blocks the event loop, even while the core waits for this loop
-        # to read its updates (engine/update_stream.py).
-        self._requests.setsockopt(zmq.SNDHWM, 0)
-        self._requests.bind(f"ipc://{self._ipc_dir}/requests")
-        # The updates come back on a Unix stream socket, read by the event loop (engine/update_stream.py).
-        self._updates = UpdateListener(f"{self._ipc_dir}/updates")
+        # Requests go out and updates come back on one Unix stream socket, read and written by the event
+        # loop; a send never blocks it (engine/core_stream.py).
+        self._stream = ServerEnd(f"{self._ipc_dir}/stream")
         self._following_updates: asyncio.Future | None = None
         self._decoder = msgspec.msgpack.Decoder(CoreMessage)
         self._on_message: Callable[[CoreMessage], None] = self._on_startup_message
@@ -80,13 +74,7 @@ class EngineCoreClient:
         self.fault_injection_enabled = fault_plan is not None
         self._process = multiprocessing.get_context("spawn").Process(
             target=_run_core,
-            args=(
-                config,
-                f"ipc://{self._ipc_dir}/requests",
-                self._updates.path,
-                fault_plan,
-                os.getpid(),
-            ),
+            args=(config, self._stream.path, fault_plan, os.getpid()),
             name="shoal-engine-core",
             daemon=True,
         )
@@ -102,7 +90,6 @@ class EngineCoreClient:
         self._outputs: dict[str, tuple[RequestOutput, RequestQueue]] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
-        self._encoder = msgspec.msgpack.Encoder()
         self._following = False  # the core is ready and its updates are followed
 
     async def _wait_ready(self) -> None:
@@ -118,7 +105,7 @@ class EngineCoreClient:
                 )
             following = self._following_updates
             if following.done() and not following.cancelled() and following.exception() is not None:
-                raise RuntimeError("the engine core's update stream failed") from following.exception()
+                raise RuntimeError("the engine core's stream failed") from following.exception()
         message = self._startup.result()  # Ready (already bound), or StartupFailed
         if isinstance(message, StartupFailed):
             await asyncio.to_thread(self._process.join, 10)
@@ -175,7 +162,7 @@ class EngineCoreClient:
                 await self._wait_ready()
             except BaseException:
                 self.phase = "failed"
-                self._release()  # an abandoned zmq context blocks the interpreter when collected
+                self._release()
                 raise
             loop = asyncio.get_running_loop()
             loop.add_reader(self._process.sentinel, self._core_died)
@@ -201,8 +188,7 @@ class EngineCoreClient:
         following = self._following_updates
         if following is not None and not following.done() and not following.get_loop().is_closed():
             following.cancel()  # still waiting for the core to connect
-        self._updates.close()
-        self._context.destroy(linger=0)
+        self._stream.close()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def _core_died(self) -> None:
@@ -227,9 +213,9 @@ class EngineCoreClient:
             if not future.done():
                 future.set_exception(EngineDeadError("the engine core process is gone"))
 
-    # ---- the update stream --------------------------------------------------------------------------
+    # ---- the stream from the core -------------------------------------------------------------------
     def _start_reading(self) -> None:
-        self._following_updates = asyncio.ensure_future(self._updates.follow(self._on_frame))
+        self._following_updates = asyncio.ensure_future(self._stream.follow(self._on_frame))
 
     def _on_frame(self, payload: memoryview) -> None:
         try:
@@ -364,7 +350,7 @@ class EngineCoreClient:
         return len(self._outputs)
 
     def _send(self, message: AddRequest | AbortRequests | Control) -> None:
-        self._requests.send(self._encoder.encode(message), copy=False)
+        self._stream.send(message)
 
     # ---- fault injection ----------------------------------------------------------------------------
     async def set_faults(self, plan: dict) -> dict:
@@ -387,10 +373,8 @@ class EngineCoreClient:
         return reply.payload
 
 
-def _run_core(
-    config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None, parent: int
-) -> None:
+def _run_core(config: EngineConfig, stream_path: str, fault_plan: dict | None, parent: int) -> None:
     """Spawned process target; imported there, so the parent never imports torch for it."""
     from shoal.engine.core_process import run_core
 
-    run_core(config, input_address, output_address, fault_plan, parent)
+    run_core(config, stream_path, fault_plan, parent)

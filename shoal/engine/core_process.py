@@ -1,5 +1,5 @@
-"""The engine core in its own process: receive requests over ZMQ, step the LLMEngine, send deltas back
-(over a Unix stream socket: engine/update_stream.py).
+"""The engine core in its own process: receive requests, step the LLMEngine, send deltas back, both over
+one Unix stream socket to the server (engine/core_stream.py).
 
 Why a process: in one process the engine thread and the HTTP event loop share the GIL, and every
 small torch op the engine runs releases and re-takes it, so the loop's JSON and socket work stalls the
@@ -9,7 +9,7 @@ streams. Measured in docs/performance.md.
 The loop: take every waiting message (blocking only while idle), apply adds, aborts and control calls,
 run one step (fault plan first), and send one StepUpdate with each touched request's delta. A step that
 raises fails every request in flight (each gets an error) and the loop goes on. The loop ends on a
-"shutdown" call, or when the parent process dies (its update stream closes). Under
+"shutdown" call, or when the parent process dies (its stream closes). Under
 `--scheduling-policy priority` the inbox is also read between the decoder layers of a step, and a more
 urgent arrival abandons the step (engine/interrupt.py); what was read then is applied before the next
 step, in order.
@@ -22,9 +22,9 @@ import os
 from dataclasses import asdict
 
 import msgspec
-import zmq
 
 from shoal.engine.config import EngineConfig
+from shoal.engine.core_stream import CoreEnd
 from shoal.engine.faults import FaultInjector, FaultPlan
 from shoal.engine.interrupt import Inbox
 from shoal.engine.llm_engine import LLMEngine
@@ -45,7 +45,6 @@ from shoal.engine.messages import (
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import StepStats
-from shoal.engine.update_stream import UpdateSender
 from shoal.gc_heap import freeze_startup_heap
 from shoal.logging_config import LOG_FORMAT_ENV, configure_logging
 
@@ -194,34 +193,29 @@ def _shallow_fields(stats: object) -> dict:
     return dict(vars(stats))
 
 
-def run_core(
-    config: EngineConfig, input_address: str, output_address: str, fault_plan: dict | None, parent: int
-) -> None:
-    """Process entry point (spawned): load, report Ready (or StartupFailed), then loop until shutdown or
-    until the server process (pid parent, given by the server: it may be gone before this process reads
-    its own parent) is no longer this process's parent."""
+def run_core(config: EngineConfig, stream_path: str, fault_plan: dict | None, parent: int) -> None:
+    """Process entry point (spawned): connect to the server's stream at stream_path, load, report Ready
+    (or StartupFailed), then loop until shutdown or until the server process (pid parent, given by the
+    server: it may be gone before this process reads its own parent) is no longer this process's parent."""
     configure_logging(
         os.environ.get("SHOAL_CORE_LOG_LEVEL", "WARNING"), os.environ.get(LOG_FORMAT_ENV, "text")
     )
-    context = zmq.Context()
-    inbox = context.socket(zmq.PULL)
-    inbox.connect(input_address)
-    outbox = UpdateSender(output_address)
+    stream = CoreEnd(stream_path)
     try:
         faults = FaultInjector(FaultPlan.parse(fault_plan)) if fault_plan is not None else None
         if faults is not None:
             faults.before_load()
         engine = LLMEngine(config)
-        outbox.send(Loaded())
+        stream.send(Loaded())
         if faults is not None:
             faults.before_warmup()
         engine.warm_up()
         frozen = freeze_startup_heap()  # full collections would otherwise walk the model's objects
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
         log.exception("engine core failed to start")
-        outbox.send(StartupFailed(f"{type(e).__name__}: {e}"))
+        stream.send(StartupFailed(f"{type(e).__name__}: {e}"))
         return
-    outbox.send(
+    stream.send(
         Ready(
             asdict(engine.config),
             engine.generation_config,
@@ -229,16 +223,15 @@ def run_core(
             engine.describe() | {"gc_frozen_objects": frozen},
         )
     )
-    messages = Inbox(inbox, msgspec.msgpack.Decoder(ClientMessage))
-    _loop(EngineCore(engine, faults, messages), messages, outbox, parent)
+    messages = Inbox(stream, msgspec.msgpack.Decoder(ClientMessage))
+    _loop(EngineCore(engine, faults, messages), messages, stream, parent)
     engine.close()
-    outbox.close()
-    context.destroy(linger=1000)
+    stream.close()
 
 
-def _loop(core: EngineCore, inbox: Inbox, outbox: UpdateSender, parent: int) -> None:
-    """Serve the client until shutdown, or until the server process (pid parent) is gone (its update
-    stream closed, or this process reparented)."""
+def _loop(core: EngineCore, inbox: Inbox, outbox: CoreEnd, parent: int) -> None:
+    """Serve the client until shutdown, or until the server process (pid parent) is gone (its stream
+    closed, or this process reparented)."""
     while core.running:
         update = StepUpdate()
         busy = core.engine.has_unfinished()
@@ -247,6 +240,8 @@ def _loop(core: EngineCore, inbox: Inbox, outbox: UpdateSender, parent: int) -> 
             for message in inbox.take():
                 core.apply(message, update)
                 applied = True
+            if inbox.closed:
+                return  # the server is gone: nobody will read what is left
             if update.replies:  # answered before the step: a step told to hang or die must not hold them
                 # Fresh stats ride along: a /metrics scrape's "stats" call is answered by them.
                 if not outbox.send(StepUpdate(replies=update.replies, stats=core.stats())):

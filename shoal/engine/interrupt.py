@@ -47,8 +47,8 @@ What an abandoned step leaves behind, and why it is harmless:
 The one-call native decode step (kernels/decode_step.c) makes the same call between its layers through a
 ctypes callback (measured in docs/benchmarks.md). Where a step is not interruptible: a compiled forward,
 tensor parallelism (the workers run the forward in lockstep),
-and the in-process thread engine (its adds wait for the step anyway). The check costs one non-blocking
-`zmq` poll per layer (measured in docs/benchmarks.md).
+and the in-process thread engine (its adds wait for the step anyway). The check costs one poll(2) of the
+core's stream per layer when nothing has arrived (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ from typing import TYPE_CHECKING
 
 from shoal.engine.messages import AddRequest, ClientMessage
 
-if TYPE_CHECKING:  # the engine imports StepInterrupted without needing zmq
+if TYPE_CHECKING:  # the engine imports StepInterrupted alone
     import msgspec
-    import zmq
+
+    from shoal.engine.core_stream import CoreEnd
 
 
 class StepInterrupted(Exception):
@@ -67,19 +68,24 @@ class StepInterrupted(Exception):
 
 
 class Inbox:
-    """The engine core's ZMQ inbox. Between steps `take` returns every waiting message; during a step,
-    `urgent_arrival` moves what has arrived into a hold (returned first by the next `take`, so the
-    order of messages is kept) and says whether it holds a more urgent request."""
+    """The engine core's inbox: the requests on its stream from the server (engine/core_stream.py).
+    Between steps `take` returns every waiting message; during a step, `urgent_arrival` moves what has
+    arrived into a hold (returned first by the next `take`, so the order of messages is kept) and says
+    whether it holds a more urgent request. `closed`: the server's end is gone."""
 
-    def __init__(self, socket: zmq.Socket, decoder: msgspec.msgpack.Decoder):
-        self._socket = socket
+    def __init__(self, stream: CoreEnd, decoder: msgspec.msgpack.Decoder):
+        self._stream = stream
         self._decoder = decoder
         self._held: list[ClientMessage] = []
         self._most_urgent: int | None = None  # the lowest priority among held AddRequests
 
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
     def wait(self, timeout_ms: int) -> bool:
-        """Whether a message is ready, waiting up to timeout_ms for one."""
-        return bool(self._held) or bool(self._socket.poll(timeout_ms))
+        """Whether a message (or the end of the stream) is ready, waiting up to timeout_ms for one."""
+        return bool(self._held) or self._stream.readable(timeout_ms)
 
     def take(self) -> list[ClientMessage]:
         """Every message received so far, held ones first, in arrival order."""
@@ -93,8 +99,8 @@ class Inbox:
         return self._most_urgent is not None and self._most_urgent < least_urgent
 
     def _receive(self) -> None:
-        while self._socket.poll(0):
-            message = self._decoder.decode(self._socket.recv())
+        for payload in self._stream.receive():
+            message = self._decoder.decode(payload)
             self._held.append(message)
             if isinstance(message, AddRequest) and (
                 self._most_urgent is None or message.priority < self._most_urgent
