@@ -695,6 +695,13 @@ def spike(
     without_policy: Annotated[
         bool, typer.Option(help="Also run the spike against the server without the policy.")
     ] = True,
+    unloaded_requests: Annotated[
+        int,
+        typer.Option(
+            help="Premium requests of the unloaded baseline, one at a time (its P95 is the ratio's "
+            "denominator: more requests, a steadier one)."
+        ),
+    ] = 20,
     output_json: Annotated[Path | None, typer.Option(help="Write the result here.")] = None,
 ) -> None:
     """Issue 20's spike (shoal/bench/spike.py): factor x the sustainable rate for spike_s seconds against
@@ -715,6 +722,7 @@ def spike(
         nice_flood=nice_flood,
         rate=rate,
         without_policy=without_policy,
+        unloaded_requests=unloaded_requests,
     )
     typer.echo(bench_spike.markdown(result))
     if output_json is not None:
