@@ -140,6 +140,8 @@ def test_requests_reach_the_core_in_order_and_it_never_blocks_to_read_them(tmp_p
             server.send(m)
         got += await asyncio.to_thread(read, len(late))
         server.close()
+        server.send({"after": "close"})  # dropped, not kept: nothing would ever send it
+        assert server._unsent == []
         await asyncio.to_thread(core.readable, 5_000)
         assert await asyncio.to_thread(core.receive) == []
         closed = core.closed

@@ -127,6 +127,7 @@ class ServerEnd:
         self._transport: asyncio.Transport | None = None
         self._frames = FrameEncoder()
         self._unsent: list[bytes] = []  # frames sent before the core connected, in order
+        self._closed = False
 
     async def follow(self, on_frame: Callable[[memoryview], None]) -> None:
         """Accept the core's connection, then call on_frame(payload) for each frame, in order, on the
@@ -142,6 +143,8 @@ class ServerEnd:
     def send(self, message: object) -> None:
         """Queue one message for the core (never blocks); kept in order until the core has connected.
         Dropped once the stream is closed. ValueError if the encoded message does not fit a frame."""
+        if self._closed:
+            return
         frame = bytes(self._frames.frame(message))  # a transport may keep what it could not write yet
         if self._transport is None:
             self._unsent.append(frame)
@@ -151,6 +154,8 @@ class ServerEnd:
     def close(self) -> None:
         """Close the listener and the stream (its reader leaves the event loop); safe to call twice, and
         after the event loop has closed."""
+        self._closed = True
+        self._unsent = []
         self._listener.close()
         transport, self._transport = self._transport, None
         if transport is not None:

@@ -33,11 +33,12 @@ async def prepare(fn: Callable[..., T], *args: object, size: int) -> T:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-def prompt_size(prompt: str | Iterable) -> int:
-    """Characters (or token ids) in a prompt field: a string, token ids, or a list of either."""
-    if isinstance(prompt, str):
+def prompt_size(prompt: str | list) -> int:
+    """Characters (or token ids) in a prompt field: a string, token ids, or a list of either (lists are
+    all of one kind, as the request's schema has them, so token ids are counted without a loop)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return len(prompt)
-    return sum(1 if isinstance(item, int) else prompt_size(item) for item in prompt)
+    return sum(prompt_size(item) for item in prompt)
 
 
 # A message costs the chat template a loop iteration whatever its length: counted as at least this many
