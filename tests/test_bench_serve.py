@@ -247,18 +247,25 @@ def test_spike_connection_pool_reads_chunked_streams_and_refusals_on_kept_alive_
 @pytest.mark.timeout(10)
 def test_spike_server_side_reads_queue_and_ttft_per_class_from_the_access_log(tmp_path):
     """shoal/bench/spike.py's server_side: only successful requests with the prefix's ids, per class; the
-    prompt step is TTFT minus queue, request by request."""
+    prompt step is TTFT minus queue, request by request; and whether the slowest arrived during another
+    request's prompt step of the same class (arrival: the line's time less its latency)."""
+    from datetime import UTC, datetime
+
     from shoal.bench.spike import server_side
 
-    def line(request_id: str, status: int, queue: float | None, ttft: float | None) -> str:
-        return json.dumps({"logger": "shoal.access", "request_id": request_id, "status": status,
-                           "queue_s": queue, "ttft_s": ttft})  # fmt: skip
+    def line(
+        request_id: str, status: int, queue: float | None, ttft: float | None, arrival: float = 0.0
+    ) -> str:
+        latency = 0.2
+        end = datetime.fromtimestamp(1.8e9 + arrival + latency, tz=UTC).isoformat(timespec="milliseconds")
+        return json.dumps({"time": end, "logger": "shoal.access", "request_id": request_id, "status": status,
+                           "queue_s": queue, "ttft_s": ttft, "latency_s": latency})  # fmt: skip
 
     log = tmp_path / "server.log"
     log.write_text("\n".join([
         '{"logger": "shoal.server", "message": "engine ready after 1.0 s"}',
-        line("spike-premium-0", 200, 0.010, 0.050),
-        line("spike-premium-3", 200, 0.030, 0.050),
+        line("spike-premium-0", 200, 0.010, 0.050),  # its prompt step: 0.010-0.050 s after 0
+        line("spike-premium-3", 200, 0.030, 0.060, arrival=0.020),  # arrived during it, and the slowest
         line("spike-standard-1", 200, 1.0, 1.5),
         line("spike-standard-2", 503, None, None),  # shed
         line("unloaded0-premium-0", 200, 0.001, 0.020),  # another prefix
@@ -267,9 +274,11 @@ def test_spike_server_side_reads_queue_and_ttft_per_class_from_the_access_log(tm
     report = server_side(log, "spike")
     premium, standard = report["premium"], report["standard"]
     assert premium["n"] == 2 and standard["n"] == 1
-    assert premium["queue_p50_s"] == pytest.approx(0.020) and premium["ttft_p95_s"] == pytest.approx(0.050)
-    assert premium["prompt_step_p50_s"] == pytest.approx(0.030)  # (0.040 + 0.020) / 2
+    assert premium["queue_p50_s"] == pytest.approx(0.020) and premium["ttft_p95_s"] == pytest.approx(0.0595)
+    assert premium["prompt_step_p50_s"] == pytest.approx(0.035)  # (0.040 + 0.030) / 2
     assert standard["prompt_step_p95_s"] == pytest.approx(0.5)
+    assert premium["slowest_tenth"] == 1 and premium["behind_own_class"] == 1
+    assert standard["behind_own_class"] == 0  # alone in its class
     assert server_side(log, "unloaded")["premium"]["ttft_p50_s"] == pytest.approx(0.020)
 
 

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -367,11 +368,24 @@ def _keys(keys_file: Path) -> dict[str, dict]:
     return headers
 
 
+@dataclass(frozen=True)
+class _Served:
+    """One successful request from the access log: its arrival (unix seconds, the line's time less its
+    latency; the time is logged to the millisecond), queue (arrival to first engine step) and TTFT."""
+
+    arrival: float
+    queue: float
+    ttft: float
+
+
 def server_side(log_path: Path, id_prefix: str) -> dict:
     """Per class, from the server's JSON access lines of the successful requests whose id starts with
-    id_prefix (ids made by _send: `{prefix}-{class}-{i}`): their number, and P50/P95 seconds of the queue (HTTP arrival to its first engine step), of
-    TTFT (to its first token) and of their difference (the step or steps that computed the prompt)."""
-    rows: dict[str, list[tuple[float, float]]] = {c: [] for c in CLASSES}
+    id_prefix (ids made by _send: `{prefix}-{class}-{i}`): their number, and P50/P95 seconds of the queue
+    (HTTP arrival to its first engine step), of TTFT (to its first token) and of their difference (the
+    step or steps that computed the prompt); and how many of the slowest tenth by TTFT arrived while
+    another request of the class was in its prompt step (`slowest_tenth`, `behind_own_class`): a wait that
+    the class's own traffic causes, whatever else the server does."""
+    rows: dict[str, list[_Served]] = {c: [] for c in CLASSES}
     for line in log_path.read_text().splitlines():
         if f'"request_id": "{id_prefix}' not in line:
             continue
@@ -380,19 +394,34 @@ def server_side(log_path: Path, id_prefix: str) -> dict:
         if len(parts) != 3 or parts[1] not in rows or entry.get("status") != 200:
             continue
         if entry.get("queue_s") is not None and entry.get("ttft_s") is not None:
-            rows[parts[1]].append((entry["queue_s"], entry["ttft_s"]))
+            arrival = datetime.fromisoformat(entry["time"]).timestamp() - entry["latency_s"]
+            rows[parts[1]].append(_Served(arrival, entry["queue_s"], entry["ttft_s"]))
     report = {}
-    for request_class, pairs in rows.items():
+    for request_class, served in rows.items():
         parts = {
-            "queue": [q for q, _ in pairs],
-            "ttft": [t for _, t in pairs],
-            "prompt_step": [t - q for q, t in pairs],
+            "queue": [r.queue for r in served],
+            "ttft": [r.ttft for r in served],
+            "prompt_step": [r.ttft - r.queue for r in served],
         }
+        slowest = sorted(served, key=lambda r: -r.ttft)[: max(len(served) // 10, 1)] if served else []
         report[request_class] = {
-            "n": len(pairs),
+            "n": len(served),
             **{f"{name}_p{q}_s": percentile(values, q) for name, values in parts.items() for q in (50, 95)},
+            "slowest_tenth": len(slowest),
+            "behind_own_class": sum(_in_a_prompt_step(r, served) for r in slowest),
         }
     return report
+
+
+def _in_a_prompt_step(request: _Served, served: list[_Served]) -> bool:
+    """Whether request arrived while another one of served was in its prompt step (1 ms of slack each
+    side: the log's resolution)."""
+    slack = 0.001
+    return any(
+        other is not request
+        and other.arrival + other.queue - slack <= request.arrival <= other.arrival + other.ttft + slack
+        for other in served
+    )
 
 
 def _start(model: str, dtype: str, threads: int, workdir: Path, name: str, extra: list[str]) -> Server:
@@ -636,7 +665,13 @@ def markdown(result: dict) -> str:
                 f"- {side}, {request_class} ({c['n']} answered), from the server's access log: queue (HTTP "
                 f"arrival to first engine step) P50 {_ms(c['queue_p50_s'])}, P95 {_ms(c['queue_p95_s'])}; "
                 f"prompt step(s) P50 {_ms(c['prompt_step_p50_s'])}, P95 {_ms(c['prompt_step_p95_s'])}; "
-                f"server TTFT P50 {_ms(c['ttft_p50_s'])}, P95 {_ms(c['ttft_p95_s'])}."
+                f"server TTFT P50 {_ms(c['ttft_p50_s'])}, P95 {_ms(c['ttft_p95_s'])}"
+                + (
+                    f"; of the {c['slowest_tenth']} slowest, {c['behind_own_class']} arrived during another "
+                    f"{request_class} request's prompt step."
+                    if request_class == "premium" and c.get("slowest_tenth")
+                    else "."
+                )
             )
     return "\n".join(lines)
 
