@@ -64,9 +64,9 @@ class Lifecycle:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        logger.info(
-            "engine ready after %.1f s (%d objects frozen)", time.monotonic() - t0, self.engine_started()
-        )
+        ready_s = time.monotonic() - t0
+        frozen = self.engine_started()
+        logger.info("engine ready after %.1f s (%d objects frozen)", ready_s, frozen)
 
     def engine_started(self) -> int:
         """After the engine has started: freeze the heap if asked (build_app's freeze_heap); the number of
