@@ -164,6 +164,18 @@ def serve(
             "least urgent request, newest first. vLLM's flag.",
         ),
     ] = "fcfs",
+    urgent_threads: Annotated[
+        int | None,
+        typer.Option(
+            help="With --scheduling-policy priority: CPU threads of an urgent step, one that computes the "
+            "prompt of a request with priority <= --urgent-priority toward its first token (such a step runs "
+            "only rows as urgent). Every other step keeps --threads. Gives premium first tokens the cores "
+            "that --threads leaves to the HTTP side (docs/security.md). Default: --threads.",
+        ),
+    ] = None,
+    urgent_priority: Annotated[
+        int, typer.Option(help="The least urgent priority whose prompt steps get --urgent-threads.")
+    ] = 0,
     preemption_mode: Annotated[
         str,
         typer.Option(
@@ -334,6 +346,8 @@ def serve(
         chat_template=str(chat_template) if chat_template else None,
         compile=compile,
         scheduling_policy=scheduling_policy,
+        urgent_threads=urgent_threads,
+        urgent_priority=urgent_priority,
         record_schedule=record_schedule,
         load_format=load_format,
         tensor_parallel_size=tensor_parallel_size,

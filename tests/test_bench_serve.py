@@ -282,6 +282,34 @@ def test_spike_server_side_reads_queue_and_ttft_per_class_from_the_access_log(tm
     assert server_side(log, "unloaded")["premium"]["ttft_p50_s"] == pytest.approx(0.020)
 
 
+def test_spike_premium_alone_baseline_gives_the_spikes_p95_over_premium_traffic_alone(tmp_path):
+    """shoal/bench/spike.py's premium-alone baseline: its client P95 from its outcomes, its server P95 from
+    the access lines of its own id prefix, the spike's P95 over each, and the report's column and line."""
+    from shoal.bench import spike
+
+    log = tmp_path / "server.log"
+    log.write_text("\n".join(
+        json.dumps({"time": "2027-01-15T08:00:00.000+00:00", "request_id": f"alone-premium-{i}", "status": 200,
+                    "queue_s": 0.001, "ttft_s": 0.020 + 0.001 * i, "latency_s": 0.2})
+        for i in range(20)
+    ) + "\n")  # fmt: skip
+    alone = [spike.Outcome("premium", 200, 0.030 + 0.001 * i) for i in range(20)]
+    spike_side = {"premium": {"ttft_p95_s": 0.0585}}
+    got = spike._premium_alone(alone, 0.0975, spike_side, log)
+    assert got["alone_premium"] == {"ok": 20, "sent": 20, "ttft_p95_s": pytest.approx(0.04805)}
+    assert got["premium_ttft_p95_over_alone"] == pytest.approx(0.0975 / 0.04805)
+    assert got["alone_server_side"]["ttft_p95_s"] == pytest.approx(0.03805)
+    assert got["premium_server_ttft_p95_over_alone"] == pytest.approx(0.0585 / 0.03805)
+    assert spike._premium_alone(None, 0.1, spike_side, log) == {}
+    classes = {c: spike.summarize([])[c] for c in spike.CLASSES}
+    result = {"factor": 10, "sustainable_rate_rps": 7.0, "spike_s": 30, "model": "m", "dtype": "float32",
+              "urgent_threads": 2, "with policy": {"classes": classes, "premium_ttft_p95_ratio": 1.5, **got}}  # fmt: skip
+    report = spike.markdown(result)
+    assert "--urgent-threads 2" in report and "| 1.50x | 2.03x |" in report
+    assert "premium alone (the spike's premium arrivals without the flood; 20 of 20 answered)" in report
+    assert "under the spike / alone: **2.03x** (server 1.54x)" in report
+
+
 @pytest.mark.timeout(30)
 def test_cpu_meter_counts_the_servers_child_processes_as_its_own() -> None:
     """serve-compare's CpuMeter subtracts its own processes' CPU from the machine's; `shoal serve`'s engine

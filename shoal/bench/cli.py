@@ -702,6 +702,19 @@ def spike(
             "denominator: more requests, a steadier one)."
         ),
     ] = 20,
+    urgent_threads: Annotated[
+        int | None,
+        typer.Option(
+            help="--urgent-threads of the server with the policy (premium prompt steps' CPU threads)."
+        ),
+    ] = None,
+    premium_alone: Annotated[
+        bool,
+        typer.Option(
+            help="Also send the spike's premium arrivals without the flood (spike-s seconds per server): "
+            "the premium P95 that premium traffic alone gives, beside the one-at-a-time one."
+        ),
+    ] = True,
     output_json: Annotated[Path | None, typer.Option(help="Write the result here.")] = None,
 ) -> None:
     """Issue 20's spike (shoal/bench/spike.py): factor x the sustainable rate for spike_s seconds against
@@ -723,6 +736,8 @@ def spike(
         rate=rate,
         without_policy=without_policy,
         unloaded_requests=unloaded_requests,
+        urgent_threads=urgent_threads,
+        premium_alone=premium_alone,
     )
     typer.echo(bench_spike.markdown(result))
     if output_json is not None:

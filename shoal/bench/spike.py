@@ -6,13 +6,19 @@ Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and thr
 2. **unloaded premium TTFT**: premium requests one at a time, each sent 0.1 s after the previous
    answer ended, so that nothing else runs (until 2026-11-30 they were sent 0.3 s apart, which on a
    machine whose 16-token answer takes longer than that made each wait for the previous one's step);
-3. **spike**: open-loop Poisson arrivals at `factor` x the sustainable rate for `spike_s` seconds
+   this P95 is the goal's denominator;
+3. **premium alone** (unless `premium_alone=False`): the spike's premium arrivals, on the same plan,
+   without the flood. Premium requests then wait for each other's prompt steps as they do in the spike,
+   so its P95 against the spike's isolates what the flood adds; against the one-at-a-time P95 it shows
+   what premium traffic costs itself;
+4. **spike**: open-loop Poisson arrivals at `factor` x the sustainable rate for `spike_s` seconds
    (bounded by `max_requests`), a `premium_share` of them premium, the rest standard; every request
    streamed, `max_tokens` tokens, cut at `request_timeout_s`.
 
 With the policy: API keys of class `premium` (priority 0) and `standard` (priority 10),
 `--scheduling-policy priority`, and shedding (`max_waiting_requests`; standard is shed at a quarter of
-it). Without it, the two classes are only labels on identical requests. Both servers run with the same
+it), and `--urgent-threads` where `urgent_threads` is given. Without it, the two classes are only labels on
+identical requests. Both servers run with the same
 `--max-num-seqs` (the batch a step runs): with the default 256, every arrival is admitted at once and
 TTFT is set by the size of the batch, which no queue order can help; a batch sized to the machine makes
 the overload wait in the queue, where priorities and shedding act. The report gives, per server and class, the
@@ -445,6 +451,7 @@ class SpikeLoad:
     max_requests: int
     request_timeout_s: float
     unloaded_requests: int
+    premium_alone: bool = True
 
 
 def run_spike(
@@ -463,26 +470,28 @@ def run_spike(
     nice_flood: bool = True,
     rate: float | None = None,
     without_policy: bool = True,
+    urgent_threads: int | None = None,
+    premium_alone: bool = True,
 ) -> dict:
     """The whole benchmark (see the module docstring); returns a JSON-able result. `rate` (req/s) is
     taken as the sustainable rate instead of measuring it (runs to compare then get the same spike);
     `without_policy=False` runs only the server with the policy; `nice_flood=False` runs the standard
-    flood's process at this process's priority instead of nice 19."""
+    flood's process at this process's priority instead of nice 19; `urgent_threads` is the policy
+    server's --urgent-threads; `premium_alone=False` skips that baseline (spike_s seconds per server)."""
     workdir = Path(tempfile.mkdtemp(prefix="shoal-spike-"))
     keys_file = workdir / "keys.json"
     headers = _keys(keys_file)
     policy = workdir / "policy.yaml"
     policy.write_text(POLICY.format(keys_file=keys_file, max_waiting=max_waiting))
     batch = ["--max-num-seqs", str(max_num_seqs)]
-    sides = {
-        "without policy": (batch, {c: {} for c in CLASSES}),
-        "with policy": ([*batch, "--policy", str(policy), "--scheduling-policy", "priority"], headers),
-    }
+    with_policy = [*batch, "--policy", str(policy), "--scheduling-policy", "priority"]
+    if urgent_threads is not None:
+        with_policy += ["--urgent-threads", str(urgent_threads)]
+    sides = {"without policy": (batch, {c: {} for c in CLASSES}), "with policy": (with_policy, headers)}
     if not without_policy:
         del sides["without policy"]
-    load = SpikeLoad(
-        factor, spike_s, premium_share, max_tokens, max_requests, request_timeout_s, unloaded_requests
-    )
+    load = SpikeLoad(factor, spike_s, premium_share, max_tokens, max_requests, request_timeout_s,
+                     unloaded_requests, premium_alone)  # fmt: skip
     result = {
         "machine": machine(threads),
         "model": model,
@@ -494,6 +503,7 @@ def run_spike(
         "max_num_seqs": max_num_seqs,
         "max_waiting_requests": max_waiting,
         "nice_flood": nice_flood,
+        "urgent_threads": urgent_threads,
     }
     if rate is not None:
         result["sustainable_rate_rps"], result["rate_given"] = rate, True
@@ -516,21 +526,26 @@ def run_spike(
 def _measure(
     premium: Client, flood: Client, server: Server, headers: dict, load: SpikeLoad, rate: float
 ) -> dict:
-    """The unloaded premium TTFT, then the spike at load.factor x rate (req/s): its standard requests
-    sent by the `flood` client, its premium ones by the `premium` client, both from the same instant;
-    one server's result."""
+    """The unloaded premium TTFT, premium alone, then the spike at load.factor x rate (req/s): its
+    standard requests sent by the `flood` client, its premium ones by the `premium` client, both from the
+    same instant; one server's result."""
     unloaded = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium", headers,
                             load.max_tokens, load.request_timeout_s, "unloaded")  # fmt: skip
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
     classes = class_schedule(len(times), load.premium_share)
     plan = [(i, t, c) for i, (t, c) in enumerate(zip(times, classes, strict=True))]
+    premium_plan = [p for p in plan if p[2] == "premium"]
+    alone = None
+    if load.premium_alone:
+        alone = premium.call(_run, _send, server.url, premium_plan, headers, load.max_tokens,
+                             load.request_timeout_s, "alone")  # fmt: skip
     before = live_stats.fetch(server.url)
     loadavg_before = workload.load_average()
     cpu0, wall0 = server_cpu_s(server), time.perf_counter()
     start_at = time.time() + 0.5  # both clients' plans start at this instant
     rest = (headers, load.max_tokens, load.request_timeout_s, "spike", start_at)
     flooding = flood.submit(_run, _send, server.url, [p for p in plan if p[2] == "standard"], *rest)
-    premium_outcomes = premium.call(_run, _send, server.url, [p for p in plan if p[2] == "premium"], *rest)
+    premium_outcomes = premium.call(_run, _send, server.url, premium_plan, *rest)
     flood_outcomes = flooding.result()
     cpu1, wall = server_cpu_s(server), time.perf_counter() - wall0
     loadavg_after = workload.load_average()
@@ -543,7 +558,7 @@ def _measure(
     base = percentile([o.ttft_s for o in unloaded if o.ttft_s is not None], 95)
     summary = summarize(premium_outcomes + flood_outcomes)
     p95 = summary["premium"]["ttft_p95_s"]
-    return {
+    return _premium_alone(alone, p95, spike_side, server.log_path) | {
         "requests": len(plan),
         "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
@@ -577,6 +592,23 @@ def _measure(
     }
 
 
+def _premium_alone(alone: list[Outcome] | None, p95: float | None, spike_side: dict, log_path: Path) -> dict:
+    """The premium-alone baseline's TTFT P95, client and server side, and the spike's over it; {} when it
+    did not run."""
+    if alone is None:
+        return {}
+    base = summarize(alone)["premium"]
+    server = server_side(log_path, "alone")["premium"]
+    return {
+        "alone_premium": {"ok": base["ok"], "sent": base["sent"], "ttft_p95_s": base["ttft_p95_s"]},
+        "alone_server_side": server,
+        "premium_ttft_p95_over_alone": _ratio(p95, base["ttft_p95_s"]),
+        "premium_server_ttft_p95_over_alone": _ratio(
+            spike_side["premium"]["ttft_p95_s"], server["ttft_p95_s"]
+        ),
+    }
+
+
 def _sending(outcomes: list[Outcome]) -> dict:
     """One client's sends: send lag P50/P95/max (s), and its planned and achieved rates (req/s): its
     requests over the time from the plan's start to its last planned arrival, and to its last send."""
@@ -604,19 +636,29 @@ def markdown(result: dict) -> str:
         + f") for "
         f"{result['spike_s']:g} s; model {result['model']}, dtype {result['dtype']}; standard flood from its "
         + ("own process at nice 19" if result.get("nice_flood") else "own process")
-        + ", premium from another (not niced).",
+        + ", premium from another (not niced)"
+        + (
+            f"; policy server with --urgent-threads {result['urgent_threads']}."
+            if result.get("urgent_threads")
+            else "."
+        ),
         "",
-        "| server | class | sent | ok | rejected | timed out | success | TTFT P50 | P95 | P99 | P95 / unloaded |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | class | sent | ok | rejected | timed out | success | TTFT P50 | P95 | P99 | P95 / unloaded "
+        "| P95 / alone |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sides = [side for side in ("without policy", "with policy") if side in result]
     for side in sides:
         r = result[side]
         for request_class, c in r["classes"].items():
-            ratio = r["premium_ttft_p95_ratio"] if request_class == "premium" else None
+            premium = request_class == "premium"
+            ratios = [
+                r.get(k) if premium else None
+                for k in ("premium_ttft_p95_ratio", "premium_ttft_p95_over_alone")
+            ]
             cells = [side, request_class, c["sent"], c["ok"], c["rejected"], c["timed_out"],
                      _pct(c["success_rate"]), _ms(c["ttft_p50_s"]), _ms(c["ttft_p95_s"]), _ms(c["ttft_p99_s"]),
-                     f"{ratio:.2f}x" if ratio else ""]  # fmt: skip
+                     *(f"{x:.2f}x" if x else "" for x in ratios)]  # fmt: skip
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     lines.append("")
     for side in sides:
@@ -660,6 +702,14 @@ def markdown(result: dict) -> str:
                     else "."
                 )
             )
+        if "alone_premium" in r:
+            a, server = r["alone_premium"], r["alone_server_side"]
+            lines.append(
+                f"- {side}, premium alone (the spike's premium arrivals without the flood; {a['ok']} of "
+                f"{a['sent']} answered): client TTFT P95 {_ms(a['ttft_p95_s'])}, server {_ms(server['ttft_p95_s'])} "
+                f"(queue P95 {_ms(server['queue_p95_s'])}); under the spike / alone: "
+                f"**{_x(r['premium_ttft_p95_over_alone'])}** (server {_x(r['premium_server_ttft_p95_over_alone'])})."
+            )
         for request_class, c in r.get("server_side", {}).items():
             lines.append(
                 f"- {side}, {request_class} ({c['n']} answered), from the server's access log: queue (HTTP "
@@ -674,6 +724,10 @@ def markdown(result: dict) -> str:
                 )
             )
     return "\n".join(lines)
+
+
+def _x(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}x"
 
 
 def _rps(x: float | None) -> str:

@@ -30,6 +30,11 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # recompute | swap (vLLM's --preemption-mode; engine/scheduler.py)
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's --swap-space), swap only
     deterministic: bool = False  # batch-invariant numerics (vLLM's VLLM_BATCH_INVARIANT; docs/determinism.md)
+    # CPU threads of an urgent prompt step: under `priority`, a step computing a prompt of priority <=
+    # urgent_priority toward its first token (it runs only rows as urgent: engine/scheduler.py). None: the
+    # engine's threads. The idle cores a server keeps for its HTTP side go to premium first tokens.
+    urgent_threads: int | None = None
+    urgent_priority: int = 0
 
     def validate(self) -> None:
         checks = {
@@ -39,6 +44,7 @@ class EngineConfig:
             "block_size": self.block_size,
             "kv_cache_memory": self.kv_cache_memory,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "urgent_threads": self.urgent_threads,
         }
         for name, value in checks.items():
             if value is not None and value < 1:
@@ -62,10 +68,26 @@ class EngineConfig:
             raise ValueError(
                 "deterministic and compile cannot be combined: the compiled graph has its own kernels"
             )
+        if self.urgent_threads is not None:
+            self._validate_urgent_threads()
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.tensor_parallel_size > 1:
             self._validate_tensor_parallel()
+
+    def _validate_urgent_threads(self) -> None:
+        """urgent_threads changes a CPU step's OpenMP team: only where urgent steps exist and the step runs
+        in this process with numerics that may depend on the team (not deterministic)."""
+        conflicts = {
+            "scheduling_policy fcfs (urgent steps exist only under priority)": self.scheduling_policy
+            != "priority",
+            "device cuda (CPU threads only)": self.device == "cuda",
+            "tensor_parallel_size > 1 (each rank has its own threads)": self.tensor_parallel_size > 1,
+            "deterministic (a step's team size must not change its numbers)": self.deterministic,
+        }
+        for name, on in conflicts.items():
+            if on:
+                raise ValueError(f"urgent_threads cannot be combined with {name}")
 
     def _validate_tensor_parallel(self) -> None:
         """What does not combine with tensor parallelism yet (the model's own limits are checked at load)."""

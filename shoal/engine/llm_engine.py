@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ class LLMEngine:
         self.config = config
         self.model_path = resolve_model_path(config.model)
         self.device = resolve_device(config.device)
+        if config.urgent_threads is not None and self.device.type != "cpu":
+            raise ValueError(f"urgent_threads sets CPU threads; this engine runs on {self.device}")
         model_cfg = load_config(self.model_path)
         mmap = config.load_format == "mmap"
         self.dtype = self._dtype(model_cfg.dtype, mmap)
@@ -293,10 +296,12 @@ class LLMEngine:
         if batch.empty:
             return []
         step_input = self._step_input(batch)
+        threads = self._step_threads(batch)
         try:
-            logits = self.runner.run(step_input, self._layer_check(batch))
+            with torch_threads(threads):
+                logits = self.runner.run(step_input, self._layer_check(batch))
         except StepInterrupted:  # nothing computed: the rows run again later (engine/interrupt.py)
-            self._record_stats(batch, time.monotonic() - t0, interrupted=True)
+            self._record_stats(batch, time.monotonic() - t0, threads, interrupted=True)
             return []
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
@@ -318,9 +323,18 @@ class LLMEngine:
             self._sample_and_append(sample_seqs, logits if every_row else torch.stack(sample_logits))
         seconds = time.monotonic() - t0
         self._share_busy_time(batch, seconds)
-        self._record_stats(batch, seconds)
+        self._record_stats(batch, seconds, threads)
         touched = dict.fromkeys(seq.request_id for seq in batch.seqs)
         return [self._pop_if_finished(rid) for rid in touched if rid in self.requests]
+
+    def _step_threads(self, batch: ScheduledBatch) -> int | None:
+        """The CPU threads this step's forward runs on where they differ from the engine's: urgent_threads
+        for an urgent step (a prompt of priority <= urgent_priority toward its first token, with only rows
+        as urgent: ScheduledBatch.first_token_priority); None for every other step."""
+        urgent = batch.first_token_priority
+        if self.config.urgent_threads is None or urgent is None or urgent > self.config.urgent_priority:
+            return None
+        return self.config.urgent_threads
 
     def _layer_check(self, batch: ScheduledBatch) -> Callable[[], None] | None:
         """The runner's between-layers call for this step: consult between_layers with the priority of the
@@ -457,8 +471,11 @@ class LLMEngine:
         self.stats.cuda_memory_allocated = torch.cuda.memory_allocated(self.device)
         self.stats.cuda_memory_reserved = torch.cuda.memory_reserved(self.device)
 
-    def _record_stats(self, batch: ScheduledBatch, seconds: float, interrupted: bool = False) -> None:
-        """After a step; an interrupted one counts apart (its StepStats says what it would have run)."""
+    def _record_stats(
+        self, batch: ScheduledBatch, seconds: float, threads: int | None, interrupted: bool = False
+    ) -> None:
+        """After a step (its forward on `threads`, None: the engine's); an interrupted one counts apart
+        (its StepStats says what it would have run)."""
         self.refresh_stats()
         s = self.stats
         if interrupted:
@@ -479,6 +496,7 @@ class LLMEngine:
                 step_seconds=seconds,
                 num_preempted=batch.num_preempted,
                 interrupted=interrupted,
+                threads=threads or torch.get_num_threads(),
             )
             if self.config.record_schedule:
                 step.admitted = [[s.request_id, s.arrival_time, s.priority] for s in batch.admitted]
@@ -574,6 +592,22 @@ class LLMEngine:
         if self.config.compile:
             log.info("warm-up with the compiled decode forward took %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, then restored; unchanged for None. The
+    OpenMP team of every torch op and of shoal's kernels (which read torch.get_num_threads() per call)
+    follows it; libgomp keeps the extra workers parked between teams, so a switch costs microseconds."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:

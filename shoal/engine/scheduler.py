@@ -46,6 +46,9 @@ class ScheduledBatch:
     admitted: list[Sequence] = field(default_factory=list)  # taken from the waiting queue, in that order
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block) to copy
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block) to copy
+    # Under `priority`, when the step computes a prompt toward its first token: that prompt's priority, and
+    # every row is at least as urgent (an urgent step). None otherwise.
+    first_token_priority: int | None = None
 
     @property
     def num_preempted(self) -> int:
@@ -255,7 +258,7 @@ class Scheduler:
         if urgent is not None:
             scheduled = self._only_as_urgent_as(urgent, scheduled)
         batch = _decodes_first(list(scheduled.values()))
-        batch.preempted, batch.admitted = preempted, admitted
+        batch.preempted, batch.admitted, batch.first_token_priority = preempted, admitted, urgent
         batch.swap_out, batch.swap_in, self._swap_out = self._swap_out, swap_in, []
         return batch
 

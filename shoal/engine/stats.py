@@ -20,6 +20,7 @@ class StepStats:
     # Abandoned between layers for a more urgent arrival (engine/interrupt.py): nothing of it was computed,
     # the counts above are what it would have run, step_seconds the time it ran before it was dropped.
     interrupted: bool = False
+    threads: int = 1  # CPU threads its forward ran on (EngineConfig.urgent_threads for an urgent step)
     # With EngineConfig.record_schedule: [request_id, arrival_time, priority] of each sequence taken from
     # the waiting queue in this step, in the order taken, and the request ids preempted in it. Empty
     # otherwise (it costs lists every step).
