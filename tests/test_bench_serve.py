@@ -303,11 +303,13 @@ def test_spike_premium_alone_baseline_gives_the_spikes_p95_over_premium_traffic_
     assert spike._premium_alone(None, 0.1, spike_side, log) == {}
     classes = {c: spike.summarize([])[c] for c in spike.CLASSES}
     result = {"factor": 10, "sustainable_rate_rps": 7.0, "spike_s": 30, "model": "m", "dtype": "float32",
-              "urgent_threads": 2, "with policy": {"classes": classes, "premium_ttft_p95_ratio": 1.5, **got}}  # fmt: skip
+              "urgent_threads": 2, "with policy": {"classes": classes, "premium_ttft_p95_ratio": 1.5, **got,
+              "unloaded_premium_ttft_p95_s": 0.065, "unloaded_after_premium_ttft_p95_s": 0.080}}  # fmt: skip
     report = spike.markdown(result)
     assert "--urgent-threads 2" in report and "| 1.50x | 2.03x |" in report
     assert "premium alone (the spike's premium arrivals without the flood; 20 of 20 answered)" in report
     assert "under the spike / alone: **2.03x** (server 1.54x)" in report
+    assert "unloaded premium TTFT P95 65 ms before the spike, 80 ms after it." in report
 
 
 @pytest.mark.timeout(30)

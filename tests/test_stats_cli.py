@@ -29,6 +29,10 @@ NUM_REQUESTS = 200
 # fell under 10 ms and the client's past 20 ms in 2 of 3 runs at load average 18 (4 streams: 7 of 7).
 CONCURRENCY = 4
 MAX_TOKENS = 8
+# Buckets apart the two sides may be, per quantile. P99 of 200 requests is their second slowest, where
+# one stall of the client's own process (which the server cannot see) moves it: on a 2-core AVX2 EPYC
+# slowed by its host, a CI run saw TTFT P99 9.9 ms on the server and 29.4 ms in the client, two buckets.
+_TOLERANCE = {0.5: 1, 0.95: 1, 0.99: 2}
 # shoal stats's label -> (shoal bench serve's metric, the server histogram's bucket bounds)
 BUCKETS = {
     "TTFT": ("ttft", LATENCY_BUCKETS),
@@ -82,7 +86,9 @@ def test_stats_percentiles_agree_with_bench_serve(live_server, tmp_path):
                 client[f"p{round(q * 100)}_{key}_ms"] / 1e3,
             )
             gap = abs(_bucket(server_value, bounds) - _bucket(client_value, bounds))
-            assert gap <= 1, f"{label} P{q * 100:g}: server {server_value:.4f}s, client {client_value:.4f}s"
+            assert gap <= _TOLERANCE[q], (
+                f"{label} P{q * 100:g}: server {server_value:.4f}s, client {client_value:.4f}s"
+            )
 
 
 @pytest.mark.timeout(30)

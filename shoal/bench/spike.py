@@ -6,7 +6,8 @@ Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and thr
 2. **unloaded premium TTFT**: premium requests one at a time, each sent 0.1 s after the previous
    answer ended, so that nothing else runs (until 2026-11-30 they were sent 0.3 s apart, which on a
    machine whose 16-token answer takes longer than that made each wait for the previous one's step);
-   this P95 is the goal's denominator;
+   this P95 is the goal's denominator (measured again after the spike, "after" in the report: a machine
+   whose speed changed during the run shows as two different baselines);
 3. **premium alone** (unless `premium_alone=False`): the spike's premium arrivals, on the same plan,
    without the flood. Premium requests then wait for each other's prompt steps as they do in the spike,
    so its P95 against the spike's isolates what the flood adds; against the one-at-a-time P95 it shows
@@ -528,7 +529,7 @@ def _measure(
 ) -> dict:
     """The unloaded premium TTFT, premium alone, then the spike at load.factor x rate (req/s): its
     standard requests sent by the `flood` client, its premium ones by the `premium` client, both from the
-    same instant; one server's result."""
+    same instant; then the unloaded premium TTFT again. One server's result."""
     unloaded = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium", headers,
                             load.max_tokens, load.request_timeout_s, "unloaded")  # fmt: skip
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
@@ -553,6 +554,10 @@ def _measure(
     server_ttft = live_stats.summarize(before, after).percentiles["TTFT"]
     steps = after.minus(before)
     time.sleep(1.0)  # the access lines of the last answers
+    # The unloaded baseline again: a machine whose speed changed during the run (a shared host) shows as
+    # two different baselines, and the ratio is then not the spike's doing alone.
+    unloaded_after = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium",
+                                  headers, load.max_tokens, load.request_timeout_s, "after")  # fmt: skip
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
     base = percentile([o.ttft_s for o in unloaded if o.ttft_s is not None], 95)
@@ -562,6 +567,7 @@ def _measure(
         "requests": len(plan),
         "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
+        "unloaded_after_premium_ttft_p95_s": percentile([o.ttft_s for o in unloaded_after if o.ttft_s], 95),
         "premium_ttft_p95_ratio": _ratio(p95, base),
         # The server's own TTFT histogram over the spike (all classes; from arrival at the HTTP
         # side to the first token): beside the client's, it shows how much of the wait is the client's.
@@ -666,7 +672,12 @@ def markdown(result: dict) -> str:
         lines.append(
             f"Server-side TTFT over the spike, {side} (all classes, `{mn.TIME_TO_FIRST_TOKEN}`): "
             f"P50 {_ms(r.get('server_ttft_p50_s'))}, P95 {_ms(r.get('server_ttft_p95_s'))}; unloaded premium TTFT "
-            f"P95 {_ms(r.get('unloaded_premium_ttft_p95_s'))}."
+            f"P95 {_ms(r.get('unloaded_premium_ttft_p95_s'))}"
+            + (
+                f" before the spike, {_ms(r['unloaded_after_premium_ttft_p95_s'])} after it."
+                if r.get("unloaded_after_premium_ttft_p95_s")
+                else "."
+            )
         )
         for name in ("flood", "premium_client"):
             if name in r:
