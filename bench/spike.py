@@ -2,6 +2,7 @@
 that writes bench/results/spike.json and prints the Markdown table for docs/benchmarks.md:
 
     python bench/spike.py [--model DIR] [--factor 10] [--spike-s 30] [--premium-share 0.1]
+    python bench/spike.py pool RESULT.json ...     # premium TTFTs of several runs pooled (spike-pool)
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "spike.json"
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] == ["pool"]:
+        bench_app(["spike-pool", *args[1:]], prog_name="bench/spike.py pool")
+        return
     if "--output-json" not in args:
         args += ["--output-json", str(RESULTS)]
     bench_app(["spike", *args], prog_name="bench/spike.py")

@@ -312,6 +312,35 @@ def test_spike_premium_alone_baseline_gives_the_spikes_p95_over_premium_traffic_
     assert "unloaded premium TTFT P95 65 ms before the spike, 80 ms after it." in report
 
 
+def test_spike_pool_takes_the_p95_over_every_runs_premium_ttfts(tmp_path):
+    """`shoal bench spike-pool`: the premium TTFTs of several runs' JSON pooled per phase, not their P95s
+    averaged; a result without TTFTs is a clear error."""
+    from shoal.bench import spike
+
+    def run(spike_ttfts: list[float]) -> dict:
+        ttfts = {"unloaded": [0.040] * 10, "spike": spike_ttfts, "alone": [0.060] * 10, "after": [0.050] * 10}
+        return {"with policy": {"premium_ttfts_s": ttfts}}
+
+    # Each run's own P95: 0.040 s and 0.100 s (their mean 0.070); pooled, 3 slow answers of 40 are past it.
+    runs = [run([0.040] * 20), run([0.040] * 17 + [0.100] * 3)]
+    pooled = spike.pool(runs)
+    assert pooled["runs"] == 2 and pooled["n"] == {"unloaded": 20, "spike": 40, "alone": 20, "after": 20}
+    assert pooled["p95_s"]["spike"] == pytest.approx(0.100)
+    assert pooled["over_unloaded"] == pytest.approx(pooled["p95_s"]["spike"] / 0.040)
+    assert pooled["over_alone"] == pytest.approx(pooled["p95_s"]["spike"] / 0.060)
+    files = []
+    for i, result in enumerate(runs):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(result))
+    out = CliRunner().invoke(app, ["bench", "spike-pool", *map(str, files)])
+    assert out.exit_code == 0, out.output
+    assert "Premium TTFT pooled over 2 runs: under the spike P95 100 ms (40 answers)" in out.output
+    assert "Spike / unloaded **2.50x**" in out.output
+    (tmp_path / "old.json").write_text(json.dumps({"with policy": {}}))
+    out = CliRunner().invoke(app, ["bench", "spike-pool", str(tmp_path / "old.json")])
+    assert out.exit_code == 2 and "no premium TTFTs" in out.output
+
+
 @pytest.mark.timeout(30)
 def test_cpu_meter_counts_the_servers_child_processes_as_its_own() -> None:
     """serve-compare's CpuMeter subtracts its own processes' CPU from the machine's; `shoal serve`'s engine

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -742,6 +743,24 @@ def spike(
     typer.echo(bench_spike.markdown(result))
     if output_json is not None:
         workload.write_json(result, output_json)
+
+
+@bench_app.command("spike-pool")
+def spike_pool(
+    results: Annotated[
+        list[Path], typer.Argument(help="JSON results of `shoal bench spike` (--output-json).")
+    ],
+    side: Annotated[str, typer.Option(help="'with policy' or 'without policy'.")] = "with policy",
+) -> None:
+    """Pool several spike runs' premium TTFTs: P95 per phase over all of them (one 30 s spike at 1%
+    premium has 15-30 premium requests, whose P95 is the second or third slowest)."""
+    from shoal.bench import spike as bench_spike
+
+    try:
+        pooled = bench_spike.pool([json.loads(p.read_text()) for p in results], side)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    typer.echo(bench_spike.pool_markdown(pooled))
 
 
 @bench_app.command()

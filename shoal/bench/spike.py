@@ -564,6 +564,14 @@ def _measure(
     summary = summarize(premium_outcomes + flood_outcomes)
     p95 = summary["premium"]["ttft_p95_s"]
     return _premium_alone(alone, p95, spike_side, server.log_path) | {
+        # Every premium TTFT (s) of each phase, for pool(): a P95 of the 15-30 premium requests of one
+        # 30 s spike is its second or third slowest.
+        "premium_ttfts_s": {
+            "unloaded": _ttfts(unloaded),
+            "spike": _ttfts(premium_outcomes),
+            "alone": _ttfts(alone or []),
+            "after": _ttfts(unloaded_after),
+        },  # fmt: skip
         "requests": len(plan),
         "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
@@ -596,6 +604,44 @@ def _measure(
             spike_side["premium"]["ttft_p95_s"], unloaded_side["ttft_p95_s"]
         ),
     }
+
+
+def _ttfts(outcomes: list[Outcome]) -> list[float]:
+    return [o.ttft_s for o in outcomes if o.status == 200 and o.ttft_s is not None]
+
+
+def pool(results: list[dict], side: str = "with policy") -> dict:
+    """Several runs' premium TTFTs pooled per phase (results: run_spike's, with `premium_ttfts_s`): per
+    phase the number of answers and their P95 (s), and the spike's P95 over the unloaded, after and
+    alone ones. ValueError when a result lacks the side or its TTFTs (written before 2026-12-01)."""
+    phases: dict[str, list[float]] = {"unloaded": [], "spike": [], "alone": [], "after": []}
+    for result in results:
+        ttfts = result.get(side, {}).get("premium_ttfts_s")
+        if ttfts is None:
+            raise ValueError(
+                f"a result has no premium TTFTs for {side!r} (older bench, or that side not run)"
+            )
+        for phase, values in phases.items():
+            values.extend(ttfts.get(phase, []))
+    p95 = {phase: percentile(values, 95) for phase, values in phases.items()}
+    return {
+        "runs": len(results),
+        "n": {phase: len(values) for phase, values in phases.items()},
+        "p95_s": p95,
+        "over_unloaded": _ratio(p95["spike"], p95["unloaded"]),
+        "over_after": _ratio(p95["spike"], p95["after"]),
+        "over_alone": _ratio(p95["spike"], p95["alone"]),
+    }
+
+
+def pool_markdown(pooled: dict) -> str:
+    n, p95 = pooled["n"], pooled["p95_s"]
+    return (
+        f"Premium TTFT pooled over {pooled['runs']} runs: under the spike P95 {_ms(p95['spike'])} ({n['spike']} "
+        f"answers); unloaded {_ms(p95['unloaded'])} ({n['unloaded']}), after the spike {_ms(p95['after'])} "
+        f"({n['after']}), premium alone {_ms(p95['alone'])} ({n['alone']}). Spike / unloaded "
+        f"**{_x(pooled['over_unloaded'])}**, / after {_x(pooled['over_after'])}, / alone {_x(pooled['over_alone'])}."
+    )
 
 
 def _premium_alone(alone: list[Outcome] | None, p95: float | None, spike_side: dict, log_path: Path) -> dict:
