@@ -76,11 +76,12 @@ class EngineConfig:
             self._validate_tensor_parallel()
 
     def _validate_urgent_threads(self) -> None:
-        """urgent_threads changes a CPU step's OpenMP team: only where urgent steps exist and the step runs
-        in this process with numerics that may depend on the team (not deterministic)."""
+        """urgent_threads is refused where no step is urgent (fcfs), where the forward does not run on this
+        process's CPU threads (CUDA, tensor parallelism), and where a step's numbers must not depend on the
+        size of its OpenMP team (deterministic)."""
+        fcfs = self.scheduling_policy != "priority"
         conflicts = {
-            "scheduling_policy fcfs (urgent steps exist only under priority)": self.scheduling_policy
-            != "priority",
+            "scheduling_policy fcfs (urgent steps exist only under priority)": fcfs,
             "device cuda (CPU threads only)": self.device == "cuda",
             "tensor_parallel_size > 1 (each rank has its own threads)": self.tensor_parallel_size > 1,
             "deterministic (a step's team size must not change its numbers)": self.deterministic,
