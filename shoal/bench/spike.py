@@ -9,7 +9,7 @@ Per run, one `shoal serve` at a time on 127.0.0.1 (the same model, dtype and thr
    this P95 is the goal's denominator (measured again after the spike, "after" in the report: a machine
    whose speed changed during the run shows as two different baselines);
 3. **premium alone** (unless `premium_alone=False`): the spike's premium arrivals, on the same plan,
-   without the flood. Premium requests then wait for each other's prompt steps as they do in the spike,
+   without the flood. Premium requests then wait for each other's steps as they do in the spike,
    so its P95 against the spike's isolates what the flood adds; against the one-at-a-time P95 it shows
    what premium traffic costs itself;
 4. **spike**: open-loop Poisson arrivals at `factor` x the sustainable rate for `spike_s` seconds
@@ -560,7 +560,7 @@ def _measure(
                                   headers, load.max_tokens, load.request_timeout_s, "after")  # fmt: skip
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
-    base = percentile([o.ttft_s for o in unloaded if o.ttft_s is not None], 95)
+    base = percentile(_ttfts(unloaded), 95)
     summary = summarize(premium_outcomes + flood_outcomes)
     p95 = summary["premium"]["ttft_p95_s"]
     return _premium_alone(alone, p95, spike_side, server.log_path) | {
@@ -571,11 +571,11 @@ def _measure(
             "spike": _ttfts(premium_outcomes),
             "alone": _ttfts(alone or []),
             "after": _ttfts(unloaded_after),
-        },  # fmt: skip
+        },
         "requests": len(plan),
         "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
-        "unloaded_after_premium_ttft_p95_s": percentile([o.ttft_s for o in unloaded_after if o.ttft_s], 95),
+        "unloaded_after_premium_ttft_p95_s": percentile(_ttfts(unloaded_after), 95),
         "premium_ttft_p95_ratio": _ratio(p95, base),
         # The server's own TTFT histogram over the spike (all classes; from arrival at the HTTP
         # side to the first token): beside the client's, it shows how much of the wait is the client's.
