@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from shoal.cli import app as shoal_cli
 from shoal.engine.config import EngineConfig
 from shoal.engine.interrupt import StepInterrupted
-from shoal.engine.llm_engine import LLMEngine, torch_threads
+from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.stats import StepStats
+from shoal.kernels import torch_threads
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from shoal.engine.sequence import Sequence, Status
 from shoal.engine.stats import EngineStats, StepStats
 from shoal.engine.swap_space import SwapSpace
 from shoal.engine.tp_worker import TensorParallelRunner, TensorParallelWorkers
-from shoal.kernels import gemm
+from shoal.kernels import gemm, torch_threads
 from shoal.model.batch_invariant import make_batch_invariant
 from shoal.model.config import load_config, load_generation_config
 from shoal.model.device import available_ram, mmap_dtype, resolve_device, resolve_dtype
@@ -592,22 +591,6 @@ class LLMEngine:
         if self.config.compile:
             log.info("warm-up with the compiled decode forward took %.0f s", time.monotonic() - t0)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` for the block, then restored; unchanged for None. The
-    OpenMP team of every torch op and of shoal's kernels (which read torch.get_num_threads() per call)
-    follows it; libgomp keeps the extra workers parked between teams, so a switch costs microseconds."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _request_metrics(seqs: list[Sequence], finished: bool) -> dict:

@@ -24,10 +24,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-import torch  # noqa: F401  (loads torch's libgomp first, so the kernels' OpenMP shares torch's threads)
+import torch  # loads torch's libgomp first, so the kernels' OpenMP shares torch's threads
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
@@ -125,3 +127,20 @@ def check_status(status: int, kernel: str, explain=None) -> None:
         raise MemoryError(f"{kernel}: out of memory for its work buffers")
     detail = explain() if explain is not None and status == BAD_INPUT else f"status {status}"
     raise ValueError(f"{kernel}: {detail}")
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, then restored (also when it raises);
+    unchanged for None. The OpenMP team of every torch op and of these kernels (which read
+    torch.get_num_threads() per call) follows it; libgomp keeps the extra workers parked between teams,
+    so a switch costs microseconds."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

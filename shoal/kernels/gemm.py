@@ -336,9 +336,7 @@ def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int
         for rows in _CALIBRATION_ROWS
     ]
     total = {True: 0.0, False: 0.0}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with kernels.torch_threads(1):
         for _ in range(rounds):
             for group in _groups(calls, CALIBRATION_GROUP_BYTES):
                 for on in (True, False, False, True):
@@ -347,8 +345,6 @@ def choose_bf16_decode_loop(linears: list[tuple[torch.Tensor, int]], rounds: int
                     for x, panels, n in group:
                         gemm_panels(x, panels, n)
                     total[on] += time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
     loop = total[True] < total[False]
     set_bf16_decode_loop(loop)
     per_pass = 1000 / (2 * rounds)
