@@ -560,22 +560,19 @@ def _measure(
                                   headers, load.max_tokens, load.request_timeout_s, "after")  # fmt: skip
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
-    base = percentile(_ttfts(unloaded), 95)
+    # Every premium TTFT (s) of each phase, for pool(): a P95 of the 15-30 premium requests of one 30 s
+    # spike is its second or third slowest.
+    ttfts = {"unloaded": _ttfts(unloaded), "spike": _ttfts(premium_outcomes), "alone": _ttfts(alone or []),
+             "after": _ttfts(unloaded_after)}  # fmt: skip
+    base = percentile(ttfts["unloaded"], 95)
     summary = summarize(premium_outcomes + flood_outcomes)
     p95 = summary["premium"]["ttft_p95_s"]
     return _premium_alone(alone, p95, spike_side, server.log_path) | {
-        # Every premium TTFT (s) of each phase, for pool(): a P95 of the 15-30 premium requests of one
-        # 30 s spike is its second or third slowest.
-        "premium_ttfts_s": {
-            "unloaded": _ttfts(unloaded),
-            "spike": _ttfts(premium_outcomes),
-            "alone": _ttfts(alone or []),
-            "after": _ttfts(unloaded_after),
-        },
+        "premium_ttfts_s": ttfts,
         "requests": len(plan),
         "planned_rate_rps": load.factor * rate,
         "unloaded_premium_ttft_p95_s": base,
-        "unloaded_after_premium_ttft_p95_s": percentile(_ttfts(unloaded_after), 95),
+        "unloaded_after_premium_ttft_p95_s": percentile(ttfts["after"], 95),
         "premium_ttft_p95_ratio": _ratio(p95, base),
         # The server's own TTFT histogram over the spike (all classes; from arrival at the HTTP
         # side to the first token): beside the client's, it shows how much of the wait is the client's.
