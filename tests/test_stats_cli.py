@@ -1,6 +1,6 @@
 """`shoal stats`: percentiles from a live server's histograms agree with the client's own timings of the
-same requests (`shoal bench serve` is the client) to within one histogram bucket, and the command prints
-them as a table."""
+same requests (`shoal bench serve` is the client) to within a histogram bucket (two above, in the tail,
+where the client's own stalls add to what it sees), and the command prints them as a table."""
 
 from __future__ import annotations
 
@@ -29,15 +29,21 @@ NUM_REQUESTS = 200
 # fell under 10 ms and the client's past 20 ms in 2 of 3 runs at load average 18 (4 streams: 7 of 7).
 CONCURRENCY = 4
 MAX_TOKENS = 8
-# Buckets apart the two sides may be, per quantile. P99 of 200 requests is their second slowest, where
-# one stall of the client's own process (which the server cannot see) moves it: on a 2-core AVX2 EPYC
-# slowed by its host, a CI run saw TTFT P99 9.9 ms on the server and 29.4 ms in the client, two buckets.
-_TOLERANCE = {0.5: 1, 0.95: 1, 0.99: 2}
-# shoal stats's label -> (shoal bench serve's metric, the server histogram's bucket bounds)
+# Buckets apart the two sides may be, per quantile: (client below the server, client above it).
+# The server starts TTFT and E2E when a request arrives and stops them when it sends, so the client's
+# own timings of the same requests hold them plus its own send, receive and wake-up: each of its
+# quantiles is at least the server's (never more than a bucket below, where interpolation straddles a
+# bound). Above, a stall of the client's own process, which the server cannot see, moves its tail: on a
+# 2-core AVX2 EPYC slowed by its host, CI runs saw TTFT P99 9.9 ms on the server and 29.4 ms in the
+# client, and P95 9.9 ms against 20.2 ms, two buckets. TPOT has no such order (a client stalled before
+# its first token then reads the rest at once, so its TPOT is shorter), so it keeps one bucket each way.
+_ORDERED = {0.5: (1, 1), 0.95: (1, 2), 0.99: (1, 2)}
+_UNORDERED = {0.5: (1, 1), 0.95: (1, 1), 0.99: (2, 2)}
+# shoal stats's label -> (shoal bench serve's metric, the server histogram's bucket bounds, tolerance)
 BUCKETS = {
-    "TTFT": ("ttft", LATENCY_BUCKETS),
-    "TPOT": ("tpot", TOKEN_LATENCY_BUCKETS),
-    "E2E": ("e2el", LATENCY_BUCKETS),
+    "TTFT": ("ttft", LATENCY_BUCKETS, _ORDERED),
+    "TPOT": ("tpot", TOKEN_LATENCY_BUCKETS, _UNORDERED),
+    "E2E": ("e2el", LATENCY_BUCKETS, _ORDERED),
 }
 
 
@@ -79,14 +85,15 @@ def test_stats_percentiles_agree_with_bench_serve(live_server, tmp_path):
     assert after.minus(before).total(mn.E2E_LATENCY + "_count") == NUM_REQUESTS
     assert summary.requests_per_s > 0 and summary.output_tokens_per_s > 0
     assert client["total_output_tokens"] == NUM_REQUESTS * MAX_TOKENS
-    for label, (key, bounds) in BUCKETS.items():
+    for label, (key, bounds, tolerance) in BUCKETS.items():
         for q in QUANTILES:
             server_value, client_value = (
                 summary.percentiles[label][q],
                 client[f"p{round(q * 100)}_{key}_ms"] / 1e3,
             )
-            gap = abs(_bucket(server_value, bounds) - _bucket(client_value, bounds))
-            assert gap <= _TOLERANCE[q], (
+            below, above = tolerance[q]
+            gap = _bucket(client_value, bounds) - _bucket(server_value, bounds)
+            assert -below <= gap <= above, (
                 f"{label} P{q * 100:g}: server {server_value:.4f}s, client {client_value:.4f}s"
             )
 
