@@ -201,10 +201,11 @@ def server_cpu_s(server: Server) -> tuple[float, float]:
     return CpuMeter._proc_busy(pid) / tick, sum(CpuMeter._proc_busy(c) for c in children) / tick
 
 
-def idle_rate(server: Server, seconds: float = IDLE_S) -> tuple[float, float]:
-    """CPU seconds per second of the idle server's own process and of its engine core."""
+def idle_rate(server: Server, seconds: float | None = None) -> tuple[float, float]:
+    """CPU seconds per second of the idle server's own process and of its engine core, over `seconds`
+    (IDLE_S when None, read at the call so that a caller may shorten it)."""
     (http0, core0), t0 = server_cpu_s(server), time.perf_counter()
-    time.sleep(seconds)
+    time.sleep(IDLE_S if seconds is None else seconds)
     (http1, core1), t1 = server_cpu_s(server), time.perf_counter()
     return (http1 - http0) / (t1 - t0), (core1 - core0) / (t1 - t0)
 
