@@ -42,10 +42,11 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 # The console's browser tests (tests/test_console_browser.py) drive Debian's chromium through playwright
-# (no browser download): installed here where missing, when root with apt-get; elsewhere they skip.
+# (no browser download): installed here where missing, when root with apt-get, without its recommends (19
+# packages instead of 106: 10 s instead of 17); elsewhere they skip.
 browser:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+		apt-get install -y -qq --no-install-recommends chromium || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; \
 	fi
 
 test: models lint browser
