@@ -404,8 +404,8 @@ def test_smollm2_w8a8_dynamic_perplexity_and_weight_memory(smollm2_dir, tmp_path
       on an AVX2-only EPYC in float32; 16 x 256 calibration: 1.004x). Plain round to nearest without
       smoothing measured 1.040x on these tokens: the bound tells the two apart.
     - Stored int8 weights + 16-bit scales <= 0.55x of bfloat16 (0.501x), with and without smoothing.
-    Cost: ~27 s on the AVX2-only EPYC (calibration ~12 s, two perplexity runs of one 1,024-token window
-    ~7 s each); the whole protocol took this test 70-100 s there."""
+    Cost: 38-40 s on the AVX2-only EPYC (calibration ~12 s, two perplexity runs of one 1,024-token window
+    ~7 s each, two engines); the whole protocol took this test 70-100 s there."""
     calibration = Calibration(EVAL / "wikitext2-valid.txt", 8, 256, 0)
     plain = quantize_model(smollm2_dir, tmp_path / "w8a8", "w8a8")
     assert not plain.ignored and plain.ratio_to_16bit <= 0.55, plain.ratio_to_16bit
