@@ -530,8 +530,12 @@ def _measure(
     """The unloaded premium TTFT, premium alone, then the spike at load.factor x rate (req/s): its
     standard requests sent by the `flood` client, its premium ones by the `premium` client, both from the
     same instant; then the unloaded premium TTFT again. One server's result."""
-    unloaded = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium", headers,
-                            load.max_tokens, load.request_timeout_s, "unloaded")  # fmt: skip
+
+    def one_at_a_time(label: str) -> list[Outcome]:  # the unloaded premium baseline, before and after
+        return premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium", headers,
+                            load.max_tokens, load.request_timeout_s, label)  # fmt: skip
+
+    unloaded = one_at_a_time("unloaded")
     times = arrival_times(load.factor * rate, load.spike_s, load.max_requests)
     classes = class_schedule(len(times), load.premium_share)
     plan = [(i, t, c) for i, (t, c) in enumerate(zip(times, classes, strict=True))]
@@ -556,8 +560,7 @@ def _measure(
     time.sleep(1.0)  # the access lines of the last answers
     # The unloaded baseline again: a machine whose speed changed during the run (a shared host) shows as
     # two different baselines, and the ratio is then not the spike's doing alone.
-    unloaded_after = premium.call(_run, _send_one_at_a_time, server.url, load.unloaded_requests, "premium",
-                                  headers, load.max_tokens, load.request_timeout_s, "after")  # fmt: skip
+    unloaded_after = one_at_a_time("after")
     spike_side = server_side(server.log_path, "spike")
     unloaded_side = server_side(server.log_path, "unloaded")["premium"]
     # Every premium TTFT (s) of each phase, for pool(): a P95 of the 15-30 premium requests of one 30 s
